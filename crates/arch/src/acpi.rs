@@ -66,8 +66,7 @@ fn dsdt(virtio: &[VirtioMmioDevice]) -> Sdt {
     let com1_name = aml::Name::new("_HID".into(), &com1_hid);
     let com1_uid = aml::Name::new("_UID".into(), &aml::ZERO);
     let com1_res = aml::Name::new("_CRS".into(), &com1_crs);
-    aml::Device::new("_SB_.COM1".into(), vec![&com1_name, &com1_uid, &com1_res])
-        .to_aml_bytes(&mut body);
+    aml::Device::new("_SB_.COM1".into(), vec![&com1_name, &com1_uid, &com1_res]).to_aml_bytes(&mut body);
 
     let pvp_io = aml::IO::new(PVPANIC_PORT, PVPANIC_PORT, 1, 1);
     let pvp_crs = aml::ResourceTemplate::new(vec![&pvp_io]);

@@ -209,7 +209,9 @@ mod tests {
     fn page_tables_identity_map_4gib() {
         let tables = identity_page_tables();
         let get = |addr| &tables.iter().find(|(a, _)| *a == addr).unwrap().1;
-        let pde = |dir: u64, i: usize| u64::from_le_bytes(get(PDE_START + dir * 0x1000)[i * 8..i * 8 + 8].try_into().unwrap());
+        let pde = |dir: u64, i: usize| {
+            u64::from_le_bytes(get(PDE_START + dir * 0x1000)[i * 8..i * 8 + 8].try_into().unwrap())
+        };
         assert_eq!(pde(0, 0), 0x83);
         assert_eq!(pde(0, 1), (1 << 21) | 0x83);
         assert_eq!(pde(3, 511) & !0xfff, 0xffe0_0000);

@@ -89,7 +89,15 @@ mod tests {
     use super::*;
 
     fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 { function, index, eax: 0x1234_5678, ebx: 0x0801_0800, ecx: 0, edx: 0, ..Default::default() }
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            eax: 0x1234_5678,
+            ebx: 0x0801_0800,
+            ecx: 0,
+            edx: 0,
+            ..Default::default()
+        }
     }
 
     fn cpuid() -> CpuId {

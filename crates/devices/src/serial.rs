@@ -1,0 +1,105 @@
+//! The 16550 UART on COM1: the guest's console. Output goes to any writer (the terminal, a
+//! file); input is queued by the VMM's console thread; interrupts go out through an eventfd
+//! that KVM turns into the UART's IRQ (irqfd).
+
+use std::io::Write;
+
+use vm_superio::{Serial as Uart, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::BusDevice;
+
+/// Raises the UART's interrupt by signalling its irqfd.
+pub struct IrqFdTrigger(pub EventFd);
+
+impl Trigger for IrqFdTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// The UART at offsets 0..8 of its port range.
+pub struct Serial {
+    uart: Uart<IrqFdTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+}
+
+impl Serial {
+    /// A UART writing guest output to `out` and interrupting through `irq`.
+    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
+        Self { uart: Uart::new(IrqFdTrigger(irq), out) }
+    }
+
+    /// Queues host input for the guest; returns how many bytes fit in the receive FIFO.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        let room = self.uart.fifo_capacity().min(bytes.len());
+        if room == 0 {
+            return 0;
+        }
+        self.uart.enqueue_raw_bytes(&bytes[..room]).unwrap_or(0)
+    }
+}
+
+impl BusDevice for Serial {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if let Some(first) = data.first_mut() {
+            *first = self.uart.read(offset as u8);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let Some(&value) = data.first() {
+            // A failed write to the host's console must not stop the guest.
+            let _ = self.uart.write(offset as u8, value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn output_reaches_the_writer_and_input_the_guest() {
+        let sink = Sink::default();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut serial = Serial::new(irq.try_clone().unwrap(), Box::new(sink.clone()));
+        for b in b"hi" {
+            serial.write(0, &[*b]);
+        }
+        assert_eq!(&*sink.0.lock().unwrap(), b"hi");
+
+        serial.write(1, &[0x01]); // IER: interrupt on received data
+        assert_eq!(serial.enqueue_input(b"ok"), 2);
+        assert!(irq.read().unwrap() >= 1, "input raised the interrupt");
+        let mut lsr = [0u8];
+        serial.read(5, &mut lsr);
+        assert_eq!(lsr[0] & 1, 1, "data ready");
+        let mut c = [0u8];
+        serial.read(0, &mut c);
+        assert_eq!(c[0], b'o');
+    }
+
+    #[test]
+    fn a_full_fifo_takes_no_more() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut serial = Serial::new(irq, Box::new(std::io::sink()));
+        let big = vec![b'x'; 1000];
+        let taken = serial.enqueue_input(&big);
+        assert!(taken > 0 && taken < 1000);
+        assert_eq!(serial.enqueue_input(&big), 0);
+    }
+}

@@ -1,0 +1,210 @@
+//! The VMM seen from inside tiny test guests: each boots in milliseconds, checks what the VMM
+//! set up (boot state, memory map, CPUs, ACPI, serial, exits, PVM completions) and prints it.
+
+mod common;
+
+use common::*;
+
+fn field<'a>(out: &'a str, key: &str) -> &'a str {
+    let start = out.find(&format!("{key}=")).unwrap_or_else(|| panic!("no {key}= in {out}")) + key.len() + 1;
+    out[start..].split([' ', '\n']).next().unwrap()
+}
+
+#[test]
+fn boots_in_long_mode_with_the_zero_page() {
+    if !kvm_available("boots_in_long_mode_with_the_zero_page") {
+        return;
+    }
+    let out = run_guest("test=boot", &[]);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    let line = out.stdout.lines().find(|l| l.starts_with("boot:")).expect("boot line");
+    for expected in [
+        "cr0.pe=1",
+        "cr0.pg=1",
+        "cr4.pae=1",
+        "efer.lme=1",
+        "efer.lma=1",
+        "cs=0x8",
+        "rsp=0x8ff0",
+        "zero_page=0x7000",
+        "hdrs=1",
+        "boot_flag=0xaa55",
+    ] {
+        assert!(line.contains(expected), "missing {expected} in {line}");
+    }
+}
+
+#[test]
+fn memory_map_gives_exactly_the_requested_ram() {
+    if !kvm_available("memory_map_gives_exactly_the_requested_ram") {
+        return;
+    }
+    for (arg, bytes) in [("128M", 128u64 << 20), ("300M", 300 << 20), ("1G", 1 << 30)] {
+        let out = run_guest("test=memory", &["--memory", arg]);
+        assert_eq!(out.code, Some(0), "{out:#?}");
+        assert_eq!(field(&out.stdout, "ram_top"), format!("{bytes:#x}"), "{}", out.stdout);
+        // RAM minus the legacy hole between the EBDA (0x9fc00) and 1 MiB.
+        assert_eq!(field(&out.stdout, "ram_total"), format!("{:#x}", bytes - 0x60400));
+        assert_eq!(field(&out.stdout, "top_rw"), "1", "the last bytes of RAM are writable");
+        assert!(out.stdout.contains("e820: 0xe0000 0x20000 type=2"), "ACPI area reserved: {}", out.stdout);
+    }
+}
+
+#[test]
+fn memory_beyond_the_mmio_hole_continues_above_4gib() {
+    if !kvm_available("memory_beyond_the_mmio_hole_continues_above_4gib") {
+        return;
+    }
+    let out = run_guest("test=memory", &["--memory", "5G"]);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(out.stdout.contains("e820: 0x100000000 0x80000000 type=1"), "{}", out.stdout);
+    assert_eq!(field(&out.stdout, "ram_total"), format!("{:#x}", (5u64 << 30) - 0x60400));
+}
+
+#[test]
+fn cpus_appear_in_cpuid_and_the_madt() {
+    if !kvm_available("cpus_appear_in_cpuid_and_the_madt") {
+        return;
+    }
+    for (cpus, ids) in [(1, "0"), (2, "0,1"), (4, "0,1,2,3")] {
+        let out = run_guest("test=cpus", &["--cpus", &cpus.to_string()]);
+        assert_eq!(out.code, Some(0), "{out:#?}");
+        assert_eq!(field(&out.stdout, "apic_id"), "0", "the boot CPU");
+        assert_eq!(field(&out.stdout, "hypervisor"), "1");
+        assert_eq!(field(&out.stdout, "signature"), "KVMKVMKVM");
+        assert_eq!(field(&out.stdout, "madt_cpus"), cpus.to_string());
+        assert_eq!(field(&out.stdout, "madt_apic_ids"), ids);
+        assert_eq!(field(&out.stdout, "ioapics"), "1");
+        assert_eq!(field(&out.stdout, "checksums"), "ok");
+    }
+}
+
+#[test]
+fn serial_input_reaches_the_guest_and_output_the_terminal() {
+    if !kvm_available("serial_input_reaches_the_guest_and_output_the_terminal") {
+        return;
+    }
+    let out = run_guest_with_input("test=echo", &[], b"hello from the host\n");
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(out.stdout.contains("ready\necho: hello from the host\n"), "{}", out.stdout);
+}
+
+#[test]
+fn long_serial_input_is_not_lost_when_the_fifo_fills() {
+    if !kvm_available("long_serial_input_is_not_lost_when_the_fifo_fills") {
+        return;
+    }
+    let line: String = (0..70).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+    let out = run_guest_with_input("test=echo", &[], format!("{line}\n").as_bytes());
+    assert!(out.stdout.contains(&format!("echo: {line}\n")), "{}", out.stdout);
+}
+
+#[test]
+fn guest_exits_end_the_process_with_one_line() {
+    if !kvm_available("guest_exits_end_the_process_with_one_line") {
+        return;
+    }
+    let cases = [
+        ("exit=reset", Some(0), "stratus: guest rebooted (i8042 reset)"),
+        ("exit=poweroff", Some(0), "stratus: guest powered off"),
+        ("exit=acpi-reset", Some(0), "stratus: guest rebooted (ACPI reset)"),
+        ("exit=panic", Some(3), "stratus: guest kernel panicked (pvpanic)"),
+        ("test=triple-fault", Some(0), "stratus: guest rebooted (triple fault)"),
+    ];
+    for (cmdline, code, line) in cases {
+        let out = run_guest(cmdline, &[]);
+        assert_eq!(out.code, code, "{cmdline}: {out:#?}");
+        let last = out.stderr.lines().filter(|l| l.starts_with("stratus:")).collect::<Vec<_>>();
+        assert_eq!(last, vec![line], "{cmdline}: {}", out.stderr);
+    }
+}
+
+#[test]
+fn instructions_pvm_cannot_emulate_give_architectural_results() {
+    if !kvm_available("instructions_pvm_cannot_emulate_give_architectural_results") {
+        return;
+    }
+    let out = run_guest("test=pvm", &[]);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    let line = out.stdout.lines().find(|l| l.starts_with("pvm:")).expect("pvm line");
+    assert!(!line.contains("FAIL"), "{line}");
+    for name in ["int3=ok", "popcnt=ok", "ldmxcsr=ok", "ldmxcsr_gp=ok", "fences=ok"] {
+        assert!(line.contains(name), "missing {name}: {line}");
+    }
+    assert!(line.contains("stac=ok") || line.contains("stac=skipped"), "{line}");
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        // Each completed kind is logged exactly once, however often it ran.
+        let logged = out.stderr.lines().filter(|l| l.contains("completing `int3`")).count();
+        assert_eq!(logged, 1, "{}", out.stderr);
+    }
+}
+
+#[test]
+fn pvh_entry_gets_the_start_info() {
+    if !kvm_available("pvh_entry_gets_the_start_info") {
+        return;
+    }
+    let pvh = guests().pvh.to_str().unwrap().to_owned();
+    let out = stratus(&["vm", "run", "--kernel", &pvh], b"", std::time::Duration::from_secs(30));
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert_eq!(out.stdout, "Sp\n", "marker and start-info check");
+}
+
+fn assert_one_line_error(out: &Outcome, needle: &str) {
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    let lines: Vec<_> = out.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {}", out.stderr);
+    assert!(lines[0].starts_with("stratus: error: ") && lines[0].contains(needle), "{}", out.stderr);
+}
+
+#[test]
+fn user_errors_are_one_clear_line() {
+    if !kvm_available("user_errors_are_one_clear_line") {
+        return;
+    }
+    let t = std::time::Duration::from_secs(30);
+    let out = stratus(&["vm", "run", "--kernel", "/nonexistent/vmlinux"], b"", t);
+    assert_one_line_error(&out, "/nonexistent/vmlinux: No such file or directory");
+
+    let not_kernel = std::env::temp_dir().join(format!("stratus-not-a-kernel-{}", std::process::id()));
+    std::fs::write(&not_kernel, vec![b'x'; 4096]).unwrap();
+    let out = stratus(&["vm", "run", "--kernel", not_kernel.to_str().unwrap()], b"", t);
+    std::fs::remove_file(&not_kernel).unwrap();
+    assert_one_line_error(&out, "is not a kernel: neither an ELF vmlinux nor a bzImage");
+
+    let guest = guests().guest.to_str().unwrap().to_owned();
+    let out = stratus(&["vm", "run", "--kernel", &guest, "--memory", "64T"], b"", t);
+    assert_one_line_error(&out, "is more than this host's");
+
+    let out = stratus(&["vm", "run", "--kernel", &guest, "--cpus", "0"], b"", t);
+    assert_one_line_error(&out, "--cpus 0");
+
+    let out = stratus(&["vm", "run", "--kernel", &guest, "--memory", "lots"], b"", t);
+    assert_eq!(out.code, Some(2), "usage errors exit 2: {out:#?}");
+    assert!(out.stderr.contains("'lots' is not a size"), "{}", out.stderr);
+
+    let out = stratus(&["vm", "run", "--kernel", &guest, "--initrd", "/nonexistent/initrd"], b"", t);
+    assert_one_line_error(&out, "/nonexistent/initrd: No such file or directory");
+}
+
+#[test]
+fn a_host_without_kvm_is_named() {
+    if !kvm_available("a_host_without_kvm_is_named") {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("SKIPPED: not root, cannot hide /dev/kvm in a mount namespace");
+        return;
+    }
+    let guest = guests().guest.to_str().unwrap().to_owned();
+    let bin = env!("CARGO_BIN_EXE_stratus");
+    // A private mount namespace with an empty /dev: the host as a user without KVM sees it.
+    let script = format!("mount -t tmpfs none /dev && exec {bin} vm run --kernel {guest}");
+    let out = stratus_cmd(
+        std::process::Command::new("unshare").args(["-m", "sh", "-c", &script]),
+        b"",
+        std::time::Duration::from_secs(30),
+    );
+    assert_one_line_error(&out, "no /dev/kvm: this host has no KVM");
+}

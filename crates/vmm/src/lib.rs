@@ -1,0 +1,18 @@
+//! The Stratus virtual machine monitor: one process per VM, KVM underneath.
+//!
+//! `vm::start` builds a VM from a `VmConfig` — guest memory, interrupt controllers, the
+//! platform devices of `stratus_devices`, the kernel placed by `loader` — and runs one thread
+//! per vCPU (`vcpu`). `console` connects the guest's serial port to a terminal. On PVM hosts
+//! `pvm` completes the instructions KVM's emulator cannot.
+
+pub mod console;
+pub mod kvm;
+pub mod loader;
+pub mod memory;
+pub mod pvm;
+pub mod vcpu;
+pub mod vm;
+
+pub use loader::BootSource;
+pub use stratus_devices::GuestExit;
+pub use vm::{start, RunningVm, VmConfig, VmError};

@@ -1,0 +1,306 @@
+//! vCPU threads: set up the architectural state, then run `KVM_RUN` and dispatch each exit —
+//! port and MMIO accesses to the buses, power events to the exit signal, and on PVM hosts the
+//! instructions KVM could not emulate to `pvm`.
+
+use std::sync::Arc;
+
+use kvm_bindings::{Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use stratus_arch::cpu_state::{self, EntryMode};
+use stratus_devices::{Bus, ExitSignal, GuestExit};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::pvm;
+
+/// Errors setting up a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// A KVM call failed.
+    #[error("vCPU {id}: {what}: {source}")]
+    Kvm {
+        /// Which vCPU.
+        id: u32,
+        /// What was being done.
+        what: &'static str,
+        /// The error from KVM.
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// `KVM_INTERNAL_ERROR_EMULATION`: KVM's emulator failed on an instruction.
+const INTERNAL_ERROR_EMULATION: u32 = 1;
+/// MXCSR's place in the legacy region of the XSAVE area (byte 24), in 32-bit words.
+const XSAVE_MXCSR_INDEX: usize = 6;
+/// XSTATE_BV, the XSAVE header's first word (byte 512), in 32-bit words.
+const XSAVE_XSTATE_BV_INDEX: usize = 128;
+/// XSTATE_BV bit for SSE state (XMM registers and MXCSR).
+const XFEATURE_SSE: u32 = 1 << 1;
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+/// One virtual CPU and what it needs to handle its exits.
+pub struct Vcpu {
+    id: u32,
+    fd: VcpuFd,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    exit: Arc<ExitSignal>,
+    mem: GuestMemoryMmap,
+    /// Present on PVM hosts: completion counters.
+    pvm: Option<Arc<pvm::Counters>>,
+}
+
+impl Vcpu {
+    /// Creates vCPU `id` of `vm` with CPUID made for it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        vm: &VmFd,
+        id: u32,
+        cpuid: &kvm_bindings::CpuId,
+        vcpus: u32,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        exit: Arc<ExitSignal>,
+        mem: GuestMemoryMmap,
+        pvm: Option<Arc<pvm::Counters>>,
+    ) -> Result<Self, VcpuError> {
+        let kvm_err = |what| move |source| VcpuError::Kvm { id, what, source };
+        let fd = vm.create_vcpu(id as u64).map_err(kvm_err("creating the vCPU"))?;
+        let mut cpuid = cpuid.clone();
+        stratus_arch::cpuid::filter(&mut cpuid, id, vcpus);
+        fd.set_cpuid2(&cpuid).map_err(kvm_err("setting CPUID"))?;
+        let msrs = Msrs::from_entries(&cpu_state::boot_msrs()).map_err(|_| VcpuError::Kvm {
+            id,
+            what: "building the MSR list",
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        })?;
+        fd.set_msrs(&msrs).map_err(kvm_err("setting boot MSRs"))?;
+        let mut lapic = fd.get_lapic().map_err(kvm_err("reading the local APIC"))?;
+        set_lvt_mode(&mut lapic.regs, APIC_LVT0, APIC_MODE_EXTINT);
+        set_lvt_mode(&mut lapic.regs, APIC_LVT1, APIC_MODE_NMI);
+        fd.set_lapic(&lapic).map_err(kvm_err("setting the local APIC"))?;
+        Ok(Self { id, fd, pio, mmio, exit, mem, pvm })
+    }
+
+    /// Puts the boot CPU at the kernel's entry point.
+    pub fn set_boot_state(&self, mode: EntryMode) -> Result<(), VcpuError> {
+        let id = self.id;
+        let kvm_err = |what| move |source| VcpuError::Kvm { id, what, source };
+        let sregs = self.fd.get_sregs().map_err(kvm_err("reading special registers"))?;
+        self.fd
+            .set_sregs(&cpu_state::sregs_for(mode, sregs))
+            .map_err(kvm_err("setting special registers"))?;
+        self.fd.set_regs(&cpu_state::regs_for(mode)).map_err(kvm_err("setting registers"))?;
+        let fpu = kvm_bindings::kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+        self.fd.set_fpu(&fpu).map_err(kvm_err("setting FPU state"))?;
+        Ok(())
+    }
+
+    /// Runs the guest until it stops or the VMM cannot go on; the reason goes to the exit
+    /// signal, which wakes the VMM's main loop.
+    pub fn run(mut self) {
+        loop {
+            let outcome = match self.fd.run() {
+                Ok(exit) => match exit {
+                    VcpuExit::IoOut(port, data) => {
+                        self.pio.write(u64::from(port), data);
+                        None
+                    }
+                    VcpuExit::IoIn(port, data) => {
+                        if !self.pio.read(u64::from(port), data) {
+                            data.fill(0xff);
+                        }
+                        None
+                    }
+                    VcpuExit::MmioRead(addr, data) => {
+                        if !self.mmio.read(addr, data) {
+                            data.fill(0xff);
+                        }
+                        None
+                    }
+                    VcpuExit::MmioWrite(addr, data) => {
+                        self.mmio.write(addr, data);
+                        None
+                    }
+                    VcpuExit::Shutdown => Some(GuestExit::Reset("triple fault")),
+                    VcpuExit::SystemEvent(kind, _) => Some(match kind {
+                        KVM_SYSTEM_EVENT_SHUTDOWN => GuestExit::PowerOff,
+                        KVM_SYSTEM_EVENT_RESET => GuestExit::Reset("system reset"),
+                        KVM_SYSTEM_EVENT_CRASH => GuestExit::Panic,
+                        other => GuestExit::Error(format!("vCPU {}: unknown system event {other}", self.id)),
+                    }),
+                    VcpuExit::Hlt => Some(GuestExit::Error(format!(
+                        "vCPU {} halted with no interrupt controller to wake it",
+                        self.id
+                    ))),
+                    VcpuExit::FailEntry(reason, cpu) => Some(GuestExit::Error(format!(
+                        "vCPU {}: KVM could not enter the guest (reason {reason:#x}, cpu {cpu})",
+                        self.id
+                    ))),
+                    VcpuExit::InternalError => self.internal_error(),
+                    other => Some(GuestExit::Error(format!("vCPU {}: unexpected exit {other:?}", self.id))),
+                },
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+                Err(e) => Some(GuestExit::Error(format!("vCPU {}: KVM_RUN failed: {e}", self.id))),
+            };
+            if let Some(reason) = outcome {
+                self.exit.raise(reason);
+                return;
+            }
+        }
+    }
+
+    /// `KVM_EXIT_INTERNAL_ERROR`: on PVM hosts, complete the instruction KVM's emulator gave up
+    /// on; anything else ends the VM with the instruction named.
+    fn internal_error(&mut self) -> Option<GuestExit> {
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the union member
+        // KVM filled in.
+        let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+        let id = self.id;
+        let fail =
+            |detail: String| Some(GuestExit::Error(format!("vCPU {id}: KVM internal error: {detail}")));
+        if suberror != INTERNAL_ERROR_EMULATION {
+            return fail(format!("suberror {suberror}"));
+        }
+        let (mut regs, sregs) = match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => (r, s),
+            (Err(e), _) | (_, Err(e)) => {
+                return fail(format!("emulation failure, and reading registers failed: {e}"))
+            }
+        };
+        let mode = pvm::Mode {
+            long: sregs.efer & 0x400 != 0 && sregs.cs.l == 1,
+            fs_base: sregs.fs.base,
+            gs_base: sregs.gs.base,
+        };
+        let rip_linear = if mode.long { regs.rip } else { sregs.cs.base.wrapping_add(regs.rip) };
+        let mut access = PvmVcpu { fd: &self.fd, mem: &self.mem };
+        let bytes = access.fetch(rip_linear);
+        let Some(counters) = self.pvm.clone() else {
+            return fail(format!(
+                "instruction {} at RIP {:#x} could not be emulated",
+                pvm::HexBytes(bytes),
+                regs.rip
+            ));
+        };
+        let result = pvm::decode(&bytes, &mode, &regs).and_then(|insn| {
+            pvm::complete(&insn, &mut regs, &mut access)?;
+            Ok(insn.kind)
+        });
+        match result {
+            Ok(kind) => {
+                if let Err(e) = self.fd.set_regs(&regs) {
+                    return fail(format!("completing {}: setting registers: {e}", kind.name()));
+                }
+                if counters.record(kind) {
+                    eprintln!(
+                        "[stratus] PVM: completing `{}` in the VMM (KVM cannot emulate it here; logged once)",
+                        kind.name()
+                    );
+                }
+                None
+            }
+            Err(e) => fail(e.to_string()),
+        }
+    }
+}
+
+fn set_lvt_mode(regs: &mut [std::os::raw::c_char; 1024], offset: usize, mode: u32) {
+    let mut bytes = [0u8; 4];
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = regs[offset + i] as u8;
+    }
+    let value = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
+    for (i, b) in value.to_le_bytes().iter().enumerate() {
+        regs[offset + i] = *b as std::os::raw::c_char;
+    }
+}
+
+/// The vCPU seen by the PVM completion code.
+struct PvmVcpu<'a> {
+    fd: &'a VcpuFd,
+    mem: &'a GuestMemoryMmap,
+}
+
+impl PvmVcpu<'_> {
+    /// The guest-physical address of a linear address, through the guest's page tables.
+    fn translate(&self, linear: u64) -> Result<u64, pvm::PvmError> {
+        match self.fd.translate_gva(linear) {
+            Ok(t) if t.valid != 0 => Ok(t.physical_address),
+            _ => Err(pvm::PvmError::Memory(linear)),
+        }
+    }
+
+    /// Up to 15 instruction bytes at `addr`, fewer if a page is not mapped.
+    fn fetch(&mut self, addr: u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(15);
+        let mut byte = [0u8; 1];
+        for i in 0..15 {
+            if pvm::VcpuAccess::read_linear(self, addr.wrapping_add(i), &mut byte).is_err() {
+                break;
+            }
+            out.push(byte[0]);
+        }
+        out
+    }
+}
+
+impl pvm::VcpuAccess for PvmVcpu<'_> {
+    fn read_linear(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), pvm::PvmError> {
+        let mut done = 0;
+        while done < buf.len() {
+            let linear = addr.wrapping_add(done as u64);
+            let gpa = self.translate(linear)?;
+            let n = ((4096 - (linear & 0xfff)) as usize).min(buf.len() - done);
+            self.mem
+                .read_slice(&mut buf[done..done + n], GuestAddress(gpa))
+                .map_err(|_| pvm::PvmError::Memory(linear))?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn write_linear(&mut self, addr: u64, data: &[u8]) -> Result<(), pvm::PvmError> {
+        let mut done = 0;
+        while done < data.len() {
+            let linear = addr.wrapping_add(done as u64);
+            let gpa = self.translate(linear)?;
+            let n = ((4096 - (linear & 0xfff)) as usize).min(data.len() - done);
+            self.mem
+                .write_slice(&data[done..done + n], GuestAddress(gpa))
+                .map_err(|_| pvm::PvmError::Memory(linear))?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    // MXCSR goes through the XSAVE area: on this kernel KVM_GET_FPU/KVM_SET_FPU ignore the
+    // mxcsr field (seen on kvm_pvm).
+    fn mxcsr(&mut self) -> Result<u32, pvm::PvmError> {
+        let xsave = self.fd.get_xsave().map_err(|e| pvm::PvmError::Kvm(e.to_string()))?;
+        Ok(xsave.region[XSAVE_MXCSR_INDEX])
+    }
+
+    fn set_mxcsr(&mut self, value: u32) -> Result<(), pvm::PvmError> {
+        let mut xsave = self.fd.get_xsave().map_err(|e| pvm::PvmError::Kvm(e.to_string()))?;
+        xsave.region[XSAVE_MXCSR_INDEX] = value;
+        // KVM copies MXCSR in only when the header says SSE state is present; when the guest's
+        // SSE registers are in their init state the bit is clear (their saved image is zeros,
+        // which is what setting it loads).
+        xsave.region[XSAVE_XSTATE_BV_INDEX] |= XFEATURE_SSE;
+        // SAFETY: the area was read from this vCPU by KVM_GET_XSAVE; only MXCSR and the SSE
+        // present bit changed.
+        unsafe { self.fd.set_xsave(&xsave) }.map_err(|e| pvm::PvmError::Kvm(e.to_string()))
+    }
+
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), pvm::PvmError> {
+        let mut events = self.fd.get_vcpu_events().map_err(|e| pvm::PvmError::Kvm(e.to_string()))?;
+        events.exception.injected = 1;
+        events.exception.nr = vector;
+        events.exception.has_error_code = u8::from(error_code.is_some());
+        events.exception.error_code = error_code.unwrap_or(0);
+        self.fd.set_vcpu_events(&events).map_err(|e| pvm::PvmError::Kvm(e.to_string()))
+    }
+}

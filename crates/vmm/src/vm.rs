@@ -1,0 +1,171 @@
+//! Building a VM from its configuration: KVM VM and memory, interrupt controllers, platform
+//! devices on their buses, the kernel loaded, vCPUs at the entry point — then running it.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::VmFd;
+use stratus_arch::layout::*;
+use stratus_devices::acpi_pm::AcpiPowerManagement;
+use stratus_devices::i8042::I8042;
+use stratus_devices::pvpanic::PvPanic;
+use stratus_devices::serial::Serial;
+use stratus_devices::{Bus, ExitSignal};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::kvm::{KvmError, KvmFlavor};
+use crate::loader::{BootSource, LoadError};
+use crate::memory::MemoryError;
+use crate::pvm;
+use crate::vcpu::{Vcpu, VcpuError};
+
+/// The most vCPUs a VM may have (8-bit xAPIC ids in the MADT, and a sane bound).
+pub const MAX_VCPUS: u32 = 64;
+
+/// What a VM is made of.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// RAM in bytes.
+    pub memory: u64,
+    /// Kernel, initrd, command line.
+    pub boot: BootSource,
+}
+
+/// Errors building or starting a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// KVM could not be opened.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// Guest memory could not be created.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The kernel, initrd or boot data could not be loaded.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// A vCPU could not be set up.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// A VM-level KVM call failed.
+    #[error("{what}: {source}")]
+    KvmCall {
+        /// What was being done.
+        what: &'static str,
+        /// The error from KVM.
+        source: kvm_ioctls::Error,
+    },
+    /// An eventfd or thread could not be created.
+    #[error("{what}: {source}")]
+    Os {
+        /// What was being done.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The vCPU count is out of range.
+    #[error("--cpus {0}: a VM has between 1 and {MAX_VCPUS} vCPUs")]
+    VcpuCount(u32),
+}
+
+fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::KvmCall { what, source }
+}
+
+/// A VM whose vCPUs are running.
+pub struct RunningVm {
+    /// Raised once when the guest stops, with the reason.
+    pub exit: Arc<ExitSignal>,
+    /// The console UART, for feeding it input.
+    pub serial: Arc<Mutex<Serial>>,
+    /// PVM completions, when the profile is on.
+    pub pvm: Option<Arc<pvm::Counters>>,
+    _vcpu_threads: Vec<JoinHandle<()>>,
+    _vm: VmFd,
+    _mem: GuestMemoryMmap,
+}
+
+/// Builds the VM described by `config` and starts its vCPUs; guest serial output goes to
+/// `console_out`.
+pub fn start(config: &VmConfig, console_out: Box<dyn Write + Send>) -> Result<RunningVm, VmError> {
+    if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+        return Err(VmError::VcpuCount(config.vcpus));
+    }
+    let kvm = crate::kvm::open()?;
+    let flavor = KvmFlavor::detect();
+    let mem = crate::memory::create(config.memory)?;
+    let vm = kvm.create_vm().map_err(kvm_call("creating the VM"))?;
+    for (slot, region) in mem.iter().enumerate() {
+        let region_desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the mapping belongs to `mem`, which `RunningVm` keeps alive as long as the VM.
+        unsafe { vm.set_user_memory_region(region_desc) }.map_err(kvm_call("registering guest memory"))?;
+    }
+    vm.set_tss_address(0xfffb_d000).map_err(kvm_call("setting the TSS address"))?;
+    vm.create_irq_chip().map_err(kvm_call("creating the interrupt controllers"))?;
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm.create_pit2(pit).map_err(kvm_call("creating the PIT"))?;
+
+    let entry = crate::loader::load(&mem, &config.boot, config.vcpus)?;
+
+    let exit = Arc::new(
+        ExitSignal::new().map_err(|source| VmError::Os { what: "creating the exit event", source })?,
+    );
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK)
+        .map_err(|source| VmError::Os { what: "creating an eventfd", source })?;
+    vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(kvm_call("wiring the serial interrupt"))?;
+    let serial = Arc::new(Mutex::new(Serial::new(serial_irq, console_out)));
+
+    let mut pio = Bus::new();
+    let bus_err = |e| VmError::Os { what: "placing a device", source: std::io::Error::other(e) };
+    pio.insert(serial.clone(), u64::from(COM1_PORT), 8).map_err(bus_err)?;
+    pio.insert(Arc::new(Mutex::new(I8042::new(exit.clone()))), u64::from(I8042_DATA_PORT), 5)
+        .map_err(bus_err)?;
+    let pm = AcpiPowerManagement::new(exit.clone(), ACPI_S5_SLEEP_TYPE, ACPI_RESET_VALUE);
+    pio.insert(Arc::new(Mutex::new(pm)), u64::from(ACPI_SLEEP_CONTROL_PORT), 3).map_err(bus_err)?;
+    pio.insert(Arc::new(Mutex::new(PvPanic::new(exit.clone()))), u64::from(PVPANIC_PORT), 1)
+        .map_err(bus_err)?;
+    let pio = Arc::new(pio);
+    let mmio = Arc::new(Bus::new());
+
+    let pvm_counters = (flavor == KvmFlavor::Pvm).then(|| Arc::new(pvm::Counters::default()));
+    let cpuid =
+        kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_call("reading supported CPUID"))?;
+    let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+    for id in 0..config.vcpus {
+        vcpus.push(Vcpu::new(
+            &vm,
+            id,
+            &cpuid,
+            config.vcpus,
+            pio.clone(),
+            mmio.clone(),
+            exit.clone(),
+            mem.clone(),
+            pvm_counters.clone(),
+        )?);
+    }
+    vcpus[0].set_boot_state(entry)?;
+
+    let mut threads = Vec::with_capacity(vcpus.len());
+    for (id, vcpu) in vcpus.into_iter().enumerate() {
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .stack_size(128 << 10)
+            .spawn(move || vcpu.run())
+            .map_err(|source| VmError::Os { what: "starting a vCPU thread", source })?;
+        threads.push(handle);
+    }
+    Ok(RunningVm { exit, serial, pvm: pvm_counters, _vcpu_threads: threads, _vm: vm, _mem: mem })
+}

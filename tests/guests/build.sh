@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Builds the tiny test guests into $1 (default: ./out): `guest` (64-bit Linux boot protocol,
+# test chosen by "test=NAME" on the command line) and `pvh` (a 32-bit PVH entry).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+out=${1:-$here/out}
+mkdir -p "$out"
+cflags=(-O2 -ffreestanding -fno-pic -no-pie -nostdlib -static -mno-red-zone -mgeneral-regs-only
+        -fno-stack-protector -fno-asynchronous-unwind-tables -fcf-protection=none -Wall -Werror
+        -Wl,--build-id=none -Wl,-z,max-page-size=4096 -Wl,-z,noexecstack)
+gcc "${cflags[@]}" -T "$here/guest.ld" -o "$out/guest.tmp" "$here/start.S" "$here/guest.c"
+gcc "${cflags[@]}" -T "$here/pvh.ld" -o "$out/pvh.tmp" "$here/pvh.S"
+strip "$out/guest.tmp" "$out/pvh.tmp"
+mv "$out/guest.tmp" "$out/guest"
+mv "$out/pvh.tmp" "$out/pvh"
