@@ -7,7 +7,7 @@ out=${1:-$here/out}
 mkdir -p "$out"
 cflags=(-O2 -ffreestanding -fno-pic -no-pie -nostdlib -static -mno-red-zone -mgeneral-regs-only
         -fno-stack-protector -fno-asynchronous-unwind-tables -fcf-protection=none -Wall -Werror
-        -Wl,--build-id=none -Wl,-z,max-page-size=4096 -Wl,-z,noexecstack)
+        -Wl,--build-id=none -Wl,-z,max-page-size=4096 -Wl,-z,noexecstack -Wl,--no-warn-rwx-segments)
 gcc "${cflags[@]}" -T "$here/guest.ld" -o "$out/guest.tmp" "$here/start.S" "$here/guest.c"
 gcc "${cflags[@]}" -T "$here/pvh.ld" -o "$out/pvh.tmp" "$here/pvh.S"
 strip "$out/guest.tmp" "$out/pvh.tmp"

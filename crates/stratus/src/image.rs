@@ -33,7 +33,7 @@ impl Image {
     }
     /// The busybox initramfs.
     pub fn initrd(&self) -> PathBuf {
-        self.dir.join("initramfs.cpio.gz")
+        self.dir.join("initramfs.cpio")
     }
     /// The command line the image boots with.
     pub fn cmdline(&self) -> String {

@@ -16,7 +16,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use kvm_bindings::kvm_regs;
 
 /// Command-line words added to a Linux guest on a PVM host.
-pub const GUEST_CMDLINE: &str = "noxsave clearcpuid=cx16,smap,popcnt,erms,fsrm stratus.no_int3_selftest";
+pub const GUEST_CMDLINE: &str =
+    "noxsave clearcpuid=cx16,smap,popcnt,erms,fsrm stratus.no_int3_selftest stratus.pvm_syscall";
 
 /// Whether this host's KVM is PVM.
 pub fn host_is_pvm() -> bool {
