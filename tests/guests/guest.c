@@ -148,6 +148,9 @@ static void test_cpus(void) {
     cpuid(0x40000000, 0, &a, (u32 *)&sig[0], (u32 *)&sig[4], (u32 *)&sig[8]);
     sig[12] = 0;
     puts(" signature="); puts(sig);
+    u32 kvm_features;
+    cpuid(0x40000001, 0, &kvm_features, &b, &c, &d);
+    puts(" kvm_features="); puthex(kvm_features);
     puts("\n");
 
     u8 *rsdp = 0;

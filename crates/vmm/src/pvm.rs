@@ -17,7 +17,7 @@ use kvm_bindings::kvm_regs;
 
 /// Command-line words added to a Linux guest on a PVM host.
 pub const GUEST_CMDLINE: &str =
-    "noxsave clearcpuid=cx16,smap,popcnt,erms,fsrm stratus.no_int3_selftest stratus.pvm_syscall";
+    "noxsave clearcpuid=cx16,smap,popcnt,erms,fsrm stratus.no_int3_selftest stratus.pvm_syscall stratus.no_pv_hypercalls";
 
 /// Whether this host's KVM is PVM.
 pub fn host_is_pvm() -> bool {
