@@ -51,6 +51,9 @@ struct RunArgs {
     /// Kernel command line (default: console=ttyS0 panic=1, or the image's own).
     #[arg(long)]
     cmdline: Option<String>,
+    /// Words to add to the command line, e.g. --append stratus.mode=poweroff.
+    #[arg(long)]
+    append: Option<String>,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     cpus: u32,
@@ -89,6 +92,9 @@ fn vm_run(args: RunArgs) -> anyhow::Result<i32> {
         }
     };
     let mut boot = boot;
+    if let Some(extra) = args.append {
+        boot.cmdline = format!("{} {extra}", boot.cmdline);
+    }
     if stratus_vmm::pvm::host_is_pvm() {
         boot.cmdline = format!("{} {}", boot.cmdline, stratus_vmm::pvm::GUEST_CMDLINE);
     }

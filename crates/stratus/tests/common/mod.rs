@@ -112,3 +112,101 @@ pub fn run_guest_with_input(cmdline: &str, extra: &[&str], input: &[u8]) -> Outc
     args.extend_from_slice(extra);
     stratus(&args, input, Duration::from_secs(60))
 }
+
+/// A `stratus` process driven like a person at its console: wait for text, type, wait again.
+pub struct Interactive {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    output: std::sync::Arc<std::sync::Mutex<String>>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+fn pump(mut from: impl Read + Send + 'static, to: std::sync::Arc<std::sync::Mutex<String>>) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            to.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+}
+
+impl Interactive {
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_stratus"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn stratus");
+        let output = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        pump(child.stdout.take().unwrap(), output.clone());
+        pump(child.stderr.take().unwrap(), stderr.clone());
+        let stdin = child.stdin.take();
+        Self { child, stdin, output, stderr }
+    }
+
+    /// Waits until the console output holds `needle` after byte `from`; returns where it ends.
+    pub fn expect(&mut self, needle: &str, from: usize, limit: Duration) -> usize {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(pos) = self.output.lock().unwrap().get(from..).and_then(|s| s.find(needle)) {
+                return from + pos + needle.len();
+            }
+            if Instant::now() > deadline || self.child.try_wait().unwrap().is_some() {
+                let _ = self.child.kill();
+                panic!(
+                    "no {needle:?} within {limit:?}\n--- console ---\n{}\n--- stderr ---\n{}",
+                    self.output.lock().unwrap(),
+                    self.stderr.lock().unwrap()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn send(&mut self, text: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin.write_all(text.as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    pub fn output(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+
+    /// Waits for the process to end; kills it after `limit`.
+    pub fn finish(mut self, limit: Duration) -> Outcome {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + limit;
+        let code = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("stratus did not exit within {limit:?}:\n{}", self.output());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        std::thread::sleep(Duration::from_millis(50)); // let the pumps drain
+        Outcome { code, stdout: self.output(), stderr: self.stderr.lock().unwrap().clone() }
+    }
+}
+
+/// Builds (or finds up to date) the default guest image once per test binary, through
+/// `stratus image build` with its progress in the test log. `vm run` without `--kernel` boots it.
+pub fn ensure_default_image() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let status = Command::new(env!("CARGO_BIN_EXE_stratus"))
+            .args(["image", "build"])
+            .status()
+            .expect("running stratus image build");
+        assert!(status.success(), "stratus image build failed");
+    });
+}

@@ -1,0 +1,133 @@
+//! The project's own Linux guest on this host's KVM: it boots to its init, sees the CPUs and
+//! memory it was given, takes console input, and its power-off and panic reach the VMM.
+//! Each boot costs 20-40 s on PVM hosts, so each test checks as much as one boot can show.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const BOOT_LIMIT: Duration = Duration::from_secs(300);
+
+fn banner_field(console: &str, key: &str) -> u64 {
+    let line = console.lines().find(|l| l.starts_with("stratus-guest: cpus=")).expect("banner");
+    let start = line.find(&format!("{key}=")).unwrap() + key.len() + 1;
+    line[start..].split(' ').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn linux_boots_to_a_shell_with_two_cpus_and_powers_off() {
+    if !kvm_available("linux_boots_to_a_shell_with_two_cpus_and_powers_off") {
+        return;
+    }
+    ensure_default_image();
+    let started = Instant::now();
+    let mut vm = Interactive::start(&["vm", "run", "--cpus", "2", "--memory", "256M"]);
+    let pos = vm.expect("stratus# ", 0, BOOT_LIMIT);
+    println!("linux: 2 vCPUs, 256 MiB: shell prompt after {:.1} s", started.elapsed().as_secs_f64());
+    let console = vm.output();
+    assert_eq!(banner_field(&console, "cpus"), 2, "{console}");
+    let mem_kib = banner_field(&console, "memory_kib");
+    assert!((200 * 1024..256 * 1024).contains(&mem_kib), "MemTotal {mem_kib} KiB for 256 MiB of RAM");
+
+    // Typed input reaches the shell through the serial port; its answer comes back.
+    vm.send("echo answer-$((6 * 7))\n");
+    let pos = vm.expect("answer-42", pos, Duration::from_secs(60));
+    vm.send("cat /sys/devices/system/cpu/online\n");
+    vm.expect("0-1", pos, Duration::from_secs(60));
+    // Leaving the shell makes init power the guest off through ACPI S5.
+    vm.send("exit\n");
+    let out = vm.finish(Duration::from_secs(120));
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(out.stdout.contains("stratus-guest: shell exited, powering off"), "{}", out.stdout);
+    assert!(out.stderr.lines().any(|l| l == "stratus: guest powered off"), "{}", out.stderr);
+    println!("linux: whole session {:.1} s", started.elapsed().as_secs_f64());
+}
+
+#[test]
+fn linux_panic_is_reported_through_pvpanic() {
+    if !kvm_available("linux_panic_is_reported_through_pvpanic") {
+        return;
+    }
+    ensure_default_image();
+    let out = stratus(&["vm", "run", "--memory", "128M", "--append", "stratus.mode=panic"], b"", BOOT_LIMIT);
+    assert_eq!(out.code, Some(3), "{out:#?}");
+    assert!(out.stdout.contains("Kernel panic - not syncing: Attempted to kill init"), "{}", out.stdout);
+    assert!(out.stderr.lines().any(|l| l == "stratus: guest kernel panicked (pvpanic)"), "{}", out.stderr);
+}
+
+/// A newc cpio archive: `/dev/console` (the kernel opens it for init) and `/init`.
+fn cpio(init: &[u8]) -> Vec<u8> {
+    fn entry(out: &mut Vec<u8>, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
+        let fields = [1, mode, 0, 0, 1, 0, data.len() as u32, 0, 0, rdev.0, rdev.1, name.len() as u32 + 1, 0];
+        out.extend_from_slice(b"070701");
+        for f in fields {
+            out.extend_from_slice(format!("{f:08x}").as_bytes());
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        while out.len() % 4 != 0 {
+            out.push(0);
+        }
+        out.extend_from_slice(data);
+        while out.len() % 4 != 0 {
+            out.push(0);
+        }
+    }
+    let mut out = Vec::new();
+    entry(&mut out, "dev", 0o040755, (0, 0), &[]);
+    entry(&mut out, "dev/console", 0o020600, (5, 1), &[]);
+    entry(&mut out, "init", 0o100755, (0, 0), init);
+    entry(&mut out, "TRAILER!!!", 0, (0, 0), &[]);
+    out
+}
+
+#[test]
+fn linux_unpacks_a_gzip_initramfs() {
+    if !kvm_available("linux_unpacks_a_gzip_initramfs") {
+        return;
+    }
+    ensure_default_image();
+    // A freestanding init: one write(2), then reboot(2) to power off.
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("gzip-initramfs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join("init.S");
+    std::fs::write(
+        &src,
+        r#"
+        .globl _start
+_start: mov $1, %eax
+        mov $1, %edi
+        lea msg(%rip), %rsi
+        mov $(end - msg), %edx
+        syscall
+        mov $169, %eax                  /* reboot */
+        mov $0xfee1dead, %edi
+        mov $672274793, %esi
+        mov $0x4321fedc, %edx           /* LINUX_REBOOT_CMD_POWER_OFF */
+        syscall
+1:      jmp 1b
+msg:    .ascii "hello from a gzip initramfs\n"
+end:
+"#,
+    )
+    .unwrap();
+    let init = dir.join("init");
+    let status =
+        Command::new("gcc").args(["-nostdlib", "-static", "-o"]).arg(&init).arg(&src).status().unwrap();
+    assert!(status.success());
+    let archive = dir.join("initramfs.cpio");
+    std::fs::write(&archive, cpio(&std::fs::read(&init).unwrap())).unwrap();
+    let status = Command::new("gzip").args(["-9", "-f", "-n"]).arg(&archive).status().unwrap();
+    assert!(status.success());
+    let gz = dir.join("initramfs.cpio.gz");
+    let head = std::fs::read(&gz).unwrap();
+    assert_eq!(&head[..2], &[0x1f, 0x8b], "gzip magic");
+
+    let out = stratus(&["vm", "run", "--memory", "128M", "--initrd", gz.to_str().unwrap()], b"", BOOT_LIMIT);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(out.stdout.contains("hello from a gzip initramfs"), "{}", out.stdout);
+    assert!(out.stderr.lines().any(|l| l == "stratus: guest powered off"), "{}", out.stderr);
+}
