@@ -68,13 +68,9 @@ fn cpio(init: &[u8]) -> Vec<u8> {
         }
         out.extend_from_slice(name.as_bytes());
         out.push(0);
-        while out.len() % 4 != 0 {
-            out.push(0);
-        }
+        out.resize(out.len().next_multiple_of(4), 0);
         out.extend_from_slice(data);
-        while out.len() % 4 != 0 {
-            out.push(0);
-        }
+        out.resize(out.len().next_multiple_of(4), 0);
     }
     let mut out = Vec::new();
     entry(&mut out, "dev", 0o040755, (0, 0), &[]);
