@@ -58,9 +58,11 @@ pub fn build(name: &str) -> Result<Image> {
     if !script.exists() {
         bail!("cannot find the guest build script at {} (set STRATUS_GUEST_DIR to the repository's guest/ folder)", script.display());
     }
+    // Progress goes to stderr: when `vm run` builds the image first, stdout is the guest's console.
     let status = Command::new("bash")
         .arg(&script)
         .arg(&dir)
+        .stdout(std::io::stderr())
         .status()
         .with_context(|| format!("running {}", script.display()))?;
     if !status.success() {

@@ -58,7 +58,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 1)]
     cpus: u32,
     /// Guest RAM, e.g. 512M or 2G.
-    #[arg(long, default_value = "512M", value_parser = size::parse)]
+    #[arg(long, default_value = "256M", value_parser = size::parse)]
     memory: u64,
 }
 
