@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the tiny test guests into $1 (default: ./out): `guest` (64-bit Linux boot protocol,
-# test chosen by "test=NAME" on the command line) and `pvh` (a 32-bit PVH entry).
+# Builds the tiny test guests into $1 (default: ./out): `guest` (ELF, 64-bit Linux boot
+# protocol, test chosen by "test=NAME" on the command line), `guest.bzImage` (the same code as
+# a bzImage) and `pvh` (an ELF with a 32-bit PVH entry).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-$here/out}
@@ -10,6 +11,10 @@ cflags=(-O2 -ffreestanding -fno-pic -no-pie -nostdlib -static -mno-red-zone -mge
         -Wl,--build-id=none -Wl,-z,max-page-size=4096 -Wl,-z,noexecstack -Wl,--no-warn-rwx-segments)
 gcc "${cflags[@]}" -T "$here/guest.ld" -o "$out/guest.tmp" "$here/start.S" "$here/guest.c"
 gcc "${cflags[@]}" -T "$here/pvh.ld" -o "$out/pvh.tmp" "$here/pvh.S"
+gcc "${cflags[@]}" -T "$here/bz.ld" -o "$out/guest-bz.elf" "$here/bzhead.S" "$here/start.S" "$here/guest.c"
+objcopy -O binary "$out/guest-bz.elf" "$out/guest-bz.bin"
+python3 "$here/mkbzimage.py" "$out/guest-bz.bin" "$out/guest.bzImage"
+rm -f "$out/guest-bz.elf" "$out/guest-bz.bin"
 strip "$out/guest.tmp" "$out/pvh.tmp"
 mv "$out/guest.tmp" "$out/guest"
 mv "$out/pvh.tmp" "$out/pvh"

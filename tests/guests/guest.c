@@ -104,6 +104,7 @@ static void test_boot(u8 *zp, u64 entry_rsp) {
     puts(" zero_page="); puthex((u64)zp);
     puts(" hdrs="); putdec(memeq(zp + 0x202, "HdrS", 4));
     puts(" boot_flag="); puthex(*(u16 *)(zp + 0x1fe));
+    puts(" protocol="); puthex(*(u16 *)(zp + 0x206));
     puts("\n");
 }
 

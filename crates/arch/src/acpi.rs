@@ -266,14 +266,3 @@ mod tests {
         assert!(matches!(build(ACPI_START, 1, &devs), Err(AcpiError::TooLarge { .. })));
     }
 }
-#[cfg(test)]
-mod dump {
-    #[test]
-    #[ignore]
-    fn dump_dsdt() {
-        let t =
-            super::build(0xe0000, 2, &[super::VirtioMmioDevice { base: 0xd000_0000, size: 0x1000, irq: 5 }])
-                .unwrap();
-        std::fs::write("/tmp/acpi.bin", &t.bytes).unwrap();
-    }
-}

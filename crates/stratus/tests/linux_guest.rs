@@ -47,6 +47,24 @@ fn linux_boots_to_a_shell_with_two_cpus_and_powers_off() {
 }
 
 #[test]
+fn image_build_is_cached() {
+    if !kvm_available("image_build_is_cached") {
+        return;
+    }
+    ensure_default_image();
+    let manifest = std::path::Path::new("/var/cache/stratus/images/default/manifest");
+    let before = std::fs::read_to_string(manifest).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_stratus")).args(["image", "build"]).output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("image up to date"), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "/var/cache/stratus/images/default");
+    assert_eq!(std::fs::read_to_string(manifest).unwrap(), before, "nothing was rebuilt");
+    for part in ["vmlinux", "initramfs.cpio", "rootfs.ext4"] {
+        assert!(manifest.with_file_name(part).metadata().unwrap().len() > 0, "{part}");
+    }
+}
+
+#[test]
 fn linux_panic_is_reported_through_pvpanic() {
     if !kvm_available("linux_panic_is_reported_through_pvpanic") {
         return;

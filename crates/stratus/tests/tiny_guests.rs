@@ -35,6 +35,27 @@ fn boots_in_long_mode_with_the_zero_page() {
 }
 
 #[test]
+fn bzimage_enters_at_64_bit_entry_with_its_own_setup_header() {
+    if !kvm_available("bzimage_enters_at_64_bit_entry_with_its_own_setup_header") {
+        return;
+    }
+    let bz = guests().bzimage.to_str().unwrap().to_owned();
+    let out = stratus(
+        &["vm", "run", "--kernel", &bz, "--cmdline", "test=boot"],
+        b"",
+        std::time::Duration::from_secs(30),
+    );
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    let line = out.stdout.lines().find(|l| l.starts_with("boot:")).expect("boot line");
+    for expected in ["efer.lma=1", "cr0.pg=1", "zero_page=0x7000", "hdrs=1", "protocol=0x20f"] {
+        assert!(line.contains(expected), "missing {expected} in {line}");
+    }
+    // The ELF path has no kernel header to copy: the protocol field stays empty.
+    let elf = run_guest("test=boot", &[]);
+    assert!(elf.stdout.contains("protocol=0x0"), "{}", elf.stdout);
+}
+
+#[test]
 fn memory_map_gives_exactly_the_requested_ram() {
     if !kvm_available("memory_map_gives_exactly_the_requested_ram") {
         return;

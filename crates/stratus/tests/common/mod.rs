@@ -23,6 +23,8 @@ pub fn kvm_available(test: &str) -> bool {
 pub struct Guests {
     /// 64-bit boot protocol guest; "test=NAME exit=HOW" on the command line.
     pub guest: PathBuf,
+    /// The same code as `guest`, wrapped in a bzImage.
+    pub bzimage: PathBuf,
     /// 32-bit PVH entry guest.
     pub pvh: PathBuf,
 }
@@ -35,7 +37,7 @@ pub fn guests() -> &'static Guests {
         let status =
             Command::new("bash").arg(&script).arg(&out).status().expect("running tests/guests/build.sh");
         assert!(status.success(), "building the test guests failed");
-        Guests { guest: out.join("guest"), pvh: out.join("pvh") }
+        Guests { guest: out.join("guest"), bzimage: out.join("guest.bzImage"), pvh: out.join("pvh") }
     })
 }
 
