@@ -35,18 +35,13 @@ impl Image {
     pub fn initrd(&self) -> PathBuf {
         self.dir.join("initramfs.cpio")
     }
-    /// The command line the image boots with.
-    pub fn cmdline(&self) -> String {
-        std::fs::read_to_string(self.dir.join("cmdline"))
-            .map(|s| s.trim().to_owned())
-            .unwrap_or_else(|_| DEFAULT_IMAGE_CMDLINE.to_owned())
+    /// The command line the image boots with, as its build recorded it.
+    pub fn cmdline(&self) -> Result<String> {
+        let path = self.dir.join("cmdline");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(text.trim().to_owned())
     }
 }
-
-/// Command line for the default image: each word after the console saves seconds of
-/// emulated boot on PVM hosts and costs nothing elsewhere.
-pub const DEFAULT_IMAGE_CMDLINE: &str =
-    "console=ttyS0 panic=1 noreplace-smp rodata=off percpu_alloc=page quiet";
 
 /// Builds (or finds up to date) the image `name`, showing the build's progress.
 pub fn build(name: &str) -> Result<Image> {

@@ -87,7 +87,10 @@ fn vm_run(args: RunArgs) -> anyhow::Result<i32> {
             BootSource {
                 kernel: image.kernel(),
                 initrd: Some(args.initrd.unwrap_or_else(|| image.initrd())),
-                cmdline: args.cmdline.unwrap_or_else(|| image.cmdline()),
+                cmdline: match args.cmdline {
+                    Some(cmdline) => cmdline,
+                    None => image.cmdline()?,
+                },
             }
         }
     };

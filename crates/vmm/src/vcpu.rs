@@ -233,6 +233,27 @@ impl PvmVcpu<'_> {
         }
     }
 
+    /// Walks `len` bytes from linear `addr` one guest page at a time, handing `access` each
+    /// piece's guest-physical address and its range within the caller's buffer.
+    fn for_each_page(
+        &self,
+        addr: u64,
+        len: usize,
+        mut access: impl FnMut(u64, std::ops::Range<usize>) -> bool,
+    ) -> Result<(), pvm::PvmError> {
+        let mut done = 0;
+        while done < len {
+            let linear = addr.wrapping_add(done as u64);
+            let gpa = self.translate(linear)?;
+            let n = ((4096 - (linear & 0xfff)) as usize).min(len - done);
+            if !access(gpa, done..done + n) {
+                return Err(pvm::PvmError::Memory(linear));
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
     /// Up to 15 instruction bytes at `addr`, fewer if a page is not mapped.
     fn fetch(&mut self, addr: u64) -> Vec<u8> {
         let mut out = Vec::with_capacity(15);
@@ -249,31 +270,17 @@ impl PvmVcpu<'_> {
 
 impl pvm::VcpuAccess for PvmVcpu<'_> {
     fn read_linear(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), pvm::PvmError> {
-        let mut done = 0;
-        while done < buf.len() {
-            let linear = addr.wrapping_add(done as u64);
-            let gpa = self.translate(linear)?;
-            let n = ((4096 - (linear & 0xfff)) as usize).min(buf.len() - done);
-            self.mem
-                .read_slice(&mut buf[done..done + n], GuestAddress(gpa))
-                .map_err(|_| pvm::PvmError::Memory(linear))?;
-            done += n;
-        }
-        Ok(())
+        let mem = self.mem;
+        self.for_each_page(addr, buf.len(), |gpa, range| {
+            mem.read_slice(&mut buf[range], GuestAddress(gpa)).is_ok()
+        })
     }
 
     fn write_linear(&mut self, addr: u64, data: &[u8]) -> Result<(), pvm::PvmError> {
-        let mut done = 0;
-        while done < data.len() {
-            let linear = addr.wrapping_add(done as u64);
-            let gpa = self.translate(linear)?;
-            let n = ((4096 - (linear & 0xfff)) as usize).min(data.len() - done);
-            self.mem
-                .write_slice(&data[done..done + n], GuestAddress(gpa))
-                .map_err(|_| pvm::PvmError::Memory(linear))?;
-            done += n;
-        }
-        Ok(())
+        let mem = self.mem;
+        self.for_each_page(addr, data.len(), |gpa, range| {
+            mem.write_slice(&data[range], GuestAddress(gpa)).is_ok()
+        })
     }
 
     // MXCSR goes through the XSAVE area: on this kernel KVM_GET_FPU/KVM_SET_FPU ignore the
