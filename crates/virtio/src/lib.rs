@@ -1,0 +1,122 @@
+//! virtio devices of a Stratus guest, and the virtio-mmio transport that carries them.
+//!
+//! A device (`block`, `rng`) knows its queues, features and configuration space and nothing
+//! of its transport; `mmio::MmioTransport` owns the register layout, feature negotiation and
+//! queue set-up, and calls the device when a queue is notified. Everything the guest writes
+//! into a queue is hostile: devices read requests only through virtio-queue's checked
+//! `Reader`/`Writer`, and a malformed request is answered with an error status (or dropped)
+//! and counted, never a panic.
+
+pub mod block;
+pub mod mmio;
+pub mod rng;
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// VIRTIO_F_VERSION_1: the device is a modern (1.x) device.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// virtio device type ids (virtio 1.x, section 5).
+pub mod device_type {
+    /// Block device.
+    pub const BLOCK: u32 = 2;
+    /// Entropy source.
+    pub const RNG: u32 = 4;
+}
+
+/// Interrupt status bit: a used buffer was added.
+pub const INT_USED_RING: u32 = 1 << 0;
+
+/// A device's interrupt line: the status bits the driver reads through the transport and the
+/// irqfd that raises the GSI.
+pub struct Interrupt {
+    status: AtomicU32,
+    irqfd: EventFd,
+}
+
+impl Interrupt {
+    /// An interrupt raised through `irqfd`.
+    pub fn new(irqfd: EventFd) -> Self {
+        Self { status: AtomicU32::new(0), irqfd }
+    }
+
+    /// Tells the driver that used buffers are waiting.
+    pub fn signal_used(&self) {
+        self.status.fetch_or(INT_USED_RING, Ordering::SeqCst);
+        // A failed write means the counter is saturated: an interrupt is pending anyway.
+        let _ = self.irqfd.write(1);
+    }
+
+    /// The pending interrupt bits.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// Clears the bits the driver acknowledged.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// The irqfd, for registering with KVM.
+    pub fn irqfd(&self) -> &EventFd {
+        &self.irqfd
+    }
+}
+
+/// Counters every device keeps: what a user sees in metrics and what a test checks.
+#[derive(Default, Debug)]
+pub struct DeviceCounters {
+    /// Requests completed successfully.
+    pub requests: AtomicU64,
+    /// Bytes moved between guest and backend.
+    pub bytes: AtomicU64,
+    /// Requests refused as malformed (bad chain, bad length, out of range).
+    pub rejected: AtomicU64,
+    /// Requests the backend failed (I/O errors).
+    pub failed: AtomicU64,
+}
+
+impl DeviceCounters {
+    /// Counts a malformed request; true the first time, so the caller logs only that one.
+    pub fn reject(&self) -> bool {
+        self.rejected.fetch_add(1, Ordering::Relaxed) == 0
+    }
+}
+
+/// What a virtio device implements; the transport does the rest.
+pub trait VirtioDevice: Send {
+    /// The virtio device type (`device_type::*`).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits the device offers (VERSION_1 included).
+    fn features(&self) -> u64;
+    /// Reads the device configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device configuration space (most devices ignore it).
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// Handles available buffers on queue `index`; returns true if used buffers were added
+    /// (the transport then interrupts the driver).
+    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
+    /// The device's counters.
+    fn counters(&self) -> &DeviceCounters;
+}
+
+/// Copies `value`'s little-endian bytes at `offset` of a configuration space into `data`;
+/// reads past the end give zeros.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(offset) = usize::try_from(offset) else { return };
+    if offset >= config.len() {
+        return;
+    }
+    let n = data.len().min(config.len() - offset);
+    data[..n].copy_from_slice(&config[offset..offset + n]);
+}
+
+#[cfg(test)]
+mod testing;

@@ -1,0 +1,418 @@
+//! The virtio-mmio transport (virtio 1.x, section 4.2, register layout version 2): the
+//! registers a driver uses to discover a device, negotiate features and set up queues.
+//! Queue notifications normally arrive through ioeventfds, without a VM exit to this code.
+
+use std::sync::Arc;
+
+use stratus_devices::BusDevice;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+/// Vendor id reported to the guest: "STRA".
+pub const VENDOR_ID: u32 = 0x4152_5453;
+
+/// Register offsets.
+pub mod reg {
+    /// Magic value.
+    pub const MAGIC: u64 = 0x000;
+    /// Version.
+    pub const VERSION: u64 = 0x004;
+    /// Device type.
+    pub const DEVICE_ID: u64 = 0x008;
+    /// Vendor.
+    pub const VENDOR_ID: u64 = 0x00c;
+    /// Device features (32 bits selected by DEVICE_FEATURES_SEL).
+    pub const DEVICE_FEATURES: u64 = 0x010;
+    /// Which 32 bits of device features.
+    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    /// Driver features.
+    pub const DRIVER_FEATURES: u64 = 0x020;
+    /// Which 32 bits of driver features.
+    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    /// Selected queue.
+    pub const QUEUE_SEL: u64 = 0x030;
+    /// Maximum size of the selected queue.
+    pub const QUEUE_NUM_MAX: u64 = 0x034;
+    /// Size of the selected queue.
+    pub const QUEUE_NUM: u64 = 0x038;
+    /// Selected queue ready.
+    pub const QUEUE_READY: u64 = 0x044;
+    /// Queue notification.
+    pub const QUEUE_NOTIFY: u64 = 0x050;
+    /// Pending interrupts.
+    pub const INTERRUPT_STATUS: u64 = 0x060;
+    /// Interrupt acknowledgement.
+    pub const INTERRUPT_ACK: u64 = 0x064;
+    /// Device status.
+    pub const STATUS: u64 = 0x070;
+    /// Descriptor table address, low 32 bits.
+    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    /// Descriptor table address, high 32 bits.
+    pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    /// Available ring address, low.
+    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    /// Available ring address, high.
+    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    /// Used ring address, low.
+    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    /// Used ring address, high.
+    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    /// Configuration generation.
+    pub const CONFIG_GENERATION: u64 = 0x0fc;
+    /// Start of the device configuration space.
+    pub const CONFIG: u64 = 0x100;
+}
+
+/// Device status bits (virtio 1.x, 2.1).
+pub mod status {
+    /// The guest noticed the device.
+    pub const ACKNOWLEDGE: u32 = 1;
+    /// The guest has a driver for it.
+    pub const DRIVER: u32 = 2;
+    /// The driver is ready.
+    pub const DRIVER_OK: u32 = 4;
+    /// Feature negotiation is complete.
+    pub const FEATURES_OK: u32 = 8;
+    /// The device hit an error it cannot recover from without a reset.
+    pub const DEVICE_NEEDS_RESET: u32 = 0x40;
+    /// The driver gave up.
+    pub const FAILED: u32 = 0x80;
+}
+
+/// Errors creating a transport.
+#[derive(Debug, thiserror::Error)]
+pub enum MmioError {
+    /// A queue could not be created with the device's size.
+    #[error("virtio device type {0}: invalid queue size")]
+    QueueSize(u32),
+    /// An eventfd could not be created.
+    #[error("creating a queue eventfd: {0}")]
+    EventFd(std::io::Error),
+}
+
+/// One device behind its virtio-mmio registers.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    queues: Vec<Queue>,
+    queue_events: Vec<EventFd>,
+    queue_sel: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    status: u32,
+    config_generation: u32,
+}
+
+impl MmioTransport {
+    /// Puts `device` behind virtio-mmio registers, interrupting through `interrupt`.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<Self, MmioError> {
+        let kind = device.device_type();
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .map(|&size| Queue::new(size).map_err(|_| MmioError::QueueSize(kind)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let queue_events = queues
+            .iter()
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).map_err(MmioError::EventFd))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            device,
+            mem,
+            interrupt,
+            queues,
+            queue_events,
+            queue_sel: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            status: 0,
+            config_generation: 0,
+        })
+    }
+
+    /// One eventfd per queue: register each as an ioeventfd on QUEUE_NOTIFY with the queue's
+    /// index as data, and wait on them in the event loop.
+    pub fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    /// The device's interrupt.
+    pub fn interrupt(&self) -> &Arc<Interrupt> {
+        &self.interrupt
+    }
+
+    /// The device behind this transport.
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
+    /// The current device status.
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    /// Processes queue `index` after a notification, if the driver made the device live.
+    pub fn process_queue(&mut self, index: usize) {
+        if self.status & status::DRIVER_OK == 0 || self.status & status::DEVICE_NEEDS_RESET != 0 {
+            return;
+        }
+        let Some(queue) = self.queues.get_mut(index) else { return };
+        if !queue.ready() {
+            return;
+        }
+        if self.device.process_queue(index, queue, &self.mem) {
+            self.interrupt.signal_used();
+        }
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        // Queues cannot be reconfigured once the driver said DRIVER_OK.
+        if self.status & status::DRIVER_OK != 0 {
+            return None;
+        }
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn reset(&mut self) {
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.status = 0;
+        self.driver_features = 0;
+        self.queue_sel = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.interrupt.ack(u32::MAX);
+    }
+
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        // Bits are only ever added (except by reset).
+        let added = value & !self.status;
+        let mut new = self.status | added;
+        if added & status::FEATURES_OK != 0 {
+            let offered = self.device.features();
+            let acceptable =
+                self.driver_features & !offered == 0 && self.driver_features & VIRTIO_F_VERSION_1 != 0;
+            if !acceptable {
+                new &= !status::FEATURES_OK;
+            }
+        }
+        if added & status::DRIVER_OK != 0 {
+            let ready_ok = self.status & status::FEATURES_OK != 0
+                && self.queues.iter().all(|q| !q.ready() || q.is_valid(&self.mem));
+            if !ready_ok {
+                new |= status::DEVICE_NEEDS_RESET;
+            }
+        }
+        self.status = new;
+    }
+
+    fn read_register(&self, offset: u64) -> u32 {
+        let queue = self.queues.get(self.queue_sel as usize);
+        match offset {
+            reg::MAGIC => MAGIC,
+            reg::VERSION => VERSION,
+            reg::DEVICE_ID => self.device.device_type(),
+            reg::VENDOR_ID => VENDOR_ID,
+            reg::DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.device.features() as u32,
+                1 => (self.device.features() >> 32) as u32,
+                _ => 0,
+            },
+            reg::QUEUE_NUM_MAX => queue.map(|q| u32::from(q.max_size())).unwrap_or(0),
+            reg::QUEUE_READY => queue.map(|q| u32::from(q.ready())).unwrap_or(0),
+            reg::INTERRUPT_STATUS => self.interrupt.status(),
+            reg::STATUS => self.status,
+            reg::CONFIG_GENERATION => self.config_generation,
+            _ => 0,
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        match offset {
+            reg::DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            reg::DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            reg::DRIVER_FEATURES => {
+                // Features are fixed once FEATURES_OK is set.
+                if self.status & status::FEATURES_OK == 0 {
+                    match self.driver_features_sel {
+                        0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value),
+                        1 => {
+                            self.driver_features =
+                                (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            reg::QUEUE_SEL => self.queue_sel = value,
+            reg::QUEUE_NUM => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_size(value as u16);
+                }
+            }
+            reg::QUEUE_READY => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(value == 1);
+                }
+            }
+            reg::QUEUE_DESC_LOW => self.with_queue(|q| q.set_desc_table_address(Some(value), None)),
+            reg::QUEUE_DESC_HIGH => self.with_queue(|q| q.set_desc_table_address(None, Some(value))),
+            reg::QUEUE_DRIVER_LOW => self.with_queue(|q| q.set_avail_ring_address(Some(value), None)),
+            reg::QUEUE_DRIVER_HIGH => self.with_queue(|q| q.set_avail_ring_address(None, Some(value))),
+            reg::QUEUE_DEVICE_LOW => self.with_queue(|q| q.set_used_ring_address(Some(value), None)),
+            reg::QUEUE_DEVICE_HIGH => self.with_queue(|q| q.set_used_ring_address(None, Some(value))),
+            reg::QUEUE_NOTIFY => {
+                // Reached only when no ioeventfd caught the write: hand it to the event loop.
+                if let Some(evt) = self.queue_events.get(value as usize) {
+                    let _ = evt.write(1);
+                }
+            }
+            reg::INTERRUPT_ACK => self.interrupt.ack(value),
+            reg::STATUS => self.set_status(value),
+            _ => {}
+        }
+    }
+
+    fn with_queue(&mut self, f: impl FnOnce(&mut Queue)) {
+        if let Some(q) = self.selected_queue() {
+            f(q);
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= reg::CONFIG {
+            self.device.read_config(offset - reg::CONFIG, data);
+            return;
+        }
+        // Registers are 32 bits wide and read whole.
+        if data.len() != 4 || offset % 4 != 0 {
+            data.fill(0);
+            return;
+        }
+        data.copy_from_slice(&self.read_register(offset).to_le_bytes());
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= reg::CONFIG {
+            self.device.write_config(offset - reg::CONFIG, data);
+            return;
+        }
+        if data.len() != 4 || offset % 4 != 0 {
+            return;
+        }
+        let value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        self.write_register(offset, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+    use crate::testing::{read32, write32, Driver, DATA};
+
+    #[test]
+    fn identifies_itself() {
+        let mut d = Driver::new(Box::new(Rng::new()));
+        let t = &mut d.transport;
+        assert_eq!(read32(t, reg::MAGIC), 0x7472_6976);
+        assert_eq!(read32(t, reg::VERSION), 2);
+        assert_eq!(read32(t, reg::DEVICE_ID), crate::device_type::RNG);
+        assert_eq!(read32(t, reg::VENDOR_ID), VENDOR_ID);
+        write32(t, reg::QUEUE_SEL, 0);
+        assert_eq!(read32(t, reg::QUEUE_NUM_MAX), 256);
+        write32(t, reg::QUEUE_SEL, 7);
+        assert_eq!(read32(t, reg::QUEUE_NUM_MAX), 0, "no such queue");
+    }
+
+    #[test]
+    fn features_ok_needs_version_1_and_only_offered_bits() {
+        let mut d = Driver::new(Box::new(Rng::new()));
+        let s = d.init_with(0);
+        assert_eq!(s & status::FEATURES_OK, 0, "legacy drivers are refused");
+        let s = d.init_with(VIRTIO_F_VERSION_1 | (1 << 20));
+        assert_eq!(s & status::FEATURES_OK, 0, "a feature the device never offered");
+        let s = d.init_with(VIRTIO_F_VERSION_1);
+        assert_eq!(s & (status::FEATURES_OK | status::DRIVER_OK), status::FEATURES_OK | status::DRIVER_OK);
+        write32(&mut d.transport, reg::STATUS, 0);
+        assert_eq!(read32(&mut d.transport, reg::STATUS), 0, "reset");
+    }
+
+    #[test]
+    fn a_queue_outside_guest_memory_needs_reset_and_is_never_used() {
+        let mut d = Driver::new(Box::new(Rng::new()));
+        let t = &mut d.transport;
+        write32(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        write32(t, reg::DRIVER_FEATURES_SEL, 1);
+        write32(t, reg::DRIVER_FEATURES, 1);
+        write32(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        write32(t, reg::QUEUE_NUM, 16);
+        write32(t, reg::QUEUE_DESC_LOW, 0xffff_f000);
+        write32(t, reg::QUEUE_DESC_HIGH, 0x7fff);
+        write32(t, reg::QUEUE_READY, 1);
+        write32(t, reg::STATUS, 0xf);
+        assert_ne!(read32(t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        t.process_queue(0); // must not touch memory
+        assert_eq!(t.interrupt().status(), 0);
+    }
+
+    #[test]
+    fn queues_are_frozen_after_driver_ok() {
+        let mut d = Driver::new(Box::new(Rng::new()));
+        d.init();
+        write32(&mut d.transport, reg::QUEUE_DESC_LOW, 0x8000);
+        write32(&mut d.transport, reg::QUEUE_READY, 0);
+        assert_eq!(read32(&mut d.transport, reg::QUEUE_READY), 1);
+        d.submit(&[(DATA, 8, true)]);
+        assert_eq!(d.used_idx(), 1, "the queue still works where it was set up");
+    }
+
+    #[test]
+    fn interrupt_status_is_set_by_completion_and_cleared_by_ack() {
+        let mut d = Driver::new(Box::new(Rng::new()));
+        d.init();
+        d.submit(&[(DATA, 8, true)]);
+        assert_eq!(read32(&mut d.transport, reg::INTERRUPT_STATUS), 1);
+        assert_eq!(d.transport.interrupt().irqfd().read().unwrap(), 1);
+        write32(&mut d.transport, reg::INTERRUPT_ACK, 1);
+        assert_eq!(read32(&mut d.transport, reg::INTERRUPT_STATUS), 0);
+    }
+
+    #[test]
+    fn odd_sized_register_accesses_are_ignored() {
+        let mut d = Driver::new(Box::new(Rng::new()));
+        let mut b = [0xffu8; 2];
+        d.transport.read(reg::MAGIC, &mut b);
+        assert_eq!(b, [0, 0]);
+        d.transport.write(reg::STATUS, &[1]);
+        d.transport.write(reg::STATUS + 1, &[1, 0, 0, 0]);
+        assert_eq!(read32(&mut d.transport, reg::STATUS), 0);
+    }
+
+    #[test]
+    fn notify_register_wakes_the_queue_event() {
+        let mut d = Driver::new(Box::new(Rng::new()));
+        write32(&mut d.transport, reg::QUEUE_NOTIFY, 0);
+        assert_eq!(d.transport.queue_events()[0].read().unwrap(), 1);
+        write32(&mut d.transport, reg::QUEUE_NOTIFY, 9); // no such queue: ignored
+    }
+}
