@@ -9,9 +9,9 @@ mkdir -p "$out"
 cflags=(-O2 -ffreestanding -fno-pic -no-pie -nostdlib -static -mno-red-zone -mgeneral-regs-only
         -fno-stack-protector -fno-asynchronous-unwind-tables -fcf-protection=none -Wall -Werror
         -Wl,--build-id=none -Wl,-z,max-page-size=4096 -Wl,-z,noexecstack -Wl,--no-warn-rwx-segments)
-gcc "${cflags[@]}" -T "$here/guest.ld" -o "$out/guest.tmp" "$here/start.S" "$here/guest.c"
+gcc "${cflags[@]}" -T "$here/guest.ld" -o "$out/guest.tmp" "$here/start.S" "$here/guest.c" "$here/virtio.c"
 gcc "${cflags[@]}" -T "$here/pvh.ld" -o "$out/pvh.tmp" "$here/pvh.S"
-gcc "${cflags[@]}" -T "$here/bz.ld" -o "$out/guest-bz.elf" "$here/bzhead.S" "$here/start.S" "$here/guest.c"
+gcc "${cflags[@]}" -T "$here/bz.ld" -o "$out/guest-bz.elf" "$here/bzhead.S" "$here/start.S" "$here/guest.c" "$here/virtio.c"
 objcopy -O binary "$out/guest-bz.elf" "$out/guest-bz.bin"
 python3 "$here/mkbzimage.py" "$out/guest-bz.bin" "$out/guest.bzImage"
 rm -f "$out/guest-bz.elf" "$out/guest-bz.bin"

@@ -3,6 +3,7 @@
  * The test to run comes from the kernel command line: "test=NAME".
  * Built freestanding: no libc, general registers only (so the compiler emits no SSE). */
 #include <stdint.h>
+#include "virtio.h"
 
 typedef uint64_t u64;
 typedef uint32_t u32;
@@ -305,6 +306,9 @@ void main(u8 *zero_page, u64 entry_rsp) {
     else if (streq(test, "echo")) test_echo();
     else if (streq(test, "pvm")) test_pvm();
     else if (streq(test, "triple-fault")) test_triple_fault();
+    else if (streq(test, "virtio-rng")) test_virtio_rng();
+    else if (streq(test, "virtio-blk")) test_virtio_blk();
+    else if (streq(test, "virtio-features")) test_virtio_features();
     else if (test[0]) { puts("guest: unknown test\n"); }
 
     if (streq(exit_how, "poweroff")) acpi_poweroff();

@@ -77,7 +77,7 @@ impl Block {
             return Err(BlockError::Locked(path.to_owned()));
         }
         let size = file.metadata().map_err(open_err)?.len();
-        if size % SECTOR_SIZE != 0 {
+        if !size.is_multiple_of(SECTOR_SIZE) {
             return Err(BlockError::Size { path: path.to_owned(), size });
         }
         let capacity_sectors = size / SECTOR_SIZE;
@@ -176,7 +176,7 @@ impl Block {
     /// The file offset of a request of `len` bytes at `sector`, if it is whole sectors within
     /// the disk and not absurdly large.
     fn range(&self, sector: u64, len: usize) -> Option<u64> {
-        if len % SECTOR_SIZE as usize != 0 || len > MAX_REQUEST_BYTES {
+        if !len.is_multiple_of(SECTOR_SIZE as usize) || len > MAX_REQUEST_BYTES {
             return None;
         }
         let end = sector.checked_add(len as u64 / SECTOR_SIZE)?;

@@ -248,18 +248,15 @@ impl MmioTransport {
         match offset {
             reg::DEVICE_FEATURES_SEL => self.device_features_sel = value,
             reg::DRIVER_FEATURES_SEL => self.driver_features_sel = value,
-            reg::DRIVER_FEATURES => {
-                // Features are fixed once FEATURES_OK is set.
-                if self.status & status::FEATURES_OK == 0 {
-                    match self.driver_features_sel {
-                        0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value),
-                        1 => {
-                            self.driver_features =
-                                (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
-                        }
-                        _ => {}
-                    }
-                }
+            // Features are fixed once FEATURES_OK is set.
+            reg::DRIVER_FEATURES if self.status & status::FEATURES_OK == 0 => {
+                let shift = match self.driver_features_sel {
+                    0 => 0,
+                    1 => 32,
+                    _ => return,
+                };
+                self.driver_features =
+                    (self.driver_features & !(0xffff_ffff << shift)) | (u64::from(value) << shift);
             }
             reg::QUEUE_SEL => self.queue_sel = value,
             reg::QUEUE_NUM => {
@@ -304,7 +301,7 @@ impl BusDevice for MmioTransport {
             return;
         }
         // Registers are 32 bits wide and read whole.
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             data.fill(0);
             return;
         }
@@ -316,7 +313,7 @@ impl BusDevice for MmioTransport {
             self.device.write_config(offset - reg::CONFIG, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             return;
         }
         let value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
