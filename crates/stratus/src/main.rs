@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use stratus_vmm::console::{self, ConsoleEnd, RawTerminal};
-use stratus_vmm::{BootSource, GuestExit, VmConfig};
+use stratus_vmm::{BootSource, DiskConfig, GuestExit, VmConfig};
 
 /// Exit status when the guest kernel panicked.
 const EXIT_GUEST_PANIC: i32 = 3;
@@ -57,6 +57,12 @@ struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     cpus: u32,
+    /// A raw disk image as a virtio block device; repeat for more (vda, vdb, ...).
+    #[arg(long = "disk", value_name = "PATH[,readonly]", value_parser = parse_disk)]
+    disks: Vec<DiskConfig>,
+    /// Give the guest a virtio entropy device (/dev/hwrng).
+    #[arg(long)]
+    rng: bool,
     /// Guest RAM, e.g. 512M or 2G.
     #[arg(long, default_value = "256M", value_parser = size::parse)]
     memory: u64,
@@ -70,6 +76,19 @@ enum ImageCommand {
         #[arg(default_value = "default")]
         name: String,
     },
+}
+
+fn parse_disk(text: &str) -> Result<DiskConfig, String> {
+    let mut parts = text.split(',');
+    let path = parts.next().filter(|p| !p.is_empty()).ok_or("--disk needs a file path")?;
+    let mut readonly = false;
+    for option in parts {
+        match option {
+            "readonly" | "ro" => readonly = true,
+            other => return Err(format!("unknown disk option '{other}' (known: readonly)")),
+        }
+    }
+    Ok(DiskConfig { path: path.into(), readonly })
 }
 
 /// Default command line for a kernel given with --kernel.
@@ -101,7 +120,7 @@ fn vm_run(args: RunArgs) -> anyhow::Result<i32> {
     if stratus_vmm::pvm::host_is_pvm() {
         boot.cmdline = format!("{} {}", boot.cmdline, stratus_vmm::pvm::GUEST_CMDLINE);
     }
-    let config = VmConfig { vcpus: args.cpus, memory: args.memory, boot };
+    let config = VmConfig { vcpus: args.cpus, memory: args.memory, boot, disks: args.disks, rng: args.rng };
     let vm = stratus_vmm::start(&config, Box::new(std::io::stdout()))?;
     let stdin = std::io::stdin();
     let terminal = RawTerminal::enable(std::os::fd::AsFd::as_fd(&stdin));

@@ -18,13 +18,21 @@ fn banner_field(console: &str, key: &str) -> u64 {
 }
 
 #[test]
-fn linux_boots_to_a_shell_with_two_cpus_and_powers_off() {
-    if !kvm_available("linux_boots_to_a_shell_with_two_cpus_and_powers_off") {
+fn linux_shell_with_two_cpus_disk_and_rng_survives_a_reboot() {
+    if !kvm_available("linux_shell_with_two_cpus_disk_and_rng_survives_a_reboot") {
         return;
     }
     ensure_default_image();
+    let disk = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("linux-disk.ext4");
+    let _ = std::fs::remove_file(&disk);
+    std::fs::File::create(&disk).unwrap().set_len(64 << 20).unwrap();
+    let status = Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&disk).status().expect("mkfs.ext4");
+    assert!(status.success());
+    let disk_arg = disk.to_str().unwrap().to_owned();
+
     let started = Instant::now();
-    let mut vm = Interactive::start(&["vm", "run", "--cpus", "2", "--memory", "256M"]);
+    let mut vm =
+        Interactive::start(&["vm", "run", "--cpus", "2", "--memory", "256M", "--disk", &disk_arg, "--rng"]);
     let pos = vm.expect("stratus# ", 0, BOOT_LIMIT);
     println!("linux: 2 vCPUs, 256 MiB: shell prompt after {:.1} s", started.elapsed().as_secs_f64());
     let console = vm.output();
@@ -36,14 +44,33 @@ fn linux_boots_to_a_shell_with_two_cpus_and_powers_off() {
     vm.send("echo answer-$((6 * 7))\n");
     let pos = vm.expect("answer-42", pos, Duration::from_secs(60));
     vm.send("cat /sys/devices/system/cpu/online\n");
-    vm.expect("0-1", pos, Duration::from_secs(60));
+    let pos = vm.expect("0-1", pos, Duration::from_secs(60));
+    // virtio-rng backs /dev/hwrng.
+    vm.send("cat /sys/class/misc/hw_random/rng_current; head -c 32 /dev/hwrng | od -An -tx1 | tr -d ' \\n' | wc -c\n");
+    let pos = vm.expect("virtio_rng", pos, Duration::from_secs(60));
+    let pos = vm.expect("64", pos, Duration::from_secs(60));
+    // The disk: mount, write, flush, unmount.
+    vm.send("mount /dev/vda /mnt && echo persisted-$((40 + 2)) > /mnt/f && sync && umount /mnt && echo disk-written\n");
+    vm.expect("disk-written", pos, Duration::from_secs(120));
     // Leaving the shell makes init power the guest off through ACPI S5.
     vm.send("exit\n");
     let out = vm.finish(Duration::from_secs(120));
     assert_eq!(out.code, Some(0), "{out:#?}");
     assert!(out.stdout.contains("stratus-guest: shell exited, powering off"), "{}", out.stdout);
     assert!(out.stderr.lines().any(|l| l == "stratus: guest powered off"), "{}", out.stderr);
-    println!("linux: whole session {:.1} s", started.elapsed().as_secs_f64());
+
+    // A new VMM on the same file, read-only this time: the data is there, writes are refused.
+    let mut vm =
+        Interactive::start(&["vm", "run", "--memory", "128M", "--disk", &format!("{disk_arg},readonly")]);
+    let pos = vm.expect("stratus# ", 0, BOOT_LIMIT);
+    vm.send("mount -o ro /dev/vda /mnt && cat /mnt/f\n");
+    let pos = vm.expect("persisted-42", pos, Duration::from_secs(120));
+    vm.send("cat /sys/block/vda/ro; echo x > /dev/vda || echo write-refused\n");
+    vm.expect("write-refused", pos, Duration::from_secs(60));
+    vm.send("exit\n");
+    let out = vm.finish(Duration::from_secs(120));
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    println!("linux: both sessions {:.1} s", started.elapsed().as_secs_f64());
 }
 
 #[test]

@@ -229,3 +229,109 @@ fn a_host_without_kvm_is_named() {
     );
     assert_one_line_error(&out, "no /dev/kvm: this host has no KVM");
 }
+
+fn blank_disk(name: &str, sector0: &[u8]) -> std::path::PathBuf {
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let mut content = vec![0u8; 1 << 20];
+    content[..sector0.len()].copy_from_slice(sector0);
+    std::fs::write(&path, content).unwrap();
+    path
+}
+
+#[test]
+fn virtio_rng_hands_out_fresh_bytes() {
+    if !kvm_available("virtio_rng_hands_out_fresh_bytes") {
+        return;
+    }
+    let out = run_guest("test=virtio-rng", &["--rng"]);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert_eq!(field(&out.stdout, "features_ok"), "1");
+    assert_eq!(field(&out.stdout, "len"), "64");
+    assert_eq!(field(&out.stdout, "nonzero"), "1");
+    assert!(field(&out.stdout, "distinct").parse::<u32>().unwrap() > 20, "{}", out.stdout);
+    assert_eq!(field(&out.stdout, "second_differs"), "1");
+    assert_eq!(field(&out.stdout, "isr"), "0x1", "used-buffer interrupt bit");
+    assert_eq!(field(&out.stdout, "isr_after_ack"), "0x0");
+}
+
+#[test]
+fn virtio_feature_negotiation_needs_version_1() {
+    if !kvm_available("virtio_feature_negotiation_needs_version_1") {
+        return;
+    }
+    let out = run_guest("test=virtio-features", &["--rng"]);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert_eq!(field(&out.stdout, "device_id"), "4");
+    assert_eq!(field(&out.stdout, "version"), "2");
+    assert_eq!(field(&out.stdout, "without_version_1_features_ok"), "0");
+    assert_eq!(field(&out.stdout, "status_after_reset"), "0x0");
+    assert_eq!(field(&out.stdout, "with_version_1_features_ok"), "1");
+    let none = run_guest("test=virtio-features", &[]);
+    assert!(none.stdout.contains("virtio: no device"), "{}", none.stdout);
+}
+
+#[test]
+fn virtio_blk_reads_writes_and_flushes_the_file() {
+    if !kvm_available("virtio_blk_reads_writes_and_flushes_the_file") {
+        return;
+    }
+    let disk = blank_disk("rw.img", b"written by host!");
+    let out = run_guest("test=virtio-blk", &["--disk", disk.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert_eq!(field(&out.stdout, "capacity"), "2048");
+    assert_eq!(field(&out.stdout, "ro"), "0");
+    assert_eq!(field(&out.stdout, "flush"), "1");
+    assert!(out.stdout.contains("sector0=written by host!"), "{}", out.stdout);
+    assert_eq!(field(&out.stdout, "write_status"), "0");
+    assert_eq!(field(&out.stdout, "flush_status"), "0");
+    assert_eq!(field(&out.stdout, "readback"), "1");
+    assert_eq!(field(&out.stdout, "last_status"), "0");
+    assert_eq!(field(&out.stdout, "past_end_status"), "1", "IOERR past the end, and the VMM lives");
+    assert_eq!(field(&out.stdout, "isr_all_set"), "1");
+    // The guest's write is in the file on the host.
+    let file = std::fs::read(&disk).unwrap();
+    let expected: Vec<u8> = (0..512u32).map(|i| ((i * 7 + 3) & 0xff) as u8).collect();
+    assert_eq!(&file[512..1024], &expected[..]);
+}
+
+#[test]
+fn virtio_blk_readonly_refuses_writes() {
+    if !kvm_available("virtio_blk_readonly_refuses_writes") {
+        return;
+    }
+    let disk = blank_disk("ro.img", b"read-only disk..");
+    let before = std::fs::read(&disk).unwrap();
+    let arg = format!("{},readonly", disk.to_str().unwrap());
+    let out = run_guest("test=virtio-blk", &["--disk", &arg]);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert_eq!(field(&out.stdout, "ro"), "1");
+    assert_eq!(field(&out.stdout, "write_status"), "1", "IOERR, not a crash");
+    assert_eq!(field(&out.stdout, "readback"), "0");
+    assert_eq!(std::fs::read(&disk).unwrap(), before, "the file is untouched");
+}
+
+#[test]
+fn disk_errors_are_one_clear_line() {
+    if !kvm_available("disk_errors_are_one_clear_line") {
+        return;
+    }
+    let t = std::time::Duration::from_secs(30);
+    let guest = guests().guest.to_str().unwrap().to_owned();
+    let out = stratus(&["vm", "run", "--kernel", &guest, "--disk", "/nonexistent/disk.img"], b"", t);
+    assert_one_line_error(&out, "disk /nonexistent/disk.img: No such file or directory");
+
+    let out = stratus(&["vm", "run", "--kernel", &guest, "--disk", "/tmp/x.img,fast"], b"", t);
+    assert_eq!(out.code, Some(2), "{out:#?}");
+    assert!(out.stderr.contains("unknown disk option 'fast'"), "{}", out.stderr);
+
+    // A disk held by a running VMM is refused by a second one.
+    let disk = blank_disk("locked.img", b"");
+    let disk_arg = disk.to_str().unwrap().to_owned();
+    let mut holder =
+        Interactive::start(&["vm", "run", "--kernel", &guest, "--cmdline", "test=echo", "--disk", &disk_arg]);
+    holder.expect("ready", 0, t);
+    let out = stratus(&["vm", "run", "--kernel", &guest, "--disk", &disk_arg], b"", t);
+    assert_one_line_error(&out, "is in use by another VMM");
+    holder.send("bye\n");
+    assert_eq!(holder.finish(t).code, Some(0));
+}

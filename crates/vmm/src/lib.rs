@@ -6,6 +6,7 @@
 //! `pvm` completes the instructions KVM's emulator cannot.
 
 pub mod console;
+pub mod event_loop;
 pub mod kvm;
 pub mod loader;
 pub mod memory;
@@ -15,4 +16,4 @@ pub mod vm;
 
 pub use loader::BootSource;
 pub use stratus_devices::GuestExit;
-pub use vm::{start, RunningVm, VmConfig, VmError};
+pub use vm::{start, DiskConfig, RunningVm, VmConfig, VmError};

@@ -100,9 +100,14 @@ fn read_setup_header(file: &mut File, path: &Path) -> Result<Vec<u8>, LoadError>
     Ok(head[0x1f1..end.max(0x1f1)].to_vec())
 }
 
-/// Loads everything for `source` into `mem` for a VM of `vcpus` CPUs and returns how the boot
-/// CPU enters the kernel.
-pub fn load(mem: &GuestMemoryMmap, source: &BootSource, vcpus: u32) -> Result<EntryMode, LoadError> {
+/// Loads everything for `source` into `mem` for a VM of `vcpus` CPUs whose ACPI tables name the
+/// `virtio` devices, and returns how the boot CPU enters the kernel.
+pub fn load(
+    mem: &GuestMemoryMmap,
+    source: &BootSource,
+    vcpus: u32,
+    virtio: &[stratus_arch::acpi::VirtioMmioDevice],
+) -> Result<EntryMode, LoadError> {
     let mut kernel = open(&source.kernel)?;
     let format = detect_format(&mut kernel, &source.kernel)?;
     let kernel_err = |e: linux_loader::loader::Error| LoadError::Kernel {
@@ -136,7 +141,7 @@ pub fn load(mem: &GuestMemoryMmap, source: &BootSource, vcpus: u32) -> Result<En
         None => None,
     };
 
-    let acpi = stratus_arch::acpi::build(ACPI_START, vcpus, &[])?;
+    let acpi = stratus_arch::acpi::build(ACPI_START, vcpus, virtio)?;
     mem.write_slice(&acpi.bytes, GuestAddress(acpi.base))?;
 
     let mem_size: u64 = mem.iter().map(|r| r.len()).sum();

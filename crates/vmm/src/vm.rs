@@ -8,13 +8,18 @@ use std::thread::JoinHandle;
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{IoEventAddress, VmFd};
+use stratus_arch::acpi::VirtioMmioDevice;
 use stratus_arch::layout::*;
 use stratus_devices::acpi_pm::AcpiPowerManagement;
 use stratus_devices::i8042::I8042;
 use stratus_devices::pvpanic::PvPanic;
 use stratus_devices::serial::Serial;
 use stratus_devices::{Bus, ExitSignal};
+use stratus_virtio::block::Block;
+use stratus_virtio::mmio::MmioTransport;
+use stratus_virtio::rng::Rng;
+use stratus_virtio::{Interrupt, VirtioDevice};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -27,6 +32,15 @@ use crate::vcpu::{Vcpu, VcpuError};
 /// The most vCPUs a VM may have (8-bit xAPIC ids in the MADT, and a sane bound).
 pub const MAX_VCPUS: u32 = 64;
 
+/// A disk given to the guest as a virtio block device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The raw disk image file.
+    pub path: std::path::PathBuf,
+    /// Refuse guest writes.
+    pub readonly: bool,
+}
+
 /// What a VM is made of.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -36,7 +50,14 @@ pub struct VmConfig {
     pub memory: u64,
     /// Kernel, initrd, command line.
     pub boot: BootSource,
+    /// Disks, in the order the guest sees them (vda, vdb, ...).
+    pub disks: Vec<DiskConfig>,
+    /// Whether the guest gets a virtio entropy device.
+    pub rng: bool,
 }
+
+/// The most virtio devices a VM may have: one IOAPIC pin each from GSI 5 to 23.
+pub const MAX_VIRTIO_DEVICES: usize = 19;
 
 /// Errors building or starting a VM.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +93,15 @@ pub enum VmError {
     /// The vCPU count is out of range.
     #[error("--cpus {0}: a VM has between 1 and {MAX_VCPUS} vCPUs")]
     VcpuCount(u32),
+    /// A disk could not be opened.
+    #[error(transparent)]
+    Disk(#[from] stratus_virtio::block::BlockError),
+    /// A virtio transport could not be set up.
+    #[error(transparent)]
+    Virtio(#[from] stratus_virtio::mmio::MmioError),
+    /// Too many devices.
+    #[error("{0} virtio devices: a VM has at most {MAX_VIRTIO_DEVICES}")]
+    TooManyDevices(usize),
 }
 
 fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -87,8 +117,52 @@ pub struct RunningVm {
     /// PVM completions, when the profile is on.
     pub pvm: Option<Arc<pvm::Counters>>,
     _vcpu_threads: Vec<JoinHandle<()>>,
+    _event_loop: Option<JoinHandle<()>>,
     _vm: VmFd,
     _mem: GuestMemoryMmap,
+}
+
+/// Where virtio device `index` lives: its MMIO window and its GSI.
+fn virtio_slot(index: usize) -> VirtioMmioDevice {
+    VirtioMmioDevice {
+        base: VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE,
+        size: VIRTIO_MMIO_SIZE,
+        irq: VIRTIO_IRQ_BASE + index as u32,
+    }
+}
+
+/// Creates the configured virtio devices behind their transports, with interrupts (irqfd) and
+/// queue notifications (ioeventfd) wired into KVM.
+fn virtio_devices(
+    config: &VmConfig,
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+) -> Result<Vec<Arc<Mutex<MmioTransport>>>, VmError> {
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    for disk in &config.disks {
+        devices.push(Box::new(Block::open(&disk.path, disk.readonly)?));
+    }
+    if config.rng {
+        devices.push(Box::new(Rng::new()));
+    }
+    if devices.len() > MAX_VIRTIO_DEVICES {
+        return Err(VmError::TooManyDevices(devices.len()));
+    }
+    let mut transports = Vec::with_capacity(devices.len());
+    for (index, device) in devices.into_iter().enumerate() {
+        let slot = virtio_slot(index);
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|source| VmError::Os { what: "creating an eventfd", source })?;
+        vm.register_irqfd(&irqfd, slot.irq).map_err(kvm_call("wiring a virtio interrupt"))?;
+        let transport = MmioTransport::new(device, mem.clone(), Arc::new(Interrupt::new(irqfd)))?;
+        for (queue, evt) in transport.queue_events().iter().enumerate() {
+            let notify = IoEventAddress::Mmio(slot.base + stratus_virtio::mmio::reg::QUEUE_NOTIFY);
+            vm.register_ioevent(evt, &notify, queue as u32)
+                .map_err(kvm_call("wiring a virtio queue notification"))?;
+        }
+        transports.push(Arc::new(Mutex::new(transport)));
+    }
+    Ok(transports)
 }
 
 /// Builds the VM described by `config` and starts its vCPUs; guest serial output goes to
@@ -117,7 +191,9 @@ pub fn start(config: &VmConfig, console_out: Box<dyn Write + Send>) -> Result<Ru
     let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
     vm.create_pit2(pit).map_err(kvm_call("creating the PIT"))?;
 
-    let entry = crate::loader::load(&mem, &config.boot, config.vcpus)?;
+    let transports = virtio_devices(config, &vm, &mem)?;
+    let acpi_devices: Vec<VirtioMmioDevice> = (0..transports.len()).map(virtio_slot).collect();
+    let entry = crate::loader::load(&mem, &config.boot, config.vcpus, &acpi_devices)?;
 
     let exit = Arc::new(
         ExitSignal::new().map_err(|source| VmError::Os { what: "creating the exit event", source })?,
@@ -137,7 +213,13 @@ pub fn start(config: &VmConfig, console_out: Box<dyn Write + Send>) -> Result<Ru
     pio.insert(Arc::new(Mutex::new(PvPanic::new(exit.clone()))), u64::from(PVPANIC_PORT), 1)
         .map_err(bus_err)?;
     let pio = Arc::new(pio);
-    let mmio = Arc::new(Bus::new());
+    let mut mmio = Bus::new();
+    for (slot, transport) in acpi_devices.iter().zip(&transports) {
+        mmio.insert(transport.clone(), slot.base, slot.size).map_err(bus_err)?;
+    }
+    let mmio = Arc::new(mmio);
+    let event_loop = crate::event_loop::spawn(transports)
+        .map_err(|source| VmError::Os { what: "starting the device event loop", source })?;
 
     let pvm_counters = (flavor == KvmFlavor::Pvm).then(|| Arc::new(pvm::Counters::default()));
     let cpuid =
@@ -167,5 +249,13 @@ pub fn start(config: &VmConfig, console_out: Box<dyn Write + Send>) -> Result<Ru
             .map_err(|source| VmError::Os { what: "starting a vCPU thread", source })?;
         threads.push(handle);
     }
-    Ok(RunningVm { exit, serial, pvm: pvm_counters, _vcpu_threads: threads, _vm: vm, _mem: mem })
+    Ok(RunningVm {
+        exit,
+        serial,
+        pvm: pvm_counters,
+        _vcpu_threads: threads,
+        _event_loop: event_loop,
+        _vm: vm,
+        _mem: mem,
+    })
 }
