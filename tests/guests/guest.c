@@ -309,6 +309,7 @@ void main(u8 *zero_page, u64 entry_rsp) {
     else if (streq(test, "virtio-rng")) test_virtio_rng();
     else if (streq(test, "virtio-blk")) test_virtio_blk();
     else if (streq(test, "virtio-features")) test_virtio_features();
+    else if (streq(test, "virtio-net")) test_virtio_net();
     else if (test[0]) { puts("guest: unknown test\n"); }
 
     if (streq(exit_how, "poweroff")) acpi_poweroff();

@@ -5,5 +5,6 @@
 void test_virtio_rng(void);
 void test_virtio_blk(void);
 void test_virtio_features(void);
+void test_virtio_net(void);
 
 #endif

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use stratus_vmm::console::{self, ConsoleEnd, RawTerminal};
-use stratus_vmm::{BootSource, DiskConfig, GuestExit, VmConfig};
+use stratus_vmm::{BootSource, DiskConfig, GuestExit, NetConfig, VmConfig};
 
 /// Exit status when the guest kernel panicked.
 const EXIT_GUEST_PANIC: i32 = 3;
@@ -60,6 +60,9 @@ struct RunArgs {
     /// A raw disk image as a virtio block device; repeat for more (vda, vdb, ...).
     #[arg(long = "disk", value_name = "PATH[,readonly]", value_parser = parse_disk)]
     disks: Vec<DiskConfig>,
+    /// A network card on an existing tap device; repeat for more (eth0, eth1, ...).
+    #[arg(long = "net", value_name = "tap=NAME[,mac=52:54:00:..]", value_parser = parse_net)]
+    nets: Vec<NetConfig>,
     /// Give the guest a virtio entropy device (/dev/hwrng).
     #[arg(long)]
     rng: bool,
@@ -91,6 +94,25 @@ fn parse_disk(text: &str) -> Result<DiskConfig, String> {
     Ok(DiskConfig { path: path.into(), readonly })
 }
 
+fn parse_net(text: &str) -> Result<NetConfig, String> {
+    let mut tap = None;
+    let mut mac = None;
+    for option in text.split(',') {
+        match option.split_once('=') {
+            Some(("tap", name)) if !name.is_empty() => tap = Some(name.to_owned()),
+            Some(("mac", value)) => {
+                mac = Some(
+                    stratus_vmm::parse_mac(value)
+                        .ok_or_else(|| format!("'{value}' is not a MAC address (like 52:54:00:12:34:56)"))?,
+                )
+            }
+            _ => return Err(format!("unknown network option '{option}' (known: tap=NAME, mac=ADDRESS)")),
+        }
+    }
+    let tap = tap.ok_or("--net needs tap=NAME")?;
+    Ok(NetConfig { tap, mac })
+}
+
 /// Default command line for a kernel given with --kernel.
 const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=1";
 
@@ -120,7 +142,14 @@ fn vm_run(args: RunArgs) -> anyhow::Result<i32> {
     if stratus_vmm::pvm::host_is_pvm() {
         boot.cmdline = format!("{} {}", boot.cmdline, stratus_vmm::pvm::GUEST_CMDLINE);
     }
-    let config = VmConfig { vcpus: args.cpus, memory: args.memory, boot, disks: args.disks, rng: args.rng };
+    let config = VmConfig {
+        vcpus: args.cpus,
+        memory: args.memory,
+        boot,
+        disks: args.disks,
+        nets: args.nets,
+        rng: args.rng,
+    };
     let vm = stratus_vmm::start(&config, Box::new(std::io::stdout()))?;
     let stdin = std::io::stdin();
     let terminal = RawTerminal::enable(std::os::fd::AsFd::as_fd(&stdin));

@@ -335,3 +335,107 @@ fn disk_errors_are_one_clear_line() {
     holder.send("bye\n");
     assert_eq!(holder.finish(t).code, Some(0));
 }
+
+/// Waits on `tap` (in the caller's namespace) for the guest's frame of ethertype 0x88b5 and
+/// answers it; returns (source MAC, payload) of what it received.
+fn answer_one_frame(tap: &str) -> Result<([u8; 6], String), String> {
+    const ETH_P: u16 = 0x88b5;
+    // SAFETY: plain socket calls with valid, initialised arguments; the fd is closed below.
+    unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(ETH_P.to_be()));
+        if fd < 0 {
+            return Err(format!("AF_PACKET socket: {}", std::io::Error::last_os_error()));
+        }
+        let name = std::ffi::CString::new(tap).unwrap();
+        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = ETH_P.to_be();
+        addr.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
+        let len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+        if libc::bind(fd, (&addr as *const libc::sockaddr_ll).cast(), len) != 0 {
+            return Err(format!("bind: {}", std::io::Error::last_os_error()));
+        }
+        let timeout = libc::timeval { tv_sec: 30, tv_usec: 0 };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            16,
+        );
+        let mut frame = [0u8; 2048];
+        let n = libc::recv(fd, frame.as_mut_ptr().cast(), frame.len(), 0);
+        if n < 14 {
+            libc::close(fd);
+            return Err(format!("no frame from the guest: {}", std::io::Error::last_os_error()));
+        }
+        let src: [u8; 6] = frame[6..12].try_into().unwrap();
+        let payload = String::from_utf8_lossy(&frame[14..n as usize]).trim_end_matches('\0').to_owned();
+        let mut reply = Vec::new();
+        reply.extend_from_slice(&src);
+        reply.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+        reply.extend_from_slice(&ETH_P.to_be_bytes());
+        let mut body = b"stratus-host-reply".to_vec();
+        body.resize(46, 0);
+        reply.extend_from_slice(&body);
+        libc::send(fd, reply.as_ptr().cast(), reply.len(), 0);
+        libc::close(fd);
+        Ok((src, payload))
+    }
+}
+
+#[test]
+fn virtio_net_frames_cross_the_tap_both_ways() {
+    if !kvm_available("virtio_net_frames_cross_the_tap_both_ways") {
+        return;
+    }
+    let Some(net) = TestNet::create(1, "virtio_net_frames_cross_the_tap_both_ways") else { return };
+    let tap = net.tap.clone();
+    let responder = net.spawn_within(move || answer_one_frame(&tap));
+    let guest = guests().guest.to_str().unwrap().to_owned();
+    let net_arg = format!("tap={},mac=52:54:00:12:34:56", net.tap);
+    let args = net.stratus_args(&[
+        "vm",
+        "run",
+        "--kernel",
+        &guest,
+        "--cmdline",
+        "test=virtio-net",
+        "--net",
+        &net_arg,
+    ]);
+    let out =
+        stratus_cmd(std::process::Command::new("ip").args(&args), b"", std::time::Duration::from_secs(60));
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(out.stdout.contains("virtio-net: mac=52:54:00:12:34:56 features_ok=1"), "{}", out.stdout);
+    assert_eq!(field(&out.stdout, "tx_done"), "1");
+    assert_eq!(field(&out.stdout, "ethertype"), "0x88b5");
+    assert_eq!(field(&out.stdout, "payload"), "stratus-host-reply");
+    assert_eq!(field(&out.stdout, "rx_from"), "02:00:00:00:00:01");
+    let (src, payload) = responder.join().unwrap().expect("the host saw the guest's frame");
+    assert_eq!(src, [0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+    assert_eq!(payload, "stratus-guest-hello");
+}
+
+#[test]
+fn network_errors_are_one_clear_line() {
+    if !kvm_available("network_errors_are_one_clear_line") {
+        return;
+    }
+    let t = std::time::Duration::from_secs(30);
+    let guest = guests().guest.to_str().unwrap().to_owned();
+    let out = stratus(&["vm", "run", "--kernel", &guest, "--net", "tap=stratus-absent0"], b"", t);
+    assert_one_line_error(
+        &out,
+        "tap device stratus-absent0 does not exist (create it with: ip tuntap add stratus-absent0 mode tap)",
+    );
+    for (arg, needle) in [
+        ("tap=x,mac=zz", "is not a MAC address"),
+        ("mac=52:54:00:00:00:01", "--net needs tap=NAME"),
+        ("tap=x,speed=9", "unknown network option"),
+    ] {
+        let out = stratus(&["vm", "run", "--kernel", &guest, "--net", arg], b"", t);
+        assert_eq!(out.code, Some(2), "{arg}: {out:#?}");
+        assert!(out.stderr.contains(needle), "{arg}: {}", out.stderr);
+    }
+}

@@ -9,10 +9,12 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use crate::{device_type, read_config_bytes, DeviceCounters, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::{
+    available_chains, device_type, read_config_bytes, DeviceCounters, VirtioDevice, VIRTIO_F_VERSION_1,
+};
 
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;
@@ -214,16 +216,9 @@ impl VirtioDevice for Block {
         read_config_bytes(&self.config, offset, data);
     }
 
-    fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let chains: Vec<_> = match queue.iter(mem) {
-            Ok(iter) => iter.collect(),
-            Err(_) => {
-                if self.counters.reject() {
-                    eprintln!("[stratus] virtio-blk: the guest's available ring is invalid (logged once)");
-                }
-                return false;
-            }
-        };
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        let Some(queue) = queues.get_mut(index) else { return false };
+        let chains = available_chains(queue, mem, &self.counters, "virtio-blk");
         let mut used_any = false;
         for chain in chains {
             let head = chain.head_index();

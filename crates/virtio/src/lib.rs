@@ -9,7 +9,9 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod rng;
+pub mod tap;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -22,6 +24,8 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
 /// virtio device type ids (virtio 1.x, section 5).
 pub mod device_type {
+    /// Network card.
+    pub const NET: u32 = 1;
     /// Block device.
     pub const BLOCK: u32 = 2;
     /// Entropy source.
@@ -95,15 +99,47 @@ pub trait VirtioDevice: Send {
     fn queue_max_sizes(&self) -> &[u16];
     /// Feature bits the device offers (VERSION_1 included).
     fn features(&self) -> u64;
+    /// The driver settled on `features` (a subset of `features()`, VERSION_1 included).
+    fn ack_features(&mut self, _features: u64) {}
     /// Reads the device configuration space.
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device configuration space (most devices ignore it).
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-    /// Handles available buffers on queue `index`; returns true if used buffers were added
-    /// (the transport then interrupts the driver).
-    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
+    /// Handles the driver's notification of queue `index` (all queues are passed: a kick on
+    /// one may let work on another go on); returns true if used buffers were added (the
+    /// transport then interrupts the driver).
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool;
+    /// Host-side descriptors the device waits on (a tap, a socket), watched edge-triggered by
+    /// the event loop: the device must consume until it would block, or remember to resume.
+    fn host_fds(&self) -> Vec<std::os::fd::RawFd> {
+        Vec::new()
+    }
+    /// `host_fds()[index]` became ready; returns true if used buffers were added.
+    fn process_host_event(&mut self, _index: usize, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> bool {
+        false
+    }
     /// The device's counters.
     fn counters(&self) -> &DeviceCounters;
+}
+
+/// Takes every chain the driver made available. An available ring that cannot be read (an
+/// index beyond the queue, memory outside the guest) gives nothing, and is counted and logged
+/// once as the driver's error.
+pub fn available_chains<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+    counters: &DeviceCounters,
+    device: &str,
+) -> Vec<virtio_queue::DescriptorChain<&'m GuestMemoryMmap>> {
+    match virtio_queue::QueueOwnedT::iter(queue, mem) {
+        Ok(iter) => iter.collect(),
+        Err(_) => {
+            if counters.reject() {
+                eprintln!("[stratus] {device}: the guest's available ring is invalid (logged once)");
+            }
+            Vec::new()
+        }
+    }
 }
 
 /// Copies `value`'s little-endian bytes at `offset` of a configuration space into `data`;

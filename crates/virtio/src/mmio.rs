@@ -168,11 +168,21 @@ impl MmioTransport {
         if self.status & status::DRIVER_OK == 0 || self.status & status::DEVICE_NEEDS_RESET != 0 {
             return;
         }
-        let Some(queue) = self.queues.get_mut(index) else { return };
-        if !queue.ready() {
+        if !self.queues.get(index).is_some_and(|q| q.ready()) {
             return;
         }
-        if self.device.process_queue(index, queue, &self.mem) {
+        if self.device.process_queue(index, &mut self.queues, &self.mem) {
+            self.interrupt.signal_used();
+        }
+    }
+
+    /// Lets the device handle readiness of its host descriptor `index` (see
+    /// `VirtioDevice::host_fds`), once the driver made the device live.
+    pub fn process_host_event(&mut self, index: usize) {
+        if self.status & status::DRIVER_OK == 0 || self.status & status::DEVICE_NEEDS_RESET != 0 {
+            return;
+        }
+        if self.device.process_host_event(index, &mut self.queues, &self.mem) {
             self.interrupt.signal_used();
         }
     }
@@ -209,7 +219,9 @@ impl MmioTransport {
             let offered = self.device.features();
             let acceptable =
                 self.driver_features & !offered == 0 && self.driver_features & VIRTIO_F_VERSION_1 != 0;
-            if !acceptable {
+            if acceptable {
+                self.device.ack_features(self.driver_features);
+            } else {
                 new &= !status::FEATURES_OK;
             }
         }

@@ -3,10 +3,10 @@
 
 use std::sync::atomic::Ordering;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use crate::{device_type, DeviceCounters, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::{available_chains, device_type, DeviceCounters, VirtioDevice, VIRTIO_F_VERSION_1};
 
 /// Most bytes handed out per request: a guest cannot make one request drain the host's RNG
 /// into gigabytes of its memory.
@@ -58,17 +58,10 @@ impl VirtioDevice for Rng {
         data.fill(0);
     }
 
-    fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        let Some(queue) = queues.get_mut(index) else { return false };
         let mut used_any = false;
-        let chains: Vec<_> = match queue.iter(mem) {
-            Ok(iter) => iter.collect(),
-            Err(_) => {
-                if self.counters.reject() {
-                    eprintln!("[stratus] virtio-rng: the guest's available ring is invalid (logged once)");
-                }
-                return false;
-            }
-        };
+        let chains = available_chains(queue, mem, &self.counters, "virtio-rng");
         for chain in chains {
             let head = chain.head_index();
             let mut written = 0u32;

@@ -25,6 +25,7 @@ pub struct Driver {
     pub mem: GuestMemoryMmap,
     pub transport: MmioTransport,
     avail_idx: u16,
+    queues: u32,
 }
 
 pub fn write32(t: &mut MmioTransport, offset: u64, value: u32) {
@@ -43,7 +44,7 @@ impl Driver {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
         let transport = MmioTransport::new(device, mem.clone(), interrupt).unwrap();
-        Self { mem, transport, avail_idx: 0 }
+        Self { mem, transport, avail_idx: 0, queues: 1 }
     }
 
     /// Negotiates `features` and sets up queue 0; returns the final status register.
@@ -60,21 +61,30 @@ impl Driver {
         if read32(t, reg::STATUS) & status::FEATURES_OK == 0 {
             return read32(t, reg::STATUS);
         }
-        write32(t, reg::QUEUE_SEL, 0);
-        write32(t, reg::QUEUE_NUM, u32::from(QUEUE_SIZE));
-        write32(t, reg::QUEUE_DESC_LOW, DESC as u32);
-        write32(t, reg::QUEUE_DESC_HIGH, 0);
-        write32(t, reg::QUEUE_DRIVER_LOW, AVAIL as u32);
-        write32(t, reg::QUEUE_DRIVER_HIGH, 0);
-        write32(t, reg::QUEUE_DEVICE_LOW, USED as u32);
-        write32(t, reg::QUEUE_DEVICE_HIGH, 0);
-        write32(t, reg::QUEUE_READY, 1);
+        for queue in 0..self.queues {
+            // Every queue shares the one ring layout: tests drive one queue at a time.
+            write32(t, reg::QUEUE_SEL, queue);
+            write32(t, reg::QUEUE_NUM, u32::from(QUEUE_SIZE));
+            write32(t, reg::QUEUE_DESC_LOW, DESC as u32);
+            write32(t, reg::QUEUE_DESC_HIGH, 0);
+            write32(t, reg::QUEUE_DRIVER_LOW, AVAIL as u32);
+            write32(t, reg::QUEUE_DRIVER_HIGH, 0);
+            write32(t, reg::QUEUE_DEVICE_LOW, USED as u32);
+            write32(t, reg::QUEUE_DEVICE_HIGH, 0);
+            write32(t, reg::QUEUE_READY, 1);
+        }
         write32(
             t,
             reg::STATUS,
             status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
         );
         read32(t, reg::STATUS)
+    }
+
+    /// Initialises `queues` queues (all on the same rings) with every offered feature.
+    pub fn init_queues(&mut self, queues: u32) {
+        self.queues = queues;
+        self.init();
     }
 
     /// Initialises with every feature the device offers.
@@ -140,6 +150,11 @@ impl Driver {
     /// or near guest memory, sometimes anywhere) and processes the queue. Returns how many
     /// used entries the device added.
     pub fn fuzz_round(&mut self, state: &mut u64) -> u16 {
+        self.fuzz_round_on(state, 0)
+    }
+
+    /// `fuzz_round`, kicking queue `queue`.
+    pub fn fuzz_round_on(&mut self, state: &mut u64, queue: usize) -> u16 {
         for i in 0..QUEUE_SIZE {
             let r = Self::rand(state);
             let addr = match r % 4 {
@@ -165,7 +180,7 @@ impl Driver {
             self.avail_idx = self.avail_idx.wrapping_add(1);
         }
         self.mem.write_obj(self.avail_idx, GuestAddress(AVAIL + 2)).unwrap();
-        self.transport.process_queue(0);
+        self.transport.process_queue(queue);
         self.used_idx().wrapping_sub(before)
     }
 }

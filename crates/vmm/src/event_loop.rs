@@ -11,6 +11,9 @@ use stratus_devices::bus::lock;
 use stratus_virtio::mmio::MmioTransport;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
+/// Token bit marking a device's host descriptor rather than a queue.
+const HOST_FD: u64 = 0x8000;
+
 /// Starts the event loop for `transports`; it runs for the life of the VMM process.
 pub fn spawn(transports: Vec<Arc<Mutex<MmioTransport>>>) -> std::io::Result<Option<JoinHandle<()>>> {
     if transports.is_empty() {
@@ -22,6 +25,16 @@ pub fn spawn(transports: Vec<Arc<Mutex<MmioTransport>>>) -> std::io::Result<Opti
         for (queue, evt) in t.queue_events().iter().enumerate() {
             let token = ((dev as u64) << 16) | queue as u64;
             epoll.ctl(ControlOperation::Add, evt.as_raw_fd(), EpollEvent::new(EventSet::IN, token))?;
+        }
+        // Host sides (a tap) are edge-triggered: the device reads until it would block, or
+        // until the guest has no buffers left and a queue kick resumes it.
+        for (index, fd) in t.device().host_fds().into_iter().enumerate() {
+            let token = ((dev as u64) << 16) | HOST_FD | index as u64;
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, token),
+            )?;
         }
     }
     let handle =
@@ -38,9 +51,14 @@ pub fn spawn(transports: Vec<Arc<Mutex<MmioTransport>>>) -> std::io::Result<Opti
                 };
                 for event in &events[..n] {
                     let token = event.data();
-                    let (dev, queue) = ((token >> 16) as usize, (token & 0xffff) as usize);
+                    let dev = (token >> 16) as usize;
                     let Some(transport) = transports.get(dev) else { continue };
                     let mut t = lock(transport);
+                    if token & HOST_FD != 0 {
+                        t.process_host_event((token & !HOST_FD & 0xffff) as usize);
+                        continue;
+                    }
+                    let queue = (token & 0xffff) as usize;
                     // Drain the counter first: kicks arriving while we process wake us again.
                     if let Some(evt) = t.queue_events().get(queue) {
                         let _ = evt.read();

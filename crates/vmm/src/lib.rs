@@ -16,4 +16,5 @@ pub mod vm;
 
 pub use loader::BootSource;
 pub use stratus_devices::GuestExit;
-pub use vm::{start, DiskConfig, RunningVm, VmConfig, VmError};
+pub use stratus_virtio::net::parse_mac;
+pub use vm::{start, DiskConfig, NetConfig, RunningVm, VmConfig, VmError};

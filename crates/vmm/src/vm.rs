@@ -18,7 +18,9 @@ use stratus_devices::serial::Serial;
 use stratus_devices::{Bus, ExitSignal};
 use stratus_virtio::block::Block;
 use stratus_virtio::mmio::MmioTransport;
+use stratus_virtio::net::Net;
 use stratus_virtio::rng::Rng;
+use stratus_virtio::tap::Tap;
 use stratus_virtio::{Interrupt, VirtioDevice};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -52,8 +54,19 @@ pub struct VmConfig {
     pub boot: BootSource,
     /// Disks, in the order the guest sees them (vda, vdb, ...).
     pub disks: Vec<DiskConfig>,
+    /// Network cards, in the order the guest sees them (eth0, eth1, ...).
+    pub nets: Vec<NetConfig>,
     /// Whether the guest gets a virtio entropy device.
     pub rng: bool,
+}
+
+/// A network card on a host tap device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The existing tap interface.
+    pub tap: String,
+    /// The card's address; a random 52:54:00 one when absent.
+    pub mac: Option<stratus_virtio::net::Mac>,
 }
 
 /// The most virtio devices a VM may have: one IOAPIC pin each from GSI 5 to 23.
@@ -96,6 +109,9 @@ pub enum VmError {
     /// A disk could not be opened.
     #[error(transparent)]
     Disk(#[from] stratus_virtio::block::BlockError),
+    /// A tap device could not be used.
+    #[error(transparent)]
+    Tap(#[from] stratus_virtio::tap::TapError),
     /// A virtio transport could not be set up.
     #[error(transparent)]
     Virtio(#[from] stratus_virtio::mmio::MmioError),
@@ -141,6 +157,10 @@ fn virtio_devices(
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for disk in &config.disks {
         devices.push(Box::new(Block::open(&disk.path, disk.readonly)?));
+    }
+    for net in &config.nets {
+        let tap = Tap::open(&net.tap)?;
+        devices.push(Box::new(Net::new(tap, net.mac.unwrap_or_else(stratus_virtio::net::random_mac))));
     }
     if config.rng {
         devices.push(Box::new(Rng::new()));

@@ -137,7 +137,11 @@ fn pump(mut from: impl Read + Send + 'static, to: std::sync::Arc<std::sync::Mute
 
 impl Interactive {
     pub fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_stratus"))
+        Self::start_program(env!("CARGO_BIN_EXE_stratus"), args)
+    }
+
+    pub fn start_program(program: &str, args: &[&str]) -> Self {
+        let mut child = Command::new(program)
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -211,4 +215,70 @@ pub fn ensure_default_image() {
             .expect("running stratus image build");
         assert!(status.success(), "stratus image build failed");
     });
+}
+
+/// A test "host" network: a network namespace of our own with a tap device in it, up, with
+/// `10.213.<n>.1/24` on the host side. All test traffic stays inside this namespace.
+pub struct TestNet {
+    pub netns: String,
+    pub tap: String,
+    pub host_ip: String,
+    pub guest_ip: String,
+}
+
+impl TestNet {
+    /// None (with a loud skip line) when this process cannot create namespaces and taps.
+    pub fn create(n: u8, test: &str) -> Option<Self> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/net/tun").exists() {
+            println!("SKIPPED: {test} needs root and /dev/net/tun");
+            return None;
+        }
+        let netns = format!("stratus-test-{}-{n}", std::process::id());
+        let tap = format!("sttap{n}");
+        let net = Self { netns, tap, host_ip: format!("10.213.{n}.1"), guest_ip: format!("10.213.{n}.2") };
+        let run = |args: &[&str]| {
+            let status = Command::new("ip").args(args).status().expect("ip");
+            assert!(status.success(), "ip {args:?} failed");
+        };
+        run(&["netns", "add", &net.netns]);
+        run(&["-n", &net.netns, "tuntap", "add", &net.tap, "mode", "tap"]);
+        run(&["-n", &net.netns, "addr", "add", &format!("{}/24", net.host_ip), "dev", &net.tap]);
+        run(&["-n", &net.netns, "link", "set", &net.tap, "up"]);
+        run(&["-n", &net.netns, "link", "set", "lo", "up"]);
+        Some(net)
+    }
+
+    /// `stratus ARGS` inside the namespace (where the tap is).
+    pub fn stratus_args<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
+        let mut all = vec!["netns", "exec", &self.netns, env!("CARGO_BIN_EXE_stratus")];
+        all.extend_from_slice(args);
+        all
+    }
+
+    /// Starts `f` on a thread that has joined the namespace.
+    pub fn spawn_within<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/var/run/netns/{}", self.netns);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("open netns");
+            // SAFETY: setns on this thread only, with a namespace file we hold open.
+            let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+}
+
+impl Drop for TestNet {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
+    }
+}
+
+/// An `Interactive` stratus started through `ip netns exec`.
+pub fn interactive_in(net: &TestNet, args: &[&str]) -> Interactive {
+    Interactive::start_program("ip", &net.stratus_args(args))
 }
