@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use stratus_vmm::console::{self, ConsoleEnd, RawTerminal};
-use stratus_vmm::{BootSource, DiskConfig, GuestExit, NetConfig, VmConfig};
+use stratus_vmm::{BootSource, DiskConfig, GuestExit, NetConfig, VmConfig, VsockConfig};
 
 /// Exit status when the guest kernel panicked.
 const EXIT_GUEST_PANIC: i32 = 3;
@@ -63,6 +63,10 @@ struct RunArgs {
     /// A network card on an existing tap device; repeat for more (eth0, eth1, ...).
     #[arg(long = "net", value_name = "tap=NAME[,mac=52:54:00:..]", value_parser = parse_net)]
     nets: Vec<NetConfig>,
+    /// A vsock device: host programs connect to the Unix socket PATH and write
+    /// "CONNECT <port>"; guest connections to host port P reach PATH_P.
+    #[arg(long, value_name = "cid=N,socket=PATH", value_parser = parse_vsock)]
+    vsock: Option<VsockConfig>,
     /// Give the guest a virtio entropy device (/dev/hwrng).
     #[arg(long)]
     rng: bool,
@@ -113,6 +117,24 @@ fn parse_net(text: &str) -> Result<NetConfig, String> {
     Ok(NetConfig { tap, mac })
 }
 
+fn parse_vsock(text: &str) -> Result<VsockConfig, String> {
+    let mut cid = None;
+    let mut socket = None;
+    for option in text.split(',') {
+        match option.split_once('=') {
+            Some(("cid", n)) => {
+                cid = Some(n.parse::<u64>().map_err(|_| format!("vsock cid '{n}' is not a number"))?)
+            }
+            Some(("socket", path)) if !path.is_empty() => socket = Some(path.into()),
+            _ => return Err(format!("unknown vsock option '{option}' (known: cid=N, socket=PATH)")),
+        }
+    }
+    Ok(VsockConfig {
+        cid: cid.ok_or("--vsock needs cid=N")?,
+        socket: socket.ok_or("--vsock needs socket=PATH")?,
+    })
+}
+
 /// Default command line for a kernel given with --kernel.
 const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=1";
 
@@ -149,6 +171,7 @@ fn vm_run(args: RunArgs) -> anyhow::Result<i32> {
         disks: args.disks,
         nets: args.nets,
         rng: args.rng,
+        vsock: args.vsock,
     };
     let vm = stratus_vmm::start(&config, Box::new(std::io::stdout()))?;
     let stdin = std::io::stdin();

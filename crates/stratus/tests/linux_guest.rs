@@ -128,6 +128,82 @@ fn linux_network_over_a_tap_ping_and_tcp() {
     assert_eq!(vm.finish(Duration::from_secs(120)).code, Some(0));
 }
 
+/// An ext4 disk image holding the guest-side vsock tool (tests/guest-tools/vsock-tool.c).
+fn tools_disk() -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-tools");
+    let root = dir.join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/guest-tools/vsock-tool.c");
+    let status = Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(root.join("vsock-tool"))
+        .arg(&src)
+        .status()
+        .unwrap();
+    assert!(status.success(), "building vsock-tool");
+    let image = dir.join("tools.ext4");
+    let _ = std::fs::remove_file(&image);
+    std::fs::File::create(&image).unwrap().set_len(16 << 20).unwrap();
+    let status = Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&root).arg(&image).status().unwrap();
+    assert!(status.success(), "mkfs.ext4 -d");
+    image
+}
+
+#[test]
+fn linux_vsock_both_ways_through_unix_sockets() {
+    if !kvm_available("linux_vsock_both_ways_through_unix_sockets") {
+        return;
+    }
+    ensure_default_image();
+    let disk = tools_disk();
+    let socket = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("vsock.sock");
+    let _ = std::fs::remove_file(&socket);
+    // The host service the guest will reach as vsock port 5000.
+    let service_path = format!("{}_5000", socket.display());
+    let _ = std::fs::remove_file(&service_path);
+    let service = std::os::unix::net::UnixListener::bind(&service_path).unwrap();
+    let service = std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        let (stream, _) = service.accept().unwrap();
+        let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        (&stream).write_all(b"welcome\n").unwrap();
+        line
+    });
+
+    let vsock_arg = format!("cid=7,socket={}", socket.display());
+    let disk_arg = format!("{},readonly", disk.display());
+    let mut vm =
+        Interactive::start(&["vm", "run", "--memory", "256M", "--disk", &disk_arg, "--vsock", &vsock_arg]);
+    let pos = vm.expect("stratus# ", 0, BOOT_LIMIT);
+    vm.send("mount -o ro /dev/vda /mnt && /mnt/vsock-tool listen 1234 &\n");
+    let pos = vm.expect("vsock-tool: listening on 1234", pos, Duration::from_secs(120));
+
+    // Host to guest: CONNECT through the VMM's socket, then an echo round trip.
+    use std::io::{BufRead, Write};
+    let host = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    (&host).write_all(b"CONNECT 1234\n").unwrap();
+    let mut reader = std::io::BufReader::new(host.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("OK "), "{line:?}");
+    (&host).write_all(b"hello from the host\n").unwrap();
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line, "echo: hello from the host\n");
+    drop(host);
+
+    // Guest to host: port 5000 is the Unix socket <socket>_5000.
+    vm.send("/mnt/vsock-tool connect 5000 hello-from-the-guest\n");
+    vm.expect("vsock-tool: reply welcome", pos, Duration::from_secs(120));
+    assert_eq!(service.join().unwrap(), "hello-from-the-guest\n");
+    vm.send("exit\n");
+    assert_eq!(vm.finish(Duration::from_secs(120)).code, Some(0));
+    let _ = std::fs::remove_file(&service_path);
+}
+
 #[test]
 fn image_build_is_cached() {
     if !kvm_available("image_build_is_cached") {

@@ -12,6 +12,7 @@ pub mod mmio;
 pub mod net;
 pub mod rng;
 pub mod tap;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -30,6 +31,8 @@ pub mod device_type {
     pub const BLOCK: u32 = 2;
     /// Entropy source.
     pub const RNG: u32 = 4;
+    /// Socket device.
+    pub const VSOCK: u32 = 19;
 }
 
 /// Interrupt status bit: a used buffer was added.

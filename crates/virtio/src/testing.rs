@@ -11,9 +11,11 @@ use crate::mmio::{reg, status, MmioTransport};
 use crate::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 
 pub const MEM_SIZE: usize = 1 << 20;
+/// Queue 0's rings; queue q's are `q * QUEUE_STRIDE` further on.
 pub const DESC: u64 = 0x1000;
 pub const AVAIL: u64 = 0x3000;
 pub const USED: u64 = 0x4000;
+pub const QUEUE_STRIDE: u64 = 0x5000;
 /// Data buffers live from here on.
 pub const DATA: u64 = 0x10000;
 pub const QUEUE_SIZE: u16 = 16;
@@ -24,8 +26,10 @@ pub const F_NEXT: u16 = 1;
 pub struct Driver {
     pub mem: GuestMemoryMmap,
     pub transport: MmioTransport,
-    avail_idx: u16,
+    avail_idx: [u16; 3],
     queues: u32,
+    /// The queue `set_desc`, `submit`, `post`, `used_*` and `fuzz_round` work on.
+    current: usize,
 }
 
 pub fn write32(t: &mut MmioTransport, offset: u64, value: u32) {
@@ -44,7 +48,7 @@ impl Driver {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
         let transport = MmioTransport::new(device, mem.clone(), interrupt).unwrap();
-        Self { mem, transport, avail_idx: 0, queues: 1 }
+        Self { mem, transport, avail_idx: [0; 3], queues: 1, current: 0 }
     }
 
     /// Negotiates `features` and sets up queue 0; returns the final status register.
@@ -62,14 +66,14 @@ impl Driver {
             return read32(t, reg::STATUS);
         }
         for queue in 0..self.queues {
-            // Every queue shares the one ring layout: tests drive one queue at a time.
+            let off = u64::from(queue) * QUEUE_STRIDE;
             write32(t, reg::QUEUE_SEL, queue);
             write32(t, reg::QUEUE_NUM, u32::from(QUEUE_SIZE));
-            write32(t, reg::QUEUE_DESC_LOW, DESC as u32);
+            write32(t, reg::QUEUE_DESC_LOW, (DESC + off) as u32);
             write32(t, reg::QUEUE_DESC_HIGH, 0);
-            write32(t, reg::QUEUE_DRIVER_LOW, AVAIL as u32);
+            write32(t, reg::QUEUE_DRIVER_LOW, (AVAIL + off) as u32);
             write32(t, reg::QUEUE_DRIVER_HIGH, 0);
-            write32(t, reg::QUEUE_DEVICE_LOW, USED as u32);
+            write32(t, reg::QUEUE_DEVICE_LOW, (USED + off) as u32);
             write32(t, reg::QUEUE_DEVICE_HIGH, 0);
             write32(t, reg::QUEUE_READY, 1);
         }
@@ -81,7 +85,16 @@ impl Driver {
         read32(t, reg::STATUS)
     }
 
-    /// Initialises `queues` queues (all on the same rings) with every offered feature.
+    /// Makes `queue` the one later calls work on.
+    pub fn select(&mut self, queue: usize) {
+        self.current = queue;
+    }
+
+    fn off(&self) -> u64 {
+        self.current as u64 * QUEUE_STRIDE
+    }
+
+    /// Initialises `queues` queues, each with its own rings, with every offered feature.
     pub fn init_queues(&mut self, queues: u32) {
         self.queues = queues;
         self.init();
@@ -102,7 +115,7 @@ impl Driver {
 
     /// Writes descriptor `index`.
     pub fn set_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let base = DESC + u64::from(index) * 16;
+        let base = DESC + self.off() + u64::from(index) * 16;
         self.mem.write_obj(addr, GuestAddress(base)).unwrap();
         self.mem.write_obj(len, GuestAddress(base + 8)).unwrap();
         self.mem.write_obj(flags, GuestAddress(base + 12)).unwrap();
@@ -121,21 +134,33 @@ impl Driver {
 
     /// Puts descriptor `head` on the available ring and processes the queue.
     pub fn post(&mut self, head: u16) {
-        let slot = AVAIL + 4 + u64::from(self.avail_idx % QUEUE_SIZE) * 2;
+        self.make_available(head);
+        self.transport.process_queue(self.current);
+    }
+
+    /// Puts descriptor `head` on the available ring without notifying the device.
+    pub fn make_available(&mut self, head: u16) {
+        let (q, off) = (self.current, self.off());
+        let slot = AVAIL + off + 4 + u64::from(self.avail_idx[q] % QUEUE_SIZE) * 2;
         self.mem.write_obj(head, GuestAddress(slot)).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem.write_obj(self.avail_idx, GuestAddress(AVAIL + 2)).unwrap();
-        self.transport.process_queue(0);
+        self.avail_idx[q] = self.avail_idx[q].wrapping_add(1);
+        self.mem.write_obj(self.avail_idx[q], GuestAddress(AVAIL + off + 2)).unwrap();
     }
 
     /// The used ring's index.
     pub fn used_idx(&self) -> u16 {
-        self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+        self.mem.read_obj(GuestAddress(USED + self.off() + 2)).unwrap()
+    }
+
+    /// The (descriptor id, length) the device reported for used element `n`.
+    pub fn used_elem(&self, n: u16) -> (u32, u32) {
+        let base = USED + self.off() + 4 + u64::from(n % QUEUE_SIZE) * 8;
+        (self.mem.read_obj(GuestAddress(base)).unwrap(), self.mem.read_obj(GuestAddress(base + 4)).unwrap())
     }
 
     /// The length the device reported for used element `n`.
     pub fn used_len(&self, n: u16) -> u32 {
-        self.mem.read_obj(GuestAddress(USED + 4 + u64::from(n % QUEUE_SIZE) * 8 + 4)).unwrap()
+        self.used_elem(n).1
     }
 
     /// A small deterministic random generator for fuzz loops (xorshift64).
@@ -153,8 +178,9 @@ impl Driver {
         self.fuzz_round_on(state, 0)
     }
 
-    /// `fuzz_round`, kicking queue `queue`.
+    /// `fuzz_round` on queue `queue`.
     pub fn fuzz_round_on(&mut self, state: &mut u64, queue: usize) -> u16 {
+        self.select(queue);
         for i in 0..QUEUE_SIZE {
             let r = Self::rand(state);
             let addr = match r % 4 {
@@ -175,11 +201,8 @@ impl Driver {
         let heads = Self::rand(state) % 4 + 1;
         for _ in 0..heads {
             let head = (Self::rand(state) % (u64::from(QUEUE_SIZE) + 4)) as u16;
-            let slot = AVAIL + 4 + u64::from(self.avail_idx % QUEUE_SIZE) * 2;
-            self.mem.write_obj(head, GuestAddress(slot)).unwrap();
-            self.avail_idx = self.avail_idx.wrapping_add(1);
+            self.make_available(head);
         }
-        self.mem.write_obj(self.avail_idx, GuestAddress(AVAIL + 2)).unwrap();
         self.transport.process_queue(queue);
         self.used_idx().wrapping_sub(before)
     }

@@ -17,4 +17,4 @@ pub mod vm;
 pub use loader::BootSource;
 pub use stratus_devices::GuestExit;
 pub use stratus_virtio::net::parse_mac;
-pub use vm::{start, DiskConfig, NetConfig, RunningVm, VmConfig, VmError};
+pub use vm::{start, DiskConfig, NetConfig, RunningVm, VmConfig, VmError, VsockConfig};

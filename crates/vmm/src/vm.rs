@@ -21,6 +21,7 @@ use stratus_virtio::mmio::MmioTransport;
 use stratus_virtio::net::Net;
 use stratus_virtio::rng::Rng;
 use stratus_virtio::tap::Tap;
+use stratus_virtio::vsock::Vsock;
 use stratus_virtio::{Interrupt, VirtioDevice};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -58,6 +59,17 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// Whether the guest gets a virtio entropy device.
     pub rng: bool,
+    /// A vsock device: the guest's address and the host-side Unix socket.
+    pub vsock: Option<VsockConfig>,
+}
+
+/// A virtio-vsock device whose host side is a Unix socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's context id (3 or more).
+    pub cid: u64,
+    /// Host programs connect here; guest connections to host port P go to `<socket>_P`.
+    pub socket: std::path::PathBuf,
 }
 
 /// A network card on a host tap device.
@@ -112,6 +124,9 @@ pub enum VmError {
     /// A tap device could not be used.
     #[error(transparent)]
     Tap(#[from] stratus_virtio::tap::TapError),
+    /// The vsock device could not be set up.
+    #[error(transparent)]
+    Vsock(#[from] stratus_virtio::vsock::VsockError),
     /// A virtio transport could not be set up.
     #[error(transparent)]
     Virtio(#[from] stratus_virtio::mmio::MmioError),
@@ -164,6 +179,9 @@ fn virtio_devices(
     }
     if config.rng {
         devices.push(Box::new(Rng::new()));
+    }
+    if let Some(vsock) = &config.vsock {
+        devices.push(Box::new(Vsock::new(vsock.cid, &vsock.socket)?));
     }
     if devices.len() > MAX_VIRTIO_DEVICES {
         return Err(VmError::TooManyDevices(devices.len()));
