@@ -186,9 +186,7 @@ impl Block {
     }
 
     fn bad_request(&self) -> (u8, u32) {
-        if self.counters.reject() {
-            eprintln!("[stratus] virtio-blk: the guest sent a malformed request (logged once)");
-        }
+        self.counters.reject("virtio-blk", "a malformed request");
         (VIRTIO_BLK_S_IOERR, 0)
     }
 
@@ -226,9 +224,7 @@ impl VirtioDevice for Block {
                 Ok(used) => used,
                 Err(()) => {
                     // No room even for a status byte: the chain is returned untouched.
-                    if self.counters.reject() {
-                        eprintln!("[stratus] virtio-blk: malformed descriptor chain (logged once)");
-                    }
+                    self.counters.reject("virtio-blk", "a malformed descriptor chain");
                     0
                 }
             };

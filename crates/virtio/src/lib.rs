@@ -88,9 +88,12 @@ pub struct DeviceCounters {
 }
 
 impl DeviceCounters {
-    /// Counts a malformed request; true the first time, so the caller logs only that one.
-    pub fn reject(&self) -> bool {
-        self.rejected.fetch_add(1, Ordering::Relaxed) == 0
+    /// Counts a malformed request from the guest, logging the first one only: a guest must
+    /// not be able to flood the host's log.
+    pub fn reject(&self, device: &str, what: &str) {
+        if self.rejected.fetch_add(1, Ordering::Relaxed) == 0 {
+            eprintln!("[stratus] {device}: the guest sent {what} (logged once)");
+        }
     }
 }
 
@@ -137,9 +140,7 @@ pub fn available_chains<'m>(
     match virtio_queue::QueueOwnedT::iter(queue, mem) {
         Ok(iter) => iter.collect(),
         Err(_) => {
-            if counters.reject() {
-                eprintln!("[stratus] {device}: the guest's available ring is invalid (logged once)");
-            }
+            counters.reject(device, "an invalid available ring");
             Vec::new()
         }
     }

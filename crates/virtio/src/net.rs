@@ -104,9 +104,7 @@ impl Net {
     }
 
     fn reject(&self, what: &str) {
-        if self.counters.reject() {
-            eprintln!("[stratus] virtio-net: {what} (logged once)");
-        }
+        self.counters.reject("virtio-net", what);
     }
 
     /// Moves frames from the tap into receive buffers until either runs out.

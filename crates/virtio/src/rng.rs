@@ -77,11 +77,7 @@ impl VirtioDevice for Rng {
                         self.counters.failed.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                Err(_) => {
-                    if self.counters.reject() {
-                        eprintln!("[stratus] virtio-rng: malformed descriptor chain (logged once)");
-                    }
-                }
+                Err(_) => self.counters.reject("virtio-rng", "a malformed descriptor chain"),
             }
             if queue.add_used(mem, head, written).is_ok() {
                 used_any = true;

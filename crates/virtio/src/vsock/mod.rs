@@ -451,9 +451,7 @@ impl Vsock {
     }
 
     fn reject(&self, what: &str) {
-        if self.counters.reject() {
-            eprintln!("[stratus] virtio-vsock: the guest sent {what} (logged once)");
-        }
+        self.counters.reject("virtio-vsock", what);
     }
 
     /// Reads the guest's transmit queue.
