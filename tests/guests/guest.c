@@ -1,6 +1,8 @@
 /* A tiny test guest, in the spirit of kvm-unit-tests: it checks from inside the VM what the
  * VMM set up, prints what it found on COM1, and leaves through the exit the test asks for.
- * The test to run comes from the kernel command line: "test=NAME".
+ * The test to run comes from the kernel command line: "test=NAME"; how to leave, from
+ * "exit=reset|poweroff|acpi-reset|panic|hang|triple-fault". "test=blk-bench" is not a check but
+ * the guest half of bench/io (see virtio.c).
  * Built freestanding: no libc, general registers only (so the compiler emits no SSE). */
 #include <stdint.h>
 #include "virtio.h"
@@ -85,6 +87,18 @@ static int cmdline_get(const char *cmdline, const char *key, char *out, int cap)
         return 1;
     }
     return 0;
+}
+
+/* The decimal value of "key=" in the command line, or `dflt` if it is absent or not a number. */
+static u64 cmdline_u64(const char *cmdline, const char *key, u64 dflt) {
+    char text[21];
+    if (!cmdline_get(cmdline, key, text, sizeof(text)) || !text[0]) return dflt;
+    u64 v = 0;
+    for (const char *p = text; *p; p++) {
+        if (*p < '0' || *p > '9') return dflt;
+        v = v * 10 + (u64)(*p - '0');
+    }
+    return v;
 }
 
 /* ---- boot: the 64-bit boot protocol state ---- */
@@ -310,11 +324,14 @@ void main(u8 *zero_page, u64 entry_rsp) {
     else if (streq(test, "virtio-blk")) test_virtio_blk();
     else if (streq(test, "virtio-features")) test_virtio_features();
     else if (streq(test, "virtio-net")) test_virtio_net();
+    else if (streq(test, "blk-bench"))
+        bench_virtio_blk(cmdline_u64(cmdline, "bench_mib", 64), cmdline_u64(cmdline, "bench_ops", 4096));
     else if (test[0]) { puts("guest: unknown test\n"); }
 
     if (streq(exit_how, "poweroff")) acpi_poweroff();
     else if (streq(exit_how, "acpi-reset")) acpi_reset();
     else if (streq(exit_how, "panic")) pvpanic();
     else if (streq(exit_how, "hang")) for (;;) __asm__ volatile("pause");
+    else if (streq(exit_how, "triple-fault")) test_triple_fault(); /* machines without an i8042 */
     else i8042_reset();
 }

@@ -1,10 +1,14 @@
-/* Tests of the VMM's virtio-mmio devices, driven from inside the tiny test guest (virtio.c). */
+/* Tests of the VMM's virtio-mmio devices, driven from inside the tiny test guest (virtio.c), and
+ * the block benchmark bench/io runs. */
 #ifndef GUEST_VIRTIO_H
 #define GUEST_VIRTIO_H
+
+#include <stdint.h>
 
 void test_virtio_rng(void);
 void test_virtio_blk(void);
 void test_virtio_features(void);
 void test_virtio_net(void);
+void bench_virtio_blk(uint64_t mib, uint64_t ops);
 
 #endif

@@ -337,8 +337,9 @@ fn disk_errors_are_one_clear_line() {
 }
 
 /// Waits on `tap` (in the caller's namespace) for the guest's frame of ethertype 0x88b5 and
-/// answers it; returns (source MAC, payload) of what it received.
-fn answer_one_frame(tap: &str) -> Result<([u8; 6], String), String> {
+/// answers it; returns (source MAC, payload) of what it received. `listening` is told once
+/// the socket is bound, so the guest is started only when its frame cannot be missed.
+fn answer_one_frame(tap: &str, listening: std::sync::mpsc::Sender<()>) -> Result<([u8; 6], String), String> {
     const ETH_P: u16 = 0x88b5;
     // SAFETY: plain socket calls with valid, initialised arguments; the fd is closed below.
     unsafe {
@@ -391,7 +392,9 @@ fn virtio_net_frames_cross_the_tap_both_ways() {
     }
     let Some(net) = TestNet::create(1, "virtio_net_frames_cross_the_tap_both_ways") else { return };
     let tap = net.tap.clone();
-    let responder = net.spawn_within(move || answer_one_frame(&tap));
+    let (listening, ready) = std::sync::mpsc::channel();
+    let responder = net.spawn_within(move || answer_one_frame(&tap, listening));
+    ready.recv_timeout(std::time::Duration::from_secs(30)).expect("the host side is listening");
     let guest = guests().guest.to_str().unwrap().to_owned();
     let net_arg = format!("tap={},mac=52:54:00:12:34:56", net.tap);
     let args = net.stratus_args(&[
