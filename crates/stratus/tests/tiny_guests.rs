@@ -364,6 +364,7 @@ fn answer_one_frame(tap: &str, listening: std::sync::mpsc::Sender<()>) -> Result
             (&timeout as *const libc::timeval).cast(),
             16,
         );
+        let _ = listening.send(());
         let mut frame = [0u8; 2048];
         let n = libc::recv(fd, frame.as_mut_ptr().cast(), frame.len(), 0);
         if n < 14 {
