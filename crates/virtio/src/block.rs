@@ -3,19 +3,48 @@
 //! the same disk.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::{
     available_chains, device_type, read_config_bytes, DeviceCounters, VirtioDevice, VIRTIO_F_VERSION_1,
 };
 
+/// The guest-memory pieces holding `len` bytes of a chain's device-writable (`writable`) or
+/// device-readable buffers, after skipping the first `skip` bytes of them.
+fn regions(
+    chain: &virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    writable: bool,
+    mut skip: usize,
+    mut len: usize,
+) -> Vec<(GuestAddress, usize)> {
+    let mut out = Vec::new();
+    for desc in chain.clone().filter(|d| d.is_write_only() == writable) {
+        if len == 0 {
+            break;
+        }
+        let mut addr = desc.addr();
+        let mut n = desc.len() as usize;
+        let skipped = skip.min(n);
+        skip -= skipped;
+        n -= skipped;
+        addr = addr.unchecked_add(skipped as u64);
+        let take = n.min(len);
+        if take > 0 {
+            out.push((addr, take));
+            len -= take;
+        }
+    }
+    out
+}
+
+/// Size of a request header: type, reserved, sector.
+const HEADER_LEN: usize = 16;
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;
 const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
@@ -106,14 +135,14 @@ impl Block {
         mem: &GuestMemoryMmap,
     ) -> Result<u32, ()> {
         let mut reader = chain.clone().reader(mem).map_err(|_| ())?;
-        let mut data_writer = chain.writer(mem).map_err(|_| ())?;
+        let mut data_writer = chain.clone().writer(mem).map_err(|_| ())?;
         // The status byte is the last device-writable byte; everything before it is data.
         let writable = data_writer.available_bytes();
         if writable == 0 {
             return Err(());
         }
         let mut status_writer = data_writer.split_at(writable - 1).map_err(|_| ())?;
-        let mut header = [0u8; 16];
+        let mut header = [0u8; HEADER_LEN];
         reader.read_exact(&mut header).map_err(|_| ())?;
         let kind = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default());
         let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
@@ -123,13 +152,15 @@ impl Block {
                 let len = data_writer.available_bytes();
                 match self.range(sector, len) {
                     Some(offset) => {
-                        let mut buf = vec![0u8; len];
-                        match self.file.read_exact_at(&mut buf, offset) {
-                            Ok(()) if data_writer.write_all(&buf).is_ok() => {
+                        // Straight from the file into the guest's buffers: the writer above
+                        // already checked every descriptor against guest memory.
+                        let regions = regions(&chain, true, 0, len);
+                        match self.transfer(&regions, offset, mem, true) {
+                            Ok(()) => {
                                 self.counters.bytes.fetch_add(len as u64, Ordering::Relaxed);
                                 (VIRTIO_BLK_S_OK, len as u32)
                             }
-                            _ => self.io_error(),
+                            Err(()) => self.io_error(),
                         }
                     }
                     None => self.bad_request(),
@@ -140,16 +171,13 @@ impl Block {
                 let len = reader.available_bytes();
                 match self.range(sector, len) {
                     Some(offset) => {
-                        let mut buf = vec![0u8; len];
-                        match reader.read_exact(&mut buf) {
-                            Ok(()) => match self.file.write_all_at(&buf, offset) {
-                                Ok(()) => {
-                                    self.counters.bytes.fetch_add(len as u64, Ordering::Relaxed);
-                                    (VIRTIO_BLK_S_OK, 0)
-                                }
-                                Err(_) => self.io_error(),
-                            },
-                            Err(_) => self.bad_request(),
+                        let regions = regions(&chain, false, HEADER_LEN, len);
+                        match self.transfer(&regions, offset, mem, false) {
+                            Ok(()) => {
+                                self.counters.bytes.fetch_add(len as u64, Ordering::Relaxed);
+                                (VIRTIO_BLK_S_OK, 0)
+                            }
+                            Err(()) => self.io_error(),
                         }
                     }
                     None => self.bad_request(),
@@ -173,6 +201,27 @@ impl Block {
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
         }
         Ok(used + 1)
+    }
+
+    /// Moves data between the file at `offset` and guest memory `regions`, in order: file to
+    /// guest when `to_guest`, else guest to file.
+    fn transfer(
+        &mut self,
+        regions: &[(GuestAddress, usize)],
+        offset: u64,
+        mem: &GuestMemoryMmap,
+        to_guest: bool,
+    ) -> Result<(), ()> {
+        (&self.file).seek(SeekFrom::Start(offset)).map_err(|_| ())?;
+        for &(addr, len) in regions {
+            let done = if to_guest {
+                mem.read_exact_volatile_from(addr, &mut &self.file, len)
+            } else {
+                mem.write_all_volatile_to(addr, &mut &self.file, len)
+            };
+            done.map_err(|_| ())?;
+        }
+        Ok(())
     }
 
     /// The file offset of a request of `len` bytes at `sector`, if it is whole sectors within
