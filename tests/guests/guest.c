@@ -324,6 +324,7 @@ void main(u8 *zero_page, u64 entry_rsp) {
     else if (streq(test, "virtio-blk")) test_virtio_blk();
     else if (streq(test, "virtio-features")) test_virtio_features();
     else if (streq(test, "virtio-net")) test_virtio_net();
+    else if (streq(test, "virtio-vsock")) test_virtio_vsock();
     else if (streq(test, "blk-bench"))
         bench_virtio_blk(cmdline_u64(cmdline, "bench_mib", 64), cmdline_u64(cmdline, "bench_ops", 4096));
     else if (test[0]) { puts("guest: unknown test\n"); }

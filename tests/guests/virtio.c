@@ -653,3 +653,267 @@ void test_virtio_net(void) {
     puts(who); puts(": isr="); puthex(isr); puts("\n");
     wr(base, REG_INTERRUPT_ACK, isr);
 }
+
+/* ---- virtio-vsock: a connection from the host echoed, then one out to the host (5.10) ----
+ * Every packet is the 44-byte header and its payload in one descriptor. Receive buffers are
+ * re-posted as soon as they are read; packets the test is not waiting for are answered where
+ * a peer expects an answer (CREDIT_REQUEST, a REQUEST to a port nobody listens on, a SHUTDOWN)
+ * and otherwise skipped. */
+#define ID_VSOCK 19
+#define VS_RXQ 0
+#define VS_TXQ 1
+#define VS_EVQ 2
+#define VS_HDR 44
+#define VS_RX_PAYLOAD 4096
+#define VS_TX_PAYLOAD 128
+#define VS_HOST_CID 2
+#define VS_TYPE_STREAM 1
+#define VS_BUF_ALLOC 65536
+#define VS_LISTEN_PORT 1234
+#define VS_LOCAL_PORT 40000
+#define VS_HOST_PORT 5000
+#define VS_LINE 64
+#define VS_TX_TIMEOUT 100000000u
+#define VS_TIMEOUT_TSC 30000000000ull  /* ~10 s at a 3 GHz TSC (7.5-30 s at 1-4 GHz) */
+#define VS_TIMEOUT_ITERS 10000000000ull /* and never more than this many polls */
+enum { VS_REQUEST = 1, VS_RESPONSE, VS_RST, VS_SHUTDOWN, VS_RW, VS_CREDIT_UPDATE, VS_CREDIT_REQUEST };
+
+struct __attribute__((packed)) vs_hdr {
+    u64 src_cid, dst_cid;
+    u32 src_port, dst_port, len;
+    u16 type, op;
+    u32 flags, buf_alloc, fwd_cnt;
+};
+_Static_assert(sizeof(struct vs_hdr) == VS_HDR, "vsock header is 44 bytes");
+
+static volatile struct vring_desc vs_rx_desc[QSZ] __attribute__((aligned(16)));
+static volatile struct vring_avail vs_rx_avail __attribute__((aligned(2)));
+static volatile struct vring_used vs_rx_used __attribute__((aligned(4)));
+static volatile struct vring_desc vs_tx_desc[QSZ] __attribute__((aligned(16)));
+static volatile struct vring_avail vs_tx_avail __attribute__((aligned(2)));
+static volatile struct vring_used vs_tx_used __attribute__((aligned(4)));
+static volatile struct vring_desc vs_ev_desc[QSZ] __attribute__((aligned(16)));
+static volatile struct vring_avail vs_ev_avail __attribute__((aligned(2)));
+static volatile struct vring_used vs_ev_used __attribute__((aligned(4)));
+static volatile u8 vs_rx_buf[QSZ][VS_HDR + VS_RX_PAYLOAD] __attribute__((aligned(8)));
+static volatile u8 vs_tx_buf[VS_HDR + VS_TX_PAYLOAD] __attribute__((aligned(8)));
+static u16 vs_rx_last, vs_tx_last;
+static u64 vs_cid;
+
+/* The two connections' state: the host's port (the peer) and payload bytes consumed. */
+static u32 vs_in_port, vs_in_fwd, vs_out_fwd;
+static int vs_in_open, vs_out_open;
+
+/* Sends one packet from our port `sport` to host port `dport` and waits until the device has
+ * taken it. Returns 0 (after printing why) if it does not. */
+static int vs_send(u64 base, u32 sport, u32 dport, u16 op, u32 flags, u32 fwd_cnt,
+                   const volatile u8 *payload, u32 len) {
+    if (len > VS_TX_PAYLOAD) len = VS_TX_PAYLOAD;
+    volatile struct vs_hdr *h = (volatile struct vs_hdr *)vs_tx_buf;
+    h->src_cid = vs_cid;
+    h->dst_cid = VS_HOST_CID;
+    h->src_port = sport;
+    h->dst_port = dport;
+    h->len = len;
+    h->type = VS_TYPE_STREAM;
+    h->op = op;
+    h->flags = flags;
+    h->buf_alloc = VS_BUF_ALLOC;
+    h->fwd_cnt = fwd_cnt;
+    for (u32 i = 0; i < len; i++) vs_tx_buf[VS_HDR + i] = payload[i];
+    vs_tx_desc[0].addr = (u64)vs_tx_buf;
+    vs_tx_desc[0].len = VS_HDR + len;
+    vs_tx_desc[0].flags = 0;
+    vs_tx_desc[0].next = 0;
+    net_post(base, VS_TXQ, &vs_tx_avail, 0);
+    for (u32 i = 0; vs_tx_used.idx == vs_tx_last; i++) {
+        if (i == VS_TX_TIMEOUT) { puts("virtio-vsock: timeout waiting for tx\n"); return 0; }
+        cpu_relax();
+    }
+    barrier();
+    vs_tx_last++;
+    return 1;
+}
+
+/* The next packet the device delivers: header into *h, payload (up to cap bytes) into
+ * payload, the buffer then re-posted. Returns 0 if none came within the timeout from t0. */
+static int vs_recv(u64 base, struct vs_hdr *h, u8 *payload, u32 cap, u64 t0) {
+    for (u64 i = 0; vs_rx_used.idx == vs_rx_last; i++) {
+        if (i >= VS_TIMEOUT_ITERS || ((i & 0xffff) == 0 && rdtsc() - t0 > VS_TIMEOUT_TSC)) return 0;
+        cpu_relax();
+    }
+    barrier(); /* the used element and buffer only after the index that published them */
+    u16 slot = vs_rx_last % QSZ;
+    u32 id = vs_rx_used.ring[slot].id, len = vs_rx_used.ring[slot].len;
+    vs_rx_last++;
+    if (id >= QSZ) {
+        puts("virtio-vsock: rx used_id="); putdec(id); puts("\n");
+        h->op = 0;
+        return 1;
+    }
+    volatile u8 *buf = vs_rx_buf[id];
+    u8 *raw = (u8 *)h;
+    if (len < VS_HDR) {
+        h->op = 0; /* nothing written (a dropped packet): skipped */
+    } else {
+        for (u32 i = 0; i < VS_HDR; i++) raw[i] = buf[i];
+        u32 n = len - VS_HDR;
+        if (n > h->len) n = h->len;
+        if (n > cap) n = cap;
+        h->len = n;
+        for (u32 i = 0; i < n; i++) payload[i] = buf[VS_HDR + i];
+    }
+    net_post(base, VS_RXQ, &vs_rx_avail, (u16)id); /* the buffer back, used or skipped */
+    return 1;
+}
+
+static int vs_from_host(const struct vs_hdr *h) {
+    return h->src_cid == VS_HOST_CID && h->dst_cid == vs_cid && h->type == VS_TYPE_STREAM;
+}
+
+/* A packet the test was not waiting for. Answers what expects an answer; returns 0 if the
+ * answer could not be sent. */
+static int vs_other(u64 base, const struct vs_hdr *h) {
+    if (h->op == 0 || !vs_from_host(h)) return 1;
+    int in = vs_in_open && h->dst_port == VS_LISTEN_PORT && h->src_port == vs_in_port;
+    int out = vs_out_open && h->dst_port == VS_LOCAL_PORT && h->src_port == VS_HOST_PORT;
+    u32 fwd = in ? vs_in_fwd : out ? vs_out_fwd : 0;
+    switch (h->op) {
+    case VS_REQUEST: /* nobody listens there (or a second connection we do not take) */
+        return vs_send(base, h->dst_port, h->src_port, VS_RST, 0, 0, 0, 0);
+    case VS_CREDIT_REQUEST:
+        if (in || out) return vs_send(base, h->dst_port, h->src_port, VS_CREDIT_UPDATE, 0, fwd, 0, 0);
+        return 1;
+    case VS_SHUTDOWN: /* the host closed its end: the connection is over, say so */
+        if (in) vs_in_open = 0;
+        if (out) vs_out_open = 0;
+        if (in || out) return vs_send(base, h->dst_port, h->src_port, VS_RST, 0, fwd, 0, 0);
+        return 1;
+    case VS_RST:
+        if (in) vs_in_open = 0;
+        if (out) vs_out_open = 0;
+        return 1;
+    default: /* CREDIT_UPDATE, RESPONSE or RW we are not waiting for: nothing to do */
+        return 1;
+    }
+}
+
+/* Reads RW payload on the connection (our port lport, the host's hport) until a '\n' or
+ * VS_LINE bytes. Returns the length, or -1 after printing why. *fwd counts what was read. */
+static long vs_read_line(u64 base, u32 lport, u32 hport, u8 *line, u32 *fwd, int *open,
+                         const char *what) {
+    struct vs_hdr h;
+    u8 payload[VS_LINE];
+    u32 n = 0;
+    u64 t0 = rdtsc();
+    while (n == 0 || (line[n - 1] != '\n' && n < VS_LINE)) {
+        if (!vs_recv(base, &h, payload, VS_LINE - n, t0)) {
+            puts("virtio-vsock: timeout waiting for "); puts(what); puts("\n");
+            return -1;
+        }
+        if (vs_from_host(&h) && h.dst_port == lport && h.src_port == hport && h.op == VS_RW) {
+            for (u32 i = 0; i < h.len; i++) line[n++] = payload[i];
+            *fwd += h.len;
+            continue;
+        }
+        if (!vs_other(base, &h)) return -1;
+        if (!*open) { puts("virtio-vsock: closed waiting for "); puts(what); puts("\n"); return -1; }
+    }
+    return n;
+}
+
+void test_virtio_vsock(void) {
+    const char *who = "virtio-vsock";
+    u64 base = find_device(ID_VSOCK), offered;
+    if (!base) { puts("virtio: no device\n"); return; }
+    int ok = negotiate(base, F_VERSION_1, &offered);
+    if (!ok || !(offered & F_VERSION_1)) {
+        puts(who); puts(": features_ok=0 offered="); puthex(offered); puts("\n");
+        wr(base, REG_STATUS, S_FAILED);
+        return;
+    }
+    if (!setup_rings(base, VS_RXQ, vs_rx_desc, &vs_rx_avail, &vs_rx_used, who) ||
+        !setup_rings(base, VS_TXQ, vs_tx_desc, &vs_tx_avail, &vs_tx_used, who) ||
+        !setup_rings(base, VS_EVQ, vs_ev_desc, &vs_ev_avail, &vs_ev_used, who)) {
+        wr(base, REG_STATUS, S_FAILED);
+        return;
+    }
+    vs_rx_last = vs_tx_last = 0;
+    vs_in_open = vs_out_open = 0;
+    vs_in_fwd = vs_out_fwd = 0;
+    wr(base, REG_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+    vs_cid = config64(base, 0);
+
+    /* Receive buffers in every receive descriptor, before anyone can connect. */
+    for (u16 i = 0; i < QSZ; i++) {
+        vs_rx_desc[i].addr = (u64)vs_rx_buf[i];
+        vs_rx_desc[i].len = VS_HDR + VS_RX_PAYLOAD;
+        vs_rx_desc[i].flags = DESC_F_WRITE;
+        vs_rx_desc[i].next = 0;
+        vs_rx_avail.ring[i] = i;
+    }
+    barrier();
+    vs_rx_avail.idx = QSZ;
+    barrier();
+    wr(base, REG_QUEUE_NOTIFY, VS_RXQ);
+    puts(who); puts(": cid="); putdec(vs_cid); puts(" features_ok=1\n");
+
+    /* 1. The host connects to our port 1234: accept, echo one line. */
+    struct vs_hdr h;
+    u8 payload[VS_LINE];
+    u64 t0 = rdtsc();
+    for (;;) {
+        if (!vs_recv(base, &h, payload, sizeof(payload), t0)) {
+            puts(who); puts(": timeout waiting for request\n");
+            return;
+        }
+        if (vs_from_host(&h) && h.op == VS_REQUEST && h.dst_port == VS_LISTEN_PORT) break;
+        if (!vs_other(base, &h)) return;
+    }
+    vs_in_port = h.src_port;
+    vs_in_open = 1;
+    if (!vs_send(base, VS_LISTEN_PORT, vs_in_port, VS_RESPONSE, 0, 0, 0, 0)) return;
+    puts(who); puts(": accepted from_port="); putdec(vs_in_port); puts("\n");
+
+    static volatile u8 echo[6 + VS_LINE];
+    u8 line[VS_LINE];
+    long n = vs_read_line(base, VS_LISTEN_PORT, vs_in_port, line, &vs_in_fwd, &vs_in_open, "data");
+    if (n < 0) return;
+    const char *prefix = "echo: ";
+    for (int i = 0; i < 6; i++) echo[i] = (u8)prefix[i];
+    for (long i = 0; i < n; i++) echo[6 + i] = line[i];
+    if (!vs_send(base, VS_LISTEN_PORT, vs_in_port, VS_RW, 0, vs_in_fwd, echo, (u32)(6 + n))) return;
+    puts(who); puts(": echoed len="); putdec((u64)n); puts("\n");
+
+    /* 2. We connect to the host's port 5000, say hello, read its answer, shut down. */
+    if (!vs_send(base, VS_LOCAL_PORT, VS_HOST_PORT, VS_REQUEST, 0, 0, 0, 0)) return;
+    t0 = rdtsc();
+    for (;;) {
+        if (!vs_recv(base, &h, payload, sizeof(payload), t0)) {
+            puts(who); puts(": timeout waiting for response\n");
+            return;
+        }
+        if (vs_from_host(&h) && h.dst_port == VS_LOCAL_PORT && h.src_port == VS_HOST_PORT) {
+            if (h.op == VS_RESPONSE) break;
+            if (h.op == VS_RST) { puts(who); puts(": refused\n"); return; }
+        }
+        if (!vs_other(base, &h)) return;
+    }
+    vs_out_open = 1;
+    puts(who); puts(": connected\n");
+
+    static volatile u8 hello[] = "hello-from-tiny-guest\n";
+    if (!vs_send(base, VS_LOCAL_PORT, VS_HOST_PORT, VS_RW, 0, vs_out_fwd, hello, sizeof(hello) - 1))
+        return;
+    n = vs_read_line(base, VS_LOCAL_PORT, VS_HOST_PORT, line, &vs_out_fwd, &vs_out_open, "reply");
+    if (n < 0) return;
+    puts(who); puts(": reply=");
+    for (long i = 0; i < n && line[i] != '\n'; i++) {
+        u8 c = line[i];
+        putc(c >= 0x20 && c < 0x7f ? (char)c : '.'); /* keep the console line one line */
+    }
+    puts("\n");
+    if (!vs_send(base, VS_LOCAL_PORT, VS_HOST_PORT, VS_SHUTDOWN, 3, vs_out_fwd, 0, 0)) return;
+    vs_out_open = 0;
+    puts(who); puts(": done\n");
+}

@@ -9,6 +9,7 @@ void test_virtio_rng(void);
 void test_virtio_blk(void);
 void test_virtio_features(void);
 void test_virtio_net(void);
+void test_virtio_vsock(void);
 void bench_virtio_blk(uint64_t mib, uint64_t ops);
 
 #endif

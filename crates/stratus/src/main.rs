@@ -178,6 +178,10 @@ fn vm_run(args: RunArgs) -> anyhow::Result<i32> {
     let terminal = RawTerminal::enable(std::os::fd::AsFd::as_fd(&stdin));
     let end = console::run(&vm, terminal.is_some());
     drop(terminal);
+    // The process leaves without unwinding the devices: remove the vsock socket here.
+    if let Some(vsock) = &config.vsock {
+        let _ = std::fs::remove_file(&vsock.socket);
+    }
     let (message, code) = match end {
         ConsoleEnd::Detached => ("console detached (Ctrl-A x): VM stopped".to_owned(), 0),
         ConsoleEnd::Guest(GuestExit::PowerOff) => ("guest powered off".to_owned(), 0),

@@ -443,3 +443,82 @@ fn network_errors_are_one_clear_line() {
         assert!(out.stderr.contains(needle), "{arg}: {}", out.stderr);
     }
 }
+
+#[test]
+fn virtio_vsock_connections_both_ways() {
+    if !kvm_available("virtio_vsock_connections_both_ways") {
+        return;
+    }
+    use std::io::{BufRead, Write};
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let socket = dir.join("tiny-vsock.sock");
+    let service_path = format!("{}_5000", socket.display());
+    let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(&service_path);
+    // The host service the guest reaches as vsock port 5000.
+    let service = std::os::unix::net::UnixListener::bind(&service_path).unwrap();
+    let service = std::thread::spawn(move || {
+        let (stream, _) = service.accept().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(stream.try_clone().unwrap()).read_line(&mut line).unwrap();
+        (&stream).write_all(b"welcome\n").unwrap();
+        line
+    });
+    let guest = guests().guest.to_str().unwrap().to_owned();
+    let vsock_arg = format!("cid=7,socket={}", socket.display());
+    let mut vm = Interactive::start(&[
+        "vm",
+        "run",
+        "--kernel",
+        &guest,
+        "--cmdline",
+        "test=virtio-vsock",
+        "--vsock",
+        &vsock_arg,
+    ]);
+    let pos = vm.expect("virtio-vsock: cid=7 features_ok=1", 0, std::time::Duration::from_secs(30));
+
+    // Host to guest.
+    let host = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    host.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    (&host).write_all(b"CONNECT 1234\n").unwrap();
+    let mut reader = std::io::BufReader::new(host.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let host_port =
+        line.strip_prefix("OK ").map(|p| p.trim().to_owned()).unwrap_or_else(|| panic!("{line:?}"));
+    (&host).write_all(b"hi\n").unwrap();
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line, "echo: hi\n");
+    drop(host);
+    vm.expect(
+        &format!("virtio-vsock: accepted from_port={host_port}"),
+        pos,
+        std::time::Duration::from_secs(30),
+    );
+
+    // Guest to host, then the guest closes.
+    vm.expect("virtio-vsock: reply=welcome", pos, std::time::Duration::from_secs(30));
+    vm.expect("virtio-vsock: done", pos, std::time::Duration::from_secs(30));
+    let out = vm.finish(std::time::Duration::from_secs(30));
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert_eq!(service.join().unwrap(), "hello-from-tiny-guest\n");
+    let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(&service_path);
+}
+
+#[test]
+fn a_vsock_socket_in_use_is_refused() {
+    if !kvm_available("a_vsock_socket_in_use_is_refused") {
+        return;
+    }
+    let socket = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("taken-vsock.sock");
+    let _ = std::fs::remove_file(&socket);
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let guest = guests().guest.to_str().unwrap().to_owned();
+    let arg = format!("cid=3,socket={}", socket.display());
+    let out =
+        stratus(&["vm", "run", "--kernel", &guest, "--vsock", &arg], b"", std::time::Duration::from_secs(30));
+    assert_one_line_error(&out, "is already in use");
+}
