@@ -1,8 +1,8 @@
 /* A tiny test guest, in the spirit of kvm-unit-tests: it checks from inside the VM what the
  * VMM set up, prints what it found on COM1, and leaves through the exit the test asks for.
  * The test to run comes from the kernel command line: "test=NAME"; how to leave, from
- * "exit=reset|poweroff|acpi-reset|panic|hang|triple-fault". "test=blk-bench" is not a check but
- * the guest half of bench/io (see virtio.c).
+ * "exit=reset|poweroff|acpi-reset|panic|hang|triple-fault". "test=blk-bench" and "test=net-bench"
+ * are not checks but the guest halves of bench/io (see virtio.c).
  * Built freestanding: no libc, general registers only (so the compiler emits no SSE). */
 #include <stdint.h>
 #include "virtio.h"
@@ -327,6 +327,7 @@ void main(u8 *zero_page, u64 entry_rsp) {
     else if (streq(test, "virtio-vsock")) test_virtio_vsock();
     else if (streq(test, "blk-bench"))
         bench_virtio_blk(cmdline_u64(cmdline, "bench_mib", 64), cmdline_u64(cmdline, "bench_ops", 4096));
+    else if (streq(test, "net-bench")) bench_virtio_net(cmdline_u64(cmdline, "bench_frames", 65536));
     else if (test[0]) { puts("guest: unknown test\n"); }
 
     if (streq(exit_how, "poweroff")) acpi_poweroff();

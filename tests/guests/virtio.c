@@ -917,3 +917,248 @@ void test_virtio_vsock(void) {
     vs_out_open = 0;
     puts(who); puts(": done\n");
 }
+
+/* ---- net-bench: frame throughput of the first virtio-net device, both directions ----
+ * The guest half of bench/io's network phases, framed like the block bench's:
+ *   net-tx  `frames` frames of 1514 bytes (broadcast, ethertype 0x88b5, the frame's number in
+ *           the first 8 payload bytes) sent as fast as the transmit ring takes them: every free
+ *           descriptor is filled, the ring published and notified, completions reclaimed.
+ *   net-rx  every receive buffer posted, "bench: start net-rx" printed (the host starts sending
+ *           when it reads that line), then frames of ethertype 0x88b5 counted until `frames`
+ *           have arrived; each used buffer goes straight back into the ring.
+ * Each frame is one descriptor (header and frame together, as VERSION_1 allows). The driver
+ * polls like a user-space (DPDK-style) one: it sets VRING_AVAIL_F_NO_INTERRUPT on both rings,
+ * reads no InterruptStatus during a phase, and notifies only when the device has not set
+ * VRING_USED_F_NO_NOTIFY. A phase with no progress for NB_TIMEOUT_TSC ends the run with
+ * "bench: error PHASE ...". */
+#define NB_QMAX 256
+#define NB_FRAME 1514
+#define NB_BUF (NET_HDR + ETH_MAX)
+#define NB_TIMEOUT_TSC 30000000000ull /* ~10 s at a 3 GHz TSC (7.5-30 s at 1-4 GHz) */
+#define AVAIL_F_NO_INTERRUPT 1
+#define USED_F_NO_NOTIFY 1
+
+struct nb_avail {
+    u16 flags, idx, ring[NB_QMAX], used_event;
+};
+struct nb_used {
+    u16 flags, idx;
+    struct { u32 id, len; } ring[NB_QMAX];
+    u16 avail_event;
+};
+static volatile struct vring_desc nb_rx_desc[NB_QMAX] __attribute__((aligned(16)));
+static volatile struct nb_avail nb_rx_avail __attribute__((aligned(2)));
+static volatile struct nb_used nb_rx_used __attribute__((aligned(4)));
+static volatile struct vring_desc nb_tx_desc[NB_QMAX] __attribute__((aligned(16)));
+static volatile struct nb_avail nb_tx_avail __attribute__((aligned(2)));
+static volatile struct nb_used nb_tx_used __attribute__((aligned(4)));
+static volatile u8 nb_rx_buf[NB_QMAX][NB_BUF] __attribute__((aligned(64)));
+static volatile u8 nb_tx_buf[NB_QMAX][NET_HDR + NB_FRAME] __attribute__((aligned(64)));
+static u16 nb_free[NB_QMAX];
+
+static inline void mfence(void) { __asm__ volatile("mfence" ::: "memory"); }
+
+/* Called every 64Ki polls without progress (TSC reads are kept out of the busy path: under
+ * PVM they may trap): *t is when this idle stretch began, taken at its first check. */
+static int idle_too_long(u64 *t, u64 idle) {
+    u64 now = rdtsc();
+    if (idle == 0x10000) *t = now;
+    return now - *t > NB_TIMEOUT_TSC;
+}
+
+/* Queue q on the rings given, as large as the device allows up to NB_QMAX (a power of two).
+ * Returns the size, or 0 after printing why not. */
+static u32 nb_setup_ring(u64 base, u32 q, volatile struct vring_desc *d, volatile struct nb_avail *a,
+                         volatile struct nb_used *u) {
+    wr(base, REG_QUEUE_SEL, q);
+    u32 max = rd(base, REG_QUEUE_NUM_MAX), n = NB_QMAX;
+    while (n > max) n >>= 1;
+    if (rd(base, REG_QUEUE_READY) || n < 2) {
+        puts("bench: error queue"); putdec(q); puts(" queue_num_max="); putdec(max); puts("\n");
+        return 0;
+    }
+    a->flags = AVAIL_F_NO_INTERRUPT;
+    a->idx = 0;
+    u->flags = 0;
+    u->idx = 0;
+    barrier();
+    wr(base, REG_QUEUE_NUM, n);
+    wr(base, REG_QUEUE_DESC_LOW, (u32)(u64)d);
+    wr(base, REG_QUEUE_DESC_HIGH, (u32)((u64)d >> 32));
+    wr(base, REG_QUEUE_DRIVER_LOW, (u32)(u64)a);
+    wr(base, REG_QUEUE_DRIVER_HIGH, (u32)((u64)a >> 32));
+    wr(base, REG_QUEUE_DEVICE_LOW, (u32)(u64)u);
+    wr(base, REG_QUEUE_DEVICE_HIGH, (u32)((u64)u >> 32));
+    wr(base, REG_QUEUE_READY, 1);
+    return n;
+}
+
+static u64 nb_publishes, nb_notifies; /* per phase: ring publications, and those notified */
+
+/* Publishes the avail index `idx` and notifies queue q unless the device said not to. */
+static void nb_publish(u64 base, u32 q, volatile struct nb_avail *a, volatile struct nb_used *u, u16 idx) {
+    barrier(); /* the descriptors and ring entries before the index that publishes them */
+    a->idx = idx;
+    mfence(); /* the index before reading the device's flag (a store, then a load) */
+    nb_publishes++;
+    if (!(u->flags & USED_F_NO_NOTIFY)) {
+        wr(base, REG_QUEUE_NOTIFY, q);
+        nb_notifies++;
+    }
+}
+
+/* The phase's end line, then (outside the phase) how the frames were batched. */
+static void nb_end(const char *name, u64 bytes, u64 ops) {
+    puts("bench: end "); puts(name); puts(" bytes="); putdec(bytes);
+    puts(" ops="); putdec(ops); puts("\n");
+    puts("bench: batching "); puts(name); puts(" publishes="); putdec(nb_publishes);
+    puts(" notifies="); putdec(nb_notifies); puts("\n");
+    nb_publishes = nb_notifies = 0;
+}
+
+static int nb_transmit(u64 base, u32 qn, const u8 *mac, u64 frames) {
+    for (u32 i = 0; i < qn; i++) {
+        volatile u8 *b = nb_tx_buf[i], *f = b + NET_HDR;
+        for (int j = 0; j < NET_HDR; j++) b[j] = 0;
+        for (int j = 0; j < 6; j++) {
+            f[j] = 0xff;
+            f[6 + j] = mac[j];
+        }
+        f[12] = NET_ETHERTYPE >> 8;
+        f[13] = NET_ETHERTYPE & 0xff;
+        for (int j = ETH_HLEN; j < NB_FRAME; j++) f[j] = 0;
+        nb_tx_desc[i].addr = (u64)b;
+        nb_tx_desc[i].len = NET_HDR + NB_FRAME;
+        nb_tx_desc[i].flags = 0;
+        nb_tx_desc[i].next = 0;
+        nb_free[i] = (u16)i;
+    }
+    u32 nfree = qn;
+    u16 ai = nb_tx_avail.idx, last = 0;
+    u64 sent = 0, done = 0, t = 0, idle = 0;
+    puts("bench: start net-tx\n");
+    while (done < frames) {
+        int progress = 0;
+        while (nb_tx_used.idx != last) {
+            barrier(); /* the used element only after the index that published it */
+            u32 id = nb_tx_used.ring[last % qn].id;
+            last++;
+            if (id >= qn || nfree == qn) {
+                puts("bench: error net-tx used_id="); putdec(id); puts("\n");
+                return 0;
+            }
+            nb_free[nfree++] = (u16)id;
+            done++;
+            progress = 1;
+        }
+        u16 start = ai;
+        while (sent < frames && nfree) {
+            u16 id = nb_free[--nfree];
+            *(volatile u64 *)(nb_tx_buf[id] + NET_HDR + ETH_HLEN) = sent;
+            nb_tx_avail.ring[ai % qn] = id;
+            ai++;
+            sent++;
+        }
+        if (ai != start) {
+            nb_publish(base, NET_TXQ, &nb_tx_avail, &nb_tx_used, ai);
+            progress = 1;
+        }
+        if (progress) {
+            idle = 0;
+        } else {
+            cpu_relax();
+            if ((++idle & 0xffff) == 0 && idle_too_long(&t, idle)) {
+                puts("bench: error net-tx timeout sent="); putdec(sent);
+                puts(" done="); putdec(done); puts("\n");
+                return 0;
+            }
+        }
+    }
+    nb_end("net-tx", frames * NB_FRAME, frames);
+    return 1;
+}
+
+static int nb_receive(u64 base, u32 qn, u64 frames) {
+    for (u32 i = 0; i < qn; i++) {
+        nb_rx_desc[i].addr = (u64)nb_rx_buf[i];
+        nb_rx_desc[i].len = NB_BUF;
+        nb_rx_desc[i].flags = DESC_F_WRITE;
+        nb_rx_desc[i].next = 0;
+        nb_rx_avail.ring[i] = (u16)i;
+    }
+    u16 ai = (u16)qn, last = 0;
+    barrier();
+    nb_rx_avail.idx = ai;
+    barrier();
+    wr(base, REG_QUEUE_NOTIFY, NET_RXQ); /* the first buffers are always announced */
+    u64 got = 0, bytes = 0, other = 0, t = 0, idle = 0;
+    puts("bench: start net-rx\n");
+    while (got < frames) {
+        u16 start = ai;
+        while (nb_rx_used.idx != last) {
+            barrier(); /* the used element and buffer only after the index that published them */
+            u32 id = nb_rx_used.ring[last % qn].id, len = nb_rx_used.ring[last % qn].len;
+            last++;
+            if (id >= qn) {
+                puts("bench: error net-rx used_id="); putdec(id); puts("\n");
+                return 0;
+            }
+            volatile u8 *f = nb_rx_buf[id] + NET_HDR;
+            u32 flen = len >= NET_HDR ? len - NET_HDR : 0;
+            if (flen >= ETH_HLEN && f[12] == (NET_ETHERTYPE >> 8) && f[13] == (NET_ETHERTYPE & 0xff)) {
+                got++;
+                bytes += flen;
+            } else {
+                other++; /* the host kernel's own traffic, if any: not counted */
+            }
+            nb_rx_avail.ring[ai % qn] = (u16)id; /* the buffer straight back */
+            ai++;
+        }
+        if (ai != start) {
+            nb_publish(base, NET_RXQ, &nb_rx_avail, &nb_rx_used, ai);
+            idle = 0;
+        } else {
+            cpu_relax();
+            if ((++idle & 0xffff) == 0 && idle_too_long(&t, idle)) {
+                puts("bench: error net-rx timeout received="); putdec(got);
+                puts(" other="); putdec(other); puts("\n");
+                return 0;
+            }
+        }
+    }
+    nb_end("net-rx", bytes, got);
+    return 1;
+}
+
+void bench_virtio_net(u64 frames) {
+    u64 base = find_device(ID_NET), offered;
+    if (!base) { puts("virtio: no device\n"); return; }
+    u64 wanted = F_VERSION_1 | NET_F_MAC;
+    int ok = negotiate(base, wanted, &offered);
+    if (!ok || (offered & wanted) != wanted) {
+        puts("bench: error features_ok=0 offered="); puthex(offered); puts("\n");
+        wr(base, REG_STATUS, S_FAILED);
+        return;
+    }
+    u32 rxn = nb_setup_ring(base, NET_RXQ, nb_rx_desc, &nb_rx_avail, &nb_rx_used);
+    u32 txn = rxn ? nb_setup_ring(base, NET_TXQ, nb_tx_desc, &nb_tx_avail, &nb_tx_used) : 0;
+    if (!txn) {
+        wr(base, REG_STATUS, S_FAILED);
+        return;
+    }
+    wr(base, REG_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+    u8 mac[6];
+    u32 gen;
+    int tries = 0;
+    do {
+        gen = rd(base, REG_CONFIG_GENERATION);
+        for (int i = 0; i < 6; i++) mac[i] = *(volatile u8 *)(base + REG_CONFIG + i);
+    } while (rd(base, REG_CONFIG_GENERATION) != gen && ++tries < 100);
+    puts("bench: mac="); putmac(mac);
+    puts(" rxq="); putdec(rxn); puts(" txq="); putdec(txn);
+    puts(" frames="); putdec(frames); puts("\n");
+    if (nb_transmit(base, txn, mac, frames) && nb_receive(base, rxn, frames)) {
+        wr(base, REG_INTERRUPT_ACK, rd(base, REG_INTERRUPT_STATUS));
+        puts("bench: done\n");
+    }
+}

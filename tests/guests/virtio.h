@@ -1,5 +1,5 @@
 /* Tests of the VMM's virtio-mmio devices, driven from inside the tiny test guest (virtio.c), and
- * the block benchmark bench/io runs. */
+ * the block and network benchmarks bench/io runs. */
 #ifndef GUEST_VIRTIO_H
 #define GUEST_VIRTIO_H
 
@@ -11,5 +11,6 @@ void test_virtio_features(void);
 void test_virtio_net(void);
 void test_virtio_vsock(void);
 void bench_virtio_blk(uint64_t mib, uint64_t ops);
+void bench_virtio_net(uint64_t frames);
 
 #endif

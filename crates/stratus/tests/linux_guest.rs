@@ -130,6 +130,7 @@ fn linux_network_over_a_tap_ping_and_tcp() {
 
 /// An ext4 disk image holding the guest-side vsock tool (tests/guest-tools/vsock-tool.c).
 fn tools_disk() -> std::path::PathBuf {
+    ensure_packages(&["libc6-dev", "linux-libc-dev", "e2fsprogs"]);
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-tools");
     let root = dir.join("root");
     std::fs::create_dir_all(&root).unwrap();

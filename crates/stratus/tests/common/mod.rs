@@ -282,3 +282,30 @@ impl Drop for TestNet {
 pub fn interactive_in(net: &TestNet, args: &[&str]) -> Interactive {
     Interactive::start_program("ip", &net.stratus_args(args))
 }
+
+/// Installs the Debian packages a test needs when they are missing (a fresh machine has
+/// neither the C library headers nor the kernel's uapi headers guaranteed).
+pub fn ensure_packages(packages: &[&str]) {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return;
+    }
+    println!("installing {missing:?} for the tests");
+    let _ = Command::new("apt-get").args(["update", "-q"]).status();
+    let status = Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .expect("apt-get");
+    assert!(status.success(), "installing {missing:?} failed");
+}
