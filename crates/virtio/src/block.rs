@@ -8,11 +8,12 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::{
-    available_chains, device_type, read_config_bytes, DeviceCounters, VirtioDevice, VIRTIO_F_VERSION_1,
+    available_chains, complete_chains, device_type, read_config_bytes, DeviceCounters, VirtioDevice,
+    VIRTIO_F_VERSION_1,
 };
 
 /// The guest-memory pieces holding `len` bytes of a chain's device-writable (`writable`) or
@@ -266,22 +267,13 @@ impl VirtioDevice for Block {
     fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
         let Some(queue) = queues.get_mut(index) else { return false };
         let chains = available_chains(queue, mem, &self.counters, "virtio-blk");
-        let mut used_any = false;
-        for chain in chains {
-            let head = chain.head_index();
-            let used = match self.execute(chain, mem) {
-                Ok(used) => used,
-                Err(()) => {
-                    // No room even for a status byte: the chain is returned untouched.
-                    self.counters.reject("virtio-blk", "a malformed descriptor chain");
-                    0
-                }
-            };
-            if queue.add_used(mem, head, used).is_ok() {
-                used_any = true;
-            }
-        }
-        used_any
+        complete_chains(queue, mem, chains, |chain| {
+            self.execute(chain, mem).unwrap_or_else(|()| {
+                // No room even for a status byte: the chain is returned untouched.
+                self.counters.reject("virtio-blk", "a malformed descriptor chain");
+                0
+            })
+        })
     }
 
     fn counters(&self) -> &DeviceCounters {

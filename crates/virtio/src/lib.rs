@@ -146,6 +146,23 @@ pub fn available_chains<'m>(
     }
 }
 
+/// Hands every chain to `handle` and returns it to the driver with the number of bytes
+/// `handle` wrote into it; true if any chain was returned (the driver is then interrupted).
+pub fn complete_chains<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+    chains: Vec<virtio_queue::DescriptorChain<&'m GuestMemoryMmap>>,
+    mut handle: impl FnMut(virtio_queue::DescriptorChain<&'m GuestMemoryMmap>) -> u32,
+) -> bool {
+    let mut used_any = false;
+    for chain in chains {
+        let head = chain.head_index();
+        let written = handle(chain);
+        used_any |= virtio_queue::QueueT::add_used(queue, mem, head, written).is_ok();
+    }
+    used_any
+}
+
 /// Copies `value`'s little-endian bytes at `offset` of a configuration space into `data`;
 /// reads past the end give zeros.
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {

@@ -11,7 +11,8 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::tap::{Tap, VNET_HDR_LEN};
 use crate::{
-    available_chains, device_type, read_config_bytes, DeviceCounters, VirtioDevice, VIRTIO_F_VERSION_1,
+    available_chains, complete_chains, device_type, read_config_bytes, DeviceCounters, VirtioDevice,
+    VIRTIO_F_VERSION_1,
 };
 
 /// The device completes partial checksums of frames the guest sends.
@@ -196,9 +197,8 @@ impl Net {
 
     /// Sends every frame the guest queued for transmission.
     fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let mut used_any = false;
-        for chain in available_chains(queue, mem, &self.counters, "virtio-net") {
-            let head = chain.head_index();
+        let chains = available_chains(queue, mem, &self.counters, "virtio-net");
+        complete_chains(queue, mem, chains, |chain| {
             match chain.reader(mem) {
                 Ok(mut reader) if (VNET_HDR_LEN..=MAX_FRAME).contains(&reader.available_bytes()) => {
                     let mut frame = vec![0u8; reader.available_bytes()];
@@ -220,11 +220,8 @@ impl Net {
                 Ok(_) => self.reject("a transmit chain shorter than its header or longer than a frame"),
                 Err(_) => self.reject("a malformed transmit chain"),
             }
-            if queue.add_used(mem, head, 0).is_ok() {
-                used_any = true;
-            }
-        }
-        used_any
+            0
+        })
     }
 }
 

@@ -3,10 +3,12 @@
 
 use std::sync::atomic::Ordering;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
-use crate::{available_chains, device_type, DeviceCounters, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::{
+    available_chains, complete_chains, device_type, DeviceCounters, VirtioDevice, VIRTIO_F_VERSION_1,
+};
 
 /// Most bytes handed out per request: a guest cannot make one request drain the host's RNG
 /// into gigabytes of its memory.
@@ -60,30 +62,25 @@ impl VirtioDevice for Rng {
 
     fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
         let Some(queue) = queues.get_mut(index) else { return false };
-        let mut used_any = false;
         let chains = available_chains(queue, mem, &self.counters, "virtio-rng");
-        for chain in chains {
-            let head = chain.head_index();
-            let mut written = 0u32;
-            match chain.writer(mem) {
-                Ok(mut writer) => {
-                    let len = writer.available_bytes().min(MAX_REQUEST_BYTES);
-                    let mut bytes = vec![0u8; len];
-                    if fill_random(&mut bytes) && std::io::Write::write_all(&mut writer, &bytes).is_ok() {
-                        written = len as u32;
-                        self.counters.requests.fetch_add(1, Ordering::Relaxed);
-                        self.counters.bytes.fetch_add(len as u64, Ordering::Relaxed);
-                    } else {
-                        self.counters.failed.fetch_add(1, Ordering::Relaxed);
-                    }
+        complete_chains(queue, mem, chains, |chain| match chain.writer(mem) {
+            Ok(mut writer) => {
+                let len = writer.available_bytes().min(MAX_REQUEST_BYTES);
+                let mut bytes = vec![0u8; len];
+                if fill_random(&mut bytes) && std::io::Write::write_all(&mut writer, &bytes).is_ok() {
+                    self.counters.requests.fetch_add(1, Ordering::Relaxed);
+                    self.counters.bytes.fetch_add(len as u64, Ordering::Relaxed);
+                    len as u32
+                } else {
+                    self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                    0
                 }
-                Err(_) => self.counters.reject("virtio-rng", "a malformed descriptor chain"),
             }
-            if queue.add_used(mem, head, written).is_ok() {
-                used_any = true;
+            Err(_) => {
+                self.counters.reject("virtio-rng", "a malformed descriptor chain");
+                0
             }
-        }
-        used_any
+        })
     }
 
     fn counters(&self) -> &DeviceCounters {

@@ -23,7 +23,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use crate::{
-    available_chains, device_type, read_config_bytes, DeviceCounters, VirtioDevice, VIRTIO_F_VERSION_1,
+    available_chains, complete_chains, device_type, read_config_bytes, DeviceCounters, VirtioDevice,
+    VIRTIO_F_VERSION_1,
 };
 use packet::{op, Header, HEADER_LEN, HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
 
@@ -456,9 +457,8 @@ impl Vsock {
 
     /// Reads the guest's transmit queue.
     fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let mut used_any = false;
-        for chain in available_chains(queue, mem, &self.counters, "virtio-vsock") {
-            let head = chain.head_index();
+        let chains = available_chains(queue, mem, &self.counters, "virtio-vsock");
+        complete_chains(queue, mem, chains, |chain| {
             let packet = chain.reader(mem).ok().and_then(|mut reader| {
                 let mut hdr = [0u8; HEADER_LEN];
                 reader.read_exact(&mut hdr).ok()?;
@@ -477,11 +477,8 @@ impl Vsock {
                 }
                 None => self.reject("a malformed packet"),
             }
-            if queue.add_used(mem, head, 0).is_ok() {
-                used_any = true;
-            }
-        }
-        used_any
+            0
+        })
     }
 
     /// Moves queued packets into the guest's receive buffers.
