@@ -75,6 +75,64 @@ pub fn format_mac(mac: &Mac) -> String {
     mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
+/// Writes one frame into as many receive chains as it needs: one, unless mergeable
+/// buffers were negotiated, in which case the header's `num_buffers` says how many.
+fn deliver(
+    frame: &mut [u8],
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    mergeable: bool,
+    counters: &DeviceCounters,
+) -> Delivery {
+    let start = queue.next_avail();
+    let mut writers = Vec::new();
+    let mut room = 0;
+    while room < frame.len() && (writers.is_empty() || mergeable) {
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            // Not enough buffers yet: give back what was taken and wait for more.
+            queue.set_next_avail(start);
+            return Delivery::NoBuffers;
+        };
+        let head = chain.head_index();
+        match chain.writer(mem) {
+            Ok(writer) => {
+                room += writer.available_bytes();
+                writers.push((head, Some(writer)));
+            }
+            Err(_) => {
+                counters.reject("virtio-net", "a malformed receive chain");
+                writers.push((head, None));
+                break;
+            }
+        }
+    }
+    let fits = room >= frame.len() && writers.iter().all(|(_, w)| w.is_some());
+    if !fits && writers.iter().all(|(_, w)| w.is_some()) {
+        counters.reject("virtio-net", "receive buffers too small for a frame; frame dropped");
+    }
+    frame[10..12].copy_from_slice(&(writers.len() as u16).to_le_bytes());
+    let mut offset = 0;
+    for (head, writer) in writers {
+        let mut written = 0;
+        if let (true, Some(mut writer)) = (fits, writer) {
+            let n = writer.available_bytes().min(frame.len() - offset);
+            if writer.write_all(&frame[offset..offset + n]).is_ok() {
+                written = n as u32;
+                offset += n;
+            }
+        }
+        // A used element per chain, even an empty one, so the guest gets every buffer back.
+        let _ = queue.add_used(mem, head, written);
+    }
+    if fits && offset == frame.len() {
+        counters.requests.fetch_add(1, Ordering::Relaxed);
+        counters.bytes.fetch_add((frame.len() - VNET_HDR_LEN) as u64, Ordering::Relaxed);
+        Delivery::Delivered
+    } else {
+        Delivery::Dropped
+    }
+}
+
 /// What became of a frame offered to the receive queue.
 enum Delivery {
     /// In the guest's buffers.
@@ -91,8 +149,10 @@ pub struct Net {
     config: [u8; 8],
     /// The guest accepted mergeable receive buffers: one frame may span several chains.
     mergeable: bool,
-    /// A frame read from the tap while the guest had no receive buffer for it.
-    pending: Option<Vec<u8>>,
+    /// Where frames from the tap are read.
+    rx_buf: Vec<u8>,
+    /// Length of a frame left in `rx_buf` while the guest had no receive buffer for it.
+    pending: Option<usize>,
     counters: DeviceCounters,
 }
 
@@ -101,98 +161,51 @@ impl Net {
     pub fn new(tap: Tap, mac: Mac) -> Self {
         let mut config = [0u8; 8];
         config[..6].copy_from_slice(&mac);
-        Self { tap, config, mergeable: false, pending: None, counters: DeviceCounters::default() }
+        Self {
+            tap,
+            config,
+            mergeable: false,
+            rx_buf: Vec::new(),
+            pending: None,
+            counters: DeviceCounters::default(),
+        }
     }
 
     fn reject(&self, what: &str) {
         self.counters.reject("virtio-net", what);
     }
 
-    /// Moves frames from the tap into receive buffers until either runs out.
+    /// Moves frames from the tap into receive buffers until either runs out. Frames are read
+    /// into one buffer kept for the device's life: no allocation per frame.
     fn receive(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let mut frame = std::mem::take(&mut self.rx_buf);
+        frame.resize(MAX_FRAME, 0);
         let mut used_any = false;
         loop {
-            let frame = match self.pending.take() {
-                Some(frame) => frame,
-                None => {
-                    let mut buf = vec![0u8; MAX_FRAME];
-                    match self.tap.read_frame(&mut buf) {
-                        Ok(n) if n >= VNET_HDR_LEN => {
-                            buf.truncate(n);
-                            buf
-                        }
-                        Ok(_) => continue,
-                        Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                        Err(_) => {
-                            self.counters.failed.fetch_add(1, Ordering::Relaxed);
-                            break;
-                        }
+            let len = match self.pending.take() {
+                Some(len) => len,
+                None => match self.tap.read_frame(&mut frame) {
+                    Ok(n) if n >= VNET_HDR_LEN => n,
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                        break;
                     }
-                }
+                },
             };
-            match self.deliver(&frame, queue, mem) {
+            match deliver(&mut frame[..len], queue, mem, self.mergeable, &self.counters) {
                 Delivery::Delivered | Delivery::Dropped => used_any = true,
                 Delivery::NoBuffers => {
-                    self.pending = Some(frame);
+                    // The frame stays in the buffer until the guest posts more.
+                    self.pending = Some(len);
                     break;
                 }
             }
         }
+        self.rx_buf = frame;
         used_any
-    }
-
-    /// Writes one frame into as many receive chains as it needs: one, unless mergeable
-    /// buffers were negotiated, in which case the header's `num_buffers` says how many.
-    fn deliver(&mut self, frame: &[u8], queue: &mut Queue, mem: &GuestMemoryMmap) -> Delivery {
-        let start = queue.next_avail();
-        let mut writers = Vec::new();
-        let mut room = 0;
-        while room < frame.len() && (writers.is_empty() || self.mergeable) {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                // Not enough buffers yet: give back what was taken and wait for more.
-                queue.set_next_avail(start);
-                return Delivery::NoBuffers;
-            };
-            let head = chain.head_index();
-            match chain.writer(mem) {
-                Ok(writer) => {
-                    room += writer.available_bytes();
-                    writers.push((head, Some(writer)));
-                }
-                Err(_) => {
-                    self.reject("a malformed receive chain");
-                    writers.push((head, None));
-                    break;
-                }
-            }
-        }
-        let fits = room >= frame.len() && writers.iter().all(|(_, w)| w.is_some());
-        if !fits && writers.iter().all(|(_, w)| w.is_some()) {
-            self.reject("receive buffers too small for a frame; frame dropped");
-        }
-        let mut frame = frame.to_vec();
-        frame[10..12].copy_from_slice(&(writers.len() as u16).to_le_bytes());
-        let mut offset = 0;
-        for (head, writer) in writers {
-            let mut written = 0;
-            if let (true, Some(mut writer)) = (fits, writer) {
-                let n = writer.available_bytes().min(frame.len() - offset);
-                if writer.write_all(&frame[offset..offset + n]).is_ok() {
-                    written = n as u32;
-                    offset += n;
-                }
-            }
-            // A used element per chain, even an empty one, so the guest gets every buffer back.
-            let _ = queue.add_used(mem, head, written);
-        }
-        if fits && offset == frame.len() {
-            self.counters.requests.fetch_add(1, Ordering::Relaxed);
-            self.counters.bytes.fetch_add((frame.len() - VNET_HDR_LEN) as u64, Ordering::Relaxed);
-            Delivery::Delivered
-        } else {
-            Delivery::Dropped
-        }
     }
 
     /// Sends every frame the guest queued for transmission.
