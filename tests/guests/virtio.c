@@ -8,42 +8,7 @@
 #include <stdint.h>
 #include "virtio.h"
 
-typedef uint64_t u64;
-typedef uint32_t u32;
-typedef uint16_t u16;
-typedef uint8_t u8;
-
-/* guest.c keeps its serial helpers static; this file carries its own small copies. */
-static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
-static inline u8 inb(u16 port) {
-    u8 v;
-    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
-    return v;
-}
-#define COM1 0x3f8
-static void putc(char c) {
-    while (!(inb(COM1 + 5) & 0x20)) {}
-    outb(COM1, (u8)c);
-}
-static void puts(const char *s) { while (*s) putc(*s++); }
-static void puthex(u64 v) {
-    puts("0x");
-    int started = 0;
-    for (int shift = 60; shift >= 0; shift -= 4) {
-        int d = (v >> shift) & 0xf;
-        if (d || started || shift == 0) {
-            putc("0123456789abcdef"[d]);
-            started = 1;
-        }
-    }
-}
-static void putdec(u64 v) {
-    char buf[21];
-    int i = 20;
-    buf[i] = 0;
-    do { buf[--i] = '0' + v % 10; v /= 10; } while (v);
-    puts(&buf[i]);
-}
+#include "console.h"
 
 /* x86 keeps stores in order and volatile keeps the compiler from reordering them: a compiler
  * barrier at each hand-over point is all the ring protocol needs. */
