@@ -474,6 +474,16 @@ static void puthex2(u8 v) {
     putc("0123456789abcdef"[v >> 4]);
     putc("0123456789abcdef"[v & 15]);
 }
+/* The mac, byte by byte as the spec sizes it (4.2.2.2), retried if the config moved. */
+static void read_mac(u64 base, u8 mac[6]) {
+    u32 gen;
+    int tries = 0;
+    do {
+        gen = rd(base, REG_CONFIG_GENERATION);
+        for (int i = 0; i < 6; i++) mac[i] = *(volatile u8 *)(base + REG_CONFIG + i);
+    } while (rd(base, REG_CONFIG_GENERATION) != gen && ++tries < 100);
+}
+
 static void putmac(const volatile u8 *m) {
     for (int i = 0; i < 6; i++) {
         if (i) putc(':');
@@ -519,14 +529,8 @@ void test_virtio_net(void) {
     }
     wr(base, REG_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
 
-    /* The mac, byte by byte as the spec sizes it (4.2.2.2), retried if the config moved. */
     u8 mac[6];
-    u32 gen;
-    int tries = 0;
-    do {
-        gen = rd(base, REG_CONFIG_GENERATION);
-        for (int i = 0; i < 6; i++) mac[i] = *(volatile u8 *)(base + REG_CONFIG + i);
-    } while (rd(base, REG_CONFIG_GENERATION) != gen && ++tries < 100);
+    read_mac(base, mac);
     puts(who); puts(": mac="); putmac(mac); puts(" features_ok=1\n");
 
     /* Receive buffers first, so the answer has somewhere to go: one descriptor each. */
@@ -1145,12 +1149,7 @@ void bench_virtio_net(u64 frames) {
     }
     wr(base, REG_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
     u8 mac[6];
-    u32 gen;
-    int tries = 0;
-    do {
-        gen = rd(base, REG_CONFIG_GENERATION);
-        for (int i = 0; i < 6; i++) mac[i] = *(volatile u8 *)(base + REG_CONFIG + i);
-    } while (rd(base, REG_CONFIG_GENERATION) != gen && ++tries < 100);
+    read_mac(base, mac);
     puts("bench: mac="); putmac(mac);
     puts(" rxq="); putdec(rxn); puts(" txq="); putdec(txn);
     puts(" frames="); putdec(frames); puts("\n");
