@@ -266,6 +266,195 @@ static void test_pvm(void) {
     puts("\n");
 }
 
+/* ---- time: the TSC as a clock, calibrated once against the i8254 PIT (1.193182 MHz) ---- */
+#define PIT_HZ 1193182u
+static u64 rdtsc(void) {
+    u32 lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((u64)hi << 32) | lo;
+}
+/* Channel ch's count, latched first so that the two byte reads belong together. */
+static u16 pit_count(int ch) {
+    outb(0x43, (u8)(ch << 6));
+    u8 lo = inb(0x40 + ch), hi = inb(0x40 + ch);
+    return (u16)(lo | hi << 8);
+}
+/* TSC cycles per 100 ms of PIT time on channel ch, counting down from 65536 in mode 2 (the
+ * latched count is read well within one 55 ms period, so the wraps are counted); 0 if the
+ * channel does not count. */
+static u64 pit_tsc_per_100ms(int ch) {
+    outb(0x43, (u8)(ch << 6 | 0x34)); /* lobyte/hibyte, mode 2, binary */
+    outb(0x40 + ch, 0);
+    outb(0x40 + ch, 0);
+    u16 prev = pit_count(ch), cur = prev;
+    for (int i = 0; i < 100000 && cur == prev; i++) cur = pit_count(ch);
+    if (cur == prev) return 0;
+    /* Start on a fresh count change, so the first read's latency is not in the interval. */
+    prev = cur;
+    while ((cur = pit_count(ch)) == prev) {}
+    u64 t0 = rdtsc(), ticks = 0;
+    while (ticks < PIT_HZ / 10) {
+        prev = cur;
+        cur = pit_count(ch);
+        ticks += (u16)(prev - cur);
+    }
+    return (rdtsc() - t0) * (PIT_HZ / 10) / ticks;
+}
+/* now_us() = TSC * us_mult >> 32: a multiply, no division, and no overflow for any TSC. */
+static u64 us_mult;
+static void time_init(void) {
+    /* Channel 2 first: its gate is port 0x61 bit 0 (speaker off, bit 1), and it raises no IRQ.
+     * Where 0x61 is not wired to the PIT, channel 0 (always gated) does the same job. */
+    outb(0x61, (inb(0x61) & ~0x02) | 0x01);
+    int ch = 2;
+    u64 per_100ms = pit_tsc_per_100ms(ch);
+    if (!per_100ms) per_100ms = pit_tsc_per_100ms(ch = 0);
+    if (ch == 0) { /* one last interrupt (mode 0) instead of one every 55 ms; IF is 0 anyway */
+        outb(0x43, 0x30);
+        outb(0x40, 1);
+        outb(0x40, 0);
+    }
+    if (!per_100ms) { puts("guest: no PIT counts; assuming a 1 GHz TSC\n"); per_100ms = 100000000; }
+    us_mult = ((u64)100000 << 32) / per_100ms;
+    puts("guest: tsc_mhz="); putdec((per_100ms + 50000) / 100000);
+    puts(" pit_channel="); putdec(ch); puts("\n");
+}
+static u64 now_us(void) { return (u64)(((unsigned __int128)rdtsc() * us_mult) >> 32); }
+
+/* Microseconds since *last, at most cap: a pause of the VM (or a TSC that jumped either way
+ * across a save and restore) counts as one short step, so periodic work carries on where it
+ * was instead of catching up in a burst or stalling. */
+static u64 step_us(u64 *last, u64 cap) {
+    u64 now = now_us(), d = now > *last ? now - *last : 0;
+    *last = now;
+    return d < cap ? d : cap;
+}
+
+/* ---- snapshot and dirty: guest halves of the save/restore and dirty-tracking benchmarks.
+ * Each keeps a pattern in RAM that 'c' on the serial port verifies, answers 'p' with "pong"
+ * (the first sign of life after a restore), ticks so that a restored VM visibly carries on
+ * from its count, and leaves on 'q'. Where KVM emulates every guest instruction (PVM running a
+ * guest that is not PVM-aware: about 1 us each), the bulk work uses rep stosq / repe scasq,
+ * which the emulator runs in the kernel some 7 times faster than a loop of moves. ---- */
+#define MIB (1ull << 20)
+#define PATTERN_BASE (16 * MIB) /* above the guest image, its stack, tables and dirty_gen */
+#define PATTERN_SEED 0x5354524154555321ull
+/* Both entries map the low 4 GiB, and RAM below 3 GiB is one range in both VMMs (Stratus's
+ * MMIO hole starts there; above it, RAM continues past 4 GiB, unmapped here). */
+#define MAPPED_RAM_TOP (3072 * MIB)
+/* Whether [start, end) is mapped RAM within one e820 entry (with no e820 table, trust it). */
+static int ram_covers(const u8 *zp, u64 start, u64 end) {
+    if (end > MAPPED_RAM_TOP) return 0;
+    u8 n = zp[0x1e8];
+    for (int i = 0; i < n; i++) {
+        const u8 *e = zp + 0x2d0 + i * 20;
+        u64 addr = *(const u64 *)e, size = *(const u64 *)(e + 8);
+        if (*(const u32 *)(e + 16) == 1 && addr <= start && end <= addr + size) return 1;
+    }
+    return !n;
+}
+
+/* The byte waiting on COM1, or -1. Polled every 20 us at most: each poll is an exit to the
+ * VMM, and on hardware KVM a tighter loop would load the VMM without answering sooner. */
+static int serial_poll(void) {
+    static u64 last;
+    u64 now = now_us();
+    if (now - last < 20 && now >= last) return -1;
+    last = now;
+    return (inb(COM1 + 5) & 0x01) ? inb(COM1) : -1;
+}
+
+/* The snapshot pattern: every word of a page holds the page's address XOR the seed, so a page
+ * lost, zeroed, stale or put at the wrong address shows. */
+static void fill_page(u64 addr) {
+    u64 *d = (u64 *)addr, n = 512;
+    __asm__ volatile("rep stosq" : "+D"(d), "+c"(n) : "a"(addr ^ PATTERN_SEED) : "memory");
+}
+/* The first word of the page that differs from the pattern, or 0. */
+static u64 check_page(u64 addr) {
+    u64 *d = (u64 *)addr, n = 512;
+    __asm__ volatile("repe scasq" : "+D"(d), "+c"(n) : "a"(addr ^ PATTERN_SEED) : "memory", "cc");
+    return d[-1] == (addr ^ PATTERN_SEED) ? 0 : (u64)(d - 1);
+}
+
+static void test_snapshot(const u8 *zp, u64 mib) {
+    u64 end = PATTERN_BASE + mib * MIB;
+    if (!ram_covers(zp, PATTERN_BASE, end)) {
+        puts("snapshot: fill_mib too large: the fill must end in RAM below 3 GiB\n");
+        return;
+    }
+    for (u64 a = PATTERN_BASE; a < end; a += 4096) fill_page(a);
+    puts("snapshot: filled "); putdec(mib); puts(" MiB\n");
+    u64 last = now_us(), acc = 0, tick = 0;
+    for (;;) {
+        acc += step_us(&last, 100000);
+        if (acc >= 100000) {
+            acc -= 100000;
+            puts("tick "); putdec(tick++); puts("\n");
+        }
+        int c = serial_poll();
+        if (c == 'p') puts("pong\n");
+        else if (c == 'q') return;
+        else if (c == 'c') {
+            u64 bad = 0;
+            for (u64 a = PATTERN_BASE; a < end && !bad; a += 4096) bad = check_page(a);
+            if (!bad) puts("check ok\n");
+            else { puts("check BAD at "); puthex(bad); puts("\n"); }
+        }
+    }
+}
+
+/* The last generation written to each page of the dirty region (3 MiB: enough for 3 GiB). */
+static u32 dirty_gen[(MAPPED_RAM_TOP - PATTERN_BASE) / 4096];
+static void dirty_write(u64 n) {
+    u32 g = ++dirty_gen[n];
+    /* The page number too, so that a page landing at the wrong address shows. */
+    *(volatile u64 *)(PATTERN_BASE + n * 4096) = n << 32 | g;
+}
+static void test_dirty(const u8 *zp, u64 rate_mib, u64 mib) {
+    u64 pages = mib * MIB / 4096;
+    if (!pages || !ram_covers(zp, PATTERN_BASE, PATTERN_BASE + mib * MIB)) {
+        puts("dirty: dirty_mib must be 1 or more, and the region end in RAM below 3 GiB\n");
+        return;
+    }
+    /* Generation 1 everywhere first: every page starts resident and checkable. */
+    for (u64 n = 0; n < pages; n++) dirty_write(n);
+    puts("dirty: running "); putdec(rate_mib); puts(" MiB/s over "); putdec(mib); puts(" MiB\n");
+    /* Pages owed = running time * rate, paid every ~10 ms with the next pages in turn. A debt
+     * beyond 20 ms worth (a rate faster than this vCPU writes) is dropped, so that the ticks
+     * and the serial port keep their pace and the guest simply dirties as fast as it can. */
+    u64 rate_pages = rate_mib * (MIB / 4096), quantum = rate_pages / 50 + 1;
+    u64 last = now_us(), run_us = 0, since_write = 0, since_tick = 0, paid = 0, next = 0, tick = 0;
+    for (;;) {
+        u64 d = step_us(&last, 1000000); /* a longer step only drops debt, see above */
+        run_us += d;
+        since_write += d;
+        since_tick += d;
+        if (since_write >= 10000) {
+            since_write = 0;
+            u64 owed = run_us * rate_pages / 1000000;
+            if (owed - paid > quantum) paid = owed - quantum;
+            for (; paid < owed; paid++) {
+                dirty_write(next);
+                if (++next == pages) next = 0;
+            }
+        }
+        if (since_tick >= 1000000) {
+            since_tick -= 1000000;
+            puts("tick "); putdec(tick++); puts("\n");
+        }
+        int c = serial_poll();
+        if (c == 'p') puts("pong\n");
+        else if (c == 'q') return;
+        else if (c == 'c') {
+            u64 n = 0;
+            while (n < pages && *(volatile u64 *)(PATTERN_BASE + n * 4096) == (n << 32 | dirty_gen[n])) n++;
+            if (n == pages) puts("check ok\n");
+            else { puts("check BAD page "); putdec(n); puts("\n"); }
+        }
+    }
+}
+
 static void test_triple_fault(void) {
     struct __attribute__((packed)) { u16 limit; u64 base; } empty = {0, 0};
     __asm__ volatile("lidt %0\n\tud2" ::"m"(empty));
@@ -292,6 +481,13 @@ void main(u8 *zero_page, u64 entry_rsp) {
     else if (streq(test, "blk-bench"))
         bench_virtio_blk(cmdline_u64(cmdline, "bench_mib", 64), cmdline_u64(cmdline, "bench_ops", 4096));
     else if (streq(test, "net-bench")) bench_virtio_net(cmdline_u64(cmdline, "bench_frames", 65536));
+    else if (streq(test, "snapshot")) {
+        time_init();
+        test_snapshot(zero_page, cmdline_u64(cmdline, "fill_mib", 16));
+    } else if (streq(test, "dirty")) {
+        time_init();
+        test_dirty(zero_page, cmdline_u64(cmdline, "rate_mib", 100), cmdline_u64(cmdline, "dirty_mib", 64));
+    }
     else if (test[0]) { puts("guest: unknown test\n"); }
 
     if (streq(exit_how, "poweroff")) acpi_poweroff();

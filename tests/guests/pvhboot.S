@@ -3,8 +3,8 @@
  * hvm_start_info) it identity-maps the low 4 GiB with 2 MiB pages (RAM and both VMMs'
  * virtio-mmio windows), enters long mode and jumps to start.S's _start with RSI pointing at a
  * stand-in zero page. That page carries only the command line (cmd_line_ptr, taken from the
- * start info's cmdline_paddr); the tests that read the rest of a real zero page (boot, memory)
- * are meant for the 64-bit-entry variants. */
+ * start info's cmdline_paddr) and the e820 table (from its memory map); the tests that read the
+ * rest of a real zero page (boot) are meant for the 64-bit-entry variants. */
     .section .note.Xen, "a", @note
     .p2align 2
     .long 4                     /* name size: "Xen\0" */
@@ -39,6 +39,26 @@ pvh_start:
     inc %ecx
     cmp $2048, %ecx
     jne 2b
+    /* The memory map (start info version 1 on) into the stand-in zero page's e820 table, for
+     * the tests that check a range is RAM: 24-byte entries become 20-byte ones, 128 at most. */
+    cld
+    cmpl $1, 4(%ebx)            /* hvm_start_info.version */
+    jb 4f
+    mov 0x28(%ebx), %esi        /* memmap_paddr (low half; below 4 GiB) */
+    mov 0x30(%ebx), %edx        /* memmap_entries */
+    cmp $128, %edx
+    jbe 3f
+    mov $128, %edx
+3:  mov %dl, pvh_zero_page + 0x1e8
+    mov $pvh_zero_page + 0x2d0, %edi
+    test %edx, %edx
+    jz 4f
+5:  mov $5, %ecx                /* addr, size, type */
+    rep movsl
+    add $4, %esi                /* skip the reserved word */
+    dec %edx
+    jnz 5b
+4:
     /* The command line into the stand-in zero page, before EBX is clobbered. */
     mov 0x18(%ebx), %eax        /* hvm_start_info.cmdline_paddr (low half; below 4 GiB) */
     mov %eax, pvh_zero_page + 0x228

@@ -8,8 +8,9 @@
 use acpi_tables::{aml, rsdp::Rsdp, sdt::GenericAddress, sdt::Sdt, Aml};
 
 use crate::layout::{
-    ACPI_END, ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_CONTROL_PORT,
-    ACPI_SLEEP_STATUS_PORT, APIC_START, COM1_IRQ, COM1_PORT, IOAPIC_START, PVPANIC_PORT,
+    ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT,
+    APIC_START, COM1_IRQ, COM1_PORT, GED_EVENT_GENERATION, GED_EVENT_POWER_BUTTON, GED_IRQ, GED_PORT,
+    IOAPIC_START, PVPANIC_PORT, VMGENID_ADDR,
 };
 
 const OEM_ID: [u8; 6] = *b"STRTUS";
@@ -86,9 +87,62 @@ fn dsdt(virtio: &[VirtioMmioDevice]) -> Sdt {
         aml::Device::new(path.as_str().into(), vec![&hid, &uid, &res]).to_aml_bytes(&mut body);
     }
 
+    ged(&mut body);
+
     let mut table = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"STRTDSDT", 1);
     table.append_slice(&body);
     table
+}
+
+/// The Generic Event Device and what it signals: the power button (the host asks for a
+/// graceful shutdown) and the VM generation id (the host restored the VM: reseed).
+fn ged(body: &mut Vec<u8>) {
+    let irq = aml::Interrupt::new(true, true, false, false, GED_IRQ);
+    let crs = aml::ResourceTemplate::new(vec![&irq]);
+    let hid = aml::Name::new("_HID".into(), &"ACPI0013");
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let res = aml::Name::new("_CRS".into(), &crs);
+    let port = GED_PORT as u32;
+    let one = 1u8;
+    let region = aml::OpRegion::new("GDST".into(), aml::OpRegionSpace::SystemIO, &port, &one);
+    let field = aml::Field::new(
+        "GDST".into(),
+        aml::FieldAccessType::Byte,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![aml::FieldEntry::Named(*b"GDAT", 8)],
+    );
+    let gdat = aml::Path::new("GDAT");
+    let read = aml::Store::new(&aml::Local(0), &gdat);
+    let power_bit = GED_EVENT_POWER_BUTTON;
+    let power_set = aml::And::new(&aml::Local(1), &aml::Local(0), &power_bit);
+    let power_pressed = aml::NotEqual::new(&power_set, &aml::ZERO);
+    let notify_value = 0x80u8;
+    let pwrb = aml::Path::new("\\_SB_.PWRB");
+    let notify_power = aml::Notify::new(&pwrb, &notify_value);
+    let on_power = aml::If::new(&power_pressed, vec![&notify_power]);
+    let generation_bit = GED_EVENT_GENERATION;
+    let generation_set = aml::And::new(&aml::Local(2), &aml::Local(0), &generation_bit);
+    let generation_changed = aml::NotEqual::new(&generation_set, &aml::ZERO);
+    let vgen = aml::Path::new("\\_SB_.VGEN");
+    let notify_generation = aml::Notify::new(&vgen, &notify_value);
+    let on_generation = aml::If::new(&generation_changed, vec![&notify_generation]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&read, &on_power, &on_generation]);
+    aml::Device::new("_SB_.GED_".into(), vec![&hid, &uid, &res, &region, &field, &evt]).to_aml_bytes(body);
+
+    let button = aml::EISAName::new("PNP0C0C");
+    let button_hid = aml::Name::new("_HID".into(), &button);
+    aml::Device::new("_SB_.PWRB".into(), vec![&button_hid, &uid]).to_aml_bytes(body);
+
+    let vgen_hid = aml::Name::new("_HID".into(), &"VMGENCTR");
+    let vgen_cid = aml::Name::new("_CID".into(), &"VM_Gen_Counter");
+    let vgen_ddn = aml::Name::new("_DDN".into(), &"VM_Gen_Counter");
+    let low = VMGENID_ADDR as u32;
+    let high = (VMGENID_ADDR >> 32) as u32;
+    let addr = aml::Package::new(vec![&low, &high]);
+    let vgen_addr = aml::Name::new("ADDR".into(), &addr);
+    aml::Device::new("_SB_.VGEN".into(), vec![&vgen_hid, &vgen_cid, &vgen_ddn, &vgen_addr])
+        .to_aml_bytes(body);
 }
 
 /// The FADT: hardware-reduced ACPI with a sleep control register for S5 and a reset register.
@@ -144,7 +198,8 @@ pub fn build(base: u64, vcpus: u32, virtio: &[VirtioMmioDevice]) -> Result<AcpiT
     xsdt.append(base + madt_off as u64);
     xsdt.update_checksum();
     let total = xsdt_off + xsdt.len();
-    let available = (ACPI_END - base) as usize;
+    // The tables end where the VM generation id's page begins.
+    let available = (VMGENID_ADDR - base) as usize;
     if total > available {
         return Err(AcpiError::TooLarge { needed: total, available });
     }

@@ -71,3 +71,16 @@ pub const ACPI_RESET_VALUE: u8 = 0x1;
 pub const ACPI_S5_SLEEP_TYPE: u8 = 5;
 /// pvpanic I/O port (ACPI device `QEMU0001`).
 pub const PVPANIC_PORT: u16 = 0x505;
+
+/// Generic Event Device register (ACPI `ACPI0013`): the guest's `_EVT` method reads, and so
+/// clears, the pending event bits (`GED_EVENT_*`).
+pub const GED_PORT: u16 = 0x610;
+/// The GED's interrupt (the IOAPIC's last pin; virtio devices use 5 to 22).
+pub const GED_IRQ: u32 = 23;
+/// GED event: the ACPI power button was pressed (graceful shutdown request).
+pub const GED_EVENT_POWER_BUTTON: u8 = 1 << 0;
+/// GED event: the VM generation id changed (a restore: the guest reseeds its RNG).
+pub const GED_EVENT_GENERATION: u8 = 1 << 1;
+/// The 16-byte VM generation id (ACPI `VMGENCTR`), in the reserved BIOS area after the ACPI
+/// tables.
+pub const VMGENID_ADDR: u64 = 0xf_f000;

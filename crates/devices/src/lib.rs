@@ -5,6 +5,7 @@
 pub mod acpi_pm;
 pub mod bus;
 pub mod exit;
+pub mod ged;
 pub mod i8042;
 pub mod pvpanic;
 pub mod serial;

@@ -9,6 +9,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 
+/// The 16550A receive FIFO, in bytes (vm-superio's, which it does not export).
+const UART_FIFO_SIZE: usize = 64;
+
 /// Raises the UART's interrupt by signalling its irqfd.
 pub struct IrqFdTrigger(pub EventFd);
 
@@ -38,6 +41,62 @@ impl Serial {
         }
         self.uart.enqueue_raw_bytes(&bytes[..room]).unwrap_or(0)
     }
+
+    /// The UART's registers and receive FIFO, for a snapshot.
+    pub fn state(&self) -> SerialState {
+        let s = self.uart.state();
+        SerialState {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            input: s.in_buffer,
+        }
+    }
+
+    /// A UART in a saved state, writing to `out` and interrupting through `irq`. A receive
+    /// FIFO longer than the UART's is cut to fit: console input is not worth failing over.
+    pub fn from_state(
+        state: &SerialState,
+        irq: EventFd,
+        out: Box<dyn Write + Send>,
+    ) -> std::io::Result<Self> {
+        let r = state.registers;
+        let mut input = state.input.clone();
+        input.truncate(UART_FIFO_SIZE);
+        let saved = vm_superio::serial::SerialState {
+            baud_divisor_low: r[0],
+            baud_divisor_high: r[1],
+            interrupt_enable: r[2],
+            interrupt_identification: r[3],
+            line_control: r[4],
+            line_status: r[5],
+            modem_control: r[6],
+            modem_status: r[7],
+            scratch: r[8],
+            in_buffer: input,
+        };
+        Uart::from_state(&saved, IrqFdTrigger(irq), vm_superio::serial::NoEvents, out)
+            .map(|uart| Self { uart })
+            .map_err(|e| std::io::Error::other(format!("restoring the UART: {e:?}")))
+    }
+}
+
+/// What a snapshot keeps of the UART: its nine registers (divisor low/high, IER, IIR, LCR,
+/// LSR, MCR, MSR, scratch) and the bytes waiting in its receive FIFO.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialState {
+    /// The registers in the order above.
+    pub registers: [u8; 9],
+    /// Received bytes the guest has not read.
+    pub input: Vec<u8>,
 }
 
 impl BusDevice for Serial {
@@ -91,6 +150,22 @@ mod tests {
         let mut c = [0u8];
         serial.read(0, &mut c);
         assert_eq!(c[0], b'o');
+    }
+
+    #[test]
+    fn state_round_trips_registers_and_pending_input() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut serial = Serial::new(irq, Box::new(std::io::sink()));
+        serial.write(3, &[0x1b]); // LCR
+        serial.write(7, &[0x5a]); // scratch
+        serial.enqueue_input(b"abc");
+        let state = serial.state();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut restored = Serial::from_state(&state, irq, Box::new(std::io::sink())).unwrap();
+        assert_eq!(restored.state(), state);
+        let mut c = [0u8];
+        restored.read(0, &mut c);
+        assert_eq!(c[0], b'a', "queued input survives");
     }
 
     #[test]

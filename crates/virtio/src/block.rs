@@ -8,8 +8,9 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
+use crate::GuestRam;
 use virtio_queue::Queue;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 use crate::{
     available_chains, complete_chains, device_type, read_config_bytes, DeviceCounters, VirtioDevice,
@@ -19,7 +20,7 @@ use crate::{
 /// The guest-memory pieces holding `len` bytes of a chain's device-writable (`writable`) or
 /// device-readable buffers, after skipping the first `skip` bytes of them.
 fn regions(
-    chain: &virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    chain: &virtio_queue::DescriptorChain<&GuestRam>,
     writable: bool,
     mut skip: usize,
     mut len: usize,
@@ -132,8 +133,8 @@ impl Block {
     /// Executes one request; returns (status, bytes written into guest memory before status).
     fn execute(
         &mut self,
-        chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
-        mem: &GuestMemoryMmap,
+        chain: virtio_queue::DescriptorChain<&GuestRam>,
+        mem: &GuestRam,
     ) -> Result<u32, ()> {
         let mut reader = chain.clone().reader(mem).map_err(|_| ())?;
         let mut data_writer = chain.clone().writer(mem).map_err(|_| ())?;
@@ -210,7 +211,7 @@ impl Block {
         &mut self,
         regions: &[(GuestAddress, usize)],
         offset: u64,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
         to_guest: bool,
     ) -> Result<(), ()> {
         (&self.file).seek(SeekFrom::Start(offset)).map_err(|_| ())?;
@@ -264,7 +265,7 @@ impl VirtioDevice for Block {
         read_config_bytes(&self.config, offset, data);
     }
 
-    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestRam) -> bool {
         let Some(queue) = queues.get_mut(index) else { return false };
         let chains = available_chains(queue, mem, &self.counters, "virtio-blk");
         complete_chains(queue, mem, chains, |chain| {

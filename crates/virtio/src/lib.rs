@@ -17,7 +17,9 @@ pub mod vsock;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
+/// Guest RAM as every device and the VMM see it: mmap-backed regions with a bitmap of the pages
+/// the VMM itself wrote (device DMA), which dirty-page tracking adds to KVM's own log.
+pub type GuestRam = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 use vmm_sys_util::eventfd::EventFd;
 
 /// VIRTIO_F_VERSION_1: the device is a modern (1.x) device.
@@ -33,6 +35,8 @@ pub mod device_type {
     pub const RNG: u32 = 4;
     /// Socket device.
     pub const VSOCK: u32 = 19;
+    /// Memory balloon.
+    pub const BALLOON: u32 = 5;
 }
 
 /// Interrupt status bit: a used buffer was added.
@@ -61,6 +65,11 @@ impl Interrupt {
     /// The pending interrupt bits.
     pub fn status(&self) -> u32 {
         self.status.load(Ordering::SeqCst)
+    }
+
+    /// Sets the pending bits, as a snapshot saved them.
+    pub fn set_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
     }
 
     /// Clears the bits the driver acknowledged.
@@ -114,18 +123,32 @@ pub trait VirtioDevice: Send {
     /// Handles the driver's notification of queue `index` (all queues are passed: a kick on
     /// one may let work on another go on); returns true if used buffers were added (the
     /// transport then interrupts the driver).
-    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool;
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestRam) -> bool;
     /// Host-side descriptors the device waits on (a tap, a socket), watched edge-triggered by
     /// the event loop: the device must consume until it would block, or remember to resume.
     fn host_fds(&self) -> Vec<std::os::fd::RawFd> {
         Vec::new()
     }
     /// `host_fds()[index]` became ready; returns true if used buffers were added.
-    fn process_host_event(&mut self, _index: usize, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> bool {
+    fn process_host_event(&mut self, _index: usize, _queues: &mut [Queue], _mem: &GuestRam) -> bool {
         false
     }
     /// The device's counters.
     fn counters(&self) -> &DeviceCounters;
+    /// Device state a snapshot must keep beyond what the transport holds (queues, features),
+    /// in the device's own encoding; most devices have none.
+    fn save(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// Takes back what `save` gave, from a snapshot (hostile input: validate it).
+    fn load(&mut self, _saved: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+    /// The VM was restored from a snapshot into a new process: host-side connections the
+    /// guest knew are gone. Returns true if used buffers were added (an event for the guest).
+    fn restored(&mut self, _queues: &mut [Queue], _mem: &GuestRam) -> bool {
+        false
+    }
 }
 
 /// Takes every chain the driver made available. An available ring that cannot be read (an
@@ -133,10 +156,10 @@ pub trait VirtioDevice: Send {
 /// once as the driver's error.
 pub fn available_chains<'m>(
     queue: &mut Queue,
-    mem: &'m GuestMemoryMmap,
+    mem: &'m GuestRam,
     counters: &DeviceCounters,
     device: &str,
-) -> Vec<virtio_queue::DescriptorChain<&'m GuestMemoryMmap>> {
+) -> Vec<virtio_queue::DescriptorChain<&'m GuestRam>> {
     match virtio_queue::QueueOwnedT::iter(queue, mem) {
         Ok(iter) => iter.collect(),
         Err(_) => {
@@ -150,9 +173,9 @@ pub fn available_chains<'m>(
 /// `handle` wrote into it; true if any chain was returned (the driver is then interrupted).
 pub fn complete_chains<'m>(
     queue: &mut Queue,
-    mem: &'m GuestMemoryMmap,
-    chains: Vec<virtio_queue::DescriptorChain<&'m GuestMemoryMmap>>,
-    mut handle: impl FnMut(virtio_queue::DescriptorChain<&'m GuestMemoryMmap>) -> u32,
+    mem: &'m GuestRam,
+    chains: Vec<virtio_queue::DescriptorChain<&'m GuestRam>>,
+    mut handle: impl FnMut(virtio_queue::DescriptorChain<&'m GuestRam>) -> u32,
 ) -> bool {
     let mut used_any = false;
     for chain in chains {

@@ -4,9 +4,9 @@
 
 use std::sync::Arc;
 
+use crate::GuestRam;
 use stratus_devices::BusDevice;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
@@ -84,9 +84,17 @@ pub mod status {
     pub const FAILED: u32 = 0x80;
 }
 
-/// Errors creating a transport.
+/// Errors creating or restoring a transport.
 #[derive(Debug, thiserror::Error)]
 pub enum MmioError {
+    /// A saved state does not fit this device.
+    #[error("virtio device {slot}: saved state does not fit: {reason}")]
+    State {
+        /// Which device (its index).
+        slot: usize,
+        /// What did not fit.
+        reason: String,
+    },
     /// A queue could not be created with the device's size.
     #[error("virtio device type {0}: invalid queue size")]
     QueueSize(u32),
@@ -98,7 +106,7 @@ pub enum MmioError {
 /// One device behind its virtio-mmio registers.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     interrupt: Arc<Interrupt>,
     queues: Vec<Queue>,
     queue_events: Vec<EventFd>,
@@ -110,11 +118,171 @@ pub struct MmioTransport {
     config_generation: u32,
 }
 
+/// One queue's position and layout, as a snapshot keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueState {
+    /// The size the device offers.
+    pub max_size: u16,
+    /// The size the driver chose.
+    pub size: u16,
+    /// The driver made the queue live.
+    pub ready: bool,
+    /// Next available-ring entry the device will take.
+    pub next_avail: u16,
+    /// Next used-ring entry the device will fill.
+    pub next_used: u16,
+    /// VIRTIO_F_RING_EVENT_IDX was negotiated.
+    pub event_idx: bool,
+    /// Guest addresses of the descriptor table, available ring and used ring.
+    pub desc_table: u64,
+    /// See `desc_table`.
+    pub avail_ring: u64,
+    /// See `desc_table`.
+    pub used_ring: u64,
+}
+
+/// Everything a snapshot keeps of one device behind its transport.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportState {
+    /// The virtio device type, checked on restore.
+    pub device_type: u32,
+    /// Device status register.
+    pub status: u32,
+    /// Features the driver wrote (acknowledged when FEATURES_OK is set).
+    pub driver_features: u64,
+    /// Selector registers.
+    pub queue_sel: u32,
+    /// See `queue_sel`.
+    pub device_features_sel: u32,
+    /// See `queue_sel`.
+    pub driver_features_sel: u32,
+    /// Configuration generation counter.
+    pub config_generation: u32,
+    /// Pending interrupt bits.
+    pub interrupt_status: u32,
+    /// The queues in order.
+    pub queues: Vec<QueueState>,
+    /// The device's own state (`VirtioDevice::save`).
+    pub device: Vec<u8>,
+}
+
 impl MmioTransport {
+    /// The transport's and device's state, for a snapshot; the VM must be paused.
+    pub fn state(&self) -> TransportState {
+        TransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            queues: self
+                .queues
+                .iter()
+                .map(|q| {
+                    let s = q.state();
+                    QueueState {
+                        max_size: s.max_size,
+                        size: s.size,
+                        ready: s.ready,
+                        next_avail: s.next_avail,
+                        next_used: s.next_used,
+                        event_idx: s.event_idx_enabled,
+                        desc_table: s.desc_table,
+                        avail_ring: s.avail_ring,
+                        used_ring: s.used_ring,
+                    }
+                })
+                .collect(),
+            device: self.device.save(),
+        }
+    }
+
+    /// Puts the transport and device (device number `slot`) back in a saved state. The state
+    /// comes from a file: anything that does not fit this device is refused, and a queue
+    /// that is not valid in guest memory marks the device as needing a reset.
+    pub fn restore(&mut self, slot: usize, state: &TransportState) -> Result<(), MmioError> {
+        let misfit = |reason: String| MmioError::State { slot, reason };
+        if state.device_type != self.device.device_type() {
+            return Err(misfit(format!(
+                "saved as device type {}, configured as type {}",
+                state.device_type,
+                self.device.device_type()
+            )));
+        }
+        if state.queues.len() != self.queues.len() {
+            return Err(misfit(format!(
+                "{} queues saved, the device has {}",
+                state.queues.len(),
+                self.queues.len()
+            )));
+        }
+        let offered = self.device.features();
+        if state.status & status::FEATURES_OK != 0 && state.driver_features & !offered != 0 {
+            return Err(misfit(format!(
+                "the driver had features {:#x} this device does not offer ({offered:#x})",
+                state.driver_features & !offered
+            )));
+        }
+        let mut queues = Vec::with_capacity(state.queues.len());
+        for (i, (saved, current)) in state.queues.iter().zip(&self.queues).enumerate() {
+            if saved.max_size != current.max_size() {
+                return Err(misfit(format!(
+                    "queue {i} was {} entries at most, the device offers {}",
+                    saved.max_size,
+                    current.max_size()
+                )));
+            }
+            let queue = Queue::try_from(virtio_queue::QueueState {
+                max_size: saved.max_size,
+                next_avail: saved.next_avail,
+                next_used: saved.next_used,
+                event_idx_enabled: saved.event_idx,
+                size: saved.size,
+                ready: saved.ready,
+                desc_table: saved.desc_table,
+                avail_ring: saved.avail_ring,
+                used_ring: saved.used_ring,
+            })
+            .map_err(|e| misfit(format!("queue {i}: {e:?}")))?;
+            queues.push(queue);
+        }
+        self.device.load(&state.device).map_err(misfit)?;
+        self.queues = queues;
+        self.status = state.status;
+        self.driver_features = state.driver_features;
+        self.queue_sel = state.queue_sel;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.config_generation = state.config_generation;
+        self.interrupt.set_status(state.interrupt_status);
+        if self.status & status::FEATURES_OK != 0 {
+            self.device.ack_features(self.driver_features);
+        }
+        if self.status & status::DRIVER_OK != 0
+            && !self.queues.iter().all(|q| !q.ready() || q.is_valid(&self.mem))
+        {
+            self.status |= status::DEVICE_NEEDS_RESET;
+        }
+        Ok(())
+    }
+
+    /// Tells a live device that it now runs in a restored VM (see `VirtioDevice::restored`).
+    pub fn restored(&mut self) {
+        if self.status & status::DRIVER_OK == 0 || self.status & status::DEVICE_NEEDS_RESET != 0 {
+            return;
+        }
+        if self.device.restored(&mut self.queues, &self.mem) {
+            self.interrupt.signal_used();
+        }
+    }
+
     /// Puts `device` behind virtio-mmio registers, interrupting through `interrupt`.
     pub fn new(
         device: Box<dyn VirtioDevice>,
-        mem: GuestMemoryMmap,
+        mem: GuestRam,
         interrupt: Arc<Interrupt>,
     ) -> Result<Self, MmioError> {
         let kind = device.device_type();

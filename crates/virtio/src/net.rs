@@ -6,8 +6,8 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 
+use crate::GuestRam;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use crate::tap::{Tap, VNET_HDR_LEN};
 use crate::{
@@ -80,7 +80,7 @@ pub fn format_mac(mac: &Mac) -> String {
 fn deliver(
     frame: &mut [u8],
     queue: &mut Queue,
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     mergeable: bool,
     counters: &DeviceCounters,
 ) -> Delivery {
@@ -177,7 +177,7 @@ impl Net {
 
     /// Moves frames from the tap into receive buffers until either runs out. Frames are read
     /// into one buffer kept for the device's life: no allocation per frame.
-    fn receive(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    fn receive(&mut self, queue: &mut Queue, mem: &GuestRam) -> bool {
         let mut frame = std::mem::take(&mut self.rx_buf);
         frame.resize(MAX_FRAME, 0);
         let mut used_any = false;
@@ -209,7 +209,7 @@ impl Net {
     }
 
     /// Sends every frame the guest queued for transmission.
-    fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    fn transmit(&mut self, queue: &mut Queue, mem: &GuestRam) -> bool {
         let chains = available_chains(queue, mem, &self.counters, "virtio-net");
         complete_chains(queue, mem, chains, |chain| {
             match chain.reader(mem) {
@@ -283,7 +283,7 @@ impl VirtioDevice for Net {
         read_config_bytes(&self.config[..6], offset, data);
     }
 
-    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestRam) -> bool {
         match (index, queues) {
             // New receive buffers: frames waiting on the tap can go in now.
             (RX, [rx, ..]) => self.receive(rx, mem),
@@ -296,7 +296,7 @@ impl VirtioDevice for Net {
         vec![self.tap.as_raw_fd()]
     }
 
-    fn process_host_event(&mut self, _index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+    fn process_host_event(&mut self, _index: usize, queues: &mut [Queue], mem: &GuestRam) -> bool {
         match queues.get_mut(RX) {
             Some(rx) if rx.ready() => self.receive(rx, mem),
             _ => false,

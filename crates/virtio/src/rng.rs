@@ -3,8 +3,8 @@
 
 use std::sync::atomic::Ordering;
 
+use crate::GuestRam;
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 
 use crate::{
     available_chains, complete_chains, device_type, DeviceCounters, VirtioDevice, VIRTIO_F_VERSION_1,
@@ -60,7 +60,7 @@ impl VirtioDevice for Rng {
         data.fill(0);
     }
 
-    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestRam) -> bool {
         let Some(queue) = queues.get_mut(index) else { return false };
         let chains = available_chains(queue, mem, &self.counters, "virtio-rng");
         complete_chains(queue, mem, chains, |chain| match chain.writer(mem) {

@@ -3,8 +3,9 @@
 
 use std::sync::Arc;
 
+use crate::GuestRam;
 use stratus_devices::BusDevice;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::mmio::{reg, status, MmioTransport};
@@ -24,7 +25,7 @@ pub const F_WRITE: u16 = 2;
 pub const F_NEXT: u16 = 1;
 
 pub struct Driver {
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestRam,
     pub transport: MmioTransport,
     avail_idx: [u16; 3],
     queues: u32,
@@ -45,7 +46,7 @@ pub fn read32(t: &mut MmioTransport, offset: u64) -> u32 {
 impl Driver {
     /// A transport for `device` with memory, not yet initialised.
     pub fn new(device: Box<dyn VirtioDevice>) -> Self {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
         let transport = MmioTransport::new(device, mem.clone(), interrupt).unwrap();
         Self { mem, transport, avail_idx: [0; 3], queues: 1, current: 0 }

@@ -1,14 +1,16 @@
-//! The serial console on the terminal: the VMM's main loop waits for the guest to stop while
+//! The serial console: where the guest's UART output goes (`ConsoleConfig`: the VMM's stdout,
+//! a file, or a Unix socket an agent attaches to), and on a terminal: the VMM's main loop waits for the guest to stop while
 //! it forwards standard input to the UART. On a terminal, input is raw (every key goes to the
 //! guest, Ctrl-C included) and Ctrl-A then `x` stops the VM.
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use stratus_devices::bus::lock;
-use stratus_devices::GuestExit;
+use std::sync::Mutex;
 
-use crate::vm::RunningVm;
+use stratus_devices::bus::lock;
+use stratus_devices::serial::Serial;
+use stratus_devices::{ExitSignal, GuestExit};
 
 /// Ctrl-A: the escape key.
 const ESCAPE: u8 = 0x01;
@@ -64,18 +66,18 @@ pub enum ConsoleEnd {
 
 /// Forwards standard input to the guest until the guest stops (or the user escapes, when
 /// `escape` is set: stdin is a terminal).
-pub fn run(vm: &RunningVm, escape: bool) -> ConsoleEnd {
+pub fn run(exit: &ExitSignal, serial: &Mutex<Serial>, escape: bool) -> ConsoleEnd {
     let stdin = std::io::stdin();
     let stdin_fd = stdin.as_raw_fd();
     let mut stdin_open = true;
     let mut pending: Vec<u8> = Vec::new();
     let mut saw_escape = false;
     loop {
-        if let Some(reason) = vm.exit.reason() {
+        if let Some(reason) = exit.reason() {
             return ConsoleEnd::Guest(reason);
         }
         let mut fds = [
-            libc::pollfd { fd: vm.exit.event().as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: exit.event().as_raw_fd(), events: libc::POLLIN, revents: 0 },
             libc::pollfd {
                 fd: if stdin_open && pending.is_empty() { stdin_fd } else { -1 },
                 events: libc::POLLIN,
@@ -113,8 +115,154 @@ pub fn run(vm: &RunningVm, escape: bool) -> ConsoleEnd {
             }
         }
         if !pending.is_empty() {
-            let taken = lock(&vm.serial).enqueue_input(&pending);
+            let taken = lock(serial).enqueue_input(&pending);
             pending.drain(..taken);
         }
+    }
+}
+
+/// Where the guest's serial console goes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ConsoleConfig {
+    /// The VMM's standard output (input from its standard input).
+    #[default]
+    Stdout,
+    /// Appended to a file; no input.
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+    },
+    /// A Unix socket: one client at a time reads the output and writes input; output while
+    /// nobody is attached is kept (the last 64 KiB) and replayed to the next client.
+    Socket {
+        /// The socket's path.
+        path: std::path::PathBuf,
+    },
+    /// Discarded.
+    None,
+}
+
+impl ConsoleConfig {
+    /// Opens the console's output; for a socket, also starts the thread that accepts clients
+    /// and feeds their input to `serial` (once it exists: the slot is filled after the VM is
+    /// built).
+    pub fn open(
+        &self,
+        input: std::sync::Arc<Mutex<Option<std::sync::Arc<Mutex<Serial>>>>>,
+    ) -> std::io::Result<Box<dyn std::io::Write + Send>> {
+        match self {
+            ConsoleConfig::Stdout => Ok(Box::new(std::io::stdout())),
+            ConsoleConfig::File { path } => {
+                let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+                Ok(Box::new(file))
+            }
+            ConsoleConfig::Socket { path } => Ok(Box::new(SocketConsole::listen(path, input)?)),
+            ConsoleConfig::None => Ok(Box::new(std::io::sink())),
+        }
+    }
+}
+
+/// Output kept for a client that attaches later.
+const CONSOLE_BACKLOG: usize = 64 << 10;
+
+#[derive(Default)]
+struct Attached {
+    client: Option<std::os::unix::net::UnixStream>,
+    backlog: std::collections::VecDeque<u8>,
+}
+
+/// The console on a Unix socket (see `ConsoleConfig::Socket`).
+pub struct SocketConsole {
+    shared: std::sync::Arc<Mutex<Attached>>,
+}
+
+impl SocketConsole {
+    fn listen(
+        path: &std::path::Path,
+        input: std::sync::Arc<Mutex<Option<std::sync::Arc<Mutex<Serial>>>>>,
+    ) -> std::io::Result<Self> {
+        let _ = std::fs::remove_file(path);
+        let listener = std::os::unix::net::UnixListener::bind(path)?;
+        let shared = std::sync::Arc::new(Mutex::new(Attached::default()));
+        let accept_shared = shared.clone();
+        std::thread::Builder::new().name("console".into()).spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let Ok(mut reader) = stream.try_clone() else { continue };
+                {
+                    use std::io::Write;
+                    let mut attached = lock(&accept_shared);
+                    let backlog: Vec<u8> = attached.backlog.drain(..).collect();
+                    let mut writer = &stream;
+                    let _ = writer.write_all(&backlog);
+                    attached.client = Some(stream);
+                }
+                // This client's input goes to the UART until it leaves.
+                let mut buf = [0u8; 256];
+                loop {
+                    let n = match reader.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let mut pending = &buf[..n];
+                    while !pending.is_empty() {
+                        let serial = lock(&input).clone();
+                        let taken = serial.map(|s| lock(&s).enqueue_input(pending)).unwrap_or(pending.len());
+                        pending = &pending[taken..];
+                        if taken == 0 {
+                            std::thread::sleep(std::time::Duration::from_millis(2));
+                        }
+                    }
+                }
+                lock(&accept_shared).client = None;
+            }
+        })?;
+        Ok(Self { shared })
+    }
+}
+
+/// Sends what the client's socket takes now without blocking (a client that stops reading
+/// must not stall the vCPU writing to the UART); `None` when the client is gone.
+fn send_now(client: &std::os::unix::net::UnixStream, data: &[u8]) -> Option<usize> {
+    // SAFETY: `data` is valid for `len` bytes; MSG_DONTWAIT never blocks, MSG_NOSIGNAL turns
+    // a closed peer into EPIPE instead of SIGPIPE.
+    let n = unsafe {
+        libc::send(
+            client.as_raw_fd(),
+            data.as_ptr().cast(),
+            data.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n >= 0 {
+        return Some(n as usize);
+    }
+    let err = std::io::Error::last_os_error().kind();
+    (err == std::io::ErrorKind::WouldBlock || err == std::io::ErrorKind::Interrupted).then_some(0)
+}
+
+impl std::io::Write for SocketConsole {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let mut attached = lock(&self.shared);
+        attached.backlog.extend(data);
+        if let Some(client) = attached.client.take() {
+            // Send what waits, oldest first; what the client cannot take yet stays queued.
+            let (front, _) = attached.backlog.as_slices();
+            let front = front.to_vec();
+            match send_now(&client, &front) {
+                Some(n) => {
+                    attached.backlog.drain(..n);
+                    attached.client = Some(client);
+                }
+                None => {}
+            }
+        }
+        let excess = attached.backlog.len().saturating_sub(CONSOLE_BACKLOG);
+        attached.backlog.drain(..excess);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }

@@ -10,16 +10,41 @@ use std::thread::JoinHandle;
 use stratus_devices::bus::lock;
 use stratus_virtio::mmio::MmioTransport;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::control::RunControl;
 
 /// Token bit marking a device's host descriptor rather than a queue.
 const HOST_FD: u64 = 0x8000;
+/// Token of the wake-up eventfd (a pause request).
+const WAKE: u64 = u64::MAX;
 
-/// Starts the event loop for `transports`; it runs for the life of the VMM process.
-pub fn spawn(transports: Vec<Arc<Mutex<MmioTransport>>>) -> std::io::Result<Option<JoinHandle<()>>> {
+/// The running device thread.
+pub struct DeviceThread {
+    wake: EventFd,
+    _handle: JoinHandle<()>,
+}
+
+impl DeviceThread {
+    /// Wakes the thread so that it sees a pause request.
+    pub fn wake(&self) {
+        let _ = self.wake.write(1);
+    }
+}
+
+/// Starts the event loop for `transports`; it runs for the life of the VMM process and parks
+/// at `control`'s checkpoint when the VM is paused.
+pub fn spawn(
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    control: Arc<RunControl>,
+) -> std::io::Result<Option<DeviceThread>> {
     if transports.is_empty() {
         return Ok(None);
     }
     let epoll = Epoll::new()?;
+    let wake = EventFd::new(libc::EFD_NONBLOCK)?;
+    epoll.ctl(ControlOperation::Add, wake.as_raw_fd(), EpollEvent::new(EventSet::IN, WAKE))?;
+    let wake_in_thread = wake.try_clone()?;
     for (dev, transport) in transports.iter().enumerate() {
         let t = lock(transport);
         for (queue, evt) in t.queue_events().iter().enumerate() {
@@ -37,6 +62,7 @@ pub fn spawn(transports: Vec<Arc<Mutex<MmioTransport>>>) -> std::io::Result<Opti
             )?;
         }
     }
+    control.join();
     let handle =
         std::thread::Builder::new().name("devices".into()).stack_size(256 << 10).spawn(move || {
             let mut events = vec![EpollEvent::default(); 64];
@@ -46,11 +72,17 @@ pub fn spawn(transports: Vec<Arc<Mutex<MmioTransport>>>) -> std::io::Result<Opti
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         eprintln!("[stratus] device event loop stopped: {e}");
+                        control.leave();
                         return;
                     }
                 };
                 for event in &events[..n] {
                     let token = event.data();
+                    if token == WAKE {
+                        let _ = wake_in_thread.read();
+                        control.checkpoint();
+                        continue;
+                    }
                     let dev = (token >> 16) as usize;
                     let Some(transport) = transports.get(dev) else { continue };
                     let mut t = lock(transport);
@@ -67,5 +99,5 @@ pub fn spawn(transports: Vec<Arc<Mutex<MmioTransport>>>) -> std::io::Result<Opti
                 }
             }
         })?;
-    Ok(Some(handle))
+    Ok(Some(DeviceThread { wake, _handle: handle }))
 }

@@ -5,16 +5,22 @@
 //! per vCPU (`vcpu`). `console` connects the guest's serial port to a terminal. On PVM hosts
 //! `pvm` completes the instructions KVM's emulator cannot.
 
+pub mod api;
 pub mod console;
+pub mod control;
 pub mod event_loop;
 pub mod kvm;
+pub mod kvm_stats;
 pub mod loader;
 pub mod memory;
+pub mod metrics;
 pub mod pvm;
+pub mod service;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 
 pub use loader::BootSource;
 pub use stratus_devices::GuestExit;
 pub use stratus_virtio::net::parse_mac;
-pub use vm::{start, DiskConfig, NetConfig, RunningVm, VmConfig, VmError, VsockConfig};
+pub use vm::{create, start, DiskConfig, Launch, NetConfig, RunningVm, Vm, VmConfig, VmError, VsockConfig};

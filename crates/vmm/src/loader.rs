@@ -10,7 +10,8 @@ use stratus_arch::boot::{self, BootInfo, InitrdPlacement};
 use stratus_arch::cpu_state::{gdt_for, identity_page_tables, EntryMode};
 use stratus_arch::layout::*;
 use stratus_arch::memory_map::e820_map;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use stratus_virtio::GuestRam;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 /// Errors loading what the guest boots.
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +58,7 @@ pub enum LoadError {
 }
 
 /// What to boot.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BootSource {
     /// ELF vmlinux or bzImage.
     pub kernel: PathBuf,
@@ -103,7 +104,7 @@ fn read_setup_header(file: &mut File, path: &Path) -> Result<Vec<u8>, LoadError>
 /// Loads everything for `source` into `mem` for a VM of `vcpus` CPUs whose ACPI tables name the
 /// `virtio` devices, and returns how the boot CPU enters the kernel.
 pub fn load(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     source: &BootSource,
     vcpus: u32,
     virtio: &[stratus_arch::acpi::VirtioMmioDevice],
@@ -188,7 +189,7 @@ pub fn load(
     Ok(mode)
 }
 
-fn load_initrd(mem: &GuestMemoryMmap, path: &Path, kernel_end: u64) -> Result<InitrdPlacement, LoadError> {
+fn load_initrd(mem: &GuestRam, path: &Path, kernel_end: u64) -> Result<InitrdPlacement, LoadError> {
     let data = std::fs::read(path).map_err(|source| LoadError::File { path: path.to_owned(), source })?;
     let size = data.len() as u64;
     let too_large = || LoadError::InitrdTooLarge { path: path.to_owned(), size };

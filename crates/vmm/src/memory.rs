@@ -1,7 +1,8 @@
 //! Guest RAM: anonymous mappings laid out by `stratus_arch::memory_map`, refused up front when
 //! the host cannot hold them.
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use stratus_virtio::GuestRam;
+use vm_memory::GuestAddress;
 
 /// Errors creating guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +37,7 @@ pub fn host_ram_bytes() -> Option<u64> {
 }
 
 /// Maps `size` bytes of guest RAM.
-pub fn create(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+pub fn create(size: u64) -> Result<GuestRam, MemoryError> {
     let mib = size >> 20;
     if size < (2 << 20) {
         return Err(MemoryError::TooSmall(mib));
@@ -50,7 +51,7 @@ pub fn create(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
         .into_iter()
         .map(|(start, len)| (GuestAddress(start), len as usize))
         .collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map { mib, source })
+    GuestRam::from_ranges(&ranges).map_err(|source| MemoryError::Map { mib, source })
 }
 
 #[cfg(test)]

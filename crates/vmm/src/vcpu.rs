@@ -2,13 +2,15 @@
 //! port and MMIO accesses to the buses, power events to the exit signal, and on PVM hosts the
 //! instructions KVM could not emulate to `pvm`.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use stratus_arch::cpu_state::{self, EntryMode};
 use stratus_devices::{Bus, ExitSignal, GuestExit};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use stratus_virtio::GuestRam;
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::pvm;
 
@@ -25,6 +27,14 @@ pub enum VcpuError {
         /// The error from KVM.
         source: kvm_ioctls::Error,
     },
+    /// KVM would not take back a saved MSR (the state comes from another host or is damaged).
+    #[error("vCPU {id}: KVM refused saved MSR {index:#x}")]
+    MsrRefused {
+        /// Which vCPU.
+        id: u32,
+        /// The MSR.
+        index: u32,
+    },
 }
 
 /// `KVM_INTERNAL_ERROR_EMULATION`: KVM's emulator failed on an instruction.
@@ -40,6 +50,46 @@ const APIC_LVT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 
+/// VM exits of one vCPU that reached the VMM, by reason (exits KVM handles itself, such as
+/// HLT with the in-kernel interrupt controller, are in KVM's own statistics).
+#[derive(Debug, Default)]
+pub struct ExitCounters {
+    /// Port reads.
+    pub io_in: AtomicU64,
+    /// Port writes.
+    pub io_out: AtomicU64,
+    /// MMIO reads.
+    pub mmio_read: AtomicU64,
+    /// MMIO writes.
+    pub mmio_write: AtomicU64,
+    /// `KVM_RUN` interrupted by a signal (a pause, a kick).
+    pub interrupted: AtomicU64,
+    /// Instructions KVM could not emulate, completed by the VMM (PVM hosts).
+    pub emulation: AtomicU64,
+    /// Anything else.
+    pub other: AtomicU64,
+}
+
+impl ExitCounters {
+    /// Every counter with its name, for metrics.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            ("io_in", get(&self.io_in)),
+            ("io_out", get(&self.io_out)),
+            ("mmio_read", get(&self.mmio_read)),
+            ("mmio_write", get(&self.mmio_write)),
+            ("interrupted", get(&self.interrupted)),
+            ("emulation", get(&self.emulation)),
+            ("other", get(&self.other)),
+        ]
+    }
+}
+
+fn count(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
 /// One virtual CPU and what it needs to handle its exits.
 pub struct Vcpu {
     id: u32,
@@ -47,9 +97,13 @@ pub struct Vcpu {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     exit: Arc<ExitSignal>,
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     /// Present on PVM hosts: completion counters.
     pvm: Option<Arc<pvm::Counters>>,
+    /// Exits by reason.
+    pub exits: Arc<ExitCounters>,
+    /// KVM's own counters for this vCPU, when the host has them.
+    pub kvm_stats: Option<Arc<crate::kvm_stats::KvmStats>>,
 }
 
 impl Vcpu {
@@ -63,7 +117,7 @@ impl Vcpu {
         pio: Arc<Bus>,
         mmio: Arc<Bus>,
         exit: Arc<ExitSignal>,
-        mem: GuestMemoryMmap,
+        mem: GuestRam,
         pvm: Option<Arc<pvm::Counters>>,
     ) -> Result<Self, VcpuError> {
         let kvm_err = |what| move |source| VcpuError::Kvm { id, what, source };
@@ -81,7 +135,8 @@ impl Vcpu {
         set_lvt_mode(&mut lapic.regs, APIC_LVT0, APIC_MODE_EXTINT);
         set_lvt_mode(&mut lapic.regs, APIC_LVT1, APIC_MODE_NMI);
         fd.set_lapic(&lapic).map_err(kvm_err("setting the local APIC"))?;
-        Ok(Self { id, fd, pio, mmio, exit, mem, pvm })
+        let kvm_stats = crate::kvm_stats::KvmStats::open(&fd).map(Arc::new);
+        Ok(Self { id, fd, pio, mmio, exit, mem, pvm, exits: Arc::default(), kvm_stats })
     }
 
     /// Puts the boot CPU at the kernel's entry point.
@@ -98,58 +153,172 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Runs the guest until it stops or the VMM cannot go on; the reason goes to the exit
-    /// signal, which wakes the VMM's main loop.
-    pub fn run(mut self) {
+    /// Runs vCPU `vcpu` until the guest stops or the VMM cannot go on, parking at `control`'s
+    /// checkpoint whenever the VM is paused; the reason it stopped goes to the exit signal,
+    /// which wakes the VMM's main loop. The caller has joined `control` for this thread.
+    pub fn run_thread(vcpu: Arc<Mutex<Vcpu>>, control: Arc<crate::control::RunControl>) {
+        let exit = stratus_devices::bus::lock(&vcpu).exit.clone();
         loop {
-            let outcome = match self.fd.run() {
-                Ok(exit) => match exit {
-                    VcpuExit::IoOut(port, data) => {
-                        self.pio.write(u64::from(port), data);
-                        None
-                    }
-                    VcpuExit::IoIn(port, data) => {
-                        if !self.pio.read(u64::from(port), data) {
-                            data.fill(0xff);
-                        }
-                        None
-                    }
-                    VcpuExit::MmioRead(addr, data) => {
-                        if !self.mmio.read(addr, data) {
-                            data.fill(0xff);
-                        }
-                        None
-                    }
-                    VcpuExit::MmioWrite(addr, data) => {
-                        self.mmio.write(addr, data);
-                        None
-                    }
-                    VcpuExit::Shutdown => Some(GuestExit::Reset("triple fault")),
-                    VcpuExit::SystemEvent(kind, _) => Some(match kind {
-                        KVM_SYSTEM_EVENT_SHUTDOWN => GuestExit::PowerOff,
-                        KVM_SYSTEM_EVENT_RESET => GuestExit::Reset("system reset"),
-                        KVM_SYSTEM_EVENT_CRASH => GuestExit::Panic,
-                        other => GuestExit::Error(format!("vCPU {}: unknown system event {other}", self.id)),
-                    }),
-                    VcpuExit::Hlt => Some(GuestExit::Error(format!(
-                        "vCPU {} halted with no interrupt controller to wake it",
-                        self.id
-                    ))),
-                    VcpuExit::FailEntry(reason, cpu) => Some(GuestExit::Error(format!(
-                        "vCPU {}: KVM could not enter the guest (reason {reason:#x}, cpu {cpu})",
-                        self.id
-                    ))),
-                    VcpuExit::InternalError => self.internal_error(),
-                    other => Some(GuestExit::Error(format!("vCPU {}: unexpected exit {other:?}", self.id))),
-                },
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
-                Err(e) => Some(GuestExit::Error(format!("vCPU {}: KVM_RUN failed: {e}", self.id))),
-            };
+            control.checkpoint();
+            let outcome = stratus_devices::bus::lock(&vcpu).run_once();
             if let Some(reason) = outcome {
-                self.exit.raise(reason);
+                exit.raise(reason);
+                control.leave();
                 return;
             }
         }
+    }
+
+    /// One `KVM_RUN` and the handling of its exit; `Some` when the VM must stop.
+    fn run_once(&mut self) -> Option<GuestExit> {
+        match self.fd.run() {
+            Ok(exit) => match exit {
+                VcpuExit::IoOut(port, data) => {
+                    count(&self.exits.io_out);
+                    self.pio.write(u64::from(port), data);
+                    None
+                }
+                VcpuExit::IoIn(port, data) => {
+                    count(&self.exits.io_in);
+                    if !self.pio.read(u64::from(port), data) {
+                        data.fill(0xff);
+                    }
+                    None
+                }
+                VcpuExit::MmioRead(addr, data) => {
+                    count(&self.exits.mmio_read);
+                    if !self.mmio.read(addr, data) {
+                        data.fill(0xff);
+                    }
+                    None
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    count(&self.exits.mmio_write);
+                    self.mmio.write(addr, data);
+                    None
+                }
+                VcpuExit::Shutdown => Some(GuestExit::Reset("triple fault")),
+                VcpuExit::SystemEvent(kind, _) => Some(match kind {
+                    KVM_SYSTEM_EVENT_SHUTDOWN => GuestExit::PowerOff,
+                    KVM_SYSTEM_EVENT_RESET => GuestExit::Reset("system reset"),
+                    KVM_SYSTEM_EVENT_CRASH => GuestExit::Panic,
+                    other => GuestExit::Error(format!("vCPU {}: unknown system event {other}", self.id)),
+                }),
+                VcpuExit::Hlt => Some(GuestExit::Error(format!(
+                    "vCPU {} halted with no interrupt controller to wake it",
+                    self.id
+                ))),
+                VcpuExit::FailEntry(reason, cpu) => Some(GuestExit::Error(format!(
+                    "vCPU {}: KVM could not enter the guest (reason {reason:#x}, cpu {cpu})",
+                    self.id
+                ))),
+                VcpuExit::InternalError => {
+                    count(&self.exits.emulation);
+                    self.internal_error()
+                }
+                other => {
+                    count(&self.exits.other);
+                    Some(GuestExit::Error(format!("vCPU {}: unexpected exit {other:?}", self.id)))
+                }
+            },
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                count(&self.exits.interrupted);
+                None
+            }
+            Err(e) => Some(GuestExit::Error(format!("vCPU {}: KVM_RUN failed: {e}", self.id))),
+        }
+    }
+
+    /// This vCPU's id.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The vCPU's whole architectural state; the vCPU must not be running. `msrs` lists the
+    /// MSRs to save (`savable_msrs`).
+    pub fn save_state(&self, msrs: &[u32]) -> Result<VcpuState, VcpuError> {
+        let id = self.id;
+        let kvm_err = |what| move |source| VcpuError::Kvm { id, what, source };
+        let mp_state = self.fd.get_mp_state().map_err(kvm_err("reading the MP state"))?;
+        let regs = self.fd.get_regs().map_err(kvm_err("reading registers"))?;
+        let sregs = self.fd.get_sregs().map_err(kvm_err("reading special registers"))?;
+        let xsave = self.fd.get_xsave().map_err(kvm_err("reading the XSAVE area"))?;
+        let xcrs = self.fd.get_xcrs().map_err(kvm_err("reading XCRs"))?;
+        let debugregs = self.fd.get_debug_regs().map_err(kvm_err("reading debug registers"))?;
+        let lapic = self.fd.get_lapic().map_err(kvm_err("reading the local APIC"))?;
+        let msr_values = self.read_msrs(msrs)?;
+        let events = self.fd.get_vcpu_events().map_err(kvm_err("reading pending events"))?;
+        Ok(VcpuState { id, mp_state, regs, sregs, xsave, xcrs, debugregs, lapic, msrs: msr_values, events })
+    }
+
+    fn read_msrs(&self, indices: &[u32]) -> Result<Vec<(u32, u64)>, VcpuError> {
+        let id = self.id;
+        let entries: Vec<kvm_bindings::kvm_msr_entry> = indices
+            .iter()
+            .map(|&index| kvm_bindings::kvm_msr_entry { index, ..Default::default() })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::Kvm {
+            id,
+            what: "building the MSR list",
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        })?;
+        let read = self.fd.get_msrs(&mut msrs).map_err(|source| VcpuError::Kvm {
+            id,
+            what: "reading MSRs",
+            source,
+        })?;
+        if read != indices.len() {
+            return Err(VcpuError::Kvm {
+                id,
+                what: "reading MSRs (KVM refused one it listed)",
+                source: kvm_ioctls::Error::new(libc::EIO),
+            });
+        }
+        Ok(msrs.as_slice().iter().map(|e| (e.index, e.data)).collect())
+    }
+
+    /// Which of `candidates` (KVM's MSR index list) this vCPU can save and restore: each is
+    /// read alone, and kept if KVM answers.
+    pub fn savable_msrs(&self, candidates: &[u32]) -> Vec<u32> {
+        candidates.iter().copied().filter(|&index| self.read_msrs(&[index]).is_ok()).collect()
+    }
+
+    /// Puts the vCPU in a saved state (hostile input: KVM checks the values, and a refusal
+    /// is an error naming the part).
+    pub fn restore_state(&self, state: &VcpuState) -> Result<(), VcpuError> {
+        let id = self.id;
+        let kvm_err = |what| move |source| VcpuError::Kvm { id, what, source };
+        self.fd.set_mp_state(state.mp_state).map_err(kvm_err("restoring the MP state"))?;
+        self.fd.set_regs(&state.regs).map_err(kvm_err("restoring registers"))?;
+        self.fd.set_sregs(&state.sregs).map_err(kvm_err("restoring special registers"))?;
+        // SAFETY: the area is a whole kvm_xsave of the size KVM_GET_XSAVE fills; KVM checks
+        // its contents.
+        unsafe { self.fd.set_xsave(&state.xsave) }.map_err(kvm_err("restoring the XSAVE area"))?;
+        self.fd.set_xcrs(&state.xcrs).map_err(kvm_err("restoring XCRs"))?;
+        self.fd.set_debug_regs(&state.debugregs).map_err(kvm_err("restoring debug registers"))?;
+        self.fd.set_lapic(&state.lapic).map_err(kvm_err("restoring the local APIC"))?;
+        let entries: Vec<kvm_bindings::kvm_msr_entry> = state
+            .msrs
+            .iter()
+            .map(|&(index, data)| kvm_bindings::kvm_msr_entry { index, data, ..Default::default() })
+            .collect();
+        let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::Kvm {
+            id,
+            what: "restoring MSRs (too many)",
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        })?;
+        let written = self.fd.set_msrs(&msrs).map_err(kvm_err("restoring MSRs"))?;
+        if let Some(&(index, _)) = state.msrs.get(written) {
+            return Err(VcpuError::MsrRefused { id, index });
+        }
+        self.fd.set_vcpu_events(&state.events).map_err(kvm_err("restoring pending events"))?;
+        Ok(())
+    }
+
+    /// Tells the guest's kvmclock that the vCPU was stopped (so its watchdogs do not take the
+    /// pause for a lockup); hosts without kvmclock control ignore it.
+    pub fn notify_paused(&self) {
+        let _ = self.fd.kvmclock_ctrl();
     }
 
     /// `KVM_EXIT_INTERNAL_ERROR`: on PVM hosts, complete the instruction KVM's emulator gave up
@@ -207,6 +376,31 @@ impl Vcpu {
     }
 }
 
+/// The architectural state of one vCPU, as a snapshot keeps it.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct VcpuState {
+    /// The vCPU's id (its APIC id).
+    pub id: u32,
+    /// Runnable, halted, waiting for SIPI.
+    pub mp_state: kvm_bindings::kvm_mp_state,
+    /// General registers.
+    pub regs: kvm_bindings::kvm_regs,
+    /// Segment, control and descriptor-table registers.
+    pub sregs: kvm_bindings::kvm_sregs,
+    /// FPU, SSE and AVX state.
+    pub xsave: kvm_bindings::kvm_xsave,
+    /// Extended control registers (XCR0).
+    pub xcrs: kvm_bindings::kvm_xcrs,
+    /// Debug registers.
+    pub debugregs: kvm_bindings::kvm_debugregs,
+    /// The local APIC's registers.
+    pub lapic: kvm_bindings::kvm_lapic_state,
+    /// Model-specific registers, (index, value).
+    pub msrs: Vec<(u32, u64)>,
+    /// Pending exceptions, interrupts, NMIs.
+    pub events: kvm_bindings::kvm_vcpu_events,
+}
+
 fn set_lvt_mode(regs: &mut [std::os::raw::c_char; 1024], offset: usize, mode: u32) {
     let mut bytes = [0u8; 4];
     for (i, b) in bytes.iter_mut().enumerate() {
@@ -221,7 +415,7 @@ fn set_lvt_mode(regs: &mut [std::os::raw::c_char; 1024], offset: usize, mode: u3
 /// The vCPU seen by the PVM completion code.
 struct PvmVcpu<'a> {
     fd: &'a VcpuFd,
-    mem: &'a GuestMemoryMmap,
+    mem: &'a GuestRam,
 }
 
 impl PvmVcpu<'_> {

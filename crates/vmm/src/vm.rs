@@ -2,16 +2,22 @@
 //! devices on their buses, the kernel loaded, vCPUs at the entry point — then running it.
 
 use std::io::Write;
+use std::os::unix::thread::JoinHandleExt;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{IoEventAddress, VmFd};
 use stratus_arch::acpi::VirtioMmioDevice;
 use stratus_arch::layout::*;
 use stratus_devices::acpi_pm::AcpiPowerManagement;
+use stratus_devices::bus::lock;
+use stratus_devices::ged::Ged;
 use stratus_devices::i8042::I8042;
 use stratus_devices::pvpanic::PvPanic;
 use stratus_devices::serial::Serial;
@@ -22,21 +28,26 @@ use stratus_virtio::net::Net;
 use stratus_virtio::rng::Rng;
 use stratus_virtio::tap::Tap;
 use stratus_virtio::vsock::Vsock;
+use stratus_virtio::GuestRam;
 use stratus_virtio::{Interrupt, VirtioDevice};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::control::RunControl;
 use crate::kvm::{KvmError, KvmFlavor};
+use crate::kvm_stats::KvmStats;
 use crate::loader::{BootSource, LoadError};
 use crate::memory::MemoryError;
 use crate::pvm;
-use crate::vcpu::{Vcpu, VcpuError};
+use crate::snapshot::memory::DirtyPages;
+use crate::snapshot::{MachineState, MemoryKind, SnapshotError, VmState};
+use crate::vcpu::{ExitCounters, Vcpu, VcpuError};
 
 /// The most vCPUs a VM may have (8-bit xAPIC ids in the MADT, and a sane bound).
 pub const MAX_VCPUS: u32 = 64;
 
 /// A disk given to the guest as a virtio block device.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskConfig {
     /// The raw disk image file.
     pub path: std::path::PathBuf,
@@ -45,7 +56,7 @@ pub struct DiskConfig {
 }
 
 /// What a VM is made of.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
     /// Number of vCPUs.
     pub vcpus: u32,
@@ -64,7 +75,7 @@ pub struct VmConfig {
 }
 
 /// A virtio-vsock device whose host side is a Unix socket.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VsockConfig {
     /// The guest's context id (3 or more).
     pub cid: u64,
@@ -73,7 +84,7 @@ pub struct VsockConfig {
 }
 
 /// A network card on a host tap device.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
     /// The existing tap interface.
     pub tap: String,
@@ -81,8 +92,14 @@ pub struct NetConfig {
     pub mac: Option<stratus_virtio::net::Mac>,
 }
 
-/// The most virtio devices a VM may have: one IOAPIC pin each from GSI 5 to 23.
-pub const MAX_VIRTIO_DEVICES: usize = 19;
+/// A MAC address as text: 52:54:00:12:34:56.
+pub fn format_mac(mac: &stratus_virtio::net::Mac) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// The most virtio devices a VM may have: one IOAPIC pin each from GSI 5 to 22 (23 is the
+/// Generic Event Device's).
+pub const MAX_VIRTIO_DEVICES: usize = (GED_IRQ - VIRTIO_IRQ_BASE) as usize;
 
 /// Errors building or starting a VM.
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +147,12 @@ pub enum VmError {
     /// A virtio transport could not be set up.
     #[error(transparent)]
     Virtio(#[from] stratus_virtio::mmio::MmioError),
+    /// A snapshot's files could not be used.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// A snapshot does not fit this VM, or the VM is not in a state to be saved.
+    #[error("{0}")]
+    Restore(String),
     /// Too many devices.
     #[error("{0} virtio devices: a VM has at most {MAX_VIRTIO_DEVICES}")]
     TooManyDevices(usize),
@@ -139,19 +162,56 @@ fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::KvmCall { what, source }
 }
 
-/// A VM whose vCPUs are running.
-pub struct RunningVm {
+/// Where a new VM's memory and state come from.
+pub enum Launch<'a> {
+    /// Fresh memory, the kernel loaded, vCPU 0 at its entry point.
+    Boot,
+    /// A snapshot: its state, its full memory file and the diff files laid over it, in order.
+    Restore {
+        /// The saved state (its configuration is ignored: the one passed to `create` rules,
+        /// which lets a clone change taps, MACs and its vsock CID).
+        state: &'a VmState,
+        /// The full memory file.
+        memory: &'a Path,
+        /// Diff memory files, oldest first.
+        diffs: &'a [&'a Path],
+    },
+}
+
+/// A VM: built by `create`, running after `run`, pausable, and saved by `save_state` when
+/// paused.
+pub struct Vm {
     /// Raised once when the guest stops, with the reason.
     pub exit: Arc<ExitSignal>,
     /// The console UART, for feeding it input.
     pub serial: Arc<Mutex<Serial>>,
     /// PVM completions, when the profile is on.
     pub pvm: Option<Arc<pvm::Counters>>,
-    _vcpu_threads: Vec<JoinHandle<()>>,
-    _event_loop: Option<JoinHandle<()>>,
-    _vm: VmFd,
-    _mem: GuestMemoryMmap,
+    ged: Arc<Mutex<Ged>>,
+    config: VmConfig,
+    vm: VmFd,
+    mem: GuestRam,
+    slots: Vec<kvm_userspace_memory_region>,
+    vcpus: Vec<Arc<Mutex<Vcpu>>>,
+    exits: Vec<Arc<ExitCounters>>,
+    kvm_stats: Vec<Option<Arc<KvmStats>>>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    control: Arc<RunControl>,
+    vcpu_threads: Vec<JoinHandle<()>>,
+    device_thread: Option<crate::event_loop::DeviceThread>,
+    /// MSRs worth saving, found at the first snapshot.
+    savable_msrs: Mutex<Option<Vec<u32>>>,
+    /// Guest run time before this process (a restored VM).
+    uptime_before: Duration,
+    started: Option<Instant>,
+    generation_id: [u8; 16],
+    dirty_tracking: bool,
+    /// Built from a snapshot rather than booted.
+    restored: bool,
 }
+
+/// The name `stratus vm run` knows a started VM by.
+pub type RunningVm = Vm;
 
 /// Where virtio device `index` lives: its MMIO window and its GSI.
 fn virtio_slot(index: usize) -> VirtioMmioDevice {
@@ -167,7 +227,7 @@ fn virtio_slot(index: usize) -> VirtioMmioDevice {
 fn virtio_devices(
     config: &VmConfig,
     vm: &VmFd,
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
 ) -> Result<Vec<Arc<Mutex<MmioTransport>>>, VmError> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for disk in &config.disks {
@@ -205,25 +265,59 @@ fn virtio_devices(
 
 /// Builds the VM described by `config` and starts its vCPUs; guest serial output goes to
 /// `console_out`.
-pub fn start(config: &VmConfig, console_out: Box<dyn Write + Send>) -> Result<RunningVm, VmError> {
+pub fn start(config: &VmConfig, console_out: Box<dyn Write + Send>) -> Result<Vm, VmError> {
+    let mut vm = create(config, console_out, Launch::Boot)?;
+    vm.run(false)?;
+    Ok(vm)
+}
+
+fn register_memory(
+    vm: &VmFd,
+    mem: &GuestRam,
+    flags: u32,
+) -> Result<Vec<kvm_userspace_memory_region>, VmError> {
+    let mut slots = Vec::new();
+    for (slot, region) in mem.iter().enumerate() {
+        let region_desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the mapping belongs to `mem`, which the `Vm` keeps alive as long as the VM.
+        unsafe { vm.set_user_memory_region(region_desc) }.map_err(kvm_call("registering guest memory"))?;
+        slots.push(region_desc);
+    }
+    Ok(slots)
+}
+
+/// Builds the VM described by `config`, booting or restoring as `launch` says; nothing runs
+/// until `Vm::run`. Guest serial output goes to `console_out`.
+pub fn create(config: &VmConfig, console_out: Box<dyn Write + Send>, launch: Launch) -> Result<Vm, VmError> {
     if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
         return Err(VmError::VcpuCount(config.vcpus));
     }
     let kvm = crate::kvm::open()?;
     let flavor = KvmFlavor::detect();
-    let mem = crate::memory::create(config.memory)?;
+    let mem = match &launch {
+        Launch::Boot => crate::memory::create(config.memory)?,
+        Launch::Restore { state, memory, diffs } => {
+            if state.config.memory != config.memory || state.config.vcpus != config.vcpus {
+                return Err(VmError::Restore(format!(
+                    "the snapshot is of a VM with {} vCPUs and {} MiB; it cannot be restored as {} vCPUs and {} MiB",
+                    state.config.vcpus,
+                    state.config.memory >> 20,
+                    config.vcpus,
+                    config.memory >> 20
+                )));
+            }
+            let ranges = stratus_arch::memory_map::ram_regions(config.memory);
+            crate::snapshot::memory::map(&ranges, memory, diffs)?
+        }
+    };
     let vm = kvm.create_vm().map_err(kvm_call("creating the VM"))?;
-    for (slot, region) in mem.iter().enumerate() {
-        let region_desc = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: 0,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: region.as_ptr() as u64,
-        };
-        // SAFETY: the mapping belongs to `mem`, which `RunningVm` keeps alive as long as the VM.
-        unsafe { vm.set_user_memory_region(region_desc) }.map_err(kvm_call("registering guest memory"))?;
-    }
+    let slots = register_memory(&vm, &mem, 0)?;
     vm.set_tss_address(0xfffb_d000).map_err(kvm_call("setting the TSS address"))?;
     vm.create_irq_chip().map_err(kvm_call("creating the interrupt controllers"))?;
     let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
@@ -231,7 +325,10 @@ pub fn start(config: &VmConfig, console_out: Box<dyn Write + Send>) -> Result<Ru
 
     let transports = virtio_devices(config, &vm, &mem)?;
     let acpi_devices: Vec<VirtioMmioDevice> = (0..transports.len()).map(virtio_slot).collect();
-    let entry = crate::loader::load(&mem, &config.boot, config.vcpus, &acpi_devices)?;
+    let entry = match launch {
+        Launch::Boot => Some(crate::loader::load(&mem, &config.boot, config.vcpus, &acpi_devices)?),
+        Launch::Restore { .. } => None,
+    };
 
     let exit = Arc::new(
         ExitSignal::new().map_err(|source| VmError::Os { what: "creating the exit event", source })?,
@@ -239,7 +336,12 @@ pub fn start(config: &VmConfig, console_out: Box<dyn Write + Send>) -> Result<Ru
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK)
         .map_err(|source| VmError::Os { what: "creating an eventfd", source })?;
     vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(kvm_call("wiring the serial interrupt"))?;
-    let serial = Arc::new(Mutex::new(Serial::new(serial_irq, console_out)));
+    let serial = match &launch {
+        Launch::Boot => Serial::new(serial_irq, console_out),
+        Launch::Restore { state, .. } => Serial::from_state(&state.serial, serial_irq, console_out)
+            .map_err(|source| VmError::Os { what: "restoring the serial port", source })?,
+    };
+    let serial = Arc::new(Mutex::new(serial));
 
     let mut pio = Bus::new();
     let bus_err = |e| VmError::Os { what: "placing a device", source: std::io::Error::other(e) };
@@ -250,14 +352,17 @@ pub fn start(config: &VmConfig, console_out: Box<dyn Write + Send>) -> Result<Ru
     pio.insert(Arc::new(Mutex::new(pm)), u64::from(ACPI_SLEEP_CONTROL_PORT), 3).map_err(bus_err)?;
     pio.insert(Arc::new(Mutex::new(PvPanic::new(exit.clone()))), u64::from(PVPANIC_PORT), 1)
         .map_err(bus_err)?;
+    let ged_irq = EventFd::new(libc::EFD_NONBLOCK)
+        .map_err(|source| VmError::Os { what: "creating an eventfd", source })?;
+    vm.register_irqfd(&ged_irq, GED_IRQ).map_err(kvm_call("wiring the GED interrupt"))?;
+    let ged = Arc::new(Mutex::new(Ged::new(ged_irq)));
+    pio.insert(ged.clone(), u64::from(GED_PORT), 1).map_err(bus_err)?;
     let pio = Arc::new(pio);
     let mut mmio = Bus::new();
     for (slot, transport) in acpi_devices.iter().zip(&transports) {
         mmio.insert(transport.clone(), slot.base, slot.size).map_err(bus_err)?;
     }
     let mmio = Arc::new(mmio);
-    let event_loop = crate::event_loop::spawn(transports)
-        .map_err(|source| VmError::Os { what: "starting the device event loop", source })?;
 
     let pvm_counters = (flavor == KvmFlavor::Pvm).then(|| Arc::new(pvm::Counters::default()));
     let cpuid =
@@ -276,24 +381,297 @@ pub fn start(config: &VmConfig, console_out: Box<dyn Write + Send>) -> Result<Ru
             pvm_counters.clone(),
         )?);
     }
-    vcpus[0].set_boot_state(entry)?;
-
-    let mut threads = Vec::with_capacity(vcpus.len());
-    for (id, vcpu) in vcpus.into_iter().enumerate() {
-        let handle = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .stack_size(128 << 10)
-            .spawn(move || vcpu.run())
-            .map_err(|source| VmError::Os { what: "starting a vCPU thread", source })?;
-        threads.push(handle);
+    let mut uptime_before = Duration::ZERO;
+    let generation_id;
+    match (&launch, entry) {
+        (Launch::Boot, Some(entry)) => {
+            vcpus[0].set_boot_state(entry)?;
+            generation_id = random_id();
+            mem.write_slice(&generation_id, vm_memory::GuestAddress(VMGENID_ADDR))
+                .map_err(|e| VmError::Restore(format!("writing the VM generation id: {e}")))?;
+        }
+        (Launch::Restore { state, .. }, _) => {
+            restore_machine(&vm, &state.machine)?;
+            if state.vcpus.len() != vcpus.len() {
+                return Err(VmError::Restore(format!(
+                    "{} vCPU states for {} vCPUs",
+                    state.vcpus.len(),
+                    vcpus.len()
+                )));
+            }
+            for (vcpu, saved) in vcpus.iter().zip(&state.vcpus) {
+                vcpu.restore_state(saved)?;
+            }
+            if state.devices.len() != transports.len() {
+                return Err(VmError::Restore(format!(
+                    "the snapshot has {} virtio devices, the configuration {}",
+                    state.devices.len(),
+                    transports.len()
+                )));
+            }
+            for (slot, (transport, saved)) in transports.iter().zip(&state.devices).enumerate() {
+                lock(transport).restore(slot, saved)?;
+            }
+            uptime_before = Duration::from_millis(state.uptime_ms);
+            generation_id = state.generation_id;
+        }
+        (Launch::Boot, None) => unreachable!("a booted VM always has an entry point"),
     }
-    Ok(RunningVm {
+    let exits = vcpus.iter().map(|v| v.exits.clone()).collect();
+    let kvm_stats = vcpus.iter().map(|v| v.kvm_stats.clone()).collect();
+    Ok(Vm {
         exit,
         serial,
         pvm: pvm_counters,
-        _vcpu_threads: threads,
-        _event_loop: event_loop,
-        _vm: vm,
-        _mem: mem,
+        ged,
+        config: config.clone(),
+        vm,
+        mem,
+        slots,
+        vcpus: vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect(),
+        exits,
+        kvm_stats,
+        transports,
+        control: Arc::new(RunControl::default()),
+        vcpu_threads: Vec::new(),
+        device_thread: None,
+        savable_msrs: Mutex::new(None),
+        uptime_before,
+        started: None,
+        generation_id,
+        dirty_tracking: false,
+        restored: matches!(launch, Launch::Restore { .. }),
     })
+}
+
+fn random_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    // SAFETY: getrandom writes at most `id.len()` bytes into `id`.
+    let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
+    if n != id.len() as isize {
+        // Not secret, only distinct: fall back on time and pid.
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        id[..8].copy_from_slice(&(t.as_nanos() as u64).to_le_bytes());
+        id[8..12].copy_from_slice(&std::process::id().to_le_bytes());
+    }
+    id
+}
+
+const IRQCHIP_PIC_MASTER: u32 = 0;
+const IRQCHIP_PIC_SLAVE: u32 = 1;
+const IRQCHIP_IOAPIC: u32 = 2;
+
+fn restore_machine(vm: &VmFd, machine: &MachineState) -> Result<(), VmError> {
+    vm.set_pit2(&machine.pit).map_err(kvm_call("restoring the PIT"))?;
+    let mut clock = machine.clock;
+    // Only the time itself is settable; the flags describe the source host.
+    clock.flags = 0;
+    vm.set_clock(&clock).map_err(kvm_call("restoring kvmclock"))?;
+    if machine.irqchips.len() != 3 {
+        return Err(VmError::Restore(format!(
+            "{} interrupt controller states, 3 expected",
+            machine.irqchips.len()
+        )));
+    }
+    for (chip, expected) in
+        machine.irqchips.iter().zip([IRQCHIP_PIC_MASTER, IRQCHIP_PIC_SLAVE, IRQCHIP_IOAPIC])
+    {
+        if chip.chip_id != expected {
+            return Err(VmError::Restore(format!(
+                "interrupt controller {} saved where {expected} belongs",
+                chip.chip_id
+            )));
+        }
+        vm.set_irqchip(chip).map_err(kvm_call("restoring an interrupt controller"))?;
+    }
+    Ok(())
+}
+
+impl Vm {
+    /// Starts the vCPU threads and the device thread; with `paused`, they park before the
+    /// guest runs an instruction, and `resume` lets them go.
+    pub fn run(&mut self, paused: bool) -> Result<(), VmError> {
+        if paused {
+            self.control.request_pause();
+        }
+        crate::control::install_kick_handler()
+            .map_err(|source| VmError::Os { what: "installing the vCPU kick signal", source })?;
+        self.device_thread = crate::event_loop::spawn(self.transports.clone(), self.control.clone())
+            .map_err(|source| VmError::Os { what: "starting the device event loop", source })?;
+        for vcpu in &self.vcpus {
+            let id = lock(vcpu).id();
+            let (vcpu, control) = (vcpu.clone(), self.control.clone());
+            self.control.join();
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .stack_size(128 << 10)
+                .spawn(move || Vcpu::run_thread(vcpu, control))
+                .map_err(|source| VmError::Os { what: "starting a vCPU thread", source })?;
+            self.vcpu_threads.push(handle);
+        }
+        if self.restored {
+            for transport in &self.transports {
+                lock(transport).restored();
+            }
+            // A restored VM is a new generation: its RNG must not repeat what the snapshot's
+            // other restores produce.
+            self.generation_id = random_id();
+            self.mem
+                .write_slice(&self.generation_id, vm_memory::GuestAddress(VMGENID_ADDR))
+                .map_err(|e| VmError::Restore(format!("writing the VM generation id: {e}")))?;
+            lock(&self.ged).raise(GED_EVENT_GENERATION);
+        }
+        self.started = Some(Instant::now());
+        if paused {
+            self.pause();
+        }
+        Ok(())
+    }
+
+    /// Presses the ACPI power button: a guest that listens powers itself off.
+    pub fn press_power_button(&self) {
+        lock(&self.ged).raise(GED_EVENT_POWER_BUTTON);
+    }
+
+    /// The VM generation id the guest sees.
+    pub fn generation_id(&self) -> [u8; 16] {
+        self.generation_id
+    }
+
+    /// Stops every vCPU and the device thread at a safe point; returns when all have.
+    pub fn pause(&self) {
+        let kick = || {
+            for handle in &self.vcpu_threads {
+                // SAFETY: the thread handle is neither joined nor detached, so its pthread_t is
+                // valid; the kick signal's handler does nothing.
+                unsafe { libc::pthread_kill(handle.as_pthread_t(), crate::control::kick_signal()) };
+            }
+            if let Some(device) = &self.device_thread {
+                device.wake();
+            }
+        };
+        self.control.pause(kick);
+        for vcpu in &self.vcpus {
+            lock(vcpu).notify_paused();
+        }
+    }
+
+    /// Lets a paused VM go on.
+    pub fn resume(&self) {
+        self.control.resume();
+    }
+
+    /// Whether the VM is paused.
+    pub fn is_paused(&self) -> bool {
+        self.control.is_paused()
+    }
+
+    /// How long the guest has existed (across snapshots), paused time included.
+    pub fn uptime(&self) -> Duration {
+        self.uptime_before + self.started.map(|t| t.elapsed()).unwrap_or_default()
+    }
+
+    /// The configuration the VM was built from.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestRam {
+        &self.mem
+    }
+
+    /// Exit counters per vCPU.
+    pub fn exit_counters(&self) -> &[Arc<ExitCounters>] {
+        &self.exits
+    }
+
+    /// KVM's own counters per vCPU (absent on hosts without binary stats).
+    pub fn kvm_stats(&self) -> &[Option<Arc<KvmStats>>] {
+        &self.kvm_stats
+    }
+
+    /// The virtio devices in slot order.
+    pub fn devices(&self) -> &[Arc<Mutex<MmioTransport>>] {
+        &self.transports
+    }
+
+    /// The whole state of a paused VM (everything but memory).
+    pub fn save_state(&self, memory: MemoryKind) -> Result<VmState, VmError> {
+        if !self.is_paused() {
+            return Err(VmError::Restore("the VM must be paused to be saved".into()));
+        }
+        let mut irqchips = Vec::with_capacity(3);
+        for chip_id in [IRQCHIP_PIC_MASTER, IRQCHIP_PIC_SLAVE, IRQCHIP_IOAPIC] {
+            let mut chip = kvm_bindings::kvm_irqchip { chip_id, ..Default::default() };
+            self.vm.get_irqchip(&mut chip).map_err(kvm_call("reading an interrupt controller"))?;
+            irqchips.push(chip);
+        }
+        let machine = MachineState {
+            irqchips,
+            pit: self.vm.get_pit2().map_err(kvm_call("reading the PIT"))?,
+            clock: self.vm.get_clock().map_err(kvm_call("reading kvmclock"))?,
+        };
+        let msrs = {
+            let mut cached = lock(&self.savable_msrs);
+            if cached.is_none() {
+                let kvm = crate::kvm::open()?;
+                let list = kvm.get_msr_index_list().map_err(kvm_call("listing MSRs"))?;
+                *cached = Some(lock(&self.vcpus[0]).savable_msrs(list.as_slice()));
+            }
+            cached.clone().unwrap_or_default()
+        };
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for vcpu in &self.vcpus {
+            vcpus.push(lock(vcpu).save_state(&msrs)?);
+        }
+        Ok(VmState {
+            config: self.config.clone(),
+            uptime_ms: self.uptime().as_millis() as u64,
+            machine,
+            vcpus,
+            serial: lock(&self.serial).state(),
+            devices: self.transports.iter().map(|t| lock(t).state()).collect(),
+            memory,
+            generation_id: self.generation_id,
+        })
+    }
+
+    /// Starts logging the pages the guest (KVM's dirty log) and the VMM's devices (the
+    /// memory bitmap) write; `take_dirty_pages` then returns them.
+    pub fn start_dirty_tracking(&mut self) -> Result<(), VmError> {
+        if !self.dirty_tracking {
+            for slot in &mut self.slots {
+                slot.flags |= KVM_MEM_LOG_DIRTY_PAGES;
+                // SAFETY: the same mapping as registered before, only the flags change.
+                unsafe { self.vm.set_user_memory_region(*slot) }
+                    .map_err(kvm_call("turning on dirty page logging"))?;
+            }
+            self.dirty_tracking = true;
+        }
+        self.take_dirty_pages()?;
+        Ok(())
+    }
+
+    /// Whether dirty pages are being tracked.
+    pub fn dirty_tracking(&self) -> bool {
+        self.dirty_tracking
+    }
+
+    /// The pages written since tracking started or since the last call, which resets them.
+    pub fn take_dirty_pages(&self) -> Result<DirtyPages, VmError> {
+        let mut out = Vec::with_capacity(self.slots.len());
+        for (slot, region) in self.slots.iter().zip(self.mem.iter()) {
+            let mut bits = self
+                .vm
+                .get_dirty_log(slot.slot, slot.memory_size as usize)
+                .map_err(kvm_call("reading the dirty page log"))?;
+            let vmm_bits = (**region).bitmap().get_and_reset();
+            for (b, v) in bits.iter_mut().zip(vmm_bits) {
+                *b |= v;
+            }
+            out.push(bits);
+        }
+        Ok(out)
+    }
 }

@@ -18,8 +18,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
+use crate::GuestRam;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use crate::{
@@ -48,8 +48,10 @@ const TOKEN_LISTENER: u64 = u64::MAX;
 const TOKEN_HANDSHAKE: u64 = 1 << 62;
 const TOKEN_CONNECTION: u64 = 1 << 61;
 
-/// The device's event queue index (unused: it carries transport resets after migration).
+/// The device's event queue index: it carries transport resets after a restore or migration.
 pub const EVENT_QUEUE: usize = 2;
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`: the guest's connections are gone.
+const EVENT_TRANSPORT_RESET: u32 = 0;
 
 /// Errors setting up the device.
 #[derive(Debug, thiserror::Error)]
@@ -456,7 +458,7 @@ impl Vsock {
     }
 
     /// Reads the guest's transmit queue.
-    fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    fn transmit(&mut self, queue: &mut Queue, mem: &GuestRam) -> bool {
         let chains = available_chains(queue, mem, &self.counters, "virtio-vsock");
         complete_chains(queue, mem, chains, |chain| {
             let packet = chain.reader(mem).ok().and_then(|mut reader| {
@@ -482,7 +484,7 @@ impl Vsock {
     }
 
     /// Moves queued packets into the guest's receive buffers.
-    fn flush_rx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    fn flush_rx(&mut self, queue: &mut Queue, mem: &GuestRam) -> bool {
         let mut used_any = false;
         while let Some(packet) = self.rx_backlog.front() {
             let Some(chain) = queue.pop_descriptor_chain(mem) else { break };
@@ -550,7 +552,7 @@ impl VirtioDevice for Vsock {
         read_config_bytes(&self.config, offset, data);
     }
 
-    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestRam) -> bool {
         let [rx, tx, ..] = queues else { return false };
         let mut used = false;
         if index == TX {
@@ -566,7 +568,7 @@ impl VirtioDevice for Vsock {
         vec![self.epoll.as_raw_fd()]
     }
 
-    fn process_host_event(&mut self, _index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+    fn process_host_event(&mut self, _index: usize, queues: &mut [Queue], mem: &GuestRam) -> bool {
         self.host_events();
         match queues.get_mut(RX) {
             Some(rx) if rx.ready() => self.flush_rx(rx, mem),
@@ -576,6 +578,30 @@ impl VirtioDevice for Vsock {
 
     fn counters(&self) -> &DeviceCounters {
         &self.counters
+    }
+
+    // The guest's connections had their host ends in the process that saved the snapshot:
+    // tell it they are gone (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET), so it closes them and
+    // re-reads its CID, which a clone may have changed. Its listeners stay open.
+    fn restored(&mut self, queues: &mut [Queue], mem: &GuestRam) -> bool {
+        let Some(events) = queues.get_mut(EVENT_QUEUE).filter(|q| q.ready()) else { return false };
+        let mut chains = available_chains(events, mem, &self.counters, "vsock");
+        chains.truncate(1);
+        if chains.is_empty() {
+            eprintln!(
+                "[stratus] vsock: no event buffer to announce the restore: guest connections stay half-open"
+            );
+        }
+        complete_chains(events, mem, chains, |chain| {
+            let mut writer = match virtio_queue::Writer::new(mem, chain) {
+                Ok(w) => w,
+                Err(_) => return 0,
+            };
+            match writer.write_all(&EVENT_TRANSPORT_RESET.to_le_bytes()) {
+                Ok(()) => 4,
+                Err(_) => 0,
+            }
+        })
     }
 }
 

@@ -1,0 +1,471 @@
+//! `stratus vm ...` and `stratus vmm`: run a VM in the foreground, run a VMM that serves its
+//! API, and the commands that drive a running VMM through that API.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Subcommand;
+use stratus_vmm::api::http;
+use stratus_vmm::console::{self, ConsoleConfig, ConsoleEnd, RawTerminal};
+use stratus_vmm::service::{RestoreRequest, Vmm};
+use stratus_vmm::{BootSource, DiskConfig, GuestExit, NetConfig, VmConfig, VsockConfig};
+
+/// Exit status when the guest kernel panicked.
+const EXIT_GUEST_PANIC: i32 = 3;
+
+#[derive(Subcommand)]
+pub enum VmCommand {
+    /// Boot a VM in the foreground with its serial console on this terminal.
+    ///
+    /// Without --kernel, boots the default image (building it first if needed) to a shell.
+    /// Ctrl-A then x stops the VM. Guest reboot or power-off ends the command with status 0;
+    /// a guest kernel panic with status 3.
+    Run(RunArgs),
+    /// Show a VMM's VM: state, exit reason, uptime, configuration (JSON).
+    Info(ApiSock),
+    /// Show a VMM's counters: exits per vCPU, requests and bytes per device (JSON).
+    Metrics(ApiSock),
+    /// Watch exits and device activity per second, like top (Ctrl-C to leave).
+    Trace(TraceArgs),
+    /// Start a configured VM.
+    Start(ApiSock),
+    /// Pause the VM: vCPUs and devices stop at a safe point.
+    Pause(ApiSock),
+    /// Resume a paused VM.
+    Resume(ApiSock),
+    /// Ask the guest to power off (ACPI power button) and wait for it.
+    Shutdown(ShutdownArgs),
+    /// Stop the VM at once (no guest cooperation).
+    Stop(ApiSock),
+    /// Save the VM to a state file and a memory file (pausing it while saving).
+    Snapshot(SnapshotArgs),
+    /// Restore a VM from a snapshot into a VMM that has not started one.
+    Restore(RestoreArgs),
+    /// End the VMM process.
+    Quit(ApiSock),
+}
+
+/// The VMM to talk to.
+#[derive(clap::Args)]
+pub struct ApiSock {
+    /// The VMM's API socket.
+    #[arg(long, value_name = "PATH")]
+    api_sock: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct TraceArgs {
+    #[command(flatten)]
+    sock: ApiSock,
+    /// Seconds between refreshes.
+    #[arg(long, default_value_t = 1.0)]
+    interval: f64,
+    /// Stop after this many refreshes (default: until Ctrl-C).
+    #[arg(long)]
+    count: Option<u64>,
+}
+
+#[derive(clap::Args)]
+pub struct ShutdownArgs {
+    #[command(flatten)]
+    sock: ApiSock,
+    /// How long to wait for the guest to power off, in seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+}
+
+#[derive(clap::Args)]
+pub struct SnapshotArgs {
+    #[command(flatten)]
+    sock: ApiSock,
+    /// Where to write the state file.
+    #[arg(long, value_name = "PATH")]
+    state: PathBuf,
+    /// Where to write the memory file.
+    #[arg(long, value_name = "PATH")]
+    memory: PathBuf,
+    /// Write only the pages changed since the previous snapshot (restore lays it over the
+    /// full memory file).
+    #[arg(long)]
+    diff: bool,
+    /// Leave the VM paused afterwards (default: a VM that was running runs again).
+    #[arg(long)]
+    leave_paused: bool,
+}
+
+#[derive(clap::Args)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    sock: ApiSock,
+    #[command(flatten)]
+    from: RestoreFrom,
+}
+
+/// Which snapshot to restore and with what new identity.
+#[derive(clap::Args)]
+pub struct RestoreFrom {
+    /// The state file.
+    #[arg(long = "restore", value_name = "STATE")]
+    state: PathBuf,
+    /// The full memory file, then any diff memory files in order (repeat the option).
+    #[arg(long = "memory-file", value_name = "PATH", required = true)]
+    memory: Vec<PathBuf>,
+    /// A new network card identity for the clone (repeat: one per saved card).
+    #[arg(long = "net", value_name = "tap=NAME[,mac=..]", value_parser = parse_net)]
+    nets: Vec<NetConfig>,
+    /// A new vsock identity for the clone.
+    #[arg(long, value_name = "cid=N,socket=PATH", value_parser = parse_vsock)]
+    vsock: Option<VsockConfig>,
+    /// Keep the restored VM paused.
+    #[arg(long)]
+    paused: bool,
+}
+
+/// `stratus vmm`.
+#[derive(clap::Args)]
+pub struct VmmArgs {
+    /// Serve the API on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_sock: PathBuf,
+    /// Where the guest console goes: stdout, file:PATH, socket:PATH or none.
+    #[arg(long, default_value = "stdout", value_parser = parse_console)]
+    console: ConsoleConfig,
+    /// Restore the snapshot with this state file at once, instead of waiting for a
+    /// configuration.
+    #[arg(long, value_name = "STATE", requires = "memory_file")]
+    restore: Option<PathBuf>,
+    /// With --restore: the full memory file, then any diff memory files in order (repeat).
+    #[arg(long = "memory-file", value_name = "PATH", requires = "restore")]
+    memory_file: Vec<PathBuf>,
+    /// With --restore: a new network card identity for the clone (one per saved card).
+    #[arg(long = "net", value_name = "tap=NAME[,mac=..]", value_parser = parse_net, requires = "restore")]
+    nets: Vec<NetConfig>,
+    /// With --restore: a new vsock identity for the clone.
+    #[arg(long, value_name = "cid=N,socket=PATH", value_parser = parse_vsock, requires = "restore")]
+    vsock: Option<VsockConfig>,
+    /// With --restore: keep the restored VM paused.
+    #[arg(long, requires = "restore")]
+    paused: bool,
+}
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Also serve the VMM API on this Unix socket (pause, snapshot, metrics, ...).
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// Kernel: ELF vmlinux (PVH entry when present) or bzImage. Default: the default image's.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk: cpio archive, plain or gzip-compressed.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line (default: console=ttyS0 panic=1, or the image's own).
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Words to add to the command line, e.g. --append stratus.mode=poweroff.
+    #[arg(long)]
+    append: Option<String>,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// A raw disk image as a virtio block device; repeat for more (vda, vdb, ...).
+    #[arg(long = "disk", value_name = "PATH[,readonly]", value_parser = parse_disk)]
+    disks: Vec<DiskConfig>,
+    /// A network card on an existing tap device; repeat for more (eth0, eth1, ...).
+    #[arg(long = "net", value_name = "tap=NAME[,mac=52:54:00:..]", value_parser = parse_net)]
+    nets: Vec<NetConfig>,
+    /// A vsock device: host programs connect to the Unix socket PATH and write
+    /// "CONNECT <port>"; guest connections to host port P reach PATH_P.
+    #[arg(long, value_name = "cid=N,socket=PATH", value_parser = parse_vsock)]
+    vsock: Option<VsockConfig>,
+    /// Give the guest a virtio entropy device (/dev/hwrng).
+    #[arg(long)]
+    rng: bool,
+    /// Guest RAM, e.g. 512M or 2G.
+    #[arg(long, default_value = "256M", value_parser = crate::size::parse)]
+    memory: u64,
+}
+
+fn parse_disk(text: &str) -> Result<DiskConfig, String> {
+    let mut parts = text.split(',');
+    let path = parts.next().filter(|p| !p.is_empty()).ok_or("--disk needs a file path")?;
+    let mut readonly = false;
+    for option in parts {
+        match option {
+            "readonly" | "ro" => readonly = true,
+            other => return Err(format!("unknown disk option '{other}' (known: readonly)")),
+        }
+    }
+    Ok(DiskConfig { path: path.into(), readonly })
+}
+
+fn parse_net(text: &str) -> Result<NetConfig, String> {
+    let mut tap = None;
+    let mut mac = None;
+    for option in text.split(',') {
+        match option.split_once('=') {
+            Some(("tap", name)) if !name.is_empty() => tap = Some(name.to_owned()),
+            Some(("mac", value)) => {
+                mac = Some(
+                    stratus_vmm::parse_mac(value)
+                        .ok_or_else(|| format!("'{value}' is not a MAC address (like 52:54:00:12:34:56)"))?,
+                )
+            }
+            _ => return Err(format!("unknown network option '{option}' (known: tap=NAME, mac=ADDRESS)")),
+        }
+    }
+    let tap = tap.ok_or("--net needs tap=NAME")?;
+    Ok(NetConfig { tap, mac })
+}
+
+fn parse_vsock(text: &str) -> Result<VsockConfig, String> {
+    let mut cid = None;
+    let mut socket = None;
+    for option in text.split(',') {
+        match option.split_once('=') {
+            Some(("cid", n)) => {
+                cid = Some(n.parse::<u64>().map_err(|_| format!("vsock cid '{n}' is not a number"))?)
+            }
+            Some(("socket", path)) if !path.is_empty() => socket = Some(path.into()),
+            _ => return Err(format!("unknown vsock option '{option}' (known: cid=N, socket=PATH)")),
+        }
+    }
+    Ok(VsockConfig {
+        cid: cid.ok_or("--vsock needs cid=N")?,
+        socket: socket.ok_or("--vsock needs socket=PATH")?,
+    })
+}
+
+fn vm_run(args: RunArgs) -> anyhow::Result<i32> {
+    let boot = match args.kernel {
+        Some(kernel) => BootSource {
+            kernel,
+            initrd: args.initrd,
+            cmdline: args.cmdline.unwrap_or_else(|| stratus_vmm::api::DEFAULT_CMDLINE.to_owned()),
+        },
+        None => {
+            let image = crate::image::build("default")?;
+            BootSource {
+                kernel: image.kernel(),
+                initrd: Some(args.initrd.unwrap_or_else(|| image.initrd())),
+                cmdline: match args.cmdline {
+                    Some(cmdline) => cmdline,
+                    None => image.cmdline()?,
+                },
+            }
+        }
+    };
+    let mut boot = boot;
+    if let Some(extra) = args.append {
+        boot.cmdline = format!("{} {extra}", boot.cmdline);
+    }
+    let config = VmConfig {
+        vcpus: args.cpus,
+        memory: args.memory,
+        boot,
+        disks: args.disks,
+        nets: args.nets,
+        rng: args.rng,
+        vsock: args.vsock,
+    };
+    let vsock_socket = config.vsock.as_ref().map(|v| v.socket.clone());
+    let mut vmm = Vmm::with_config(config, ConsoleConfig::Stdout);
+    vmm.start()?;
+    let (exit, serial) = {
+        let vm = vmm.vm().expect("a started VMM has a VM");
+        (vm.exit.clone(), vm.serial.clone())
+    };
+    let vmm = Arc::new(Mutex::new(vmm));
+    if let Some(path) = &args.api_sock {
+        let listener =
+            stratus_vmm::api::bind(path).with_context(|| format!("serving the API on {}", path.display()))?;
+        let (vmm, path) = (vmm.clone(), path.clone());
+        std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || stratus_vmm::api::serve(listener, &path, vmm))?;
+    }
+    let stdin = std::io::stdin();
+    let terminal = RawTerminal::enable(std::os::fd::AsFd::as_fd(&stdin));
+    let end = console::run(&exit, &serial, terminal.is_some());
+    drop(terminal);
+    // The process leaves without unwinding the devices: remove the sockets here.
+    if let Some(socket) = &vsock_socket {
+        let _ = std::fs::remove_file(socket);
+    }
+    if let Some(path) = &args.api_sock {
+        let _ = std::fs::remove_file(path);
+    }
+    let (message, code) = match end {
+        ConsoleEnd::Detached => ("console detached (Ctrl-A x): VM stopped".to_owned(), 0),
+        ConsoleEnd::Guest(GuestExit::PowerOff) => ("guest powered off".to_owned(), 0),
+        ConsoleEnd::Guest(GuestExit::Reset(how)) => (format!("guest rebooted ({how})"), 0),
+        ConsoleEnd::Guest(GuestExit::Panic) => {
+            ("guest kernel panicked (pvpanic)".to_owned(), EXIT_GUEST_PANIC)
+        }
+        ConsoleEnd::Guest(GuestExit::Error(e)) => anyhow::bail!("{e}"),
+    };
+    eprintln!("stratus: {message}");
+    Ok(code)
+}
+
+fn parse_console(text: &str) -> Result<ConsoleConfig, String> {
+    match text.split_once(':') {
+        None if text == "stdout" => Ok(ConsoleConfig::Stdout),
+        None if text == "none" => Ok(ConsoleConfig::None),
+        Some(("file", path)) if !path.is_empty() => Ok(ConsoleConfig::File { path: path.into() }),
+        Some(("socket", path)) if !path.is_empty() => Ok(ConsoleConfig::Socket { path: path.into() }),
+        _ => Err(format!("'{text}': use stdout, file:PATH, socket:PATH or none")),
+    }
+}
+
+fn restore_request(from: RestoreFrom) -> RestoreRequest {
+    RestoreRequest {
+        state: from.state,
+        memory: from.memory,
+        nets: (!from.nets.is_empty()).then_some(from.nets),
+        vsock: from.vsock,
+        paused: from.paused,
+    }
+}
+
+/// `stratus vmm`: serves the API until a quit request (or a signal).
+pub fn vmm(args: VmmArgs) -> anyhow::Result<i32> {
+    let listener = stratus_vmm::api::bind(&args.api_sock)
+        .with_context(|| format!("serving the API on {}", args.api_sock.display()))?;
+    let mut vmm = Vmm::new(args.console);
+    if let Some(state) = args.restore {
+        let from = RestoreFrom {
+            state,
+            memory: args.memory_file,
+            nets: args.nets,
+            vsock: args.vsock,
+            paused: args.paused,
+        };
+        let report = vmm.restore(restore_request(from))?;
+        eprintln!("stratus: restored in {:.2} ms", report.duration_ms);
+    }
+    stratus_vmm::api::serve(listener, &args.api_sock, Arc::new(Mutex::new(vmm)));
+    Ok(0)
+}
+
+/// Calls the VMM's API; a non-2xx answer becomes an error carrying the VMM's message.
+fn call(
+    sock: &ApiSock,
+    method: &str,
+    target: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<serde_json::Value> {
+    let body = body.map(|b| b.to_string());
+    let response = http::call(&sock.api_sock, method, target, body.as_deref())?;
+    let value: serde_json::Value = if response.body.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(&response.body).unwrap_or(serde_json::Value::String(response.body.clone()))
+    };
+    if !(200..300).contains(&response.status) {
+        let message = value.get("error").and_then(|e| e.as_str()).map(str::to_owned).unwrap_or(response.body);
+        anyhow::bail!("{message}");
+    }
+    Ok(value)
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+}
+
+fn state_of(sock: &ApiSock) -> anyhow::Result<String> {
+    let info = call(sock, "GET", "/vm", None)?;
+    Ok(info["state"].as_str().unwrap_or("unknown").to_owned())
+}
+
+/// Dispatches a `stratus vm` subcommand.
+pub fn run(command: VmCommand) -> anyhow::Result<i32> {
+    match command {
+        VmCommand::Run(args) => return vm_run(args),
+        VmCommand::Info(sock) => print_json(&call(&sock, "GET", "/vm", None)?),
+        VmCommand::Metrics(sock) => print_json(&call(&sock, "GET", "/metrics", None)?),
+        VmCommand::Trace(args) => {
+            crate::trace::run(args.interval, args.count, || call(&args.sock, "GET", "/metrics", None))?
+        }
+        VmCommand::Start(sock) => {
+            call(&sock, "POST", "/vm/start", None)?;
+        }
+        VmCommand::Pause(sock) => {
+            call(&sock, "POST", "/vm/pause", None)?;
+        }
+        VmCommand::Resume(sock) => {
+            call(&sock, "POST", "/vm/resume", None)?;
+        }
+        VmCommand::Stop(sock) => {
+            call(&sock, "POST", "/vm/stop", None)?;
+        }
+        VmCommand::Quit(sock) => {
+            call(&sock, "POST", "/vmm/quit", None)?;
+        }
+        VmCommand::Shutdown(args) => {
+            call(&args.sock, "POST", "/vm/shutdown", None)?;
+            let deadline = Instant::now() + Duration::from_secs(args.timeout);
+            loop {
+                let info = call(&args.sock, "GET", "/vm", None)?;
+                if info["state"] == "stopped" {
+                    eprintln!("stratus: {}", info["exit_reason"].as_str().unwrap_or("stopped"));
+                    break;
+                }
+                if Instant::now() > deadline {
+                    anyhow::bail!(
+                        "the guest did not power off within {} s (it may not listen to the ACPI power button): `stratus vm stop` ends it at once",
+                        args.timeout
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        VmCommand::Snapshot(args) => {
+            let was_running = state_of(&args.sock)? == "running";
+            call(&args.sock, "POST", "/vm/pause", None)?;
+            let body = serde_json::json!({
+                "state_file": absolute(&args.state)?, "memory_file": absolute(&args.memory)?, "diff": args.diff,
+            });
+            let result = call(&args.sock, "POST", "/vm/snapshot", Some(body));
+            if was_running && !args.leave_paused {
+                call(&args.sock, "POST", "/vm/resume", None)?;
+            }
+            let report = result?;
+            eprintln!(
+                "stratus: {} snapshot: {:.1} MiB of memory, {:.1} KiB of state, in {:.1} ms",
+                report["kind"].as_str().unwrap_or("?").to_lowercase(),
+                report["memory_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+                report["state_bytes"].as_f64().unwrap_or(0.0) / 1024.0,
+                report["duration_ms"].as_f64().unwrap_or(0.0)
+            );
+        }
+        VmCommand::Restore(args) => {
+            let from = args.from;
+            let memory = from.memory.iter().map(|p| absolute(p)).collect::<anyhow::Result<Vec<_>>>()?;
+            let nets: Vec<serde_json::Value> = from
+                .nets
+                .iter()
+                .map(|n| serde_json::json!({ "tap": n.tap, "mac": n.mac.map(|m| stratus_vmm::vm::format_mac(&m)) }))
+                .collect();
+            let mut body = serde_json::json!({
+                "state_file": absolute(&from.state)?, "memory_files": memory, "paused": from.paused,
+            });
+            if !nets.is_empty() {
+                body["nets"] = serde_json::Value::Array(nets);
+            }
+            if let Some(v) = &from.vsock {
+                body["vsock"] = serde_json::json!({ "cid": v.cid, "socket": v.socket });
+            }
+            let report = call(&args.sock, "POST", "/vm/restore", Some(body))?;
+            eprintln!("stratus: restored in {:.2} ms", report["duration_ms"].as_f64().unwrap_or(0.0));
+        }
+    }
+    Ok(0)
+}
+
+/// Paths go to the VMM as absolute paths: it may run in another directory.
+fn absolute(path: &std::path::Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("{}", path.display()))
+}

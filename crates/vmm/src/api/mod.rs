@@ -1,0 +1,260 @@
+//! The VMM's control API: HTTP/1.1 and JSON on a Unix socket, one VM per socket. Requests are
+//! decoded strictly (an unknown field is an error, not ignored) and turned into `Vmm`
+//! operations; every error is `{"error": "..."}` with a 4xx or 5xx status, and leaves the VM
+//! as it was.
+//!
+//! | method | path | body | does |
+//! |--------|------|------|------|
+//! | GET | /vm | | state, exit reason, uptime, configuration |
+//! | GET | /vm/config | | the configuration |
+//! | PUT | /vm/machine | `{"vcpus": 2, "memory_mib": 512}` | before start |
+//! | PUT | /vm/boot | `{"kernel": P, "initrd": P, "cmdline": S}` | before start |
+//! | PUT | /vm/drives/{id} | `{"path": P, "readonly": false}` | before start |
+//! | PUT | /vm/nets/{id} | `{"tap": "tap0", "mac": "52:54:00:..."}` | before start |
+//! | PUT, DELETE | /vm/vsock | `{"cid": 3, "socket": P}` | before start |
+//! | PUT | /vm/rng | `{"enabled": true}` | before start |
+//! | PUT | /vm/console | `{"kind": "stdout"}`, `{"kind": "file"/"socket", "path": P}`, `{"kind": "none"}` | before start |
+//! | POST | /vm/start, /vm/pause, /vm/resume | | lifecycle |
+//! | POST | /vm/shutdown | | ACPI power button: the guest powers off |
+//! | POST | /vm/stop | | hard stop |
+//! | POST | /vm/snapshot | `{"state_file": P, "memory_file": P, "diff": false}` | paused VM only |
+//! | POST | /vm/restore | `{"state_file": P, "memory_files": [P, ...], "nets": [...], "vsock": {...}, "paused": false}` | instead of start |
+//! | GET | /metrics | | counters per vCPU and device |
+//! | POST | /vmm/quit | | the VMM process exits |
+
+pub mod http;
+
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::Deserialize;
+use stratus_devices::bus::lock;
+
+use crate::console::ConsoleConfig;
+use crate::service::{ApiError, RestoreRequest, Vmm};
+use crate::vm::{DiskConfig, NetConfig, VsockConfig};
+use crate::BootSource;
+use http::{Request, Response};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MachineBody {
+    vcpus: u32,
+    memory_mib: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BootBody {
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+    cmdline: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DriveBody {
+    path: PathBuf,
+    #[serde(default)]
+    readonly: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NetBody {
+    tap: String,
+    mac: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RngBody {
+    enabled: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotBody {
+    state_file: PathBuf,
+    memory_file: PathBuf,
+    #[serde(default)]
+    diff: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreBody {
+    state_file: PathBuf,
+    memory_files: Vec<PathBuf>,
+    nets: Option<Vec<NetBody>>,
+    vsock: Option<VsockConfig>,
+    #[serde(default)]
+    paused: bool,
+}
+
+/// The default command line of a boot source that gives none.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=1";
+
+fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::BadRequest("this request needs a JSON body".into()));
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("bad request body: {e}")))
+}
+
+fn net_config(body: NetBody) -> Result<NetConfig, ApiError> {
+    let mac = match body.mac {
+        Some(text) => Some(stratus_virtio::net::parse_mac(&text).ok_or_else(|| {
+            ApiError::BadRequest(format!("'{text}' is not a MAC address (like 52:54:00:12:34:56)"))
+        })?),
+        None => None,
+    };
+    Ok(NetConfig { tap: body.tap, mac })
+}
+
+fn valid_id(id: &str) -> Result<&str, ApiError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(id)
+    } else {
+        Err(ApiError::BadRequest(format!("'{id}' is not a valid id (letters, digits, - and _, at most 64)")))
+    }
+}
+
+/// What the server loop does after answering.
+#[derive(Debug, PartialEq, Eq)]
+pub enum After {
+    /// Serve the next request.
+    Continue,
+    /// Exit the process.
+    Quit,
+}
+
+/// Routes one request to the VMM.
+pub fn handle(vmm: &Mutex<Vmm>, request: &Request) -> (Response, After) {
+    let done = |r: Result<(), ApiError>| match r {
+        Ok(()) => Response::no_content(),
+        Err(e) => Response::error(e.status(), e),
+    };
+    let json = |r: Result<serde_json::Value, ApiError>| match r {
+        Ok(v) => Response::json(200, &v),
+        Err(e) => Response::error(e.status(), e),
+    };
+    let body = request.body.as_slice();
+    let segments: Vec<&str> = request.path.trim_end_matches('/').split('/').skip(1).collect();
+    let mut v = lock(vmm);
+    let response = match (request.method.as_str(), segments.as_slice()) {
+        ("GET", ["vm"]) => Response::json(200, &v.info()),
+        ("GET", ["vm", "config"]) => Response::json(200, &v.config_view()),
+        ("GET", ["metrics"]) => Response::json(200, &v.metrics()),
+        ("PUT", ["vm", "machine"]) => done(
+            parse::<MachineBody>(body)
+                .and_then(|m| v.set_machine(m.vcpus, m.memory_mib.saturating_mul(1 << 20))),
+        ),
+        ("PUT", ["vm", "boot"]) => done(parse::<BootBody>(body).and_then(|b| {
+            v.set_boot(BootSource {
+                kernel: b.kernel,
+                initrd: b.initrd,
+                cmdline: b.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_owned()),
+            })
+        })),
+        ("PUT", ["vm", "drives", id]) => done(
+            valid_id(id)
+                .and_then(|id| Ok((id, parse::<DriveBody>(body)?)))
+                .and_then(|(id, d)| v.put_drive(id, DiskConfig { path: d.path, readonly: d.readonly })),
+        ),
+        ("PUT", ["vm", "nets", id]) => done(
+            valid_id(id)
+                .and_then(|id| Ok((id, net_config(parse::<NetBody>(body)?)?)))
+                .and_then(|(id, n)| v.put_net(id, n)),
+        ),
+        ("PUT", ["vm", "vsock"]) => done(parse::<VsockConfig>(body).and_then(|c| v.set_vsock(Some(c)))),
+        ("DELETE", ["vm", "vsock"]) => done(v.set_vsock(None)),
+        ("PUT", ["vm", "rng"]) => done(parse::<RngBody>(body).and_then(|r| v.set_rng(r.enabled))),
+        ("PUT", ["vm", "console"]) => done(parse::<ConsoleConfig>(body).and_then(|c| v.set_console(c))),
+        ("POST", ["vm", "start"]) => done(v.start()),
+        ("POST", ["vm", "pause"]) => done(v.pause()),
+        ("POST", ["vm", "resume"]) => done(v.resume()),
+        ("POST", ["vm", "shutdown"]) => done(v.shutdown()),
+        ("POST", ["vm", "stop"]) => done(v.stop()),
+        ("POST", ["vm", "snapshot"]) => json(parse::<SnapshotBody>(body).and_then(|s| {
+            let report = v.snapshot(&s.state_file, &s.memory_file, s.diff)?;
+            Ok(serde_json::to_value(report).unwrap_or_default())
+        })),
+        ("POST", ["vm", "restore"]) => json(parse::<RestoreBody>(body).and_then(|r| {
+            let nets = match r.nets {
+                Some(nets) => Some(nets.into_iter().map(net_config).collect::<Result<Vec<_>, _>>()?),
+                None => None,
+            };
+            let report = v.restore(RestoreRequest {
+                state: r.state_file,
+                memory: r.memory_files,
+                nets,
+                vsock: r.vsock,
+                paused: r.paused,
+            })?;
+            Ok(serde_json::to_value(report).unwrap_or_default())
+        })),
+        ("POST", ["vmm", "quit"]) => return (Response::no_content(), After::Quit),
+        (
+            _,
+            ["vm"]
+            | ["vm", "config"]
+            | ["metrics"]
+            | ["vm", "machine"]
+            | ["vm", "boot"]
+            | ["vm", "drives", _]
+            | ["vm", "nets", _]
+            | ["vm", "vsock"]
+            | ["vm", "rng"]
+            | ["vm", "console"]
+            | ["vm", "start"]
+            | ["vm", "pause"]
+            | ["vm", "resume"]
+            | ["vm", "shutdown"]
+            | ["vm", "stop"]
+            | ["vm", "snapshot"]
+            | ["vm", "restore"]
+            | ["vmm", "quit"],
+        ) => Response::error(405, format!("{} is not allowed on {}", request.method, request.path)),
+        _ => Response::error(404, format!("no such resource: {}", request.path)),
+    };
+    (response, After::Continue)
+}
+
+/// Binds the API socket at `path` (replacing a stale one nobody listens on).
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    match UnixListener::bind(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!("{}: another VMM is serving this socket", path.display()),
+                ));
+            }
+            std::fs::remove_file(path)?;
+            UnixListener::bind(path)
+        }
+        other => other,
+    }
+}
+
+/// Serves the API on `listener` until a quit request; then removes the socket at `path` and
+/// returns.
+pub fn serve(listener: UnixListener, path: &Path, vmm: Arc<Mutex<Vmm>>) {
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let (response, after) = match http::read_request(&stream) {
+            Ok(request) => handle(&vmm, &request),
+            Err(response) => (response, After::Continue),
+        };
+        let _ = http::write_response(&stream, &response);
+        if after == After::Quit {
+            let _ = std::fs::remove_file(path);
+            return;
+        }
+    }
+}

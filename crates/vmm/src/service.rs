@@ -1,0 +1,522 @@
+//! The VMM as a service: one VM's lifecycle behind operations an API (or the `stratus vm run`
+//! command line) calls. Configuration is gathered before start; then start, pause, resume,
+//! graceful shutdown, hard stop, snapshot, restore. Every refusal is an `ApiError` carrying
+//! the HTTP status it maps to, and leaves the VM as it was.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use stratus_devices::bus::lock;
+use stratus_devices::serial::Serial;
+
+use crate::console::ConsoleConfig;
+use crate::snapshot::{self, MemoryKind};
+use crate::vm::{DiskConfig, Launch, NetConfig, Vm, VmConfig, VsockConfig};
+use crate::BootSource;
+
+/// Why an operation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request itself is wrong (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// Not possible in the VM's current state (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// No such thing (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The operation failed on the host's side (500).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl ApiError {
+    /// The HTTP status for this error.
+    pub fn status(&self) -> u16 {
+        match self {
+            ApiError::BadRequest(_) => 400,
+            ApiError::Conflict(_) => 409,
+            ApiError::NotFound(_) => 404,
+            ApiError::Failed(_) => 500,
+        }
+    }
+}
+
+/// The VM's life as the API shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Being configured.
+    NotStarted,
+    /// vCPUs running.
+    Running,
+    /// vCPUs and devices stopped at a safe point; can resume or be snapshotted.
+    Paused,
+    /// Over: the guest powered off, rebooted, panicked, or was stopped.
+    Stopped,
+}
+
+/// What a snapshot wrote.
+#[derive(Debug, Serialize)]
+pub struct SnapshotReport {
+    /// Full or diff.
+    pub kind: MemoryKind,
+    /// Bytes of memory data written (zero pages and clean pages are not).
+    pub memory_bytes: u64,
+    /// Size of the state file.
+    pub state_bytes: u64,
+    /// Time spent, in milliseconds.
+    pub duration_ms: f64,
+}
+
+/// What a restore did.
+#[derive(Debug, Serialize)]
+pub struct RestoreReport {
+    /// From the call to the vCPUs running (or parked, when restored paused), in milliseconds.
+    pub duration_ms: f64,
+    /// Whether the VM runs.
+    pub running: bool,
+}
+
+/// A restore request.
+#[derive(Debug, Default)]
+pub struct RestoreRequest {
+    /// The state file.
+    pub state: PathBuf,
+    /// The full memory file, then diffs in order.
+    pub memory: Vec<PathBuf>,
+    /// New network cards (same number as saved): taps and MACs of a clone.
+    pub nets: Option<Vec<NetConfig>>,
+    /// A new vsock device identity: CID and host socket of a clone.
+    pub vsock: Option<VsockConfig>,
+    /// Keep the VM paused after restore.
+    pub paused: bool,
+}
+
+/// One VM and the configuration it is (or will be) built from.
+pub struct Vmm {
+    config: VmConfig,
+    boot_set: bool,
+    drive_ids: Vec<String>,
+    net_ids: Vec<String>,
+    console: ConsoleConfig,
+    /// Where console input goes once the UART exists (the socket console's thread reads it).
+    console_input: Arc<Mutex<Option<Arc<Mutex<Serial>>>>>,
+    vm: Option<Vm>,
+    /// Set when the API stopped the VM.
+    stopped: Option<String>,
+    /// A diff snapshot needs one before it, in this process.
+    has_base_snapshot: bool,
+}
+
+fn conflict(what: &str, phase: Phase) -> ApiError {
+    ApiError::Conflict(format!("cannot {what}: the VM is {}", phase_name(phase)))
+}
+
+fn phase_name(phase: Phase) -> &'static str {
+    match phase {
+        Phase::NotStarted => "not started",
+        Phase::Running => "running",
+        Phase::Paused => "paused",
+        Phase::Stopped => "stopped",
+    }
+}
+
+impl Vmm {
+    /// A VMM waiting for configuration, with its console going to `console`.
+    pub fn new(console: ConsoleConfig) -> Self {
+        Self {
+            config: VmConfig {
+                vcpus: 1,
+                memory: 256 << 20,
+                boot: BootSource { kernel: PathBuf::new(), initrd: None, cmdline: String::new() },
+                disks: Vec::new(),
+                nets: Vec::new(),
+                rng: false,
+                vsock: None,
+            },
+            boot_set: false,
+            drive_ids: Vec::new(),
+            net_ids: Vec::new(),
+            console,
+            console_input: Arc::default(),
+            vm: None,
+            stopped: None,
+            has_base_snapshot: false,
+        }
+    }
+
+    /// A VMM configured with `config` in one go (the command line's way).
+    pub fn with_config(config: VmConfig, console: ConsoleConfig) -> Self {
+        let mut vmm = Self::new(console);
+        vmm.drive_ids = (0..config.disks.len()).map(disk_name).collect();
+        vmm.net_ids = (0..config.nets.len()).map(|i| format!("eth{i}")).collect();
+        vmm.config = config;
+        vmm.boot_set = true;
+        vmm
+    }
+
+    /// Where the VM is in its life.
+    pub fn phase(&self) -> Phase {
+        match &self.vm {
+            None => Phase::NotStarted,
+            Some(vm) if self.stopped.is_some() || vm.exit.reason().is_some() => Phase::Stopped,
+            Some(vm) if vm.is_paused() => Phase::Paused,
+            Some(_) => Phase::Running,
+        }
+    }
+
+    /// The VM, once started.
+    pub fn vm(&self) -> Option<&Vm> {
+        self.vm.as_ref()
+    }
+
+    /// Why the VM stopped, once it has.
+    pub fn exit_reason(&self) -> Option<String> {
+        if let Some(reason) = &self.stopped {
+            return Some(reason.clone());
+        }
+        self.vm.as_ref()?.exit.reason().map(|r| match r {
+            crate::GuestExit::PowerOff => "guest powered off".to_owned(),
+            crate::GuestExit::Reset(how) => format!("guest rebooted ({how})"),
+            crate::GuestExit::Panic => "guest kernel panicked".to_owned(),
+            crate::GuestExit::Error(e) => format!("error: {e}"),
+        })
+    }
+
+    fn configurable(&self, what: &str) -> Result<(), ApiError> {
+        match self.phase() {
+            Phase::NotStarted => Ok(()),
+            phase => Err(conflict(what, phase)),
+        }
+    }
+
+    /// Sets vCPUs and memory.
+    pub fn set_machine(&mut self, vcpus: u32, memory: u64) -> Result<(), ApiError> {
+        self.configurable("change the machine")?;
+        if vcpus == 0 || vcpus > crate::vm::MAX_VCPUS {
+            return Err(ApiError::BadRequest(format!(
+                "vcpus {vcpus}: a VM has between 1 and {} vCPUs",
+                crate::vm::MAX_VCPUS
+            )));
+        }
+        if memory < (2 << 20) {
+            return Err(ApiError::BadRequest(format!(
+                "memory {} MiB: a guest needs at least 2 MiB",
+                memory >> 20
+            )));
+        }
+        if let Some(host) = crate::memory::host_ram_bytes() {
+            if memory > host {
+                return Err(ApiError::BadRequest(format!(
+                    "memory {} MiB is more than this host's {} MiB",
+                    memory >> 20,
+                    host >> 20
+                )));
+            }
+        }
+        self.config.vcpus = vcpus;
+        self.config.memory = memory;
+        Ok(())
+    }
+
+    /// Sets the kernel, initrd and command line.
+    pub fn set_boot(&mut self, boot: BootSource) -> Result<(), ApiError> {
+        self.configurable("change the boot source")?;
+        for path in std::iter::once(&boot.kernel).chain(boot.initrd.as_ref()) {
+            if !path.is_file() {
+                return Err(ApiError::BadRequest(format!("{}: no such file", path.display())));
+            }
+        }
+        self.config.boot = boot;
+        self.boot_set = true;
+        Ok(())
+    }
+
+    /// Adds or replaces the drive called `id`.
+    pub fn put_drive(&mut self, id: &str, disk: DiskConfig) -> Result<(), ApiError> {
+        self.configurable("change drives")?;
+        if !disk.path.is_file() {
+            return Err(ApiError::BadRequest(format!("{}: no such file", disk.path.display())));
+        }
+        match self.drive_ids.iter().position(|d| d == id) {
+            Some(i) => self.config.disks[i] = disk,
+            None => {
+                self.drive_ids.push(id.to_owned());
+                self.config.disks.push(disk);
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds or replaces the network card called `id`.
+    pub fn put_net(&mut self, id: &str, net: NetConfig) -> Result<(), ApiError> {
+        self.configurable("change network cards")?;
+        if net.tap.is_empty() || net.tap.len() > 15 {
+            return Err(ApiError::BadRequest(format!(
+                "'{}' is not a tap device name (1 to 15 characters)",
+                net.tap
+            )));
+        }
+        match self.net_ids.iter().position(|n| n == id) {
+            Some(i) => self.config.nets[i] = net,
+            None => {
+                self.net_ids.push(id.to_owned());
+                self.config.nets.push(net);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets (or removes) the vsock device.
+    pub fn set_vsock(&mut self, vsock: Option<VsockConfig>) -> Result<(), ApiError> {
+        self.configurable("change the vsock device")?;
+        if let Some(v) = &vsock {
+            if v.cid < 3 || v.cid > u64::from(u32::MAX) {
+                return Err(ApiError::BadRequest(format!(
+                    "vsock cid {} is reserved or too large: use 3 to 2^32-1",
+                    v.cid
+                )));
+            }
+        }
+        self.config.vsock = vsock;
+        Ok(())
+    }
+
+    /// Adds or removes the entropy device.
+    pub fn set_rng(&mut self, rng: bool) -> Result<(), ApiError> {
+        self.configurable("change the entropy device")?;
+        self.config.rng = rng;
+        Ok(())
+    }
+
+    /// Sets where the console goes.
+    pub fn set_console(&mut self, console: ConsoleConfig) -> Result<(), ApiError> {
+        self.configurable("change the console")?;
+        self.console = console;
+        Ok(())
+    }
+
+    /// The configuration, as the API shows it.
+    pub fn config_view(&self) -> serde_json::Value {
+        let c = &self.config;
+        serde_json::json!({
+            "machine": { "vcpus": c.vcpus, "memory_mib": c.memory >> 20 },
+            "boot": if self.boot_set { serde_json::json!({
+                "kernel": c.boot.kernel, "initrd": c.boot.initrd, "cmdline": c.boot.cmdline,
+            }) } else { serde_json::Value::Null },
+            "drives": self.drive_ids.iter().zip(&c.disks).map(|(id, d)| serde_json::json!({
+                "id": id, "path": d.path, "readonly": d.readonly,
+            })).collect::<Vec<_>>(),
+            "nets": self.net_ids.iter().zip(&c.nets).map(|(id, n)| serde_json::json!({
+                "id": id, "tap": n.tap, "mac": n.mac.map(|m| crate::vm::format_mac(&m)),
+            })).collect::<Vec<_>>(),
+            "vsock": c.vsock,
+            "rng": c.rng,
+            "console": self.console,
+        })
+    }
+
+    /// The configuration the VM is built from.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Name of drive `index`.
+    pub fn drive_id(&self, index: usize) -> Option<&str> {
+        self.drive_ids.get(index).map(String::as_str)
+    }
+
+    /// Name of network card `index`.
+    pub fn net_id(&self, index: usize) -> Option<&str> {
+        self.net_ids.get(index).map(String::as_str)
+    }
+
+    fn open_console(&self) -> Result<Box<dyn std::io::Write + Send>, ApiError> {
+        self.console
+            .open(self.console_input.clone())
+            .map_err(|e| ApiError::Failed(format!("opening the console ({:?}): {e}", self.console)))
+    }
+
+    fn adopt(&mut self, vm: Vm) {
+        *lock(&self.console_input) = Some(vm.serial.clone());
+        self.vm = Some(vm);
+    }
+
+    /// Builds and boots the VM.
+    pub fn start(&mut self) -> Result<(), ApiError> {
+        self.configurable("start")?;
+        if !self.boot_set {
+            return Err(ApiError::Conflict("cannot start: no boot source (PUT /vm/boot first)".into()));
+        }
+        let mut config = self.config.clone();
+        if crate::pvm::host_is_pvm() && !config.boot.cmdline.contains(crate::pvm::GUEST_CMDLINE) {
+            config.boot.cmdline = format!("{} {}", config.boot.cmdline, crate::pvm::GUEST_CMDLINE);
+        }
+        let out = self.open_console()?;
+        let mut vm =
+            crate::vm::create(&config, out, Launch::Boot).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        vm.run(false).map_err(|e| ApiError::Failed(e.to_string()))?;
+        self.config = config;
+        self.adopt(vm);
+        Ok(())
+    }
+
+    fn running_vm(&self, what: &str, allowed: &[Phase]) -> Result<&Vm, ApiError> {
+        let phase = self.phase();
+        match &self.vm {
+            Some(vm) if allowed.contains(&phase) => Ok(vm),
+            _ => Err(conflict(what, phase)),
+        }
+    }
+
+    /// Pauses the VM (a paused VM stays paused).
+    pub fn pause(&self) -> Result<(), ApiError> {
+        self.running_vm("pause", &[Phase::Running, Phase::Paused])?.pause();
+        Ok(())
+    }
+
+    /// Resumes a paused VM (a running VM keeps running).
+    pub fn resume(&self) -> Result<(), ApiError> {
+        self.running_vm("resume", &[Phase::Running, Phase::Paused])?.resume();
+        Ok(())
+    }
+
+    /// Asks the guest to power itself off (the ACPI power button); it may take its time.
+    pub fn shutdown(&self) -> Result<(), ApiError> {
+        let vm = self.running_vm("shut down", &[Phase::Running])?;
+        vm.press_power_button();
+        Ok(())
+    }
+
+    /// Stops the VM at once: its vCPUs never run again.
+    pub fn stop(&mut self) -> Result<(), ApiError> {
+        let vm = self.running_vm("stop", &[Phase::Running, Phase::Paused])?;
+        vm.pause();
+        self.stopped = Some("stopped through the API".into());
+        Ok(())
+    }
+
+    /// Saves the paused VM: state to `state`, memory to `memory` (all of it, or with `diff`
+    /// only what changed since the previous snapshot of this process).
+    pub fn snapshot(&mut self, state: &Path, memory: &Path, diff: bool) -> Result<SnapshotReport, ApiError> {
+        let t = Instant::now();
+        let phase = self.phase();
+        let Some(vm) = self.vm.as_mut().filter(|_| phase == Phase::Paused) else {
+            return Err(if phase == Phase::Running {
+                ApiError::Conflict("cannot snapshot a running VM: pause it first".into())
+            } else {
+                conflict("snapshot", phase)
+            });
+        };
+        if diff && !self.has_base_snapshot {
+            return Err(ApiError::Conflict(
+                "a diff snapshot needs a full snapshot (or a restore) of this VM before it".into(),
+            ));
+        }
+        let failed = |e: &dyn std::fmt::Display| ApiError::Failed(e.to_string());
+        let kind = if diff { MemoryKind::Diff } else { MemoryKind::Full };
+        let saved = vm.save_state(kind).map_err(|e| failed(&e))?;
+        let memory_bytes = if diff {
+            let dirty = vm.take_dirty_pages().map_err(|e| failed(&e))?;
+            snapshot::memory::write_diff(vm.memory(), &dirty, memory).map_err(|e| failed(&e))?
+        } else {
+            let written = snapshot::memory::write_full(vm.memory(), memory).map_err(|e| failed(&e))?;
+            // From here on, the pages written are what the next diff carries.
+            vm.start_dirty_tracking().map_err(|e| failed(&e))?;
+            written
+        };
+        snapshot::write_state(state, &saved).map_err(|e| failed(&e))?;
+        self.has_base_snapshot = true;
+        let state_bytes = std::fs::metadata(state).map(|m| m.len()).unwrap_or(0);
+        Ok(SnapshotReport { kind, memory_bytes, state_bytes, duration_ms: t.elapsed().as_secs_f64() * 1e3 })
+    }
+
+    /// Builds the VM from a snapshot instead of booting it.
+    pub fn restore(&mut self, request: RestoreRequest) -> Result<RestoreReport, ApiError> {
+        let t = Instant::now();
+        self.configurable("restore")?;
+        let Some((full, diffs)) = request.memory.split_first() else {
+            return Err(ApiError::BadRequest("restore needs a memory file".into()));
+        };
+        let saved = snapshot::read_state(&request.state).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        if saved.memory == MemoryKind::Diff && diffs.is_empty() {
+            return Err(ApiError::BadRequest(
+                "this state goes with a diff snapshot: give the full memory file, then the diff files in order".into(),
+            ));
+        }
+        let mut config = saved.config.clone();
+        if let Some(nets) = request.nets {
+            if nets.len() != config.nets.len() {
+                return Err(ApiError::BadRequest(format!(
+                    "the snapshot has {} network cards, {} given",
+                    config.nets.len(),
+                    nets.len()
+                )));
+            }
+            config.nets = nets;
+        }
+        if let Some(vsock) = request.vsock {
+            if config.vsock.is_none() {
+                return Err(ApiError::BadRequest("the snapshot has no vsock device".into()));
+            }
+            config.vsock = Some(vsock);
+        }
+        let out = self.open_console()?;
+        let diffs: Vec<&Path> = diffs.iter().map(PathBuf::as_path).collect();
+        let launch = Launch::Restore { state: &saved, memory: full, diffs: &diffs };
+        let mut vm =
+            crate::vm::create(&config, out, launch).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        vm.start_dirty_tracking().map_err(|e| ApiError::Failed(e.to_string()))?;
+        vm.run(request.paused).map_err(|e| ApiError::Failed(e.to_string()))?;
+        self.drive_ids = (0..config.disks.len()).map(disk_name).collect();
+        self.net_ids = (0..config.nets.len()).map(|i| format!("eth{i}")).collect();
+        self.config = config;
+        self.boot_set = true;
+        self.has_base_snapshot = true;
+        self.adopt(vm);
+        Ok(RestoreReport { duration_ms: t.elapsed().as_secs_f64() * 1e3, running: !request.paused })
+    }
+
+    /// `GET /vm`: state, exit reason, uptime, configuration.
+    pub fn info(&self) -> serde_json::Value {
+        serde_json::json!({
+            "state": self.phase(),
+            "exit_reason": self.exit_reason(),
+            "uptime_ms": self.vm.as_ref().map(|vm| vm.uptime().as_millis() as u64),
+            "config": self.config_view(),
+        })
+    }
+
+    /// `GET /metrics`: counters per vCPU and per device.
+    pub fn metrics(&self) -> serde_json::Value {
+        let Some(vm) = &self.vm else {
+            return serde_json::json!({ "state": self.phase(), "vcpus": [], "devices": [] });
+        };
+        crate::metrics::collect(vm, self.phase(), |kind, index| match kind {
+            stratus_virtio::device_type::BLOCK => self.drive_id(index).map(str::to_owned),
+            stratus_virtio::device_type::NET => self.net_id(index).map(str::to_owned),
+            _ => None,
+        })
+    }
+
+    /// Waits up to `limit` for the VM to stop; true if it did.
+    pub fn wait_stopped(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self.phase() == Phase::Stopped {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
+/// The guest's name for disk `index`: vda, vdb, ...
+fn disk_name(index: usize) -> String {
+    format!("vd{}", (b'a' + (index % 26) as u8) as char)
+}

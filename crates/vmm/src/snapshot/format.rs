@@ -1,0 +1,109 @@
+//! The state file's envelope: a fixed header (magic, format version, payload length, CRC-32 of
+//! the payload) and the payload, `VmState` encoded with postcard. The version is checked
+//! before anything is decoded; this build writes `CURRENT` and reads `CURRENT` and the
+//! version before it, so an upgrade never strands a saved VM.
+//!
+//! ```text
+//! 0   8   magic "STRATUS\x01"
+//! 8   4   format version, little endian
+//! 12  8   payload length
+//! 20  4   CRC-32 (IEEE) of the payload
+//! 24  ..  payload
+//! ```
+
+use super::VmState;
+
+/// Identifies a Stratus state file.
+pub const MAGIC: [u8; 8] = *b"STRATUS\x01";
+/// The format this build writes.
+pub const CURRENT: u32 = 1;
+/// The oldest format this build reads.
+pub const OLDEST_READABLE: u32 = 1;
+const HEADER_LEN: usize = 24;
+/// A state file is a few tens of KiB; refuse anything absurd before allocating for it.
+const MAX_PAYLOAD: u64 = 64 << 20;
+
+/// Why a state file cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    /// Not a state file at all.
+    #[error("not a Stratus snapshot state file (bad magic)")]
+    NotAStateFile,
+    /// Cut short.
+    #[error("the state file is truncated ({have} bytes, {want} expected)")]
+    Truncated {
+        /// Bytes present.
+        have: usize,
+        /// Bytes the header promises.
+        want: usize,
+    },
+    /// From a version this build does not read.
+    #[error("snapshot format version {found}: this build of Stratus reads versions {OLDEST_READABLE} to {CURRENT}")]
+    Version {
+        /// The file's version.
+        found: u32,
+    },
+    /// The checksum does not match: the file was damaged.
+    #[error("the state file is damaged (checksum {found:#010x}, expected {expected:#010x})")]
+    Checksum {
+        /// CRC of the payload as read.
+        found: u32,
+        /// CRC the header records.
+        expected: u32,
+    },
+    /// The payload does not decode.
+    #[error("the state file is damaged: {0}")]
+    Decode(String),
+    /// Encoding failed (a bug, not a user error).
+    #[error("encoding the state: {0}")]
+    Encode(String),
+}
+
+/// Encodes `state` as a complete state file.
+pub fn encode(state: &VmState) -> Result<Vec<u8>, FormatError> {
+    let payload = postcard::to_stdvec(state).map_err(|e| FormatError::Encode(e.to_string()))?;
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&CURRENT.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    Ok(out)
+}
+
+/// Decodes a state file, checking magic, version, length and checksum first.
+pub fn decode(bytes: &[u8]) -> Result<VmState, FormatError> {
+    if bytes.len() < HEADER_LEN {
+        if bytes.len() >= 8 && bytes[..8] != MAGIC {
+            return Err(FormatError::NotAStateFile);
+        }
+        return Err(FormatError::Truncated { have: bytes.len(), want: HEADER_LEN });
+    }
+    if bytes[..8] != MAGIC {
+        return Err(FormatError::NotAStateFile);
+    }
+    let field = |range: std::ops::Range<usize>| {
+        let mut b = [0u8; 8];
+        b[..range.len()].copy_from_slice(&bytes[range]);
+        u64::from_le_bytes(b)
+    };
+    let version = field(8..12) as u32;
+    let length = field(12..20);
+    let expected = field(20..24) as u32;
+    if !(OLDEST_READABLE..=CURRENT).contains(&version) {
+        return Err(FormatError::Version { found: version });
+    }
+    if length > MAX_PAYLOAD || (bytes.len() - HEADER_LEN) as u64 != length {
+        return Err(FormatError::Truncated {
+            have: bytes.len(),
+            want: HEADER_LEN.saturating_add(length.min(MAX_PAYLOAD) as usize),
+        });
+    }
+    let payload = &bytes[HEADER_LEN..];
+    let found = crc32fast::hash(payload);
+    if found != expected {
+        return Err(FormatError::Checksum { found, expected });
+    }
+    // Only one version exists so far; the next one adds `1 => v1::decode(payload).map(Into::into)`.
+    postcard::from_bytes(payload).map_err(|e| FormatError::Decode(e.to_string()))
+}
