@@ -146,3 +146,68 @@ mod tests {
         println!("virtio-rng: {rounds} random descriptor tables processed without a fault");
     }
 }
+
+#[cfg(test)]
+mod restore_tests {
+    use super::*;
+    use crate::mmio::{status, MmioTransport};
+    use crate::testing::{Driver, DATA};
+    use crate::Interrupt;
+    use vmm_sys_util::eventfd::EventFd;
+
+    fn fresh_transport(d: &Driver, device: Box<dyn VirtioDevice>) -> MmioTransport {
+        let interrupt = std::sync::Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        MmioTransport::new(device, d.mem.clone(), interrupt).unwrap()
+    }
+
+    // A transport restored from a saved state picks up the queue exactly where it was: the
+    // next request lands in the next used-ring entry.
+    #[test]
+    fn a_restored_transport_continues_the_queue() {
+        let mut d = Driver::new(Box::new(Rng::new()));
+        d.init();
+        d.submit(&[(DATA, 16, true)]);
+        d.submit(&[(DATA, 16, true)]);
+        let saved = d.transport.state();
+        assert_eq!(saved.queues[0].next_avail, 2);
+        assert!(saved.status & status::DRIVER_OK != 0);
+
+        d.transport = fresh_transport(&d, Box::new(Rng::new()));
+        d.transport.restore(0, &saved).unwrap();
+        assert_eq!(d.transport.state(), saved);
+        d.submit(&[(DATA, 16, true)]);
+        assert_eq!(d.used_idx(), 3, "the third request is the third used entry");
+    }
+
+    #[test]
+    fn a_state_that_does_not_fit_is_refused() {
+        let mut d = Driver::new(Box::new(Rng::new()));
+        d.init();
+        let saved = d.transport.state();
+        let err = |state: &crate::mmio::TransportState| {
+            let mut t = fresh_transport(&d, Box::new(Rng::new()));
+            t.restore(3, state).unwrap_err().to_string()
+        };
+        let mut other_type = saved.clone();
+        other_type.device_type = crate::device_type::BLOCK;
+        assert!(err(&other_type).contains("device type"), "{}", err(&other_type));
+        let mut more_queues = saved.clone();
+        more_queues.queues.push(saved.queues[0].clone());
+        assert!(err(&more_queues).contains("queues"));
+        let mut odd_size = saved.clone();
+        odd_size.queues[0].size = 3;
+        assert!(err(&odd_size).contains("queue 0"), "{}", err(&odd_size));
+        let mut features = saved.clone();
+        features.driver_features |= 1 << 40;
+        assert!(err(&features).contains("does not offer"));
+
+        // Rings outside guest memory: accepted, but the device needs a reset, and never
+        // touches memory it should not.
+        let mut far = saved.clone();
+        far.queues[0].desc_table = 1 << 40;
+        let mut t = fresh_transport(&d, Box::new(Rng::new()));
+        t.restore(0, &far).unwrap();
+        assert!(t.status() & status::DEVICE_NEEDS_RESET != 0);
+        t.process_queue(0);
+    }
+}

@@ -107,3 +107,91 @@ pub fn decode(bytes: &[u8]) -> Result<VmState, FormatError> {
     // Only one version exists so far; the next one adds `1 => v1::decode(payload).map(Into::into)`.
     postcard::from_bytes(payload).map_err(|e| FormatError::Decode(e.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::{MachineState, MemoryKind};
+    use crate::vcpu::VcpuState;
+    use crate::vm::VmConfig;
+
+    fn sample() -> VmState {
+        VmState {
+            config: VmConfig {
+                vcpus: 1,
+                memory: 64 << 20,
+                boot: crate::BootSource { kernel: "/k".into(), initrd: None, cmdline: "console=ttyS0".into() },
+                disks: Vec::new(),
+                nets: Vec::new(),
+                rng: true,
+                vsock: None,
+            },
+            uptime_ms: 1234,
+            machine: MachineState {
+                irqchips: vec![Default::default(); 3],
+                pit: Default::default(),
+                clock: Default::default(),
+            },
+            vcpus: vec![VcpuState {
+                id: 0,
+                mp_state: Default::default(),
+                regs: kvm_bindings::kvm_regs { rip: 0x1234_5678, ..Default::default() },
+                sregs: Default::default(),
+                xsave: Default::default(),
+                xcrs: Default::default(),
+                debugregs: Default::default(),
+                lapic: Default::default(),
+                msrs: vec![(0x10, 99)],
+                events: Default::default(),
+            }],
+            serial: Default::default(),
+            devices: Vec::new(),
+            memory: MemoryKind::Full,
+            generation_id: [7; 16],
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let bytes = encode(&sample()).unwrap();
+        let back = decode(&bytes).unwrap();
+        assert_eq!(back.vcpus[0].regs.rip, 0x1234_5678);
+        assert_eq!(back.vcpus[0].msrs, vec![(0x10, 99)]);
+        assert_eq!(back.config, sample().config);
+        assert_eq!(back.uptime_ms, 1234);
+    }
+
+    #[test]
+    fn refuses_damaged_foreign_and_future_files_with_a_clear_error() {
+        let good = encode(&sample()).unwrap();
+        let err = |bytes: &[u8]| decode(bytes).err().map(|e| e.to_string()).unwrap_or_default();
+
+        let mut flipped = good.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 0x40;
+        assert!(err(&flipped).contains("damaged (checksum"), "{}", err(&flipped));
+
+        assert!(err(&good[..good.len() - 10]).contains("truncated"), "{}", err(&good[..good.len() - 10]));
+        assert!(err(&good[..10]).contains("truncated"));
+        assert!(err(b"\x7fELF\x02\x01\x01\0garbage garbage garbage").contains("not a Stratus snapshot"));
+
+        let mut future = good.clone();
+        future[8..12].copy_from_slice(&(CURRENT + 1).to_le_bytes());
+        assert!(err(&future).contains(&format!("version {}", CURRENT + 1)), "{}", err(&future));
+        let mut ancient = good.clone();
+        ancient[8..12].copy_from_slice(&0u32.to_le_bytes());
+        assert!(err(&ancient).contains("reads versions"), "{}", err(&ancient));
+
+        let mut huge = good.clone();
+        huge[12..20].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(err(&huge).contains("truncated"));
+
+        // A payload that passes the checksum but does not decode.
+        let mut forged = good[..24].to_vec();
+        let junk = vec![0xffu8; 40];
+        forged[12..20].copy_from_slice(&(junk.len() as u64).to_le_bytes());
+        forged[20..24].copy_from_slice(&crc32fast::hash(&junk).to_le_bytes());
+        forged.extend_from_slice(&junk);
+        assert!(err(&forged).contains("damaged"), "{}", err(&forged));
+    }
+}
