@@ -334,7 +334,11 @@ fn restore_request(from: RestoreFrom) -> RestoreRequest {
 pub fn vmm(args: VmmArgs) -> anyhow::Result<i32> {
     let listener = stratus_vmm::api::bind(&args.api_sock)
         .with_context(|| format!("serving the API on {}", args.api_sock.display()))?;
+    let stdin_console = args.console == ConsoleConfig::Stdout;
     let mut vmm = Vmm::new(args.console);
+    if stdin_console {
+        forward_stdin(vmm.console_input());
+    }
     if let Some(state) = args.restore {
         let from = RestoreFrom {
             state,
@@ -348,6 +352,32 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<i32> {
     }
     stratus_vmm::api::serve(listener, &args.api_sock, Arc::new(Mutex::new(vmm)));
     Ok(0)
+}
+
+/// Feeds standard input to the guest's UART (once a VM exists) until it closes.
+fn forward_stdin(input: Arc<Mutex<Option<Arc<Mutex<stratus_vmm::Serial>>>>>) {
+    let _ = std::thread::Builder::new().name("stdin".into()).spawn(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 256];
+        let mut stdin = std::io::stdin();
+        while let Ok(n) = stdin.read(&mut buf) {
+            if n == 0 {
+                return;
+            }
+            let mut pending = &buf[..n];
+            while !pending.is_empty() {
+                let serial = input.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let taken = match serial {
+                    Some(serial) => serial.lock().unwrap_or_else(|p| p.into_inner()).enqueue_input(pending),
+                    None => 0,
+                };
+                pending = &pending[taken..];
+                if taken == 0 {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    });
 }
 
 /// Calls the VMM's API; a non-2xx answer becomes an error carrying the VMM's message.

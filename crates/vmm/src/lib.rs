@@ -21,6 +21,7 @@ pub mod vcpu;
 pub mod vm;
 
 pub use loader::BootSource;
+pub use stratus_devices::serial::Serial;
 pub use stratus_devices::GuestExit;
 pub use stratus_virtio::net::parse_mac;
 pub use vm::{create, start, DiskConfig, Launch, NetConfig, RunningVm, Vm, VmConfig, VmError, VsockConfig};

@@ -169,6 +169,11 @@ impl Vmm {
         }
     }
 
+    /// Where console input goes: the UART, once the VM exists.
+    pub fn console_input(&self) -> Arc<Mutex<Option<Arc<Mutex<Serial>>>>> {
+        self.console_input.clone()
+    }
+
     /// The VM, once started.
     pub fn vm(&self) -> Option<&Vm> {
         self.vm.as_ref()

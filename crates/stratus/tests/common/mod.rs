@@ -309,3 +309,99 @@ pub fn ensure_packages(packages: &[&str]) {
         .expect("apt-get");
     assert!(status.success(), "installing {missing:?} failed");
 }
+
+/// A `stratus vmm` process serving its API on a socket in a fresh directory; its console is
+/// its stdout (and stdin), read like `Interactive`'s.
+pub struct VmmProcess {
+    pub console: Interactive,
+    pub dir: PathBuf,
+    pub sock: PathBuf,
+}
+
+impl VmmProcess {
+    /// Starts `stratus vmm --api-sock DIR/api.sock EXTRA...` and waits for its socket.
+    pub fn start(name: &str, extra: &[&str]) -> Self {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("vmm-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self::start_in(&dir, extra)
+    }
+
+    /// Like `start`, in an existing directory (a second VMM beside a first).
+    pub fn start_in(dir: &Path, extra: &[&str]) -> Self {
+        let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+        let sock = dir.join(format!("api{n}.sock"));
+        let mut args = vec!["vmm", "--api-sock", sock.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let console = Interactive::start(&args);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(Instant::now() < deadline, "stratus vmm never served {}", sock.display());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self { console, dir: dir.to_owned(), sock }
+    }
+
+    /// One API call: (status, JSON body or Null).
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let body = body.map(|b| b.to_string());
+        let r = stratus_vmm::api::http::call(&self.sock, method, path, body.as_deref()).expect("API call");
+        let value =
+            if r.body.is_empty() { serde_json::Value::Null } else { serde_json::from_str(&r.body).unwrap() };
+        (r.status, value)
+    }
+
+    /// A call that must succeed; returns its body.
+    pub fn ok(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> serde_json::Value {
+        let (status, value) = self.call(method, path, body);
+        assert!((200..300).contains(&status), "{method} {path}: {status} {value}");
+        value
+    }
+
+    /// A call that must fail with `status`; returns the error message.
+    pub fn fails(&self, method: &str, path: &str, body: Option<serde_json::Value>, status: u16) -> String {
+        let (got, value) = self.call(method, path, body);
+        assert_eq!(got, status, "{method} {path}: {value}");
+        value["error"].as_str().expect("an error message").to_owned()
+    }
+
+    pub fn state(&self) -> String {
+        self.ok("GET", "/vm", None)["state"].as_str().unwrap().to_owned()
+    }
+
+    /// Configures the tiny guest with `cmdline`.
+    pub fn configure_tiny(&self, cmdline: &str, memory_mib: u64) {
+        self.ok("PUT", "/vm/machine", Some(serde_json::json!({ "vcpus": 1, "memory_mib": memory_mib })));
+        self.ok(
+            "PUT",
+            "/vm/boot",
+            Some(serde_json::json!({ "kernel": guests().guest, "cmdline": format!("console=ttyS0 {cmdline}") })),
+        );
+    }
+
+    /// Pauses and snapshots into DIR/NAME.state and DIR/NAME.mem; returns their paths.
+    pub fn snapshot(&self, name: &str, diff: bool) -> (PathBuf, PathBuf) {
+        let (state, mem) = (self.dir.join(format!("{name}.state")), self.dir.join(format!("{name}.mem")));
+        self.ok("POST", "/vm/pause", None);
+        self.ok(
+            "POST",
+            "/vm/snapshot",
+            Some(serde_json::json!({ "state_file": state, "memory_file": mem, "diff": diff })),
+        );
+        (state, mem)
+    }
+
+    /// Ends the VMM through the API and checks that it left cleanly.
+    pub fn quit(self) -> Outcome {
+        self.ok("POST", "/vmm/quit", None);
+        let outcome = self.console.finish(Duration::from_secs(10));
+        assert_eq!(outcome.code, Some(0), "{outcome:?}");
+        assert!(!self.sock.exists(), "the API socket is removed");
+        outcome
+    }
+}

@@ -120,7 +120,11 @@ mod tests {
             config: VmConfig {
                 vcpus: 1,
                 memory: 64 << 20,
-                boot: crate::BootSource { kernel: "/k".into(), initrd: None, cmdline: "console=ttyS0".into() },
+                boot: crate::BootSource {
+                    kernel: "/k".into(),
+                    initrd: None,
+                    cmdline: "console=ttyS0".into(),
+                },
                 disks: Vec::new(),
                 nets: Vec::new(),
                 rng: true,

@@ -1,0 +1,243 @@
+//! The VMM as a service, driven through its API socket as an agent would: configuration,
+//! lifecycle, errors that leave the VM unharmed, metrics, and snapshot/restore into new
+//! processes — with the tiny test guest, so each test takes well under a second of guest time.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{guests, kvm_available, VmmProcess};
+use serde_json::json;
+
+fn io_in(vmm: &VmmProcess) -> u64 {
+    vmm.ok("GET", "/metrics", None)["vcpus"][0]["exits"]["io_in"].as_u64().unwrap()
+}
+
+#[test]
+fn api_configures_runs_pauses_and_refuses_bad_requests_without_harm() {
+    if !kvm_available("api_configures_runs_pauses_and_refuses_bad_requests_without_harm") {
+        return;
+    }
+    let vmm = VmmProcess::start("lifecycle", &[]);
+    assert_eq!(vmm.state(), "not_started");
+
+    // Bad requests: each a 4xx with a message, none changing anything.
+    assert!(vmm.fails("GET", "/nothing", None, 404).contains("no such resource"));
+    assert!(vmm.fails("DELETE", "/vm/machine", None, 405).contains("not allowed"));
+    let e = vmm.fails("PUT", "/vm/machine", Some(json!({"vcpus": 1, "memory_mib": 64, "turbo": true})), 400);
+    assert!(e.contains("unknown field `turbo`"), "{e}");
+    assert!(vmm
+        .fails("PUT", "/vm/machine", Some(json!({"vcpus": 0, "memory_mib": 64})), 400)
+        .contains("vCPUs"));
+    assert!(vmm
+        .fails("PUT", "/vm/machine", Some(json!({"vcpus": 1, "memory_mib": 1u64 << 40})), 400)
+        .contains("more than"));
+    assert!(vmm
+        .fails("PUT", "/vm/boot", Some(json!({"kernel": "/no/such/kernel"})), 400)
+        .contains("no such file"));
+    assert!(vmm
+        .fails("PUT", "/vm/drives/bad.id", Some(json!({"path": "/x"})), 400)
+        .contains("not a valid id"));
+    assert!(vmm.fails("PUT", "/vm/nets/eth0", Some(json!({"tap": "t", "mac": "zz"})), 400).contains("MAC"));
+    assert!(vmm
+        .fails("PUT", "/vm/vsock", Some(json!({"cid": 2, "socket": "/tmp/x"})), 400)
+        .contains("reserved"));
+    assert!(vmm.fails("POST", "/vm/pause", None, 409).contains("not started"));
+    assert!(vmm.fails("POST", "/vm/start", None, 409).contains("no boot source"));
+    let raw = stratus_vmm::api::http::call(&vmm.sock, "PUT", "/vm/machine", Some("{not json")).unwrap();
+    assert_eq!(raw.status, 400, "{}", raw.body);
+    let config = vmm.ok("GET", "/vm/config", None);
+    assert_eq!(config["machine"], json!({"vcpus": 1, "memory_mib": 256}), "nothing changed: {config}");
+
+    // The echo guest polls the UART's line status while it waits for input: a steady stream of
+    // port reads, which pausing must stop and resuming must restart.
+    vmm.configure_tiny("test=echo exit=poweroff", 64);
+    assert_eq!(vmm.ok("GET", "/vm/config", None)["machine"]["memory_mib"], 64);
+    vmm.ok("POST", "/vm/start", None);
+    let mut console = vmm.console;
+    console.expect("ready", 0, Duration::from_secs(10));
+    let vmm = VmmProcess { console, ..vmm };
+    assert_eq!(vmm.state(), "running");
+    assert!(vmm.fails("POST", "/vm/start", None, 409).contains("running"));
+    assert!(vmm
+        .fails("PUT", "/vm/machine", Some(json!({"vcpus": 2, "memory_mib": 64})), 409)
+        .contains("running"));
+    assert!(vmm
+        .fails("POST", "/vm/snapshot", Some(json!({"state_file": "/tmp/s", "memory_file": "/tmp/m"})), 409)
+        .contains("pause it first"));
+
+    vmm.ok("POST", "/vm/pause", None);
+    assert_eq!(vmm.state(), "paused");
+    let frozen = io_in(&vmm);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(io_in(&vmm), frozen, "a paused guest ran");
+    vmm.ok("POST", "/vm/resume", None);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(io_in(&vmm) > frozen, "a resumed guest does not run");
+
+    let metrics = vmm.ok("GET", "/metrics", None);
+    assert!(metrics["vcpus"][0]["exits"]["io_out"].as_u64().unwrap() >= 6, "the guest printed: {metrics}");
+    assert!(metrics["uptime_ms"].as_u64().unwrap() > 0);
+
+    // The guest still works after all that: it echoes and powers off.
+    let mut console = vmm.console;
+    console.send("still here\n");
+    console.expect("echo: still here", 0, Duration::from_secs(10));
+    let vmm = VmmProcess { console, ..vmm };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while vmm.state() != "stopped" {
+        assert!(Instant::now() < deadline, "the guest did not power off");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(vmm.ok("GET", "/vm", None)["exit_reason"], "guest powered off");
+    assert!(vmm.fails("POST", "/vm/resume", None, 409).contains("stopped"));
+    vmm.quit();
+}
+
+#[test]
+fn hard_stop_ends_a_guest_that_ignores_everything() {
+    if !kvm_available("hard_stop_ends_a_guest_that_ignores_everything") {
+        return;
+    }
+    let vmm = VmmProcess::start("stop", &[]);
+    vmm.configure_tiny("test=boot exit=hang", 32);
+    vmm.ok("POST", "/vm/start", None);
+    // The tiny guest has no ACPI interpreter: the power button goes unanswered.
+    vmm.ok("POST", "/vm/shutdown", None);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(vmm.state(), "running");
+    vmm.ok("POST", "/vm/stop", None);
+    let info = vmm.ok("GET", "/vm", None);
+    assert_eq!(info["state"], "stopped");
+    assert_eq!(info["exit_reason"], "stopped through the API");
+    vmm.quit();
+}
+
+/// Restores `state`/`mem` into a new VMM whose console is on stdout.
+fn restore(dir: &std::path::Path, state: &std::path::Path, mems: &[&std::path::Path]) -> VmmProcess {
+    let mut args = vec!["--restore", state.to_str().unwrap()];
+    for m in mems {
+        args.extend_from_slice(&["--memory-file", m.to_str().unwrap()]);
+    }
+    VmmProcess::start_in(dir, &args)
+}
+
+#[test]
+fn a_snapshot_comes_back_to_life_in_other_processes_twice_at_once() {
+    if !kvm_available("a_snapshot_comes_back_to_life_in_other_processes_twice_at_once") {
+        return;
+    }
+    let vmm = VmmProcess::start("snapshot", &[]);
+    vmm.configure_tiny("test=echo exit=poweroff", 64);
+    vmm.ok("POST", "/vm/start", None);
+    let mut console = vmm.console;
+    console.expect("ready", 0, Duration::from_secs(10));
+    let vmm = VmmProcess { console, ..vmm };
+    let (state, mem) = vmm.snapshot("echo", false);
+    let dir = vmm.dir.clone();
+    vmm.quit();
+
+    // Two clones of one snapshot at once: each carries on from "ready" on its own.
+    let mut a = restore(&dir, &state, &[&mem]);
+    let mut b = restore(&dir, &state, &[&mem]);
+    assert_eq!(a.state(), "running");
+    a.console.send("from a\n");
+    b.console.send("from b\n");
+    a.console.expect("echo: from a", 0, Duration::from_secs(10));
+    b.console.expect("echo: from b", 0, Duration::from_secs(10));
+    assert!(!a.console.output().contains("ready"), "a restored guest does not boot again");
+    for vmm in [a, b] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while vmm.state() != "stopped" {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(vmm.ok("GET", "/vm", None)["exit_reason"], "guest powered off");
+        vmm.quit();
+    }
+
+    // A damaged state file is refused with the reason; the VMM stays usable.
+    let damaged = dir.join("damaged.state");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 1;
+    std::fs::write(&damaged, &bytes).unwrap();
+    let vmm = VmmProcess::start_in(&dir, &[]);
+    let e =
+        vmm.fails("POST", "/vm/restore", Some(json!({"state_file": damaged, "memory_files": [mem]})), 400);
+    assert!(e.contains("damaged"), "{e}");
+    let e = vmm.fails("POST", "/vm/restore", Some(json!({"state_file": mem, "memory_files": [mem]})), 400);
+    assert!(e.contains("not a Stratus snapshot"), "{e}");
+    let e =
+        vmm.fails("POST", "/vm/restore", Some(json!({"state_file": state, "memory_files": [state]})), 400);
+    assert!(e.contains("not this snapshot's memory file"), "{e}");
+    assert_eq!(vmm.state(), "not_started");
+    vmm.quit();
+
+    // From the command line: `stratus vmm --restore` with a file that is not a snapshot.
+    let out = common::stratus(
+        &[
+            "vmm",
+            "--api-sock",
+            dir.join("x.sock").to_str().unwrap(),
+            "--restore",
+            mem.to_str().unwrap(),
+            "--memory-file",
+            mem.to_str().unwrap(),
+        ],
+        b"",
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("not a Stratus snapshot state file"), "{}", out.stderr);
+}
+
+#[test]
+fn vm_run_serves_the_api_and_the_cli_drives_it() {
+    if !kvm_available("vm_run_serves_the_api_and_the_cli_drives_it") {
+        return;
+    }
+    let dir =
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("vmrun-api-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("api.sock");
+    let guest = guests().guest.to_str().unwrap().to_owned();
+    let mut run = common::Interactive::start(&[
+        "vm",
+        "run",
+        "--kernel",
+        &guest,
+        "--cmdline",
+        "console=ttyS0 test=echo exit=poweroff",
+        "--memory",
+        "32M",
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ]);
+    run.expect("ready", 0, Duration::from_secs(10));
+    let cli = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--api-sock", sock.to_str().unwrap()]);
+        common::stratus(&all, b"", Duration::from_secs(20))
+    };
+    let info = cli(&["vm", "info"]);
+    assert_eq!(info.code, Some(0), "{info:?}");
+    assert!(info.stdout.contains("\"state\": \"running\""), "{}", info.stdout);
+    let paused = cli(&["vm", "pause"]);
+    assert_eq!(paused.code, Some(0), "{paused:?}");
+    assert!(cli(&["vm", "info"]).stdout.contains("\"paused\""));
+    assert_eq!(cli(&["vm", "resume"]).code, Some(0));
+    let trace = cli(&["vm", "trace", "--interval", "0.2", "--count", "1"]);
+    assert_eq!(trace.code, Some(0), "{trace:?}");
+    assert!(trace.stdout.contains("EXITS/s") && trace.stdout.contains("io_in"), "{}", trace.stdout);
+    let bad = cli(&["vm", "snapshot", "--state", "/nonexistent/dir/s", "--memory", "/nonexistent/dir/m"]);
+    assert_eq!(bad.code, Some(1));
+    assert!(bad.stderr.contains("/nonexistent/dir"), "{}", bad.stderr);
+    assert!(cli(&["vm", "info"]).stdout.contains("\"running\""), "a failed snapshot resumes the VM");
+    run.send("bye\n");
+    run.expect("echo: bye", 0, Duration::from_secs(10));
+    let out = run.finish(Duration::from_secs(10));
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(!sock.exists(), "vm run removes its API socket");
+}
