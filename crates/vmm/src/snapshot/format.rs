@@ -199,3 +199,21 @@ mod tests {
         assert!(err(&forged).contains("damaged"), "{}", err(&forged));
     }
 }
+
+/// State files kept from earlier format versions must always decode: an upgrade never strands
+/// a saved VM. (The integration tests also restore them and talk to the guest.)
+#[cfg(test)]
+mod kept_files {
+    use super::*;
+
+    #[test]
+    fn version_1_state_file_decodes() {
+        let bytes = include_bytes!("../../../../tests/snapshots/v1/echo.state");
+        assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), 1, "the kept file is version 1");
+        let state = decode(bytes).unwrap();
+        assert_eq!(state.config.memory, 16 << 20);
+        assert!(state.config.boot.cmdline.contains("test=echo"));
+        assert_eq!(state.vcpus.len(), 1);
+        assert_eq!(state.memory, super::super::MemoryKind::Full);
+    }
+}
