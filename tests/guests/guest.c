@@ -2,7 +2,8 @@
  * VMM set up, prints what it found on COM1, and leaves through the exit the test asks for.
  * The test to run comes from the kernel command line: "test=NAME"; how to leave, from
  * "exit=reset|poweroff|acpi-reset|panic|hang|triple-fault". "test=blk-bench" and "test=net-bench"
- * are not checks but the guest halves of bench/io (see virtio.c).
+ * are not checks but the guest halves of bench/io (see virtio.c); "test=snapshot" and
+ * "test=dirty" hold patterns in RAM for save/restore and dirty-tracking benchmarks.
  * Built freestanding: no libc, general registers only (so the compiler emits no SSE). */
 #include "console.h"
 #include "virtio.h"
@@ -380,8 +381,8 @@ static u64 check_page(u64 addr) {
 
 static void test_snapshot(const u8 *zp, u64 mib) {
     u64 end = PATTERN_BASE + mib * MIB;
-    if (!ram_covers(zp, PATTERN_BASE, end)) {
-        puts("snapshot: fill_mib too large: the fill must end in RAM below 3 GiB\n");
+    if (mib > 3072 || !ram_covers(zp, PATTERN_BASE, end)) {
+        puts("snapshot: fill_mib too large: 16 MiB + fill_mib must be RAM, below 3 GiB\n");
         return;
     }
     for (u64 a = PATTERN_BASE; a < end; a += 4096) fill_page(a);
@@ -414,8 +415,8 @@ static void dirty_write(u64 n) {
 }
 static void test_dirty(const u8 *zp, u64 rate_mib, u64 mib) {
     u64 pages = mib * MIB / 4096;
-    if (!pages || !ram_covers(zp, PATTERN_BASE, PATTERN_BASE + mib * MIB)) {
-        puts("dirty: dirty_mib must be 1 or more, and the region end in RAM below 3 GiB\n");
+    if (!pages || mib > 3072 || !ram_covers(zp, PATTERN_BASE, PATTERN_BASE + mib * MIB)) {
+        puts("dirty: dirty_mib must be 1 or more, and 16 MiB + dirty_mib RAM, below 3 GiB\n");
         return;
     }
     /* Generation 1 everywhere first: every page starts resident and checkable. */

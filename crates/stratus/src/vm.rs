@@ -10,7 +10,7 @@ use clap::Subcommand;
 use stratus_vmm::api::http;
 use stratus_vmm::console::{self, ConsoleConfig, ConsoleEnd, RawTerminal};
 use stratus_vmm::service::{RestoreRequest, Vmm};
-use stratus_vmm::{BootSource, DiskConfig, GuestExit, NetConfig, VmConfig, VsockConfig};
+use stratus_vmm::{BootSource, DiskConfig, GuestExit, NetConfig, RateLimit, VmConfig, VsockConfig};
 
 /// Exit status when the guest kernel panicked.
 const EXIT_GUEST_PANIC: i32 = 3;
@@ -198,7 +198,7 @@ fn parse_disk(text: &str) -> Result<DiskConfig, String> {
             other => return Err(format!("unknown disk option '{other}' (known: readonly)")),
         }
     }
-    Ok(DiskConfig { path: path.into(), readonly })
+    Ok(DiskConfig { path: path.into(), readonly, rate_limit: RateLimit::default() })
 }
 
 fn parse_net(text: &str) -> Result<NetConfig, String> {
@@ -217,7 +217,7 @@ fn parse_net(text: &str) -> Result<NetConfig, String> {
         }
     }
     let tap = tap.ok_or("--net needs tap=NAME")?;
-    Ok(NetConfig { tap, mac })
+    Ok(NetConfig { tap, mac, rate_limit: RateLimit::default() })
 }
 
 fn parse_vsock(text: &str) -> Result<VsockConfig, String> {
@@ -269,6 +269,7 @@ fn vm_run(args: RunArgs) -> anyhow::Result<i32> {
         nets: args.nets,
         rng: args.rng,
         vsock: args.vsock,
+        balloon: None,
     };
     let vsock_socket = config.vsock.as_ref().map(|v| v.socket.clone());
     let mut vmm = Vmm::with_config(config, ConsoleConfig::Stdout);

@@ -8,12 +8,13 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
+use crate::rate_limiter::{RateLimit, RateLimiter, SharedLimiter};
 use crate::GuestRam;
 use virtio_queue::Queue;
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use crate::{
-    available_chains, complete_chains, device_type, read_config_bytes, DeviceCounters, VirtioDevice,
+    available_chains_limited, complete_chains, device_type, read_config_bytes, DeviceCounters, VirtioDevice,
     VIRTIO_F_VERSION_1,
 };
 
@@ -96,6 +97,7 @@ pub struct Block {
     capacity_sectors: u64,
     config: [u8; 24],
     id: [u8; ID_BYTES],
+    limiter: SharedLimiter,
     counters: DeviceCounters,
 }
 
@@ -122,7 +124,21 @@ impl Block {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let n = name.len().min(ID_BYTES);
         id[..n].copy_from_slice(&name.as_bytes()[..n]);
-        Ok(Self { file, readonly, capacity_sectors, config, id, counters: DeviceCounters::default() })
+        let limiter = RateLimiter::shared(RateLimit::default()).map_err(open_err)?;
+        Ok(Self {
+            file,
+            readonly,
+            capacity_sectors,
+            config,
+            id,
+            limiter,
+            counters: DeviceCounters::default(),
+        })
+    }
+
+    /// The disk's rate limiter (unlimited until set), shared with whoever changes it.
+    pub fn limiter(&self) -> SharedLimiter {
+        self.limiter.clone()
     }
 
     /// Capacity in 512-byte sectors.
@@ -267,7 +283,7 @@ impl VirtioDevice for Block {
 
     fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestRam) -> bool {
         let Some(queue) = queues.get_mut(index) else { return false };
-        let chains = available_chains(queue, mem, &self.counters, "virtio-blk");
+        let chains = available_chains_limited(queue, mem, &self.counters, "virtio-blk", &self.limiter);
         complete_chains(queue, mem, chains, |chain| {
             self.execute(chain, mem).unwrap_or_else(|()| {
                 // No room even for a status byte: the chain is returned untouched.
@@ -275,6 +291,19 @@ impl VirtioDevice for Block {
                 0
             })
         })
+    }
+
+    fn host_fds(&self) -> Vec<std::os::fd::RawFd> {
+        vec![stratus_devices::bus::lock(&self.limiter).timer_fd()]
+    }
+
+    // The rate limiter's timer: requests held back may go now.
+    fn process_host_event(&mut self, _index: usize, queues: &mut [Queue], mem: &GuestRam) -> bool {
+        stratus_devices::bus::lock(&self.limiter).timer_fired();
+        match queues.first() {
+            Some(q) if virtio_queue::QueueT::ready(q) => self.process_queue(0, queues, mem),
+            _ => false,
+        }
     }
 
     fn counters(&self) -> &DeviceCounters {

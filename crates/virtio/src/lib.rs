@@ -7,9 +7,11 @@
 //! `Reader`/`Writer`, and a malformed request is answered with an error status (or dropped)
 //! and counted, never a panic.
 
+pub mod balloon;
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod rate_limiter;
 pub mod rng;
 pub mod tap;
 pub mod vsock;
@@ -41,6 +43,8 @@ pub mod device_type {
 
 /// Interrupt status bit: a used buffer was added.
 pub const INT_USED_RING: u32 = 1 << 0;
+/// Interrupt status bit: the device configuration changed.
+pub const INT_CONFIG: u32 = 1 << 1;
 
 /// A device's interrupt line: the status bits the driver reads through the transport and the
 /// irqfd that raises the GSI.
@@ -59,6 +63,12 @@ impl Interrupt {
     pub fn signal_used(&self) {
         self.status.fetch_or(INT_USED_RING, Ordering::SeqCst);
         // A failed write means the counter is saturated: an interrupt is pending anyway.
+        let _ = self.irqfd.write(1);
+    }
+
+    /// Tells the driver that the configuration space changed.
+    pub fn signal_config(&self) {
+        self.status.fetch_or(INT_CONFIG, Ordering::SeqCst);
         let _ = self.irqfd.write(1);
     }
 
@@ -133,6 +143,11 @@ pub trait VirtioDevice: Send {
     fn process_host_event(&mut self, _index: usize, _queues: &mut [Queue], _mem: &GuestRam) -> bool {
         false
     }
+    /// Whether the configuration space changed since the last call (the transport then
+    /// bumps the generation and interrupts the driver).
+    fn config_changed(&mut self) -> bool {
+        false
+    }
     /// The device's counters.
     fn counters(&self) -> &DeviceCounters;
     /// Device state a snapshot must keep beyond what the transport holds (queues, features),
@@ -167,6 +182,33 @@ pub fn available_chains<'m>(
             Vec::new()
         }
     }
+}
+
+/// Takes available chains one at a time for as long as `limiter` lets them go (a chain's
+/// size is the sum of its descriptors); a chain the limiter holds back stays available, and
+/// the limiter's timer says when to look again.
+pub fn available_chains_limited<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestRam,
+    counters: &DeviceCounters,
+    device: &str,
+    limiter: &std::sync::Mutex<rate_limiter::RateLimiter>,
+) -> Vec<virtio_queue::DescriptorChain<&'m GuestRam>> {
+    if virtio_queue::QueueOwnedT::iter(queue, mem).is_err() {
+        counters.reject(device, "an invalid available ring");
+        return Vec::new();
+    }
+    let mut limiter = stratus_devices::bus::lock(limiter);
+    let mut chains = Vec::new();
+    while let Some(chain) = virtio_queue::QueueT::pop_descriptor_chain(queue, mem) {
+        let bytes: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
+        if !limiter.consume(bytes) {
+            virtio_queue::QueueOwnedT::go_to_previous_position(queue);
+            break;
+        }
+        chains.push(chain);
+    }
+    chains
 }
 
 /// Hands every chain to `handle` and returns it to the driver with the number of bytes

@@ -353,6 +353,10 @@ impl MmioTransport {
         if self.device.process_host_event(index, &mut self.queues, &self.mem) {
             self.interrupt.signal_used();
         }
+        if self.device.config_changed() {
+            self.config_generation = self.config_generation.wrapping_add(1);
+            self.interrupt.signal_config();
+        }
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {

@@ -6,12 +6,14 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 
+use crate::rate_limiter::{RateLimit, RateLimiter, SharedLimiter};
 use crate::GuestRam;
+use stratus_devices::bus::lock;
 use virtio_queue::{Queue, QueueT};
 
 use crate::tap::{Tap, VNET_HDR_LEN};
 use crate::{
-    available_chains, complete_chains, device_type, read_config_bytes, DeviceCounters, VirtioDevice,
+    available_chains_limited, complete_chains, device_type, read_config_bytes, DeviceCounters, VirtioDevice,
     VIRTIO_F_VERSION_1,
 };
 
@@ -153,22 +155,31 @@ pub struct Net {
     rx_buf: Vec<u8>,
     /// Length of a frame left in `rx_buf` while the guest had no receive buffer for it.
     pending: Option<usize>,
+    rx_limiter: SharedLimiter,
+    tx_limiter: SharedLimiter,
     counters: DeviceCounters,
 }
 
 impl Net {
     /// A card with address `mac` on `tap`.
-    pub fn new(tap: Tap, mac: Mac) -> Self {
+    pub fn new(tap: Tap, mac: Mac) -> std::io::Result<Self> {
         let mut config = [0u8; 8];
         config[..6].copy_from_slice(&mac);
-        Self {
+        Ok(Self {
             tap,
             config,
             mergeable: false,
             rx_buf: Vec::new(),
             pending: None,
+            rx_limiter: RateLimiter::shared(RateLimit::default())?,
+            tx_limiter: RateLimiter::shared(RateLimit::default())?,
             counters: DeviceCounters::default(),
-        }
+        })
+    }
+
+    /// The receive and transmit rate limiters (unlimited until set).
+    pub fn limiters(&self) -> [SharedLimiter; 2] {
+        [self.rx_limiter.clone(), self.tx_limiter.clone()]
     }
 
     fn reject(&self, what: &str) {
@@ -184,8 +195,13 @@ impl Net {
         loop {
             let len = match self.pending.take() {
                 Some(len) => len,
+                // Held back by the rate limit: its timer resumes us (the tap stays readable).
+                None if !lock(&self.rx_limiter).consume(0) => break,
                 None => match self.tap.read_frame(&mut frame) {
-                    Ok(n) if n >= VNET_HDR_LEN => n,
+                    Ok(n) if n >= VNET_HDR_LEN => {
+                        lock(&self.rx_limiter).charge((n - VNET_HDR_LEN) as u64);
+                        n
+                    }
                     Ok(_) => continue,
                     Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
@@ -210,7 +226,7 @@ impl Net {
 
     /// Sends every frame the guest queued for transmission.
     fn transmit(&mut self, queue: &mut Queue, mem: &GuestRam) -> bool {
-        let chains = available_chains(queue, mem, &self.counters, "virtio-net");
+        let chains = available_chains_limited(queue, mem, &self.counters, "virtio-net", &self.tx_limiter);
         complete_chains(queue, mem, chains, |chain| {
             match chain.reader(mem) {
                 Ok(mut reader) if (VNET_HDR_LEN..=MAX_FRAME).contains(&reader.available_bytes()) => {
@@ -293,10 +309,22 @@ impl VirtioDevice for Net {
     }
 
     fn host_fds(&self) -> Vec<RawFd> {
-        vec![self.tap.as_raw_fd()]
+        vec![self.tap.as_raw_fd(), lock(&self.rx_limiter).timer_fd(), lock(&self.tx_limiter).timer_fd()]
     }
 
-    fn process_host_event(&mut self, _index: usize, queues: &mut [Queue], mem: &GuestRam) -> bool {
+    // 0: frames on the tap; 1 and 2: the receive or transmit limit lets traffic go again.
+    fn process_host_event(&mut self, index: usize, queues: &mut [Queue], mem: &GuestRam) -> bool {
+        match index {
+            1 => lock(&self.rx_limiter).timer_fired(),
+            2 => {
+                lock(&self.tx_limiter).timer_fired();
+                return match queues.get_mut(TX) {
+                    Some(tx) if tx.ready() => self.transmit(tx, mem),
+                    _ => false,
+                };
+            }
+            _ => {}
+        }
         match queues.get_mut(RX) {
             Some(rx) if rx.ready() => self.receive(rx, mem),
             _ => false,
@@ -349,7 +377,9 @@ mod tests {
             println!("SKIPPED: cannot create a tap device (needs root)");
             return;
         };
-        let mut d = crate::testing::Driver::new(Box::new(Net::new(Tap::open(&tap.0).unwrap(), random_mac())));
+        let mut d = crate::testing::Driver::new(Box::new(
+            Net::new(Tap::open(&tap.0).unwrap(), random_mac()).unwrap(),
+        ));
         d.init_queues(2);
         let mut state = 0x1234_5678_9abc_def1u64;
         let rounds = 20_000;

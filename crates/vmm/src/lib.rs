@@ -24,4 +24,8 @@ pub use loader::BootSource;
 pub use stratus_devices::serial::Serial;
 pub use stratus_devices::GuestExit;
 pub use stratus_virtio::net::parse_mac;
-pub use vm::{create, start, DiskConfig, Launch, NetConfig, RunningVm, Vm, VmConfig, VmError, VsockConfig};
+pub use stratus_virtio::rate_limiter::RateLimit;
+pub use vm::{
+    create, start, BalloonConfig, DiskConfig, Launch, NetConfig, RunningVm, Vm, VmConfig, VmError,
+    VsockConfig,
+};

@@ -13,8 +13,17 @@ use stratus_devices::serial::Serial;
 
 use crate::console::ConsoleConfig;
 use crate::snapshot::{self, MemoryKind};
-use crate::vm::{DiskConfig, Launch, NetConfig, Vm, VmConfig, VsockConfig};
-use crate::BootSource;
+use crate::vm::{BalloonConfig, DiskConfig, Launch, NetConfig, Vm, VmConfig, VsockConfig};
+use crate::{BootSource, RateLimit};
+
+/// A kind of device with an id in the API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    /// A disk.
+    Drive,
+    /// A network card.
+    Net,
+}
 
 /// Why an operation was refused.
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +146,7 @@ impl Vmm {
                 nets: Vec::new(),
                 rng: false,
                 vsock: None,
+                balloon: None,
             },
             boot_set: false,
             drive_ids: Vec::new(),
@@ -298,6 +308,82 @@ impl Vmm {
         Ok(())
     }
 
+    /// Changes a drive's or network card's rate limits, before start or while it runs.
+    pub fn set_rate_limit(&mut self, kind: Device, id: &str, limit: RateLimit) -> Result<(), ApiError> {
+        if limit.bytes_per_sec == Some(0) || limit.ops_per_sec == Some(0) {
+            return Err(ApiError::BadRequest(
+                "a rate of 0 would stop the device: leave the limit out instead".into(),
+            ));
+        }
+        let (ids, what) = match kind {
+            Device::Drive => (&self.drive_ids, "drive"),
+            Device::Net => (&self.net_ids, "network card"),
+        };
+        let index = ids
+            .iter()
+            .position(|d| d == id)
+            .ok_or_else(|| ApiError::NotFound(format!("no {what} '{id}'")))?;
+        match kind {
+            Device::Drive => self.config.disks[index].rate_limit = limit,
+            Device::Net => self.config.nets[index].rate_limit = limit,
+        }
+        if let Some(vm) = &self.vm {
+            let handles = vm.handles();
+            match kind {
+                Device::Drive => lock(&handles.disk_limiters[index]).set(limit),
+                Device::Net => {
+                    for l in &handles.net_limiters[index] {
+                        lock(l).set(limit);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Configures the balloon before start, or sets its target while the VM runs.
+    pub fn set_balloon(&mut self, target_mib: u64, deflate_on_oom: Option<bool>) -> Result<(), ApiError> {
+        let pages = crate::vm::balloon_pages(target_mib, self.config.memory)
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        if self.phase() == Phase::NotStarted {
+            self.config.balloon =
+                Some(BalloonConfig { target_mib, deflate_on_oom: deflate_on_oom.unwrap_or(true) });
+            return Ok(());
+        }
+        let vm = self.running_vm("change the balloon", &[Phase::Running, Phase::Paused])?;
+        let Some(balloon) = &vm.handles().balloon else {
+            return Err(ApiError::Conflict("this VM has no balloon (configure one before start)".into()));
+        };
+        if deflate_on_oom.is_some() {
+            return Err(ApiError::Conflict("deflate_on_oom is fixed once the VM runs".into()));
+        }
+        balloon.set_target(pages);
+        if let Some(b) = &mut self.config.balloon {
+            b.target_mib = target_mib;
+        }
+        Ok(())
+    }
+
+    /// The balloon: target, what the guest gave, its memory statistics.
+    pub fn balloon(&self) -> Result<serde_json::Value, ApiError> {
+        let Some(config) = self.config.balloon else {
+            return Err(ApiError::NotFound("this VM has no balloon".into()));
+        };
+        let Some(control) = self.vm.as_ref().and_then(|vm| vm.handles().balloon.clone()) else {
+            return Ok(
+                serde_json::json!({ "target_mib": config.target_mib, "actual_mib": null, "stats": null }),
+            );
+        };
+        let stats = control.stats();
+        Ok(serde_json::json!({
+            "target_mib": control.target() as u64 / 256,
+            "actual_mib": control.actual() as u64 / 256,
+            "deflate_on_oom": config.deflate_on_oom,
+            "stats": stats.values.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
+            "stats_age_ms": stats.at.map(|t| t.elapsed().as_millis() as u64),
+        }))
+    }
+
     /// Sets where the console goes.
     pub fn set_console(&mut self, console: ConsoleConfig) -> Result<(), ApiError> {
         self.configurable("change the console")?;
@@ -314,13 +400,14 @@ impl Vmm {
                 "kernel": c.boot.kernel, "initrd": c.boot.initrd, "cmdline": c.boot.cmdline,
             }) } else { serde_json::Value::Null },
             "drives": self.drive_ids.iter().zip(&c.disks).map(|(id, d)| serde_json::json!({
-                "id": id, "path": d.path, "readonly": d.readonly,
+                "id": id, "path": d.path, "readonly": d.readonly, "rate_limit": d.rate_limit,
             })).collect::<Vec<_>>(),
             "nets": self.net_ids.iter().zip(&c.nets).map(|(id, n)| serde_json::json!({
-                "id": id, "tap": n.tap, "mac": n.mac.map(|m| crate::vm::format_mac(&m)),
+                "id": id, "tap": n.tap, "mac": n.mac.map(|m| crate::vm::format_mac(&m)), "rate_limit": n.rate_limit,
             })).collect::<Vec<_>>(),
             "vsock": c.vsock,
             "rng": c.rng,
+            "balloon": c.balloon,
             "console": self.console,
         })
     }

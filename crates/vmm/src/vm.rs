@@ -22,9 +22,11 @@ use stratus_devices::i8042::I8042;
 use stratus_devices::pvpanic::PvPanic;
 use stratus_devices::serial::Serial;
 use stratus_devices::{Bus, ExitSignal};
+use stratus_virtio::balloon::{Balloon, BalloonControl};
 use stratus_virtio::block::Block;
 use stratus_virtio::mmio::MmioTransport;
 use stratus_virtio::net::Net;
+use stratus_virtio::rate_limiter::{RateLimit, SharedLimiter};
 use stratus_virtio::rng::Rng;
 use stratus_virtio::tap::Tap;
 use stratus_virtio::vsock::Vsock;
@@ -53,6 +55,8 @@ pub struct DiskConfig {
     pub path: std::path::PathBuf,
     /// Refuse guest writes.
     pub readonly: bool,
+    /// Bandwidth and operation limits.
+    pub rate_limit: RateLimit,
 }
 
 /// What a VM is made of.
@@ -72,6 +76,19 @@ pub struct VmConfig {
     pub rng: bool,
     /// A vsock device: the guest's address and the host-side Unix socket.
     pub vsock: Option<VsockConfig>,
+    /// A memory balloon.
+    pub balloon: Option<BalloonConfig>,
+}
+
+/// A virtio-balloon device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonConfig {
+    /// How much memory the guest should give back at first, in MiB.
+    pub target_mib: u64,
+    /// Let the guest take memory back from the balloon when it runs out.
+    #[serde(default)]
+    pub deflate_on_oom: bool,
 }
 
 /// A virtio-vsock device whose host side is a Unix socket.
@@ -90,6 +107,8 @@ pub struct NetConfig {
     pub tap: String,
     /// The card's address; a random 52:54:00 one when absent.
     pub mac: Option<stratus_virtio::net::Mac>,
+    /// Bandwidth and frame limits, each way.
+    pub rate_limit: RateLimit,
 }
 
 /// A MAC address as text: 52:54:00:12:34:56.
@@ -153,6 +172,9 @@ pub enum VmError {
     /// A snapshot does not fit this VM, or the VM is not in a state to be saved.
     #[error("{0}")]
     Restore(String),
+    /// The configuration cannot work.
+    #[error("{0}")]
+    BadConfig(String),
     /// Too many devices.
     #[error("{0} virtio devices: a VM has at most {MAX_VIRTIO_DEVICES}")]
     TooManyDevices(usize),
@@ -188,6 +210,7 @@ pub struct Vm {
     /// PVM completions, when the profile is on.
     pub pvm: Option<Arc<pvm::Counters>>,
     ged: Arc<Mutex<Ged>>,
+    handles: DeviceHandles,
     config: VmConfig,
     vm: VmFd,
     mem: GuestRam,
@@ -222,20 +245,47 @@ fn virtio_slot(index: usize) -> VirtioMmioDevice {
     }
 }
 
+/// The host's handles on devices whose behaviour changes while the VM runs.
+#[derive(Default)]
+pub struct DeviceHandles {
+    /// Each disk's limiter, in disk order.
+    pub disk_limiters: Vec<SharedLimiter>,
+    /// Each network card's receive and transmit limiters, in card order.
+    pub net_limiters: Vec<[SharedLimiter; 2]>,
+    /// The balloon, if configured.
+    pub balloon: Option<Arc<BalloonControl>>,
+}
+
+fn set_limit(limiter: &SharedLimiter, limit: RateLimit) {
+    lock(limiter).set(limit);
+}
+
 /// Creates the configured virtio devices behind their transports, with interrupts (irqfd) and
 /// queue notifications (ioeventfd) wired into KVM.
 fn virtio_devices(
     config: &VmConfig,
     vm: &VmFd,
     mem: &GuestRam,
-) -> Result<Vec<Arc<Mutex<MmioTransport>>>, VmError> {
+) -> Result<(Vec<Arc<Mutex<MmioTransport>>>, DeviceHandles), VmError> {
+    let os = |what| move |source| VmError::Os { what, source };
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    let mut handles = DeviceHandles::default();
     for disk in &config.disks {
-        devices.push(Box::new(Block::open(&disk.path, disk.readonly)?));
+        let block = Block::open(&disk.path, disk.readonly)?;
+        set_limit(&block.limiter(), disk.rate_limit);
+        handles.disk_limiters.push(block.limiter());
+        devices.push(Box::new(block));
     }
     for net in &config.nets {
         let tap = Tap::open(&net.tap)?;
-        devices.push(Box::new(Net::new(tap, net.mac.unwrap_or_else(stratus_virtio::net::random_mac))));
+        let card = Net::new(tap, net.mac.unwrap_or_else(stratus_virtio::net::random_mac))
+            .map_err(os("creating a network card's rate limiters"))?;
+        let limiters = card.limiters();
+        for l in &limiters {
+            set_limit(l, net.rate_limit);
+        }
+        handles.net_limiters.push(limiters);
+        devices.push(Box::new(card));
     }
     if config.rng {
         devices.push(Box::new(Rng::new()));
@@ -243,14 +293,20 @@ fn virtio_devices(
     if let Some(vsock) = &config.vsock {
         devices.push(Box::new(Vsock::new(vsock.cid, &vsock.socket)?));
     }
+    if let Some(balloon) = &config.balloon {
+        let pages = balloon_pages(balloon.target_mib, config.memory)?;
+        let (device, control) =
+            Balloon::new(pages, balloon.deflate_on_oom).map_err(os("creating the balloon"))?;
+        handles.balloon = Some(control);
+        devices.push(Box::new(device));
+    }
     if devices.len() > MAX_VIRTIO_DEVICES {
         return Err(VmError::TooManyDevices(devices.len()));
     }
     let mut transports = Vec::with_capacity(devices.len());
     for (index, device) in devices.into_iter().enumerate() {
         let slot = virtio_slot(index);
-        let irqfd = EventFd::new(libc::EFD_NONBLOCK)
-            .map_err(|source| VmError::Os { what: "creating an eventfd", source })?;
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(os("creating an eventfd"))?;
         vm.register_irqfd(&irqfd, slot.irq).map_err(kvm_call("wiring a virtio interrupt"))?;
         let transport = MmioTransport::new(device, mem.clone(), Arc::new(Interrupt::new(irqfd)))?;
         for (queue, evt) in transport.queue_events().iter().enumerate() {
@@ -260,7 +316,18 @@ fn virtio_devices(
         }
         transports.push(Arc::new(Mutex::new(transport)));
     }
-    Ok(transports)
+    Ok((transports, handles))
+}
+
+/// A balloon target in 4 KiB pages, refused when it is more than the guest has.
+pub fn balloon_pages(target_mib: u64, memory: u64) -> Result<u32, VmError> {
+    if target_mib.saturating_mul(1 << 20) > memory {
+        return Err(VmError::BadConfig(format!(
+            "balloon target {target_mib} MiB is more than the guest's {} MiB",
+            memory >> 20
+        )));
+    }
+    Ok((target_mib * 256) as u32)
 }
 
 /// Builds the VM described by `config` and starts its vCPUs; guest serial output goes to
@@ -323,7 +390,7 @@ pub fn create(config: &VmConfig, console_out: Box<dyn Write + Send>, launch: Lau
     let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
     vm.create_pit2(pit).map_err(kvm_call("creating the PIT"))?;
 
-    let transports = virtio_devices(config, &vm, &mem)?;
+    let (transports, handles) = virtio_devices(config, &vm, &mem)?;
     let acpi_devices: Vec<VirtioMmioDevice> = (0..transports.len()).map(virtio_slot).collect();
     let entry = match launch {
         Launch::Boot => Some(crate::loader::load(&mem, &config.boot, config.vcpus, &acpi_devices)?),
@@ -424,6 +491,7 @@ pub fn create(config: &VmConfig, console_out: Box<dyn Write + Send>, launch: Lau
         serial,
         pvm: pvm_counters,
         ged,
+        handles,
         config: config.clone(),
         vm,
         mem,
@@ -584,6 +652,11 @@ impl Vm {
     /// Exit counters per vCPU.
     pub fn exit_counters(&self) -> &[Arc<ExitCounters>] {
         &self.exits
+    }
+
+    /// Rate limiters and the balloon.
+    pub fn handles(&self) -> &DeviceHandles {
+        &self.handles
     }
 
     /// KVM's own counters per vCPU (absent on hosts without binary stats).

@@ -9,8 +9,11 @@
 //! | GET | /vm/config | | the configuration |
 //! | PUT | /vm/machine | `{"vcpus": 2, "memory_mib": 512}` | before start |
 //! | PUT | /vm/boot | `{"kernel": P, "initrd": P, "cmdline": S}` | before start |
-//! | PUT | /vm/drives/{id} | `{"path": P, "readonly": false}` | before start |
-//! | PUT | /vm/nets/{id} | `{"tap": "tap0", "mac": "52:54:00:..."}` | before start |
+//! | PUT | /vm/drives/{id} | `{"path": P, "readonly": false, "rate_limit": L}` | before start |
+//! | PUT | /vm/nets/{id} | `{"tap": "tap0", "mac": "52:54:00:...", "rate_limit": L}` | before start |
+//! | PATCH | /vm/drives/{id}, /vm/nets/{id} | `{"rate_limit": {"bytes_per_sec": N, "ops_per_sec": N}}` | any time |
+//! | PUT | /vm/balloon | `{"target_mib": N, "deflate_on_oom": true}` | configures before start, sets the target after |
+//! | GET | /vm/balloon | | target, actual, the guest's memory statistics |
 //! | PUT, DELETE | /vm/vsock | `{"cid": 3, "socket": P}` | before start |
 //! | PUT | /vm/rng | `{"enabled": true}` | before start |
 //! | PUT | /vm/console | `{"kind": "stdout"}`, `{"kind": "file"/"socket", "path": P}`, `{"kind": "none"}` | before start |
@@ -32,9 +35,9 @@ use serde::Deserialize;
 use stratus_devices::bus::lock;
 
 use crate::console::ConsoleConfig;
-use crate::service::{ApiError, RestoreRequest, Vmm};
+use crate::service::{ApiError, Device, RestoreRequest, Vmm};
 use crate::vm::{DiskConfig, NetConfig, VsockConfig};
-use crate::BootSource;
+use crate::{BootSource, RateLimit};
 use http::{Request, Response};
 
 #[derive(Deserialize)]
@@ -58,6 +61,21 @@ struct DriveBody {
     path: PathBuf,
     #[serde(default)]
     readonly: bool,
+    #[serde(default)]
+    rate_limit: RateLimit,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateLimitBody {
+    rate_limit: RateLimit,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BalloonBody {
+    target_mib: u64,
+    deflate_on_oom: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -65,6 +83,8 @@ struct DriveBody {
 struct NetBody {
     tap: String,
     mac: Option<String>,
+    #[serde(default)]
+    rate_limit: RateLimit,
 }
 
 #[derive(Deserialize)]
@@ -110,7 +130,7 @@ fn net_config(body: NetBody) -> Result<NetConfig, ApiError> {
         })?),
         None => None,
     };
-    Ok(NetConfig { tap: body.tap, mac })
+    Ok(NetConfig { tap: body.tap, mac, rate_limit: body.rate_limit })
 }
 
 fn valid_id(id: &str) -> Result<&str, ApiError> {
@@ -161,16 +181,26 @@ pub fn handle(vmm: &Mutex<Vmm>, request: &Request) -> (Response, After) {
                 cmdline: b.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_owned()),
             })
         })),
-        ("PUT", ["vm", "drives", id]) => done(
-            valid_id(id)
-                .and_then(|id| Ok((id, parse::<DriveBody>(body)?)))
-                .and_then(|(id, d)| v.put_drive(id, DiskConfig { path: d.path, readonly: d.readonly })),
-        ),
+        ("PUT", ["vm", "drives", id]) => {
+            done(valid_id(id).and_then(|id| Ok((id, parse::<DriveBody>(body)?))).and_then(|(id, d)| {
+                v.put_drive(id, DiskConfig { path: d.path, readonly: d.readonly, rate_limit: d.rate_limit })
+            }))
+        }
         ("PUT", ["vm", "nets", id]) => done(
             valid_id(id)
                 .and_then(|id| Ok((id, net_config(parse::<NetBody>(body)?)?)))
                 .and_then(|(id, n)| v.put_net(id, n)),
         ),
+        ("PATCH", ["vm", "drives", id]) => {
+            done(parse::<RateLimitBody>(body).and_then(|r| v.set_rate_limit(Device::Drive, id, r.rate_limit)))
+        }
+        ("PATCH", ["vm", "nets", id]) => {
+            done(parse::<RateLimitBody>(body).and_then(|r| v.set_rate_limit(Device::Net, id, r.rate_limit)))
+        }
+        ("GET", ["vm", "balloon"]) => json(v.balloon()),
+        ("PUT", ["vm", "balloon"]) => {
+            done(parse::<BalloonBody>(body).and_then(|b| v.set_balloon(b.target_mib, b.deflate_on_oom)))
+        }
         ("PUT", ["vm", "vsock"]) => done(parse::<VsockConfig>(body).and_then(|c| v.set_vsock(Some(c)))),
         ("DELETE", ["vm", "vsock"]) => done(v.set_vsock(None)),
         ("PUT", ["vm", "rng"]) => done(parse::<RngBody>(body).and_then(|r| v.set_rng(r.enabled))),

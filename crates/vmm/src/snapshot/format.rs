@@ -1,7 +1,7 @@
 //! The state file's envelope: a fixed header (magic, format version, payload length, CRC-32 of
 //! the payload) and the payload, `VmState` encoded with postcard. The version is checked
 //! before anything is decoded; this build writes `CURRENT` and reads `CURRENT` and the
-//! version before it, so an upgrade never strands a saved VM.
+//! version before it (`v1`), so an upgrade never strands a saved VM.
 //!
 //! ```text
 //! 0   8   magic "STRATUS\x01"
@@ -16,7 +16,7 @@ use super::VmState;
 /// Identifies a Stratus state file.
 pub const MAGIC: [u8; 8] = *b"STRATUS\x01";
 /// The format this build writes.
-pub const CURRENT: u32 = 1;
+pub const CURRENT: u32 = 2;
 /// The oldest format this build reads.
 pub const OLDEST_READABLE: u32 = 1;
 const HEADER_LEN: usize = 24;
@@ -104,8 +104,11 @@ pub fn decode(bytes: &[u8]) -> Result<VmState, FormatError> {
     if found != expected {
         return Err(FormatError::Checksum { found, expected });
     }
-    // Only one version exists so far; the next one adds `1 => v1::decode(payload).map(Into::into)`.
-    postcard::from_bytes(payload).map_err(|e| FormatError::Decode(e.to_string()))
+    let decoded = match version {
+        1 => postcard::from_bytes::<super::v1::State>(payload).map(VmState::from),
+        _ => postcard::from_bytes(payload),
+    };
+    decoded.map_err(|e| FormatError::Decode(e.to_string()))
 }
 
 #[cfg(test)]
@@ -129,6 +132,7 @@ mod tests {
                 nets: Vec::new(),
                 rng: true,
                 vsock: None,
+                balloon: None,
             },
             uptime_ms: 1234,
             machine: MachineState {

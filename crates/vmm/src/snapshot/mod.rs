@@ -4,6 +4,7 @@
 
 pub mod format;
 pub mod memory;
+mod v1;
 
 use std::path::Path;
 
