@@ -115,6 +115,9 @@ pub struct RestoreFrom {
     /// A new network card identity for the clone (repeat: one per saved card).
     #[arg(long = "net", value_name = "tap=NAME[,mac=..]", value_parser = parse_net)]
     nets: Vec<NetConfig>,
+    /// The clone's own disks (repeat: one per saved disk, in order).
+    #[arg(long = "disk", value_name = "PATH[,readonly]", value_parser = parse_disk)]
+    disks: Vec<DiskConfig>,
     /// A new vsock identity for the clone.
     #[arg(long, value_name = "cid=N,socket=PATH", value_parser = parse_vsock)]
     vsock: Option<VsockConfig>,
@@ -142,6 +145,9 @@ pub struct VmmArgs {
     /// With --restore: a new network card identity for the clone (one per saved card).
     #[arg(long = "net", value_name = "tap=NAME[,mac=..]", value_parser = parse_net, requires = "restore")]
     nets: Vec<NetConfig>,
+    /// With --restore: the clone's own disks (one per saved disk, in order).
+    #[arg(long = "disk", value_name = "PATH[,readonly]", value_parser = parse_disk, requires = "restore")]
+    disks: Vec<DiskConfig>,
     /// With --restore: a new vsock identity for the clone.
     #[arg(long, value_name = "cid=N,socket=PATH", value_parser = parse_vsock, requires = "restore")]
     vsock: Option<VsockConfig>,
@@ -326,6 +332,7 @@ fn restore_request(from: RestoreFrom) -> RestoreRequest {
         state: from.state,
         memory: from.memory,
         nets: (!from.nets.is_empty()).then_some(from.nets),
+        disks: (!from.disks.is_empty()).then_some(from.disks),
         vsock: from.vsock,
         paused: from.paused,
     }
@@ -345,6 +352,7 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<i32> {
             state,
             memory: args.memory_file,
             nets: args.nets,
+            disks: args.disks,
             vsock: args.vsock,
             paused: args.paused,
         };
@@ -485,6 +493,14 @@ pub fn run(command: VmCommand) -> anyhow::Result<i32> {
             });
             if !nets.is_empty() {
                 body["nets"] = serde_json::Value::Array(nets);
+            }
+            if !from.disks.is_empty() {
+                let drives = from
+                    .disks
+                    .iter()
+                    .map(|d| Ok(serde_json::json!({ "path": absolute(&d.path)?, "readonly": d.readonly })))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                body["drives"] = serde_json::Value::Array(drives);
             }
             if let Some(v) = &from.vsock {
                 body["vsock"] = serde_json::json!({ "cid": v.cid, "socket": v.socket });

@@ -128,28 +128,6 @@ fn linux_network_over_a_tap_ping_and_tcp() {
     assert_eq!(vm.finish(Duration::from_secs(120)).code, Some(0));
 }
 
-/// An ext4 disk image holding the guest-side vsock tool (tests/guest-tools/vsock-tool.c).
-fn tools_disk() -> std::path::PathBuf {
-    ensure_packages(&["libc6-dev", "linux-libc-dev", "e2fsprogs"]);
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-tools");
-    let root = dir.join("root");
-    std::fs::create_dir_all(&root).unwrap();
-    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/guest-tools/vsock-tool.c");
-    let status = Command::new("gcc")
-        .args(["-static", "-O2", "-o"])
-        .arg(root.join("vsock-tool"))
-        .arg(&src)
-        .status()
-        .unwrap();
-    assert!(status.success(), "building vsock-tool");
-    let image = dir.join("tools.ext4");
-    let _ = std::fs::remove_file(&image);
-    std::fs::File::create(&image).unwrap().set_len(16 << 20).unwrap();
-    let status = Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&root).arg(&image).status().unwrap();
-    assert!(status.success(), "mkfs.ext4 -d");
-    image
-}
-
 #[test]
 fn linux_vsock_both_ways_through_unix_sockets() {
     if !kvm_available("linux_vsock_both_ways_through_unix_sockets") {

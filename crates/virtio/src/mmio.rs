@@ -402,6 +402,13 @@ impl MmioTransport {
                 && self.queues.iter().all(|q| !q.ready() || q.is_valid(&self.mem));
             if !ready_ok {
                 new |= status::DEVICE_NEEDS_RESET;
+            } else {
+                // Drivers may post buffers and kick before DRIVER_OK (Linux's balloon posts
+                // its statistics buffer that way); those kicks found the device not live.
+                // Kick every queue again so the event loop looks at them now.
+                for evt in &self.queue_events {
+                    let _ = evt.write(1);
+                }
             }
         }
         self.status = new;

@@ -27,6 +27,14 @@ fn counters(pairs: impl IntoIterator<Item = (impl Into<String>, u64)>) -> Value 
     Value::Object(pairs.into_iter().map(|(k, v)| (k.into(), json!(v))).collect::<Map<_, _>>())
 }
 
+/// The VMM process: its id and resident memory (what the host really spends on this VM).
+pub fn process() -> Value {
+    let rss_kib = std::fs::read_to_string("/proc/self/status").ok().and_then(|status| {
+        status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse::<u64>().ok()
+    });
+    json!({ "pid": std::process::id(), "rss_bytes": rss_kib.map(|k| k * 1024) })
+}
+
 /// Every counter of `vm`; `name(type, index among devices of that type)` names a device
 /// (a drive's or NIC's id).
 pub fn collect(vm: &Vm, phase: Phase, name: impl Fn(u32, usize) -> Option<String>) -> Value {
@@ -68,6 +76,7 @@ pub fn collect(vm: &Vm, phase: Phase, name: impl Fn(u32, usize) -> Option<String
     json!({
         "state": phase,
         "uptime_ms": vm.uptime().as_millis() as u64,
+        "process": process(),
         "vcpus": vcpus,
         "devices": devices,
         "pvm_completions": vm.pvm.as_ref().map(|p| counters(p.snapshot())),

@@ -99,6 +99,8 @@ pub struct RestoreRequest {
     pub memory: Vec<PathBuf>,
     /// New network cards (same number as saved): taps and MACs of a clone.
     pub nets: Option<Vec<NetConfig>>,
+    /// New disks (same number as saved): a clone's own copies of the saved VM's disks.
+    pub disks: Option<Vec<DiskConfig>>,
     /// A new vsock device identity: CID and host socket of a clone.
     pub vsock: Option<VsockConfig>,
     /// Keep the VM paused after restore.
@@ -551,6 +553,16 @@ impl Vmm {
             }
             config.nets = nets;
         }
+        if let Some(disks) = request.disks {
+            if disks.len() != config.disks.len() {
+                return Err(ApiError::BadRequest(format!(
+                    "the snapshot has {} disks, {} given",
+                    config.disks.len(),
+                    disks.len()
+                )));
+            }
+            config.disks = disks;
+        }
         if let Some(vsock) = request.vsock {
             if config.vsock.is_none() {
                 return Err(ApiError::BadRequest("the snapshot has no vsock device".into()));
@@ -579,6 +591,7 @@ impl Vmm {
             "state": self.phase(),
             "exit_reason": self.exit_reason(),
             "uptime_ms": self.vm.as_ref().map(|vm| vm.uptime().as_millis() as u64),
+            "pid": std::process::id(),
             "config": self.config_view(),
         })
     }

@@ -204,6 +204,17 @@ impl Interactive {
     }
 }
 
+// A test that fails midway must not leave its VM running (and eating the CPU of the tests
+// after it).
+impl Drop for Interactive {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Builds (or finds up to date) the default guest image once per test binary, through
 /// `stratus image build` with its progress in the test log. `vm run` without `--kernel` boots it.
 pub fn ensure_default_image() {
@@ -247,6 +258,17 @@ impl TestNet {
         run(&["-n", &net.netns, "link", "set", &net.tap, "up"]);
         run(&["-n", &net.netns, "link", "set", "lo", "up"]);
         Some(net)
+    }
+
+    /// Another tap in the namespace, up but with no address (for a second VM's card).
+    pub fn add_tap(&self, name: &str) {
+        for args in [
+            vec!["-n", &self.netns, "tuntap", "add", name, "mode", "tap"],
+            vec!["-n", &self.netns, "link", "set", name, "up"],
+        ] {
+            let status = Command::new("ip").args(&args).status().expect("ip");
+            assert!(status.success(), "ip {args:?} failed");
+        }
     }
 
     /// `stratus ARGS` inside the namespace (where the tap is).
@@ -329,11 +351,19 @@ impl VmmProcess {
 
     /// Like `start`, in an existing directory (a second VMM beside a first).
     pub fn start_in(dir: &Path, extra: &[&str]) -> Self {
+        Self::start_within(None, dir, extra)
+    }
+
+    /// Like `start_in`, inside `net`'s namespace when given (where its taps are).
+    pub fn start_within(net: Option<&TestNet>, dir: &Path, extra: &[&str]) -> Self {
         let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
         let sock = dir.join(format!("api{n}.sock"));
         let mut args = vec!["vmm", "--api-sock", sock.to_str().unwrap()];
         args.extend_from_slice(extra);
-        let console = Interactive::start(&args);
+        let console = match net {
+            Some(net) => interactive_in(net, &args),
+            None => Interactive::start(&args),
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::os::unix::net::UnixStream::connect(&sock).is_err() {
             assert!(Instant::now() < deadline, "stratus vmm never served {}", sock.display());
@@ -384,6 +414,15 @@ impl VmmProcess {
         );
     }
 
+    /// Waits until the VM is in `state`.
+    pub fn wait_state(&self, state: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.state() != state {
+            assert!(Instant::now() < deadline, "the VM did not become {state} within {limit:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Pauses and snapshots into DIR/NAME.state and DIR/NAME.mem; returns their paths.
     pub fn snapshot(&self, name: &str, diff: bool) -> (PathBuf, PathBuf) {
         let (state, mem) = (self.dir.join(format!("{name}.state")), self.dir.join(format!("{name}.mem")));
@@ -405,3 +444,26 @@ impl VmmProcess {
         outcome
     }
 }
+
+/// An ext4 disk image holding the guest-side vsock tool (tests/guest-tools/vsock-tool.c).
+pub fn tools_disk() -> PathBuf {
+    ensure_packages(&["libc6-dev", "linux-libc-dev", "e2fsprogs"]);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("guest-tools-{}", std::process::id()));
+    let root = dir.join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/guest-tools/vsock-tool.c");
+    let status = Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(root.join("vsock-tool"))
+        .arg(&src)
+        .status()
+        .unwrap();
+    assert!(status.success(), "building vsock-tool");
+    let image = dir.join("tools.ext4");
+    let _ = std::fs::remove_file(&image);
+    std::fs::File::create(&image).unwrap().set_len(16 << 20).unwrap();
+    let status = Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&root).arg(&image).status().unwrap();
+    assert!(status.success(), "mkfs.ext4 -d");
+    image
+}
+

@@ -21,7 +21,7 @@
 //! | POST | /vm/shutdown | | ACPI power button: the guest powers off |
 //! | POST | /vm/stop | | hard stop |
 //! | POST | /vm/snapshot | `{"state_file": P, "memory_file": P, "diff": false}` | paused VM only |
-//! | POST | /vm/restore | `{"state_file": P, "memory_files": [P, ...], "nets": [...], "vsock": {...}, "paused": false}` | instead of start |
+//! | POST | /vm/restore | `{"state_file": P, "memory_files": [P, ...], "drives": [...], "nets": [...], "vsock": {...}, "paused": false}` | instead of start |
 //! | GET | /metrics | | counters per vCPU and device |
 //! | POST | /vmm/quit | | the VMM process exits |
 
@@ -108,6 +108,7 @@ struct RestoreBody {
     state_file: PathBuf,
     memory_files: Vec<PathBuf>,
     nets: Option<Vec<NetBody>>,
+    drives: Option<Vec<DriveBody>>,
     vsock: Option<VsockConfig>,
     #[serde(default)]
     paused: bool,
@@ -219,10 +220,17 @@ pub fn handle(vmm: &Mutex<Vmm>, request: &Request) -> (Response, After) {
                 Some(nets) => Some(nets.into_iter().map(net_config).collect::<Result<Vec<_>, _>>()?),
                 None => None,
             };
+            let disks = r.drives.map(|drives| {
+                drives
+                    .into_iter()
+                    .map(|d| DiskConfig { path: d.path, readonly: d.readonly, rate_limit: d.rate_limit })
+                    .collect()
+            });
             let report = v.restore(RestoreRequest {
                 state: r.state_file,
                 memory: r.memory_files,
                 nets,
+                disks,
                 vsock: r.vsock,
                 paused: r.paused,
             })?;

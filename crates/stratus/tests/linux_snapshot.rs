@@ -1,0 +1,255 @@
+//! The project's Linux guest saved and brought back to life in other VMM processes: one boot
+//! (2 vCPUs, disks, network on a tap, vsock, balloon), then everything a user would check
+//! after a restore — its counter keeps counting, an open file is still open, its TCP and
+//! vsock listeners still answer, its disk holds what it wrote, its network works — on two
+//! clones at once (which must not share randomness), then a diff snapshot on top, and a
+//! graceful shutdown through the ACPI power button at the end.
+
+mod common;
+
+use std::io::{BufRead, Write};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+const BOOT_LIMIT: Duration = Duration::from_secs(300);
+const STEP: Duration = Duration::from_secs(120);
+
+/// Host to guest over vsock: CONNECT to `port` through the VMM's socket, send a line, return
+/// the guest's answer.
+fn vsock_round_trip(socket: &Path, port: u32, line: &str) -> String {
+    let host = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    host.set_read_timeout(Some(STEP)).unwrap();
+    (&host).write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+    let mut reader = std::io::BufReader::new(host.try_clone().unwrap());
+    let mut answer = String::new();
+    reader.read_line(&mut answer).unwrap();
+    assert!(answer.starts_with("OK "), "{answer:?}");
+    (&host).write_all(format!("{line}\n").as_bytes()).unwrap();
+    answer.clear();
+    reader.read_line(&mut answer).unwrap();
+    answer
+}
+
+/// Waits for the first "tick N" line a restored guest prints and returns N.
+fn first_tick(console: &mut Interactive) -> u64 {
+    let end = console.expect("tick ", 0, STEP);
+    console.expect("\n", end, STEP);
+    console.output()[end..].lines().next().unwrap().trim().parse().unwrap()
+}
+
+/// The highest "tick N" in `text`.
+fn last_tick(text: &str) -> u64 {
+    text.lines().filter_map(|l| l.trim().strip_prefix("tick ")?.parse().ok()).max().expect("a tick")
+}
+
+/// The VMM's resident memory in MiB, as its metrics report it.
+fn rss_mib(vmm: &VmmProcess) -> u64 {
+    vmm.ok("GET", "/metrics", None)["process"]["rss_bytes"].as_u64().expect("rss") >> 20
+}
+
+#[test]
+fn linux_restores_where_it_stopped_as_two_clones_and_from_a_diff() {
+    if !kvm_available("linux_restores_where_it_stopped_as_two_clones_and_from_a_diff") {
+        return;
+    }
+    ensure_default_image();
+    let Some(net) = TestNet::create(3, "linux_restores_where_it_stopped_as_two_clones_and_from_a_diff") else { return };
+    net.add_tap("stclone3");
+    let image = Path::new("/var/cache/stratus/images/default");
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("linux-snapshot-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let tools = tools_disk();
+    let data = dir.join("data.ext4");
+    std::fs::File::create(&data).unwrap().set_len(32 << 20).unwrap();
+    assert!(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&data).status().unwrap().success());
+    let vsock = dir.join("v.sock");
+
+    // --- Boot once, through the API. ---
+    let vmm = VmmProcess::start_within(Some(&net), &dir, &[]);
+    vmm.ok("PUT", "/vm/machine", Some(json!({"vcpus": 2, "memory_mib": 256})));
+    let cmdline = std::fs::read_to_string(image.join("cmdline")).unwrap();
+    vmm.ok(
+        "PUT",
+        "/vm/boot",
+        Some(json!({"kernel": image.join("vmlinux"), "initrd": image.join("initramfs.cpio"), "cmdline": cmdline.trim()})),
+    );
+    vmm.ok("PUT", "/vm/drives/tools", Some(json!({"path": tools, "readonly": true})));
+    vmm.ok("PUT", "/vm/drives/data", Some(json!({"path": data})));
+    vmm.ok("PUT", "/vm/nets/eth0", Some(json!({"tap": net.tap})));
+    vmm.ok("PUT", "/vm/vsock", Some(json!({"cid": 3, "socket": vsock})));
+    vmm.ok("PUT", "/vm/rng", Some(json!({"enabled": true})));
+    vmm.ok("PUT", "/vm/balloon", Some(json!({"target_mib": 0})));
+    let started = Instant::now();
+    vmm.ok("POST", "/vm/start", None);
+    let VmmProcess { mut console, dir: _, sock } = vmm;
+    let pos = console.expect("stratus# ", 0, BOOT_LIMIT);
+    println!("linux: shell after {:.1} s", started.elapsed().as_secs_f64());
+    let vmm = VmmProcess { console, dir: dir.clone(), sock };
+    // Types `cmd` and waits for `want` after `from`. `want` must not appear in `cmd` itself:
+    // the console echoes what is typed (hence markers like `echo done-$((1 + 1))`).
+    let c = |vmm: VmmProcess, cmd: &str, want: &str, from: usize| -> (VmmProcess, usize) {
+        let VmmProcess { mut console, dir, sock } = vmm;
+        console.send(cmd);
+        let at = console.expect(want, from, STEP);
+        (VmmProcess { console, dir, sock }, at)
+    };
+
+    // Set the guest up: network, an open file on the data disk, TCP and vsock listeners, a
+    // counter.
+    let (vmm, pos) = c(
+        vmm,
+        &format!("ip link set eth0 up && ip addr add {}/24 dev eth0 && echo net-$((1 + 1))\n", net.guest_ip),
+        "net-2",
+        pos,
+    );
+    let (vmm, pos) = c(vmm, "mkdir -p /data && mount /dev/vdb /data && exec 3>>/data/log && echo before >&3 && echo opened-$((1 + 1))\n", "opened-2", pos);
+    let (vmm, pos) = c(vmm, "mount -o ro /dev/vda /mnt && /mnt/vsock-tool listen 1234 &\n", "vsock-tool: listening on 1234", pos);
+    let (vmm, pos) = c(vmm, "nc -l -p 5001 -e /bin/echo answered-over-tcp &\necho listening-$((1 + 1))\n", "listening-2", pos);
+    let (vmm, pos) = c(vmm, "i=0; while :; do echo tick $i; i=$((i+1)); sleep 1; done &\n", "tick 2", pos);
+
+    // The balloon: the guest first touches 16 MiB (a file in tmpfs, then removed: about 40 s
+    // of emulated kernel work on PVM hosts), so that inflating takes pages the VMM really
+    // holds — freed pages are the first the guest hands out again.
+    // The guest's allocator hands out its small free fragments before the large blocks the
+    // freed file went back to, so the balloon asks for twice what was touched.
+    let (vmm, pos) = c(
+        vmm,
+        "dd if=/dev/zero of=/tmp/fill bs=1M count=16 2>/dev/null; rm /tmp/fill; echo touched-$((1 + 1))\n",
+        "touched-2",
+        pos,
+    );
+    let before = rss_mib(&vmm);
+    vmm.ok("PUT", "/vm/balloon", Some(json!({"target_mib": 32})));
+    let deadline = Instant::now() + STEP;
+    while vmm.ok("GET", "/vm/balloon", None)["actual_mib"] != 32 {
+        assert!(Instant::now() < deadline, "the balloon did not inflate: {}", vmm.ok("GET", "/vm/balloon", None));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let inflated = rss_mib(&vmm);
+    let balloon = vmm.ok("GET", "/vm/balloon", None);
+    println!("linux: balloon at 32 MiB: VMM RSS {before} -> {inflated} MiB; guest stats {}", balloon["stats"]);
+    assert!(inflated + 8 <= before, "inflating 32 MiB returned too little: RSS {before} -> {inflated} MiB");
+    assert!(balloon["stats"]["total_memory"].as_u64().unwrap_or(0) > 0, "the guest reports statistics: {balloon}");
+    vmm.ok("PUT", "/vm/balloon", Some(json!({"target_mib": 0})));
+    while vmm.ok("GET", "/vm/balloon", None)["actual_mib"] != 0 {
+        assert!(Instant::now() < deadline + STEP, "the balloon did not deflate");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // --- Snapshot, and end this VMM. ---
+    let (state, mem) = vmm.snapshot("linux", false);
+    std::thread::sleep(Duration::from_millis(200)); // console output still in the pipe
+    let ticks_before = last_tick(&vmm.console.output());
+    let _ = pos;
+    vmm.quit();
+
+    // --- Two clones at once: the first on the original tap and vsock socket, the second
+    // with a new tap, MAC, vsock CID and socket. ---
+    let restore_args = |extra: &[&str]| {
+        let mut args = vec!["--restore", state.to_str().unwrap(), "--memory-file", mem.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        args.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let t = Instant::now();
+    let a_args = restore_args(&[]);
+    let a = VmmProcess::start_within(Some(&net), &dir, &a_args.iter().map(String::as_str).collect::<Vec<_>>());
+    println!("linux: restored (process start to API up) in {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+    let vsock_b = dir.join("vb.sock");
+    let b_vsock = format!("cid=4,socket={}", vsock_b.display());
+    // The clone's own copy of the data disk, as it was when the snapshot was taken.
+    let data_b = dir.join("data-b.ext4");
+    std::fs::copy(&data, &data_b).unwrap();
+    let b_tools = format!("{},readonly", tools.display());
+    let b_data = data_b.to_str().unwrap().to_owned();
+    let b_args = restore_args(&[
+        "--net", "tap=stclone3,mac=52:54:00:00:00:b2", "--vsock", &b_vsock, "--disk", &b_tools, "--disk", &b_data,
+    ]);
+    let b = VmmProcess::start_within(Some(&net), &dir, &b_args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(a.state(), "running");
+    assert_eq!(b.ok("GET", "/vm", None)["config"]["vsock"]["cid"], 4);
+
+    // The counter goes on from where it was, in both.
+    let (mut a, mut b) = (a, b);
+    for clone in [&mut a, &mut b] {
+        let first = first_tick(&mut clone.console);
+        assert!(
+            (ticks_before + 1..=ticks_before + 3).contains(&first),
+            "counted {ticks_before} before the snapshot, {first} first after the restore"
+        );
+    }
+    let (pos_a, pos_b) = (a.console.output().len(), b.console.output().len());
+
+    // Clones never share randomness: the VM generation id changed, the guest reseeded.
+    let (a, pos_a) = c(a, "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' '; echo rnd-$((1 + 1))\n", "rnd-2", pos_a);
+    let (b, pos_b) = c(b, "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' '; echo rnd-$((1 + 1))\n", "rnd-2", pos_b);
+    let random_line = |out: &str, upto: usize| -> String {
+        out[..upto].lines().rev().find(|l| l.len() == 32 && l.bytes().all(|b| b.is_ascii_hexdigit())).unwrap().to_owned()
+    };
+    let (ra, rb) = (random_line(&a.console.output(), pos_a), random_line(&b.console.output(), pos_b));
+    assert_ne!(ra, rb, "two clones produced the same random bytes");
+
+    // The open file is still open, and the disk holds what was written before and after.
+    let (a, pos_a) = c(a, "echo after >&3 && sync && cat /data/log | tr '\\n' ' '; echo log-done\n", "before after log-done", pos_a);
+
+    // Listeners opened before the snapshot still answer: vsock (both clones, each through
+    // its own socket) and TCP over the tap; and the guest reaches the host.
+    assert_eq!(vsock_round_trip(&vsock, 1234, "to clone a"), "echo: to clone a\n");
+    assert_eq!(vsock_round_trip(&vsock_b, 1234, "to clone b"), "echo: to clone b\n");
+    let guest = format!("{}:5001", net.guest_ip);
+    let answer = net
+        .spawn_within(move || {
+            let mut s = std::net::TcpStream::connect(&guest).expect("connecting to the restored guest");
+            s.set_read_timeout(Some(STEP)).unwrap();
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut s, &mut text).unwrap();
+            text
+        })
+        .join()
+        .unwrap();
+    assert_eq!(answer.trim(), "answered-over-tcp");
+    let (a, pos_a) = c(a, &format!("ping -c 2 {}\n", net.host_ip), "2 packets received", pos_a);
+    b.quit();
+
+    // --- A diff snapshot on top of the restored memory, restored into a third process. ---
+    std::thread::sleep(Duration::from_secs(2));
+    let (diff_state, diff_mem) = a.snapshot("linux-diff", true);
+    std::thread::sleep(Duration::from_millis(200));
+    let ticks_at_diff = last_tick(&a.console.output());
+    let report = std::fs::metadata(&diff_mem).unwrap();
+    println!("linux: diff memory file {} MiB apparent", report.len() >> 20);
+    let _ = pos_a;
+    a.quit();
+    let c_args = [
+        "--restore",
+        diff_state.to_str().unwrap(),
+        "--memory-file",
+        mem.to_str().unwrap(),
+        "--memory-file",
+        diff_mem.to_str().unwrap(),
+    ];
+    let mut third = VmmProcess::start_within(Some(&net), &dir, &c_args);
+    let first = first_tick(&mut third.console);
+    assert!((ticks_at_diff + 1..=ticks_at_diff + 3).contains(&first), "diff taken at tick {ticks_at_diff}, resumed at {first}");
+    let pos = third.console.output().len();
+    let (third, _) = c(
+        third,
+        "cat /data/log | tr '\\n' ' '; echo log-done; exec 3>&-; umount /data && echo unmounted-$((1 + 1))\n",
+        "unmounted-2",
+        pos,
+    );
+
+    // --- Graceful shutdown: the ACPI power button, and the guest powers itself off. ---
+    third.ok("POST", "/vm/shutdown", None);
+    third.wait_state("stopped", STEP);
+    assert_eq!(third.ok("GET", "/vm", None)["exit_reason"], "guest powered off");
+    assert!(third.console.output().contains("power button pressed, powering off"));
+    third.quit();
+    // The data disk on the host holds both lines.
+    let log = Command::new("debugfs").args(["-R", "cat /log"]).arg(&data).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&log.stdout), "before\nafter\n");
+}
