@@ -43,6 +43,8 @@ pub enum VmCommand {
     Snapshot(SnapshotArgs),
     /// Restore a VM from a snapshot into a VMM that has not started one.
     Restore(RestoreArgs),
+    /// Show the balloon (target, what the guest gave, its memory statistics) or set its target.
+    Balloon(BalloonArgs),
     /// End the VMM process.
     Quit(ApiSock),
 }
@@ -74,6 +76,15 @@ pub struct ShutdownArgs {
     /// How long to wait for the guest to power off, in seconds.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
+}
+
+#[derive(clap::Args)]
+pub struct BalloonArgs {
+    #[command(flatten)]
+    sock: ApiSock,
+    /// Ask the guest to give back this much memory, e.g. 128M (0 gives it all back).
+    #[arg(long, value_parser = crate::size::parse)]
+    target: Option<u64>,
 }
 
 #[derive(clap::Args)]
@@ -460,6 +471,12 @@ pub fn run(command: VmCommand) -> anyhow::Result<i32> {
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
+        }
+        VmCommand::Balloon(args) => {
+            if let Some(target) = args.target {
+                call(&args.sock, "PUT", "/vm/balloon", Some(serde_json::json!({ "target_mib": target >> 20 })))?;
+            }
+            print_json(&call(&args.sock, "GET", "/vm/balloon", None)?);
         }
         VmCommand::Snapshot(args) => {
             let was_running = state_of(&args.sock)? == "running";

@@ -270,3 +270,60 @@ fn a_snapshot_of_format_version_1_still_restores() {
     vmm.console.expect("echo: old snapshot, new build", 0, Duration::from_secs(10));
     vmm.quit();
 }
+
+/// Requests and bytes of the first device, per second, over `window`.
+fn device_rates(vmm: &VmmProcess, window: Duration) -> (f64, f64) {
+    let read = || {
+        let m = vmm.ok("GET", "/metrics", None);
+        (m["devices"][0]["requests"].as_f64().unwrap(), m["devices"][0]["bytes"].as_f64().unwrap())
+    };
+    let (r0, b0) = read();
+    let t = Instant::now();
+    std::thread::sleep(window);
+    let (r1, b1) = read();
+    let s = t.elapsed().as_secs_f64();
+    ((r1 - r0) / s, (b1 - b0) / s)
+}
+
+#[test]
+fn disk_rate_limits_hold_and_change_while_the_guest_runs() {
+    if !kvm_available("disk_rate_limits_hold_and_change_while_the_guest_runs") {
+        return;
+    }
+    let vmm = VmmProcess::start("ratelimit", &[]);
+    let disk = vmm.dir.join("disk.img");
+    std::fs::File::create(&disk).unwrap().set_len(64 << 20).unwrap();
+    vmm.configure_tiny("test=blk-bench bench_mib=48 bench_ops=1000000 exit=poweroff", 64);
+    // 4 MiB/s: the guest's 1 MiB sequential reads go at four a second.
+    vmm.ok("PUT", "/vm/drives/vda", Some(json!({"path": disk, "rate_limit": {"bytes_per_sec": 4 << 20}})));
+    assert!(vmm.fails("PATCH", "/vm/drives/vdb", Some(json!({"rate_limit": {}})), 404).contains("no drive"));
+    assert!(vmm.fails("PATCH", "/vm/drives/vda", Some(json!({"rate_limit": {"ops_per_sec": 0}})), 400).contains("0"));
+    vmm.ok("POST", "/vm/start", None);
+    let mut console = vmm.console;
+    console.expect("bench: start seq-read", 0, Duration::from_secs(10));
+    let vmm = VmmProcess { console, ..vmm };
+    std::thread::sleep(Duration::from_millis(1500)); // past the first second's burst
+    let (_, bytes) = device_rates(&vmm, Duration::from_secs(2));
+    let mib = bytes / 1048576.0;
+    assert!((2.5..=5.5).contains(&mib), "4 MiB/s limit: {mib:.1} MiB/s");
+
+    // Changed while it runs: 100 operations a second, bandwidth free.
+    vmm.ok("PATCH", "/vm/drives/vda", Some(json!({"rate_limit": {"ops_per_sec": 100}})));
+    let mut console = vmm.console;
+    console.expect("bench: start rand-read", 0, Duration::from_secs(30));
+    let vmm = VmmProcess { console, ..vmm };
+    std::thread::sleep(Duration::from_millis(1200));
+    let (ops, _) = device_rates(&vmm, Duration::from_secs(2));
+    assert!((70.0..=130.0).contains(&ops), "100 ops/s limit: {ops:.0} ops/s");
+    assert_eq!(vmm.ok("GET", "/vm/config", None)["drives"][0]["rate_limit"]["ops_per_sec"], 100);
+
+    // Lifted: the guest goes as fast as it can.
+    vmm.ok("PATCH", "/vm/drives/vda", Some(json!({"rate_limit": {}})));
+    let (ops, _) = device_rates(&vmm, Duration::from_secs(1));
+    assert!(ops > 500.0, "unlimited: {ops:.0} ops/s");
+    let metrics = vmm.ok("GET", "/metrics", None);
+    assert_eq!(metrics["devices"][0]["id"], "vda");
+    assert_eq!(metrics["devices"][0]["rejected"], 0);
+    vmm.ok("POST", "/vm/stop", None);
+    vmm.quit();
+}
