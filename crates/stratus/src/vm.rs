@@ -474,7 +474,12 @@ pub fn run(command: VmCommand) -> anyhow::Result<i32> {
         }
         VmCommand::Balloon(args) => {
             if let Some(target) = args.target {
-                call(&args.sock, "PUT", "/vm/balloon", Some(serde_json::json!({ "target_mib": target >> 20 })))?;
+                call(
+                    &args.sock,
+                    "PUT",
+                    "/vm/balloon",
+                    Some(serde_json::json!({ "target_mib": target >> 20 })),
+                )?;
             }
             print_json(&call(&args.sock, "GET", "/vm/balloon", None)?);
         }

@@ -297,7 +297,9 @@ fn disk_rate_limits_hold_and_change_while_the_guest_runs() {
     // 4 MiB/s: the guest's 1 MiB sequential reads go at four a second.
     vmm.ok("PUT", "/vm/drives/vda", Some(json!({"path": disk, "rate_limit": {"bytes_per_sec": 4 << 20}})));
     assert!(vmm.fails("PATCH", "/vm/drives/vdb", Some(json!({"rate_limit": {}})), 404).contains("no drive"));
-    assert!(vmm.fails("PATCH", "/vm/drives/vda", Some(json!({"rate_limit": {"ops_per_sec": 0}})), 400).contains("0"));
+    assert!(vmm
+        .fails("PATCH", "/vm/drives/vda", Some(json!({"rate_limit": {"ops_per_sec": 0}})), 400)
+        .contains("0"));
     vmm.ok("POST", "/vm/start", None);
     let mut console = vmm.console;
     console.expect("bench: start seq-read", 0, Duration::from_secs(10));

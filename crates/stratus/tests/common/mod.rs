@@ -466,4 +466,3 @@ pub fn tools_disk() -> PathBuf {
     assert!(status.success(), "mkfs.ext4 -d");
     image
 }
-
