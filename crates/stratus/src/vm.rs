@@ -135,6 +135,9 @@ pub struct RestoreFrom {
     /// Keep the restored VM paused.
     #[arg(long)]
     paused: bool,
+    /// Track written pages from the restore on, for a later `snapshot --diff`.
+    #[arg(long)]
+    track_dirty: bool,
 }
 
 /// `stratus vmm`.
@@ -165,6 +168,9 @@ pub struct VmmArgs {
     /// With --restore: keep the restored VM paused.
     #[arg(long, requires = "restore")]
     paused: bool,
+    /// With --restore: track written pages from the restore on, for a later diff snapshot.
+    #[arg(long, requires = "restore")]
+    track_dirty: bool,
 }
 
 #[derive(clap::Args)]
@@ -346,6 +352,7 @@ fn restore_request(from: RestoreFrom) -> RestoreRequest {
         disks: (!from.disks.is_empty()).then_some(from.disks),
         vsock: from.vsock,
         paused: from.paused,
+        track_dirty_pages: from.track_dirty,
     }
 }
 
@@ -366,6 +373,7 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<i32> {
             disks: args.disks,
             vsock: args.vsock,
             paused: args.paused,
+            track_dirty: args.track_dirty,
         };
         let report = vmm.restore(restore_request(from))?;
         eprintln!("stratus: restored in {:.2} ms", report.duration_ms);
@@ -512,6 +520,7 @@ pub fn run(command: VmCommand) -> anyhow::Result<i32> {
                 .collect();
             let mut body = serde_json::json!({
                 "state_file": absolute(&from.state)?, "memory_files": memory, "paused": from.paused,
+                "track_dirty_pages": from.track_dirty,
             });
             if !nets.is_empty() {
                 body["nets"] = serde_json::Value::Array(nets);

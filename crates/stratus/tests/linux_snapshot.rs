@@ -182,7 +182,8 @@ fn linux_restores_where_it_stopped_as_two_clones_and_from_a_diff() {
         args.iter().map(|s| s.to_string()).collect::<Vec<_>>()
     };
     let t = Instant::now();
-    let a_args = restore_args(&[]);
+    // The first clone tracks dirty pages: a diff snapshot of it follows.
+    let a_args = restore_args(&["--track-dirty"]);
     let a =
         VmmProcess::start_within(Some(&net), &dir, &a_args.iter().map(String::as_str).collect::<Vec<_>>());
     println!("linux: restored (process start to API up) in {:.1} ms", t.elapsed().as_secs_f64() * 1e3);

@@ -329,3 +329,58 @@ fn disk_rate_limits_hold_and_change_while_the_guest_runs() {
     vmm.ok("POST", "/vm/stop", None);
     vmm.quit();
 }
+
+/// The last "tick N" a tiny guest printed.
+fn last_tick(text: &str) -> u64 {
+    text.lines().filter_map(|l| l.trim().strip_prefix("tick ")?.parse().ok()).max().expect("a tick")
+}
+
+#[test]
+fn diff_snapshots_layer_over_a_full_one() {
+    if !kvm_available("diff_snapshots_layer_over_a_full_one") {
+        return;
+    }
+    // The snapshot guest fills 4 MiB with a pattern, then counts ticks every 100 ms.
+    let vmm = VmmProcess::start("diff", &[]);
+    vmm.configure_tiny("test=snapshot fill_mib=4 exit=poweroff", 64);
+    let none =
+        json!({"state_file": vmm.dir.join("x.state"), "memory_file": vmm.dir.join("x.mem"), "diff": true});
+    vmm.ok("POST", "/vm/start", None);
+    let mut console = vmm.console;
+    console.expect("tick 2", 0, Duration::from_secs(30));
+    let vmm = VmmProcess { console, ..vmm };
+    vmm.ok("POST", "/vm/pause", None);
+    assert!(vmm.fails("POST", "/vm/snapshot", Some(none), 409).contains("needs a full snapshot"));
+    let (_, full) = vmm.snapshot("full", false);
+    vmm.ok("POST", "/vm/resume", None);
+    std::thread::sleep(Duration::from_millis(500));
+    let (state, diff) = vmm.snapshot("diff", true);
+    std::thread::sleep(Duration::from_millis(100));
+    let at_diff = last_tick(&vmm.console.output());
+    let allocated =
+        |p: &std::path::Path| std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(p).unwrap()) * 512;
+    assert!(
+        allocated(&diff) < allocated(&full) / 2,
+        "the diff holds only what changed: {} vs {}",
+        allocated(&diff),
+        allocated(&full)
+    );
+    let dir = vmm.dir.clone();
+    vmm.quit();
+
+    // The diff's state without its diff memory file is refused; with it, the guest goes on
+    // from the diff, and its 4 MiB pattern is intact.
+    let refused = VmmProcess::start_in(&dir, &[]);
+    let e =
+        refused.fails("POST", "/vm/restore", Some(json!({"state_file": state, "memory_files": [full]})), 400);
+    assert!(e.contains("diff"), "{e}");
+    refused.quit();
+    let mut back = restore(&dir, &state, &[&full, &diff]);
+    let end = back.console.expect("tick ", 0, Duration::from_secs(10));
+    back.console.expect("\n", end, Duration::from_secs(10));
+    let first: u64 = back.console.output()[end..].lines().next().unwrap().trim().parse().unwrap();
+    assert!((at_diff + 1..=at_diff + 3).contains(&first), "diff at tick {at_diff}, restored at {first}");
+    back.console.send("c");
+    back.console.expect("check ok", 0, Duration::from_secs(30));
+    back.quit();
+}

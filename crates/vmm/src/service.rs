@@ -105,6 +105,10 @@ pub struct RestoreRequest {
     pub vsock: Option<VsockConfig>,
     /// Keep the VM paused after restore.
     pub paused: bool,
+    /// Track the pages written from the restore on, so that a diff snapshot can follow.
+    /// Costs some milliseconds per GiB at restore (KVM write-protects the memory), so it is
+    /// asked for, not given.
+    pub track_dirty_pages: bool,
 }
 
 /// One VM and the configuration it is (or will be) built from.
@@ -508,7 +512,7 @@ impl Vmm {
         };
         if diff && !self.has_base_snapshot {
             return Err(ApiError::Conflict(
-                "a diff snapshot needs a full snapshot (or a restore) of this VM before it".into(),
+                "a diff snapshot needs a full snapshot of this VM before it, or a restore with dirty page tracking (track_dirty_pages, --track-dirty)".into(),
             ));
         }
         let failed = |e: &dyn std::fmt::Display| ApiError::Failed(e.to_string());
@@ -574,13 +578,15 @@ impl Vmm {
         let launch = Launch::Restore { state: &saved, memory: full, diffs: &diffs };
         let mut vm =
             crate::vm::create(&config, out, launch).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        vm.start_dirty_tracking().map_err(|e| ApiError::Failed(e.to_string()))?;
+        if request.track_dirty_pages {
+            vm.start_dirty_tracking().map_err(|e| ApiError::Failed(e.to_string()))?;
+        }
         vm.run(request.paused).map_err(|e| ApiError::Failed(e.to_string()))?;
         self.drive_ids = (0..config.disks.len()).map(disk_name).collect();
         self.net_ids = (0..config.nets.len()).map(|i| format!("eth{i}")).collect();
         self.config = config;
         self.boot_set = true;
-        self.has_base_snapshot = true;
+        self.has_base_snapshot = request.track_dirty_pages;
         self.adopt(vm);
         Ok(RestoreReport { duration_ms: t.elapsed().as_secs_f64() * 1e3, running: !request.paused })
     }

@@ -21,7 +21,7 @@
 //! | POST | /vm/shutdown | | ACPI power button: the guest powers off |
 //! | POST | /vm/stop | | hard stop |
 //! | POST | /vm/snapshot | `{"state_file": P, "memory_file": P, "diff": false}` | paused VM only |
-//! | POST | /vm/restore | `{"state_file": P, "memory_files": [P, ...], "drives": [...], "nets": [...], "vsock": {...}, "paused": false}` | instead of start |
+//! | POST | /vm/restore | `{"state_file": P, "memory_files": [P, ...], "drives": [...], "nets": [...], "vsock": {...}, "paused": false, "track_dirty_pages": false}` | instead of start |
 //! | GET | /metrics | | counters per vCPU and device |
 //! | POST | /vmm/quit | | the VMM process exits |
 
@@ -112,6 +112,8 @@ struct RestoreBody {
     vsock: Option<VsockConfig>,
     #[serde(default)]
     paused: bool,
+    #[serde(default)]
+    track_dirty_pages: bool,
 }
 
 /// The default command line of a boot source that gives none.
@@ -233,6 +235,7 @@ pub fn handle(vmm: &Mutex<Vmm>, request: &Request) -> (Response, After) {
                 disks,
                 vsock: r.vsock,
                 paused: r.paused,
+                track_dirty_pages: r.track_dirty_pages,
             })?;
             Ok(serde_json::to_value(report).unwrap_or_default())
         })),
