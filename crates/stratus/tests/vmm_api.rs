@@ -384,3 +384,42 @@ fn diff_snapshots_layer_over_a_full_one() {
     back.console.expect("check ok", 0, Duration::from_secs(30));
     back.quit();
 }
+
+#[test]
+fn network_rate_limits_hold_and_change_while_the_guest_runs() {
+    if !kvm_available("network_rate_limits_hold_and_change_while_the_guest_runs") {
+        return;
+    }
+    let Some(net) = common::TestNet::create(4, "network_rate_limits_hold_and_change_while_the_guest_runs")
+    else {
+        return;
+    };
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("vmm-netlimit-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let vmm = VmmProcess::start_within(Some(&net), &dir, &[]);
+    // The guest sends 1514-byte frames as fast as its ring takes them.
+    vmm.configure_tiny("test=net-bench bench_frames=100000000 exit=poweroff", 64);
+    vmm.ok("PUT", "/vm/nets/eth0", Some(json!({"tap": net.tap, "rate_limit": {"ops_per_sec": 300}})));
+    vmm.ok("POST", "/vm/start", None);
+    let mut console = vmm.console;
+    console.expect("bench: start net-tx", 0, Duration::from_secs(10));
+    let vmm = VmmProcess { console, ..vmm };
+    std::thread::sleep(Duration::from_millis(1500)); // past the first second's burst
+    let (frames, _) = device_rates(&vmm, Duration::from_secs(2));
+    assert!((200.0..=400.0).contains(&frames), "300 frames/s limit: {frames:.0} frames/s");
+
+    // 1 MiB/s of bandwidth instead: about 690 frames of 1514 bytes a second.
+    vmm.ok("PATCH", "/vm/nets/eth0", Some(json!({"rate_limit": {"bytes_per_sec": 1 << 20}})));
+    std::thread::sleep(Duration::from_millis(1500));
+    let (_, bytes) = device_rates(&vmm, Duration::from_secs(2));
+    let mib = bytes / 1048576.0;
+    assert!((0.6..=1.4).contains(&mib), "1 MiB/s limit: {mib:.2} MiB/s");
+
+    vmm.ok("PATCH", "/vm/nets/eth0", Some(json!({"rate_limit": {}})));
+    let (frames, _) = device_rates(&vmm, Duration::from_secs(1));
+    assert!(frames > 2000.0, "unlimited: {frames:.0} frames/s");
+    vmm.ok("POST", "/vm/stop", None);
+    vmm.quit();
+}
