@@ -383,7 +383,7 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<i32> {
 }
 
 /// Feeds standard input to the guest's UART (once a VM exists) until it closes.
-fn forward_stdin(input: Arc<Mutex<Option<Arc<Mutex<stratus_vmm::Serial>>>>>) {
+fn forward_stdin(input: stratus_vmm::console::ConsoleInput) {
     let _ = std::thread::Builder::new().name("stdin".into()).spawn(move || {
         use std::io::Read;
         let mut buf = [0u8; 256];

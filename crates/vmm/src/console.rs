@@ -121,6 +121,10 @@ pub fn run(exit: &ExitSignal, serial: &Mutex<Serial>, escape: bool) -> ConsoleEn
     }
 }
 
+/// Where console input goes: the guest's UART, once the VM exists (it is filled in after the
+/// console's output was opened).
+pub type ConsoleInput = std::sync::Arc<Mutex<Option<std::sync::Arc<Mutex<Serial>>>>>;
+
 /// Where the guest's serial console goes.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
@@ -149,7 +153,7 @@ impl ConsoleConfig {
     /// built).
     pub fn open(
         &self,
-        input: std::sync::Arc<Mutex<Option<std::sync::Arc<Mutex<Serial>>>>>,
+        input: ConsoleInput,
     ) -> std::io::Result<Box<dyn std::io::Write + Send>> {
         match self {
             ConsoleConfig::Stdout => Ok(Box::new(std::io::stdout())),
@@ -180,7 +184,7 @@ pub struct SocketConsole {
 impl SocketConsole {
     fn listen(
         path: &std::path::Path,
-        input: std::sync::Arc<Mutex<Option<std::sync::Arc<Mutex<Serial>>>>>,
+        input: ConsoleInput,
     ) -> std::io::Result<Self> {
         let _ = std::fs::remove_file(path);
         let listener = std::os::unix::net::UnixListener::bind(path)?;
@@ -249,12 +253,9 @@ impl std::io::Write for SocketConsole {
             // Send what waits, oldest first; what the client cannot take yet stays queued.
             let (front, _) = attached.backlog.as_slices();
             let front = front.to_vec();
-            match send_now(&client, &front) {
-                Some(n) => {
-                    attached.backlog.drain(..n);
-                    attached.client = Some(client);
-                }
-                None => {}
+            if let Some(n) = send_now(&client, &front) {
+                attached.backlog.drain(..n);
+                attached.client = Some(client);
             }
         }
         let excess = attached.backlog.len().saturating_sub(CONSOLE_BACKLOG);

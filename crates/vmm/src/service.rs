@@ -4,14 +4,13 @@
 //! the HTTP status it maps to, and leaves the VM as it was.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use stratus_devices::bus::lock;
-use stratus_devices::serial::Serial;
 
-use crate::console::ConsoleConfig;
+use crate::console::{ConsoleConfig, ConsoleInput};
 use crate::snapshot::{self, MemoryKind};
 use crate::vm::{BalloonConfig, DiskConfig, Launch, NetConfig, Vm, VmConfig, VsockConfig};
 use crate::{BootSource, RateLimit};
@@ -119,7 +118,7 @@ pub struct Vmm {
     net_ids: Vec<String>,
     console: ConsoleConfig,
     /// Where console input goes once the UART exists (the socket console's thread reads it).
-    console_input: Arc<Mutex<Option<Arc<Mutex<Serial>>>>>,
+    console_input: ConsoleInput,
     vm: Option<Vm>,
     /// Set when the API stopped the VM.
     stopped: Option<String>,
@@ -186,7 +185,7 @@ impl Vmm {
     }
 
     /// Where console input goes: the UART, once the VM exists.
-    pub fn console_input(&self) -> Arc<Mutex<Option<Arc<Mutex<Serial>>>>> {
+    pub fn console_input(&self) -> ConsoleInput {
         self.console_input.clone()
     }
 

@@ -245,6 +245,9 @@ fn virtio_slot(index: usize) -> VirtioMmioDevice {
     }
 }
 
+/// The virtio devices behind their transports, in slot order.
+pub type Transports = Vec<Arc<Mutex<MmioTransport>>>;
+
 /// The host's handles on devices whose behaviour changes while the VM runs.
 #[derive(Default)]
 pub struct DeviceHandles {
@@ -266,7 +269,7 @@ fn virtio_devices(
     config: &VmConfig,
     vm: &VmFd,
     mem: &GuestRam,
-) -> Result<(Vec<Arc<Mutex<MmioTransport>>>, DeviceHandles), VmError> {
+) -> Result<(Transports, DeviceHandles), VmError> {
     let os = |what| move |source| VmError::Os { what, source };
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     let mut handles = DeviceHandles::default();
