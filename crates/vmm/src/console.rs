@@ -151,10 +151,7 @@ impl ConsoleConfig {
     /// Opens the console's output; for a socket, also starts the thread that accepts clients
     /// and feeds their input to `serial` (once it exists: the slot is filled after the VM is
     /// built).
-    pub fn open(
-        &self,
-        input: ConsoleInput,
-    ) -> std::io::Result<Box<dyn std::io::Write + Send>> {
+    pub fn open(&self, input: ConsoleInput) -> std::io::Result<Box<dyn std::io::Write + Send>> {
         match self {
             ConsoleConfig::Stdout => Ok(Box::new(std::io::stdout())),
             ConsoleConfig::File { path } => {
@@ -182,10 +179,7 @@ pub struct SocketConsole {
 }
 
 impl SocketConsole {
-    fn listen(
-        path: &std::path::Path,
-        input: ConsoleInput,
-    ) -> std::io::Result<Self> {
+    fn listen(path: &std::path::Path, input: ConsoleInput) -> std::io::Result<Self> {
         let _ = std::fs::remove_file(path);
         let listener = std::os::unix::net::UnixListener::bind(path)?;
         let shared = std::sync::Arc::new(Mutex::new(Attached::default()));
