@@ -18,7 +18,7 @@ fn api_configures_runs_pauses_and_refuses_bad_requests_without_harm() {
     if !kvm_available("api_configures_runs_pauses_and_refuses_bad_requests_without_harm") {
         return;
     }
-    let vmm = VmmProcess::start("lifecycle", &[]);
+    let mut vmm = VmmProcess::start("lifecycle", &[]);
     assert_eq!(vmm.state(), "not_started");
 
     // Bad requests: each a 4xx with a message, none changing anything.
@@ -54,9 +54,7 @@ fn api_configures_runs_pauses_and_refuses_bad_requests_without_harm() {
     vmm.configure_tiny("test=echo exit=poweroff", 64);
     assert_eq!(vmm.ok("GET", "/vm/config", None)["machine"]["memory_mib"], 64);
     vmm.ok("POST", "/vm/start", None);
-    let mut console = vmm.console;
-    console.expect("ready", 0, Duration::from_secs(10));
-    let vmm = VmmProcess { console, ..vmm };
+    vmm.console.expect("ready", 0, Duration::from_secs(10));
     assert_eq!(vmm.state(), "running");
     assert!(vmm.fails("POST", "/vm/start", None, 409).contains("running"));
     assert!(vmm
@@ -80,10 +78,8 @@ fn api_configures_runs_pauses_and_refuses_bad_requests_without_harm() {
     assert!(metrics["uptime_ms"].as_u64().unwrap() > 0);
 
     // The guest still works after all that: it echoes and powers off.
-    let mut console = vmm.console;
-    console.send("still here\n");
-    console.expect("echo: still here", 0, Duration::from_secs(10));
-    let vmm = VmmProcess { console, ..vmm };
+    vmm.console.send("still here\n");
+    vmm.console.expect("echo: still here", 0, Duration::from_secs(10));
     let deadline = Instant::now() + Duration::from_secs(10);
     while vmm.state() != "stopped" {
         assert!(Instant::now() < deadline, "the guest did not power off");
@@ -127,12 +123,10 @@ fn a_snapshot_comes_back_to_life_in_other_processes_twice_at_once() {
     if !kvm_available("a_snapshot_comes_back_to_life_in_other_processes_twice_at_once") {
         return;
     }
-    let vmm = VmmProcess::start("snapshot", &[]);
+    let mut vmm = VmmProcess::start("snapshot", &[]);
     vmm.configure_tiny("test=echo exit=poweroff", 64);
     vmm.ok("POST", "/vm/start", None);
-    let mut console = vmm.console;
-    console.expect("ready", 0, Duration::from_secs(10));
-    let vmm = VmmProcess { console, ..vmm };
+    vmm.console.expect("ready", 0, Duration::from_secs(10));
     let (state, mem) = vmm.snapshot("echo", false);
     let dir = vmm.dir.clone();
     vmm.quit();
@@ -290,7 +284,7 @@ fn disk_rate_limits_hold_and_change_while_the_guest_runs() {
     if !kvm_available("disk_rate_limits_hold_and_change_while_the_guest_runs") {
         return;
     }
-    let vmm = VmmProcess::start("ratelimit", &[]);
+    let mut vmm = VmmProcess::start("ratelimit", &[]);
     let disk = vmm.dir.join("disk.img");
     std::fs::File::create(&disk).unwrap().set_len(64 << 20).unwrap();
     vmm.configure_tiny("test=blk-bench bench_mib=48 bench_ops=1000000 exit=poweroff", 64);
@@ -301,9 +295,7 @@ fn disk_rate_limits_hold_and_change_while_the_guest_runs() {
         .fails("PATCH", "/vm/drives/vda", Some(json!({"rate_limit": {"ops_per_sec": 0}})), 400)
         .contains("0"));
     vmm.ok("POST", "/vm/start", None);
-    let mut console = vmm.console;
-    console.expect("bench: start seq-read", 0, Duration::from_secs(10));
-    let vmm = VmmProcess { console, ..vmm };
+    vmm.console.expect("bench: start seq-read", 0, Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(1500)); // past the first second's burst
     let (_, bytes) = device_rates(&vmm, Duration::from_secs(2));
     let mib = bytes / 1048576.0;
@@ -311,9 +303,7 @@ fn disk_rate_limits_hold_and_change_while_the_guest_runs() {
 
     // Changed while it runs: 100 operations a second, bandwidth free.
     vmm.ok("PATCH", "/vm/drives/vda", Some(json!({"rate_limit": {"ops_per_sec": 100}})));
-    let mut console = vmm.console;
-    console.expect("bench: start rand-read", 0, Duration::from_secs(30));
-    let vmm = VmmProcess { console, ..vmm };
+    vmm.console.expect("bench: start rand-read", 0, Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(1200));
     let (ops, _) = device_rates(&vmm, Duration::from_secs(2));
     assert!((70.0..=130.0).contains(&ops), "100 ops/s limit: {ops:.0} ops/s");
@@ -341,14 +331,12 @@ fn diff_snapshots_layer_over_a_full_one() {
         return;
     }
     // The snapshot guest fills 4 MiB with a pattern, then counts ticks every 100 ms.
-    let vmm = VmmProcess::start("diff", &[]);
+    let mut vmm = VmmProcess::start("diff", &[]);
     vmm.configure_tiny("test=snapshot fill_mib=4 exit=poweroff", 64);
     let none =
         json!({"state_file": vmm.dir.join("x.state"), "memory_file": vmm.dir.join("x.mem"), "diff": true});
     vmm.ok("POST", "/vm/start", None);
-    let mut console = vmm.console;
-    console.expect("tick 2", 0, Duration::from_secs(30));
-    let vmm = VmmProcess { console, ..vmm };
+    vmm.console.expect("tick 2", 0, Duration::from_secs(30));
     vmm.ok("POST", "/vm/pause", None);
     assert!(vmm.fails("POST", "/vm/snapshot", Some(none), 409).contains("needs a full snapshot"));
     let (_, full) = vmm.snapshot("full", false);
@@ -398,14 +386,12 @@ fn network_rate_limits_hold_and_change_while_the_guest_runs() {
         .join(format!("vmm-netlimit-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let vmm = VmmProcess::start_within(Some(&net), &dir, &[]);
+    let mut vmm = VmmProcess::start_within(Some(&net), &dir, &[]);
     // The guest sends 1514-byte frames as fast as its ring takes them.
     vmm.configure_tiny("test=net-bench bench_frames=100000000 exit=poweroff", 64);
     vmm.ok("PUT", "/vm/nets/eth0", Some(json!({"tap": net.tap, "rate_limit": {"ops_per_sec": 300}})));
     vmm.ok("POST", "/vm/start", None);
-    let mut console = vmm.console;
-    console.expect("bench: start net-tx", 0, Duration::from_secs(10));
-    let vmm = VmmProcess { console, ..vmm };
+    vmm.console.expect("bench: start net-tx", 0, Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(1500)); // past the first second's burst
     let (frames, _) = device_rates(&vmm, Duration::from_secs(2));
     assert!((200.0..=400.0).contains(&frames), "300 frames/s limit: {frames:.0} frames/s");
