@@ -45,6 +45,9 @@ pub enum VmCommand {
     Restore(RestoreArgs),
     /// Show the balloon (target, what the guest gave, its memory statistics) or set its target.
     Balloon(BalloonArgs),
+    /// Move the running VM to a VMM started with --incoming (live: the guest keeps running
+    /// until the last, short stop-and-copy).
+    Migrate(MigrateArgs),
     /// End the VMM process.
     Quit(ApiSock),
 }
@@ -76,6 +79,18 @@ pub struct ShutdownArgs {
     /// How long to wait for the guest to power off, in seconds.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
+}
+
+#[derive(clap::Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    sock: ApiSock,
+    /// Where the destination VMM listens: tcp:HOST:PORT or a Unix socket path.
+    #[arg(long)]
+    to: String,
+    /// The longest pause the guest should see, in milliseconds.
+    #[arg(long, default_value_t = 20)]
+    max_downtime_ms: u64,
 }
 
 #[derive(clap::Args)]
@@ -149,6 +164,10 @@ pub struct VmmArgs {
     /// Where the guest console goes: stdout, file:PATH, socket:PATH or none.
     #[arg(long, default_value = "stdout", value_parser = parse_console)]
     console: ConsoleConfig,
+    /// Wait for a live migration on tcp:HOST:PORT (or a Unix socket path) instead of a
+    /// configuration; the VM runs here once it has arrived.
+    #[arg(long, value_name = "tcp:HOST:PORT", conflicts_with = "restore")]
+    incoming: Option<String>,
     /// Restore the snapshot with this state file at once, instead of waiting for a
     /// configuration.
     #[arg(long, value_name = "STATE", requires = "memory_file")]
@@ -378,7 +397,23 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<i32> {
         let report = vmm.restore(restore_request(from))?;
         eprintln!("stratus: restored in {:.2} ms", report.duration_ms);
     }
-    stratus_vmm::api::serve(listener, &args.api_sock, Arc::new(Mutex::new(vmm)));
+    let vmm = Arc::new(Mutex::new(vmm));
+    let Some(on) = args.incoming else {
+        stratus_vmm::api::serve(listener, &args.api_sock, vmm);
+        return Ok(0);
+    };
+    // The API answers while the migration arrives (the VM shows as not started).
+    let (api_vmm, api_sock) = (vmm.clone(), args.api_sock.clone());
+    let api = std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || stratus_vmm::api::serve(listener, &api_sock, api_vmm))?;
+    let conn =
+        stratus_vmm::migration::accept(&on).with_context(|| format!("waiting for a migration on {on}"))?;
+    let arrival = stratus_vmm::migration::receive(conn)?;
+    let t = Instant::now();
+    vmm.lock().unwrap_or_else(|p| p.into_inner()).adopt_incoming(arrival)?;
+    eprintln!("stratus: migration arrived, VM running ({:.1} ms to build)", t.elapsed().as_secs_f64() * 1e3);
+    let _ = api.join();
     Ok(0)
 }
 
@@ -479,6 +514,11 @@ pub fn run(command: VmCommand) -> anyhow::Result<i32> {
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
+        }
+        VmCommand::Migrate(args) => {
+            let body = serde_json::json!({ "to": args.to, "max_downtime_ms": args.max_downtime_ms });
+            let report = call(&args.sock, "POST", "/vm/migrate", Some(body))?;
+            print_json(&report);
         }
         VmCommand::Balloon(args) => {
             if let Some(target) = args.target {

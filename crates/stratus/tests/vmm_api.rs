@@ -409,3 +409,90 @@ fn network_rate_limits_hold_and_change_while_the_guest_runs() {
     vmm.ok("POST", "/vm/stop", None);
     vmm.quit();
 }
+
+/// A free TCP port on loopback.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A destination that takes the Hello, answers with `answer`, reads `then_read` bytes and
+/// hangs up: a VMM that dies, or lies, mid-stream.
+fn failing_destination(answer: Vec<u8>, then_read: usize) -> (String, std::thread::JoinHandle<()>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let to = format!("tcp:{}", listener.local_addr().unwrap());
+    let handle = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut s, _) = listener.accept().unwrap();
+        let mut payload = Vec::new();
+        stratus_vmm::migration::stream::read_frame(&mut s, &mut payload).unwrap();
+        s.write_all(&answer).unwrap();
+        let mut sink = vec![0u8; then_read];
+        let _ = s.read_exact(&mut sink);
+    });
+    (to, handle)
+}
+
+#[test]
+fn live_migration_moves_a_running_guest_and_a_failure_leaves_it_running_here() {
+    if !kvm_available("live_migration_moves_a_running_guest_and_a_failure_leaves_it_running_here") {
+        return;
+    }
+    use stratus_vmm::migration::stream::{write_frame, Kind};
+    // The guest dirties 20 MiB/s over 32 MiB and keeps a generation per page to check.
+    let mut src = VmmProcess::start("migrate", &[]);
+    src.configure_tiny("test=dirty rate_mib=20 dirty_mib=32 exit=poweroff", 256);
+    src.ok("POST", "/vm/start", None);
+    src.console.expect("tick 1", 0, Duration::from_secs(30));
+
+    // Failures before the destination says it runs: the guest stays, running, here.
+    let mut accept = Vec::new();
+    write_frame(&mut accept, Kind::Accept, &[]).unwrap();
+    let mut refuse = Vec::new();
+    write_frame(&mut refuse, Kind::Refuse, b"no room for you").unwrap();
+    let mut corrupt = accept.clone();
+    corrupt[0] = Kind::Running as u8; // a Running before any page: out of turn
+    for (answer, read, expect) in [
+        (accept.clone(), 1 << 20, "failed"),                   // dies after 1 MiB
+        (refuse, 0, "no room for you"),                        // refuses the configuration
+        (corrupt, 0, "instead of an answer"),                  // says something out of turn
+        (vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 0, "migration"), // garbage
+    ] {
+        let (to, dest) = failing_destination(answer, read);
+        let e = src.fails("POST", "/vm/migrate", Some(json!({"to": to})), 500);
+        assert!(e.contains(expect) && e.contains("runs here still"), "{e}");
+        dest.join().unwrap();
+        assert_eq!(src.state(), "running");
+    }
+    let e =
+        src.fails("POST", "/vm/migrate", Some(json!({"to": format!("tcp:127.0.0.1:{}", free_port())})), 500);
+    assert!(e.contains("connecting"), "{e}");
+    let pos = src.console.output().len();
+    src.console.send("c");
+    src.console.expect("check ok", pos, Duration::from_secs(30));
+
+    // The real thing: a second VMM waiting for it.
+    let to = format!("tcp:127.0.0.1:{}", free_port());
+    let mut dst = VmmProcess::start_in(&src.dir.clone(), &["--incoming", &to]);
+    assert_eq!(dst.state(), "not_started");
+    let report = src.ok("POST", "/vm/migrate", Some(json!({"to": to, "max_downtime_ms": 50})));
+    println!("migration: {report}");
+    assert!(report["pages_sent"].as_u64().unwrap() >= 32 * 256, "the dirtied 32 MiB went over: {report}");
+    let before = src.console.output();
+    let ticks_before =
+        before.lines().filter_map(|l| l.trim().strip_prefix("tick ")?.parse::<u64>().ok()).max().unwrap();
+    let info = src.ok("GET", "/vm", None);
+    assert_eq!(info["state"], "stopped");
+    assert!(info["exit_reason"].as_str().unwrap().starts_with("migrated to"));
+    assert_eq!(dst.state(), "running");
+    let end = dst.console.expect("tick ", 0, Duration::from_secs(10));
+    dst.console.expect("\n", end, Duration::from_secs(10));
+    let first: u64 = dst.console.output()[end..].lines().next().unwrap().trim().parse().unwrap();
+    assert!(
+        (ticks_before..=ticks_before + 2).contains(&first),
+        "ticked to {ticks_before} at the source, {first} first here"
+    );
+    dst.console.send("c");
+    dst.console.expect("check ok", 0, Duration::from_secs(60));
+    src.quit();
+    dst.quit();
+}

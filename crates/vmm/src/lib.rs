@@ -14,6 +14,7 @@ pub mod kvm_stats;
 pub mod loader;
 pub mod memory;
 pub mod metrics;
+pub mod migration;
 pub mod pvm;
 pub mod service;
 pub mod snapshot;

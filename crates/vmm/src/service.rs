@@ -590,6 +590,44 @@ impl Vmm {
         Ok(RestoreReport { duration_ms: t.elapsed().as_secs_f64() * 1e3, running: !request.paused })
     }
 
+    /// Migrates the running VM to the VMM waiting at `to` (`tcp:HOST:PORT` or a Unix socket).
+    /// On success this VMM's copy is stopped; on failure the guest runs on here.
+    pub fn migrate(
+        &mut self,
+        to: &str,
+        options: crate::migration::Options,
+    ) -> Result<crate::migration::Report, ApiError> {
+        let phase = self.phase();
+        let Some(vm) = self.vm.as_mut().filter(|_| phase == Phase::Running) else {
+            return Err(conflict("migrate", phase));
+        };
+        let conn = crate::migration::connect(to)
+            .map_err(|e| ApiError::Failed(format!("connecting to {to}: {e}")))?;
+        let report = crate::migration::send(vm, conn, options)
+            .map_err(|e| ApiError::Failed(format!("migration failed; the VM runs here still: {e}")))?;
+        self.stopped = Some(format!("migrated to {to}"));
+        Ok(report)
+    }
+
+    /// Builds and runs the VM a migration brought, and tells the source it runs here.
+    pub fn adopt_incoming(&mut self, arrival: crate::migration::Arrival) -> Result<(), ApiError> {
+        self.configurable("receive a migration")?;
+        let crate::migration::Arrival { state, memory, mut conn } = arrival;
+        let config = state.config.clone();
+        let out = self.open_console()?;
+        let launch = Launch::Incoming { state: &state, memory };
+        let mut vm =
+            crate::vm::create(&config, out, launch).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        vm.run(false).map_err(|e| ApiError::Failed(e.to_string()))?;
+        crate::migration::confirm(conn.as_mut()).map_err(|e| ApiError::Failed(e.to_string()))?;
+        self.drive_ids = (0..config.disks.len()).map(disk_name).collect();
+        self.net_ids = (0..config.nets.len()).map(|i| format!("eth{i}")).collect();
+        self.config = config;
+        self.boot_set = true;
+        self.adopt(vm);
+        Ok(())
+    }
+
     /// `GET /vm`: state, exit reason, uptime, configuration.
     pub fn info(&self) -> serde_json::Value {
         serde_json::json!({

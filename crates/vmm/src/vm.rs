@@ -198,6 +198,23 @@ pub enum Launch<'a> {
         /// Diff memory files, oldest first.
         diffs: &'a [&'a Path],
     },
+    /// A live migration's arrival: the state and the memory received over the stream. The
+    /// same VM goes on (its generation id stays).
+    Incoming {
+        /// The state the source sent last.
+        state: &'a VmState,
+        /// Guest RAM, filled from the stream.
+        memory: GuestRam,
+    },
+}
+
+impl Launch<'_> {
+    fn saved_state(&self) -> Option<&VmState> {
+        match self {
+            Launch::Boot => None,
+            Launch::Restore { state, .. } | Launch::Incoming { state, .. } => Some(state),
+        }
+    }
 }
 
 /// A VM: built by `create`, running after `run`, pausable, and saved by `save_state` when
@@ -229,8 +246,10 @@ pub struct Vm {
     started: Option<Instant>,
     generation_id: [u8; 16],
     dirty_tracking: bool,
-    /// Built from a snapshot rather than booted.
+    /// Built from a snapshot or a migration rather than booted.
     restored: bool,
+    /// A restore (not a migration): the guest is told it is a new generation.
+    new_generation: bool,
 }
 
 /// The name `stratus vm run` knows a started VM by.
@@ -370,21 +389,24 @@ pub fn create(config: &VmConfig, console_out: Box<dyn Write + Send>, launch: Lau
     }
     let kvm = crate::kvm::open()?;
     let flavor = KvmFlavor::detect();
+    if let Some(state) = launch.saved_state() {
+        if state.config.memory != config.memory || state.config.vcpus != config.vcpus {
+            return Err(VmError::Restore(format!(
+                "the saved VM has {} vCPUs and {} MiB; it cannot be restored as {} vCPUs and {} MiB",
+                state.config.vcpus,
+                state.config.memory >> 20,
+                config.vcpus,
+                config.memory >> 20
+            )));
+        }
+    }
     let mem = match &launch {
         Launch::Boot => crate::memory::create(config.memory)?,
-        Launch::Restore { state, memory, diffs } => {
-            if state.config.memory != config.memory || state.config.vcpus != config.vcpus {
-                return Err(VmError::Restore(format!(
-                    "the snapshot is of a VM with {} vCPUs and {} MiB; it cannot be restored as {} vCPUs and {} MiB",
-                    state.config.vcpus,
-                    state.config.memory >> 20,
-                    config.vcpus,
-                    config.memory >> 20
-                )));
-            }
+        Launch::Restore { memory, diffs, .. } => {
             let ranges = stratus_arch::memory_map::ram_regions(config.memory);
             crate::snapshot::memory::map(&ranges, memory, diffs)?
         }
+        Launch::Incoming { memory, .. } => memory.clone(),
     };
     let vm = kvm.create_vm().map_err(kvm_call("creating the VM"))?;
     let slots = register_memory(&vm, &mem, 0)?;
@@ -397,7 +419,7 @@ pub fn create(config: &VmConfig, console_out: Box<dyn Write + Send>, launch: Lau
     let acpi_devices: Vec<VirtioMmioDevice> = (0..transports.len()).map(virtio_slot).collect();
     let entry = match launch {
         Launch::Boot => Some(crate::loader::load(&mem, &config.boot, config.vcpus, &acpi_devices)?),
-        Launch::Restore { .. } => None,
+        Launch::Restore { .. } | Launch::Incoming { .. } => None,
     };
 
     let exit = Arc::new(
@@ -406,9 +428,9 @@ pub fn create(config: &VmConfig, console_out: Box<dyn Write + Send>, launch: Lau
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK)
         .map_err(|source| VmError::Os { what: "creating an eventfd", source })?;
     vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(kvm_call("wiring the serial interrupt"))?;
-    let serial = match &launch {
-        Launch::Boot => Serial::new(serial_irq, console_out),
-        Launch::Restore { state, .. } => Serial::from_state(&state.serial, serial_irq, console_out)
+    let serial = match launch.saved_state() {
+        None => Serial::new(serial_irq, console_out),
+        Some(state) => Serial::from_state(&state.serial, serial_irq, console_out)
             .map_err(|source| VmError::Os { what: "restoring the serial port", source })?,
     };
     let serial = Arc::new(Mutex::new(serial));
@@ -453,14 +475,14 @@ pub fn create(config: &VmConfig, console_out: Box<dyn Write + Send>, launch: Lau
     }
     let mut uptime_before = Duration::ZERO;
     let generation_id;
-    match (&launch, entry) {
-        (Launch::Boot, Some(entry)) => {
+    match (launch.saved_state(), entry) {
+        (None, Some(entry)) => {
             vcpus[0].set_boot_state(entry)?;
             generation_id = random_id();
             mem.write_slice(&generation_id, vm_memory::GuestAddress(VMGENID_ADDR))
                 .map_err(|e| VmError::Restore(format!("writing the VM generation id: {e}")))?;
         }
-        (Launch::Restore { state, .. }, _) => {
+        (Some(state), _) => {
             restore_machine(&vm, &state.machine)?;
             if state.vcpus.len() != vcpus.len() {
                 return Err(VmError::Restore(format!(
@@ -485,7 +507,7 @@ pub fn create(config: &VmConfig, console_out: Box<dyn Write + Send>, launch: Lau
             uptime_before = Duration::from_millis(state.uptime_ms);
             generation_id = state.generation_id;
         }
-        (Launch::Boot, None) => unreachable!("a booted VM always has an entry point"),
+        (None, None) => unreachable!("a booted VM always has an entry point"),
     }
     let exits = vcpus.iter().map(|v| v.exits.clone()).collect();
     let kvm_stats = vcpus.iter().map(|v| v.kvm_stats.clone()).collect();
@@ -511,7 +533,8 @@ pub fn create(config: &VmConfig, console_out: Box<dyn Write + Send>, launch: Lau
         started: None,
         generation_id,
         dirty_tracking: false,
-        restored: matches!(launch, Launch::Restore { .. }),
+        restored: launch.saved_state().is_some(),
+        new_generation: matches!(launch, Launch::Restore { .. }),
     })
 }
 
@@ -584,6 +607,8 @@ impl Vm {
             for transport in &self.transports {
                 lock(transport).restored();
             }
+        }
+        if self.new_generation {
             // A restored VM is a new generation: its RNG must not repeat what the snapshot's
             // other restores produce.
             self.generation_id = random_id();

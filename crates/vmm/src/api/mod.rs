@@ -22,6 +22,7 @@
 //! | POST | /vm/stop | | hard stop |
 //! | POST | /vm/snapshot | `{"state_file": P, "memory_file": P, "diff": false}` | paused VM only |
 //! | POST | /vm/restore | `{"state_file": P, "memory_files": [P, ...], "drives": [...], "nets": [...], "vsock": {...}, "paused": false, "track_dirty_pages": false}` | instead of start |
+//! | POST | /vm/migrate | `{"to": "tcp:HOST:PORT", "max_downtime_ms": 20}` | live migration to a `--incoming` VMM |
 //! | GET | /metrics | | counters per vCPU and device |
 //! | POST | /vmm/quit | | the VMM process exits |
 
@@ -100,6 +101,14 @@ struct SnapshotBody {
     memory_file: PathBuf,
     #[serde(default)]
     diff: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigrateBody {
+    to: String,
+    max_downtime_ms: Option<u64>,
+    max_rounds: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -237,6 +246,17 @@ pub fn handle(vmm: &Mutex<Vmm>, request: &Request) -> (Response, After) {
                 paused: r.paused,
                 track_dirty_pages: r.track_dirty_pages,
             })?;
+            Ok(serde_json::to_value(report).unwrap_or_default())
+        })),
+        ("POST", ["vm", "migrate"]) => json(parse::<MigrateBody>(body).and_then(|m| {
+            let mut options = crate::migration::Options::default();
+            if let Some(ms) = m.max_downtime_ms {
+                options.max_downtime = std::time::Duration::from_millis(ms);
+            }
+            if let Some(rounds) = m.max_rounds {
+                options.max_rounds = rounds;
+            }
+            let report = v.migrate(&m.to, options)?;
             Ok(serde_json::to_value(report).unwrap_or_default())
         })),
         ("POST", ["vmm", "quit"]) => return (Response::no_content(), After::Quit),

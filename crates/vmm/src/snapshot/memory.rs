@@ -85,7 +85,7 @@ pub fn ram_size(mem: &GuestRam) -> u64 {
 /// Which pages of an anonymous mapping the guest ever touched (present or swapped out, from
 /// /proc/self/pagemap); the others are zeros. Reading them to find that out would fault in
 /// the zero page for each: ~0.5 s for an untouched 2 GiB. `None` when pagemap is unreadable.
-fn touched_pages(bytes: &[u8]) -> Option<Vec<bool>> {
+pub(crate) fn touched_pages(bytes: &[u8]) -> Option<Vec<bool>> {
     const PRESENT: u64 = 1 << 63;
     const SWAPPED: u64 = 1 << 62;
     let pagemap = std::fs::File::open("/proc/self/pagemap").ok()?;

@@ -1,0 +1,423 @@
+//! Live migration, pre-copy, VMM to VMM over TCP (or a Unix socket), in the order
+//! `../shared/DESIGN.md` sets:
+//!
+//! 1. the source sends `Hello` (magic, state format version, the VM's configuration); the
+//!    destination refuses a version or configuration it cannot take before any page moves;
+//! 2. with dirty logging on, every page the guest ever touched goes over while it runs (zero
+//!    pages are not sent: the destination's memory starts zeroed);
+//! 3. dirty rounds, until what is left would go within the downtime target at the bandwidth
+//!    measured in the last round (or a round limit is reached);
+//! 4. pause, the last dirty pages and the whole state; the destination builds the VM from it,
+//!    runs it and answers `Running`. Only then does the source stop its copy: any failure
+//!    before that (connection cut, destination gone, a corrupted frame) resumes the guest on
+//!    the source.
+//!
+//! Pages are named by their index in guest RAM laid end to end (the memory file's order).
+
+pub mod stream;
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::time::{Duration, Instant};
+
+use stratus_virtio::GuestRam;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::snapshot::memory::{DirtyPages, PAGE};
+use crate::snapshot::{format, MemoryKind, VmState};
+use crate::vm::{Vm, VmConfig};
+use stream::{read_frame, write_frame, Kind, StreamError};
+
+const MAGIC: &[u8; 16] = b"STRATUS-MIGRATE1";
+/// Pages per `Pages` frame.
+const BATCH: usize = 256;
+
+/// Why a migration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// The stream broke.
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    /// The destination refused the VM.
+    #[error("the destination refused the VM: {0}")]
+    Refused(String),
+    /// The other side said something out of turn.
+    #[error("migration protocol error: {0}")]
+    Protocol(String),
+    /// The VM could not be saved or rebuilt.
+    #[error("{0}")]
+    Vm(String),
+}
+
+/// How to migrate.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// The longest the guest may stay paused (the last round's estimate).
+    pub max_downtime: Duration,
+    /// Dirty rounds before stopping the guest regardless.
+    pub max_rounds: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { max_downtime: Duration::from_millis(20), max_rounds: 30 }
+    }
+}
+
+/// What a migration did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Report {
+    /// From the start to the destination's `Running`, in milliseconds.
+    pub total_ms: f64,
+    /// From the source's pause to the destination's `Running`, in milliseconds.
+    pub downtime_ms: f64,
+    /// Dirty rounds after the first full pass.
+    pub rounds: u32,
+    /// Bytes put on the wire.
+    pub bytes_sent: u64,
+    /// Pages sent with their contents.
+    pub pages_sent: u64,
+    /// Pages sent as "now zero".
+    pub zero_pages: u64,
+    /// Pages left for the stop-and-copy phase.
+    pub last_round_pages: u64,
+}
+
+/// A connection to the other VMM: `tcp:HOST:PORT` or a Unix socket path.
+pub trait Connection: Read + Write + Send {
+    /// A second handle on the same connection (one to read, one to write).
+    fn duplicate(&self) -> std::io::Result<Box<dyn Connection>>;
+}
+
+impl Connection for std::net::TcpStream {
+    fn duplicate(&self) -> std::io::Result<Box<dyn Connection>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+}
+
+impl Connection for std::os::unix::net::UnixStream {
+    fn duplicate(&self) -> std::io::Result<Box<dyn Connection>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+}
+
+/// Connects to `to` (`tcp:HOST:PORT` or a Unix socket path).
+pub fn connect(to: &str) -> std::io::Result<Box<dyn Connection>> {
+    match to.strip_prefix("tcp:") {
+        Some(addr) => {
+            let stream = std::net::TcpStream::connect(addr)?;
+            stream.set_nodelay(true)?;
+            Ok(Box::new(stream))
+        }
+        None => Ok(Box::new(std::os::unix::net::UnixStream::connect(to)?)),
+    }
+}
+
+/// Waits for one source at `on` (`tcp:HOST:PORT` or a Unix socket path).
+pub fn accept(on: &str) -> std::io::Result<Box<dyn Connection>> {
+    match on.strip_prefix("tcp:") {
+        Some(addr) => {
+            let listener = std::net::TcpListener::bind(addr)?;
+            let (stream, _) = listener.accept()?;
+            stream.set_nodelay(true)?;
+            Ok(Box::new(stream))
+        }
+        None => {
+            let _ = std::fs::remove_file(on);
+            let listener = std::os::unix::net::UnixListener::bind(on)?;
+            let (stream, _) = listener.accept()?;
+            let _ = std::fs::remove_file(on);
+            Ok(Box::new(stream))
+        }
+    }
+}
+
+/// Guest RAM regions with the index of their first page.
+fn regions(mem: &GuestRam) -> Vec<(u64, &vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>)> {
+    let mut first = 0;
+    mem.iter()
+        .map(|r| {
+            let at = first;
+            first += r.len() / PAGE as u64;
+            (at, r)
+        })
+        .collect()
+}
+
+fn region_bytes(region: &vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>) -> &[u8] {
+    // SAFETY: the mapping is `len` bytes and outlives the borrow. The guest may be running and
+    // writing while a pre-copy round reads it: a torn page is sent, and sent again, whole,
+    // because the write marked it dirty for the next round.
+    unsafe { std::slice::from_raw_parts(region.as_ptr(), region.len() as usize) }
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    page.iter().all(|&b| b == 0)
+}
+
+struct Sender<'a> {
+    out: BufWriter<Box<dyn Connection>>,
+    report: &'a mut Report,
+    frame: Vec<u8>,
+}
+
+impl Sender<'_> {
+    /// Sends the pages of `mem` that `wanted(region, page)` selects; `skip_zero` leaves zero
+    /// pages out altogether (first pass), otherwise they go as `Zeros`.
+    fn pages(
+        &mut self,
+        mem: &GuestRam,
+        mut wanted: impl FnMut(usize, usize) -> bool,
+        skip_zero: bool,
+    ) -> Result<u64, StreamError> {
+        let mut sent = 0;
+        for (k, (first, region)) in regions(mem).into_iter().enumerate() {
+            let bytes = region_bytes(region);
+            let pages = bytes.len() / PAGE;
+            let mut i = 0;
+            while i < pages {
+                if !wanted(k, i) {
+                    i += 1;
+                    continue;
+                }
+                let page = &bytes[i * PAGE..(i + 1) * PAGE];
+                if is_zero(page) {
+                    if !skip_zero {
+                        let mut payload = [0u8; 12];
+                        payload[..8].copy_from_slice(&(first + i as u64).to_le_bytes());
+                        payload[8..].copy_from_slice(&1u32.to_le_bytes());
+                        write_frame(&mut self.out, Kind::Zeros, &payload)?;
+                        self.report.zero_pages += 1;
+                        self.report.bytes_sent += 21;
+                    }
+                    i += 1;
+                    continue;
+                }
+                // A run of wanted, non-zero pages, up to a batch.
+                let start = i;
+                while i < pages
+                    && i - start < BATCH
+                    && wanted(k, i)
+                    && !is_zero(&bytes[i * PAGE..(i + 1) * PAGE])
+                {
+                    i += 1;
+                }
+                self.frame.clear();
+                self.frame.extend_from_slice(&(first + start as u64).to_le_bytes());
+                self.frame.extend_from_slice(&bytes[start * PAGE..i * PAGE]);
+                write_frame(&mut self.out, Kind::Pages, &self.frame)?;
+                let n = (i - start) as u64;
+                self.report.pages_sent += n;
+                self.report.bytes_sent += 9 + self.frame.len() as u64;
+                sent += n;
+            }
+        }
+        Ok(sent)
+    }
+}
+
+fn count(dirty: &DirtyPages) -> u64 {
+    dirty.iter().flatten().map(|w| u64::from(w.count_ones())).sum()
+}
+
+fn is_set(dirty: &DirtyPages, region: usize, page: usize) -> bool {
+    dirty.get(region).and_then(|bits| bits.get(page / 64)).is_some_and(|w| w & (1 << (page % 64)) != 0)
+}
+
+/// Migrates the running `vm` over `conn`. On success the guest runs at the destination and
+/// `vm` is left paused; on any failure it runs again here.
+pub fn send(vm: &mut Vm, conn: Box<dyn Connection>, options: Options) -> Result<Report, MigrationError> {
+    let started = Instant::now();
+    let mut report = Report::default();
+    let mut input = BufReader::new(conn.duplicate().map_err(StreamError::Io)?);
+    let out = BufWriter::with_capacity(1 << 20, conn);
+    let mut sender = Sender { out, report: &mut report, frame: Vec::with_capacity(8 + BATCH * PAGE) };
+
+    // 1. Hello: versions and configuration are checked before any page moves.
+    let mut hello = MAGIC.to_vec();
+    hello.extend_from_slice(&format::CURRENT.to_le_bytes());
+    hello
+        .extend_from_slice(&postcard::to_stdvec(vm.config()).map_err(|e| MigrationError::Vm(e.to_string()))?);
+    write_frame(&mut sender.out, Kind::Hello, &hello)?;
+    sender.out.flush().map_err(StreamError::Io)?;
+    let mut payload = Vec::new();
+    match read_frame(&mut input, &mut payload)? {
+        Kind::Accept => {}
+        Kind::Refuse => return Err(MigrationError::Refused(String::from_utf8_lossy(&payload).into_owned())),
+        other => return Err(MigrationError::Protocol(format!("{other:?} instead of an answer to Hello"))),
+    }
+
+    // 2. Everything the guest ever touched, while it runs.
+    vm.start_dirty_tracking().map_err(|e| MigrationError::Vm(e.to_string()))?;
+    let touched: Vec<Option<Vec<bool>>> =
+        vm.memory().iter().map(|r| crate::snapshot::memory::touched_pages(region_bytes(r))).collect();
+    let t = Instant::now();
+    sender.pages(
+        vm.memory(),
+        |k, i| touched[k].as_ref().is_none_or(|t| t.get(i).copied().unwrap_or(true)),
+        true,
+    )?;
+    sender.out.flush().map_err(StreamError::Io)?;
+    // Bytes per second, measured on each pass.
+    let mut bandwidth = sender.report.bytes_sent as f64 / t.elapsed().as_secs_f64().max(1e-6);
+
+    // 3. Dirty rounds until the rest fits the downtime at the measured bandwidth.
+    let mut dirty = vm.take_dirty_pages().map_err(|e| MigrationError::Vm(e.to_string()))?;
+    loop {
+        let left = count(&dirty) * PAGE as u64;
+        let estimate = left as f64 / bandwidth;
+        if estimate <= options.max_downtime.as_secs_f64() || sender.report.rounds >= options.max_rounds {
+            break;
+        }
+        let t = Instant::now();
+        let before = sender.report.bytes_sent;
+        sender.pages(vm.memory(), |k, i| is_set(&dirty, k, i), false)?;
+        sender.out.flush().map_err(StreamError::Io)?;
+        let secs = t.elapsed().as_secs_f64().max(1e-6);
+        bandwidth = (sender.report.bytes_sent - before) as f64 / secs;
+        sender.report.rounds += 1;
+        dirty = vm.take_dirty_pages().map_err(|e| MigrationError::Vm(e.to_string()))?;
+    }
+
+    // 4. Stop and copy; the guest comes back here on any failure from now on.
+    let paused_at = Instant::now();
+    vm.pause();
+    let result = (|| -> Result<(), MigrationError> {
+        let last = vm.take_dirty_pages().map_err(|e| MigrationError::Vm(e.to_string()))?;
+        let merged: DirtyPages =
+            dirty.iter().zip(&last).map(|(a, b)| a.iter().zip(b).map(|(x, y)| x | y).collect()).collect();
+        sender.report.last_round_pages = count(&merged);
+        sender.pages(vm.memory(), |k, i| is_set(&merged, k, i), false)?;
+        let state = vm.save_state(MemoryKind::Full).map_err(|e| MigrationError::Vm(e.to_string()))?;
+        let encoded = format::encode(&state).map_err(|e| MigrationError::Vm(e.to_string()))?;
+        write_frame(&mut sender.out, Kind::State, &encoded)?;
+        write_frame(&mut sender.out, Kind::Done, &[])?;
+        sender.out.flush().map_err(StreamError::Io)?;
+        match read_frame(&mut input, &mut payload)? {
+            Kind::Running => Ok(()),
+            Kind::Refuse => Err(MigrationError::Refused(String::from_utf8_lossy(&payload).into_owned())),
+            other => Err(MigrationError::Protocol(format!("{other:?} instead of Running"))),
+        }
+    })();
+    if let Err(e) = result {
+        vm.resume();
+        return Err(e);
+    }
+    report.downtime_ms = paused_at.elapsed().as_secs_f64() * 1e3;
+    report.total_ms = started.elapsed().as_secs_f64() * 1e3;
+    Ok(report)
+}
+
+/// What arrived: the VM's state and its memory, and the connection to answer on.
+pub struct Arrival {
+    /// The state the source sent last.
+    pub state: VmState,
+    /// Guest RAM as sent.
+    pub memory: GuestRam,
+    /// To send `Running` (or a refusal) back.
+    pub conn: Box<dyn Connection>,
+}
+
+fn refuse(conn: &mut dyn Connection, reason: String) -> MigrationError {
+    let _ = write_frame(conn, Kind::Refuse, reason.as_bytes());
+    MigrationError::Refused(reason)
+}
+
+/// Receives a migration on `conn` until the source says it is done. The configuration is
+/// checked (version, memory this host can hold) before any page is taken.
+pub fn receive(mut conn: Box<dyn Connection>) -> Result<Arrival, MigrationError> {
+    let mut input = BufReader::with_capacity(1 << 20, conn.duplicate().map_err(StreamError::Io)?);
+    let mut payload = Vec::new();
+    if read_frame(&mut input, &mut payload)? != Kind::Hello {
+        return Err(refuse(conn.as_mut(), "the stream does not start with Hello".into()));
+    }
+    if payload.len() < 20 || &payload[..16] != MAGIC {
+        return Err(refuse(conn.as_mut(), "not a Stratus migration stream".into()));
+    }
+    let version = u32::from_le_bytes(payload[16..20].try_into().unwrap_or_default());
+    if !(format::OLDEST_READABLE..=format::CURRENT).contains(&version) {
+        return Err(refuse(
+            conn.as_mut(),
+            format!(
+                "state format version {version}: this VMM reads {} to {}",
+                format::OLDEST_READABLE,
+                format::CURRENT
+            ),
+        ));
+    }
+    let config: VmConfig = match postcard::from_bytes(&payload[20..]) {
+        Ok(c) => c,
+        Err(e) => return Err(refuse(conn.as_mut(), format!("the VM configuration does not decode: {e}"))),
+    };
+    let memory = match crate::memory::create(config.memory) {
+        Ok(m) => m,
+        Err(e) => return Err(refuse(conn.as_mut(), e.to_string())),
+    };
+    write_frame(&mut conn, Kind::Accept, &[])?;
+    conn.flush().map_err(StreamError::Io)?;
+
+    let total_pages: u64 = memory.iter().map(|r| r.len() / PAGE as u64).sum();
+    let bases = regions(&memory);
+    let locate = |page: u64| -> Option<(u64, usize)> {
+        let (first, region) = bases.iter().rev().find(|(first, _)| *first <= page)?;
+        Some((
+            region.start_addr().0 + (page - first) * PAGE as u64,
+            (region.len() / PAGE as u64 - (page - first)) as usize,
+        ))
+    };
+    let mut state = None;
+    loop {
+        match read_frame(&mut input, &mut payload)? {
+            Kind::Pages => {
+                if payload.len() < 8 || (payload.len() - 8) % PAGE != 0 {
+                    return Err(MigrationError::Protocol("a Pages frame that is not whole pages".into()));
+                }
+                let first = u64::from_le_bytes(payload[..8].try_into().unwrap_or_default());
+                let n = (payload.len() - 8) / PAGE;
+                match locate(first) {
+                    Some((addr, room)) if n <= room && first + n as u64 <= total_pages => {
+                        vm_memory::Bytes::write_slice(&memory, &payload[8..], vm_memory::GuestAddress(addr))
+                            .map_err(|e| MigrationError::Protocol(format!("writing pages: {e}")))?;
+                    }
+                    _ => {
+                        return Err(MigrationError::Protocol(format!(
+                            "pages {first}+{n} beyond guest memory"
+                        )))
+                    }
+                }
+            }
+            Kind::Zeros => {
+                if payload.len() != 12 {
+                    return Err(MigrationError::Protocol("a malformed Zeros frame".into()));
+                }
+                let first = u64::from_le_bytes(payload[..8].try_into().unwrap_or_default());
+                let n = u32::from_le_bytes(payload[8..12].try_into().unwrap_or_default()) as usize;
+                match locate(first) {
+                    Some((addr, room)) if n <= room => {
+                        let zeros = vec![0u8; n * PAGE];
+                        vm_memory::Bytes::write_slice(&memory, &zeros, vm_memory::GuestAddress(addr))
+                            .map_err(|e| MigrationError::Protocol(format!("clearing pages: {e}")))?;
+                    }
+                    _ => {
+                        return Err(MigrationError::Protocol(format!(
+                            "zero pages {first}+{n} beyond guest memory"
+                        )))
+                    }
+                }
+            }
+            Kind::State => {
+                state = Some(format::decode(&payload).map_err(|e| MigrationError::Protocol(e.to_string()))?)
+            }
+            Kind::Done => break,
+            other => return Err(MigrationError::Protocol(format!("unexpected {other:?} frame"))),
+        }
+    }
+    let state = state.ok_or_else(|| MigrationError::Protocol("Done before any State".into()))?;
+    Ok(Arrival { state, memory, conn })
+}
+
+/// Tells the source that the VM runs here.
+pub fn confirm(arrival_conn: &mut dyn Connection) -> Result<(), MigrationError> {
+    write_frame(arrival_conn, Kind::Running, &[])?;
+    arrival_conn.flush().map_err(StreamError::Io)?;
+    Ok(())
+}
