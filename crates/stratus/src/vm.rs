@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Subcommand;
 use stratus_vmm::api::http;
 use stratus_vmm::console::{self, ConsoleConfig, ConsoleEnd, RawTerminal};
-use stratus_vmm::service::{RestoreRequest, Vmm};
+use stratus_vmm::service::{Identity, RestoreRequest, Vmm};
 use stratus_vmm::{BootSource, DiskConfig, GuestExit, NetConfig, RateLimit, VmConfig, VsockConfig};
 
 /// Exit status when the guest kernel panicked.
@@ -175,14 +175,14 @@ pub struct VmmArgs {
     /// With --restore: the full memory file, then any diff memory files in order (repeat).
     #[arg(long = "memory-file", value_name = "PATH", requires = "restore")]
     memory_file: Vec<PathBuf>,
-    /// With --restore: a new network card identity for the clone (one per saved card).
-    #[arg(long = "net", value_name = "tap=NAME[,mac=..]", value_parser = parse_net, requires = "restore")]
+    /// With --restore or --incoming: this host's network card (tap, MAC) for each saved card.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=..]", value_parser = parse_net)]
     nets: Vec<NetConfig>,
-    /// With --restore: the clone's own disks (one per saved disk, in order).
-    #[arg(long = "disk", value_name = "PATH[,readonly]", value_parser = parse_disk, requires = "restore")]
+    /// With --restore or --incoming: this VM's own disks (one per saved disk, in order).
+    #[arg(long = "disk", value_name = "PATH[,readonly]", value_parser = parse_disk)]
     disks: Vec<DiskConfig>,
-    /// With --restore: a new vsock identity for the clone.
-    #[arg(long, value_name = "cid=N,socket=PATH", value_parser = parse_vsock, requires = "restore")]
+    /// With --restore or --incoming: this VM's vsock CID and socket.
+    #[arg(long, value_name = "cid=N,socket=PATH", value_parser = parse_vsock)]
     vsock: Option<VsockConfig>,
     /// With --restore: keep the restored VM paused.
     #[arg(long, requires = "restore")]
@@ -376,9 +376,15 @@ fn restore_request(from: RestoreFrom) -> RestoreRequest {
 }
 
 /// `stratus vmm`: serves the API until a quit request (or a signal).
-pub fn vmm(args: VmmArgs) -> anyhow::Result<i32> {
+pub fn vmm(mut args: VmmArgs) -> anyhow::Result<i32> {
     let listener = stratus_vmm::api::bind(&args.api_sock)
         .with_context(|| format!("serving the API on {}", args.api_sock.display()))?;
+    if args.restore.is_none()
+        && args.incoming.is_none()
+        && (!args.nets.is_empty() || !args.disks.is_empty() || args.vsock.is_some())
+    {
+        anyhow::bail!("--net, --disk and --vsock give a restored or arriving VM its identity: use them with --restore or --incoming");
+    }
     let stdin_console = args.console == ConsoleConfig::Stdout;
     let mut vmm = Vmm::new(args.console);
     if stdin_console {
@@ -387,10 +393,10 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<i32> {
     if let Some(state) = args.restore {
         let from = RestoreFrom {
             state,
-            memory: args.memory_file,
-            nets: args.nets,
-            disks: args.disks,
-            vsock: args.vsock,
+            memory: std::mem::take(&mut args.memory_file),
+            nets: std::mem::take(&mut args.nets),
+            disks: std::mem::take(&mut args.disks),
+            vsock: args.vsock.take(),
             paused: args.paused,
             track_dirty: args.track_dirty,
         };
@@ -411,7 +417,12 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<i32> {
         stratus_vmm::migration::accept(&on).with_context(|| format!("waiting for a migration on {on}"))?;
     let arrival = stratus_vmm::migration::receive(conn)?;
     let t = Instant::now();
-    vmm.lock().unwrap_or_else(|p| p.into_inner()).adopt_incoming(arrival)?;
+    let identity = Identity {
+        nets: (!args.nets.is_empty()).then_some(args.nets),
+        disks: (!args.disks.is_empty()).then_some(args.disks),
+        vsock: args.vsock,
+    };
+    vmm.lock().unwrap_or_else(|p| p.into_inner()).adopt_incoming(arrival, identity)?;
     eprintln!("stratus: migration arrived, VM running ({:.1} ms to build)", t.elapsed().as_secs_f64() * 1e3);
     let _ = api.join();
     Ok(0)

@@ -110,6 +110,51 @@ pub struct RestoreRequest {
     pub track_dirty_pages: bool,
 }
 
+/// The host-side identity a restored or arriving VM takes instead of the saved one: its own
+/// taps and MACs, disks, vsock CID and socket.
+#[derive(Debug, Default)]
+pub struct Identity {
+    /// Network cards, one per saved card.
+    pub nets: Option<Vec<NetConfig>>,
+    /// Disks, one per saved disk.
+    pub disks: Option<Vec<DiskConfig>>,
+    /// The vsock device.
+    pub vsock: Option<VsockConfig>,
+}
+
+impl Identity {
+    /// `config` with this identity in place of the saved one.
+    pub fn apply(self, mut config: VmConfig) -> Result<VmConfig, ApiError> {
+        if let Some(nets) = self.nets {
+            if nets.len() != config.nets.len() {
+                return Err(ApiError::BadRequest(format!(
+                    "the VM has {} network cards, {} given",
+                    config.nets.len(),
+                    nets.len()
+                )));
+            }
+            config.nets = nets;
+        }
+        if let Some(disks) = self.disks {
+            if disks.len() != config.disks.len() {
+                return Err(ApiError::BadRequest(format!(
+                    "the VM has {} disks, {} given",
+                    config.disks.len(),
+                    disks.len()
+                )));
+            }
+            config.disks = disks;
+        }
+        if let Some(vsock) = self.vsock {
+            if config.vsock.is_none() {
+                return Err(ApiError::BadRequest("the VM has no vsock device".into()));
+            }
+            config.vsock = Some(vsock);
+        }
+        Ok(config)
+    }
+}
+
 /// One VM and the configuration it is (or will be) built from.
 pub struct Vmm {
     config: VmConfig,
@@ -545,33 +590,8 @@ impl Vmm {
                 "this state goes with a diff snapshot: give the full memory file, then the diff files in order".into(),
             ));
         }
-        let mut config = saved.config.clone();
-        if let Some(nets) = request.nets {
-            if nets.len() != config.nets.len() {
-                return Err(ApiError::BadRequest(format!(
-                    "the snapshot has {} network cards, {} given",
-                    config.nets.len(),
-                    nets.len()
-                )));
-            }
-            config.nets = nets;
-        }
-        if let Some(disks) = request.disks {
-            if disks.len() != config.disks.len() {
-                return Err(ApiError::BadRequest(format!(
-                    "the snapshot has {} disks, {} given",
-                    config.disks.len(),
-                    disks.len()
-                )));
-            }
-            config.disks = disks;
-        }
-        if let Some(vsock) = request.vsock {
-            if config.vsock.is_none() {
-                return Err(ApiError::BadRequest("the snapshot has no vsock device".into()));
-            }
-            config.vsock = Some(vsock);
-        }
+        let identity = Identity { nets: request.nets, disks: request.disks, vsock: request.vsock };
+        let config = identity.apply(saved.config.clone())?;
         let out = self.open_console()?;
         let diffs: Vec<&Path> = diffs.iter().map(PathBuf::as_path).collect();
         let launch = Launch::Restore { state: &saved, memory: full, diffs: &diffs };
@@ -609,11 +629,16 @@ impl Vmm {
         Ok(report)
     }
 
-    /// Builds and runs the VM a migration brought, and tells the source it runs here.
-    pub fn adopt_incoming(&mut self, arrival: crate::migration::Arrival) -> Result<(), ApiError> {
+    /// Builds and runs the VM a migration brought, and tells the source it runs here;
+    /// `identity` gives it this host's taps, disks and vsock socket.
+    pub fn adopt_incoming(
+        &mut self,
+        arrival: crate::migration::Arrival,
+        identity: Identity,
+    ) -> Result<(), ApiError> {
         self.configurable("receive a migration")?;
         let crate::migration::Arrival { state, memory, mut conn } = arrival;
-        let config = state.config.clone();
+        let config = identity.apply(state.config.clone())?;
         let out = self.open_console()?;
         let launch = Launch::Incoming { state: &state, memory };
         let mut vm =
