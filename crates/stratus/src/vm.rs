@@ -91,6 +91,12 @@ pub struct MigrateArgs {
     /// The longest pause the guest should see, in milliseconds.
     #[arg(long, default_value_t = 20)]
     max_downtime_ms: u64,
+    /// The most to send per second, e.g. 100M (default: as fast as the link goes).
+    #[arg(long, value_parser = crate::size::parse)]
+    bandwidth: Option<u64>,
+    /// Never slow the guest's vCPUs down to make a migration converge.
+    #[arg(long)]
+    no_auto_converge: bool,
 }
 
 #[derive(clap::Args)]
@@ -527,7 +533,10 @@ pub fn run(command: VmCommand) -> anyhow::Result<i32> {
             }
         }
         VmCommand::Migrate(args) => {
-            let body = serde_json::json!({ "to": args.to, "max_downtime_ms": args.max_downtime_ms });
+            let body = serde_json::json!({
+                "to": args.to, "max_downtime_ms": args.max_downtime_ms, "bandwidth": args.bandwidth,
+                "auto_converge": !args.no_auto_converge,
+            });
             let report = call(&args.sock, "POST", "/vm/migrate", Some(body))?;
             print_json(&report);
         }

@@ -496,3 +496,33 @@ fn live_migration_moves_a_running_guest_and_a_failure_leaves_it_running_here() {
     src.quit();
     dst.quit();
 }
+
+#[test]
+fn a_guest_that_dirties_faster_than_the_link_converges_by_throttling() {
+    if !kvm_available("a_guest_that_dirties_faster_than_the_link_converges_by_throttling") {
+        return;
+    }
+    // 100 MiB/s of writes over a 16 MiB set, through a 20 MiB/s link: every round finds the
+    // whole set dirty again, until the vCPUs are held back.
+    let mut src = VmmProcess::start("converge", &[]);
+    src.configure_tiny("test=dirty rate_mib=100 dirty_mib=16 exit=poweroff", 128);
+    src.ok("POST", "/vm/start", None);
+    src.console.expect("tick 1", 0, Duration::from_secs(30));
+    let to = format!("tcp:127.0.0.1:{}", free_port());
+    let mut dst = VmmProcess::start_in(&src.dir.clone(), &["--incoming", &to]);
+    let e = src.fails("POST", "/vm/migrate", Some(json!({"to": to, "bandwidth": 0})), 400);
+    assert!(e.contains("bandwidth"), "{e}");
+    let report = src.ok(
+        "POST",
+        "/vm/migrate",
+        Some(json!({"to": to, "max_downtime_ms": 50, "bandwidth": 20 << 20, "max_rounds": 40})),
+    );
+    println!("migration with throttling: {report}");
+    assert!(report["throttle_percent"].as_u64().unwrap() > 0, "it had to throttle: {report}");
+    assert!(report["rounds"].as_u64().unwrap() < 40, "it converged before the round limit: {report}");
+    assert_eq!(dst.state(), "running");
+    dst.console.send("c");
+    dst.console.expect("check ok", 0, Duration::from_secs(60));
+    src.quit();
+    dst.quit();
+}

@@ -22,7 +22,7 @@
 //! | POST | /vm/stop | | hard stop |
 //! | POST | /vm/snapshot | `{"state_file": P, "memory_file": P, "diff": false}` | paused VM only |
 //! | POST | /vm/restore | `{"state_file": P, "memory_files": [P, ...], "drives": [...], "nets": [...], "vsock": {...}, "paused": false, "track_dirty_pages": false}` | instead of start |
-//! | POST | /vm/migrate | `{"to": "tcp:HOST:PORT", "max_downtime_ms": 20}` | live migration to a `--incoming` VMM |
+//! | POST | /vm/migrate | `{"to": "tcp:HOST:PORT", "max_downtime_ms": 20, "bandwidth": BYTES_PER_S, "auto_converge": true}` | live migration to a `--incoming` VMM |
 //! | GET | /metrics | | counters per vCPU and device |
 //! | POST | /vmm/quit | | the VMM process exits |
 
@@ -109,6 +109,9 @@ struct MigrateBody {
     to: String,
     max_downtime_ms: Option<u64>,
     max_rounds: Option<u32>,
+    /// Bytes per second.
+    bandwidth: Option<u64>,
+    auto_converge: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -255,6 +258,13 @@ pub fn handle(vmm: &Mutex<Vmm>, request: &Request) -> (Response, After) {
             }
             if let Some(rounds) = m.max_rounds {
                 options.max_rounds = rounds;
+            }
+            if m.bandwidth == Some(0) {
+                return Err(ApiError::BadRequest("a bandwidth of 0 would never finish: leave it out".into()));
+            }
+            options.bandwidth = m.bandwidth;
+            if let Some(auto) = m.auto_converge {
+                options.auto_converge = auto;
             }
             let report = v.migrate(&m.to, options)?;
             Ok(serde_json::to_value(report).unwrap_or_default())

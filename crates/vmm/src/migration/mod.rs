@@ -55,13 +55,24 @@ pub struct Options {
     pub max_downtime: Duration,
     /// Dirty rounds before stopping the guest regardless.
     pub max_rounds: u32,
+    /// The most bytes per second to put on the wire (`None`: as fast as it goes).
+    pub bandwidth: Option<u64>,
+    /// When a round does not shrink what is left, slow the vCPUs down (auto-converge).
+    pub auto_converge: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { max_downtime: Duration::from_millis(20), max_rounds: 30 }
+        Self { max_downtime: Duration::from_millis(20), max_rounds: 30, bandwidth: None, auto_converge: true }
     }
 }
+
+/// Throttle steps: the share of each 10 ms period the vCPUs are held, raised a step each
+/// round that fails to shrink what is left.
+const THROTTLE_START: u32 = 20;
+const THROTTLE_STEP: u32 = 10;
+const THROTTLE_MAX: u32 = 99;
+const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
 
 /// What a migration did.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -80,6 +91,8 @@ pub struct Report {
     pub zero_pages: u64,
     /// Pages left for the stop-and-copy phase.
     pub last_round_pages: u64,
+    /// The highest share of time the vCPUs were held to converge, in percent (0: never).
+    pub throttle_percent: u32,
 }
 
 /// A connection to the other VMM: `tcp:HOST:PORT` or a Unix socket path.
@@ -158,9 +171,22 @@ struct Sender<'a> {
     out: BufWriter<Box<dyn Connection>>,
     report: &'a mut Report,
     frame: Vec<u8>,
+    /// Pacing: bytes per second, and when sending began.
+    bandwidth: Option<u64>,
+    started: Instant,
 }
 
 impl Sender<'_> {
+    /// Waits, if a bandwidth limit is set, until the bytes sent so far are due.
+    fn pace(&self) {
+        if let Some(rate) = self.bandwidth.filter(|&r| r > 0) {
+            let due = Duration::from_secs_f64(self.report.bytes_sent as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+
     /// Sends the pages of `mem` that `wanted(region, page)` selects; `skip_zero` leaves zero
     /// pages out altogether (first pass), otherwise they go as `Zeros`.
     fn pages(
@@ -209,6 +235,7 @@ impl Sender<'_> {
                 self.report.pages_sent += n;
                 self.report.bytes_sent += 9 + self.frame.len() as u64;
                 sent += n;
+                self.pace();
             }
         }
         Ok(sent)
@@ -230,7 +257,13 @@ pub fn send(vm: &mut Vm, conn: Box<dyn Connection>, options: Options) -> Result<
     let mut report = Report::default();
     let mut input = BufReader::new(conn.duplicate().map_err(StreamError::Io)?);
     let out = BufWriter::with_capacity(1 << 20, conn);
-    let mut sender = Sender { out, report: &mut report, frame: Vec::with_capacity(8 + BATCH * PAGE) };
+    let mut sender = Sender {
+        out,
+        report: &mut report,
+        frame: Vec::with_capacity(8 + BATCH * PAGE),
+        bandwidth: options.bandwidth,
+        started: Instant::now(),
+    };
 
     // 1. Hello: versions and configuration are checked before any page moves.
     let mut hello = MAGIC.to_vec();
@@ -260,23 +293,65 @@ pub fn send(vm: &mut Vm, conn: Box<dyn Connection>, options: Options) -> Result<
     // Bytes per second, measured on each pass.
     let mut bandwidth = sender.report.bytes_sent as f64 / t.elapsed().as_secs_f64().max(1e-6);
 
-    // 3. Dirty rounds until the rest fits the downtime at the measured bandwidth.
+    // 3. Dirty rounds until the rest fits the downtime at the measured bandwidth; a round
+    // that does not shrink what is left raises the vCPU throttle.
     let mut dirty = vm.take_dirty_pages().map_err(|e| MigrationError::Vm(e.to_string()))?;
-    loop {
-        let left = count(&dirty) * PAGE as u64;
-        let estimate = left as f64 / bandwidth;
-        if estimate <= options.max_downtime.as_secs_f64() || sender.report.rounds >= options.max_rounds {
-            break;
-        }
-        let t = Instant::now();
-        let before = sender.report.bytes_sent;
-        sender.pages(vm.memory(), |k, i| is_set(&dirty, k, i), false)?;
-        sender.out.flush().map_err(StreamError::Io)?;
-        let secs = t.elapsed().as_secs_f64().max(1e-6);
-        bandwidth = (sender.report.bytes_sent - before) as f64 / secs;
-        sender.report.rounds += 1;
-        dirty = vm.take_dirty_pages().map_err(|e| MigrationError::Vm(e.to_string()))?;
+    let throttle = std::sync::atomic::AtomicU32::new(0);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let rounds = std::thread::scope(|scope| -> Result<(), MigrationError> {
+        let vm: &Vm = vm;
+        let throttler = scope.spawn(|| {
+            use std::sync::atomic::Ordering::Relaxed;
+            while !done.load(Relaxed) {
+                let held = throttle.load(Relaxed);
+                if held == 0 {
+                    std::thread::sleep(THROTTLE_PERIOD);
+                    continue;
+                }
+                vm.pause();
+                std::thread::sleep(THROTTLE_PERIOD * held / 100);
+                vm.resume();
+                std::thread::sleep(THROTTLE_PERIOD * (100 - held) / 100);
+            }
+        });
+        let result = (|| {
+            let mut previous = u64::MAX;
+            loop {
+                let left = count(&dirty) * PAGE as u64;
+                let estimate = left as f64 / bandwidth;
+                if estimate <= options.max_downtime.as_secs_f64()
+                    || sender.report.rounds >= options.max_rounds
+                {
+                    return Ok(());
+                }
+                if options.auto_converge && sender.report.rounds > 0 && left * 10 > previous * 9 {
+                    let held = throttle.load(std::sync::atomic::Ordering::Relaxed);
+                    let next =
+                        if held == 0 { THROTTLE_START } else { (held + THROTTLE_STEP).min(THROTTLE_MAX) };
+                    throttle.store(next, std::sync::atomic::Ordering::Relaxed);
+                    sender.report.throttle_percent = next;
+                }
+                previous = left;
+                let t = Instant::now();
+                let before = sender.report.bytes_sent;
+                sender.pages(vm.memory(), |k, i| is_set(&dirty, k, i), false)?;
+                sender.out.flush().map_err(StreamError::Io)?;
+                let secs = t.elapsed().as_secs_f64().max(1e-6);
+                bandwidth = (sender.report.bytes_sent - before) as f64 / secs;
+                sender.report.rounds += 1;
+                dirty = vm.take_dirty_pages().map_err(|e| MigrationError::Vm(e.to_string()))?;
+            }
+        })();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = throttler.join();
+        result
+    });
+    if let Err(e) = rounds {
+        // The throttler may have stopped between a pause and its resume.
+        vm.resume();
+        return Err(e);
     }
+    vm.resume();
 
     // 4. Stop and copy; the guest comes back here on any failure from now on.
     let paused_at = Instant::now();
