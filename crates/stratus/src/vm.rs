@@ -537,7 +537,34 @@ pub fn run(command: VmCommand) -> anyhow::Result<i32> {
                 "to": args.to, "max_downtime_ms": args.max_downtime_ms, "bandwidth": args.bandwidth,
                 "auto_converge": !args.no_auto_converge,
             });
-            let report = call(&args.sock, "POST", "/vm/migrate", Some(body))?;
+            // The migration call returns when it is over; meanwhile its progress is polled.
+            let sock = ApiSock { api_sock: args.sock.api_sock.clone() };
+            let migration = std::thread::spawn(move || call(&sock, "POST", "/vm/migrate", Some(body)));
+            let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            while !migration.is_finished() {
+                std::thread::sleep(Duration::from_millis(250));
+                if let Ok(p) = call(&args.sock, "GET", "/migration", None) {
+                    let line = format!(
+                        "{:<14} round {:>3}  sent {:>8.1} MiB  left {:>7.1} MiB  {:>7.1} MiB/s  dirtying {:>7.1} MiB/s  throttle {:>2}%",
+                        p["phase"].as_str().unwrap_or("?"),
+                        p["round"],
+                        p["bytes_sent"].as_f64().unwrap_or(0.0) / 1048576.0,
+                        p["remaining_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+                        p["bandwidth"].as_f64().unwrap_or(0.0) / 1048576.0,
+                        p["dirty_rate"].as_f64().unwrap_or(0.0) / 1048576.0,
+                        p["throttle_percent"]
+                    );
+                    if tty {
+                        eprint!("\r{line}");
+                    } else {
+                        eprintln!("{line}");
+                    }
+                }
+            }
+            if tty {
+                eprintln!();
+            }
+            let report = migration.join().map_err(|_| anyhow::anyhow!("the migration call panicked"))??;
             print_json(&report);
         }
         VmCommand::Balloon(args) => {

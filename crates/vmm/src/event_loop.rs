@@ -63,41 +63,47 @@ pub fn spawn(
         }
     }
     control.join();
-    let handle =
-        std::thread::Builder::new().name("devices".into()).stack_size(256 << 10).spawn(move || {
-            let mut events = vec![EpollEvent::default(); 64];
-            loop {
-                let n = match epoll.wait(-1, &mut events) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        eprintln!("[stratus] device event loop stopped: {e}");
-                        control.leave();
-                        return;
-                    }
-                };
-                for event in &events[..n] {
-                    let token = event.data();
-                    if token == WAKE {
-                        let _ = wake_in_thread.read();
-                        control.checkpoint();
-                        continue;
-                    }
-                    let dev = (token >> 16) as usize;
-                    let Some(transport) = transports.get(dev) else { continue };
-                    let mut t = lock(transport);
-                    if token & HOST_FD != 0 {
-                        t.process_host_event((token & !HOST_FD & 0xffff) as usize);
-                        continue;
-                    }
-                    let queue = (token & 0xffff) as usize;
-                    // Drain the counter first: kicks arriving while we process wake us again.
-                    if let Some(evt) = t.queue_events().get(queue) {
-                        let _ = evt.read();
-                    }
-                    t.process_queue(queue);
+    let control_on_error = control.clone();
+    let spawned = std::thread::Builder::new().name("devices".into()).stack_size(256 << 10).spawn(move || {
+        let mut events = vec![EpollEvent::default(); 64];
+        loop {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    eprintln!("[stratus] device event loop stopped: {e}");
+                    control.leave();
+                    return;
                 }
+            };
+            for event in &events[..n] {
+                let token = event.data();
+                if token == WAKE {
+                    let _ = wake_in_thread.read();
+                    control.checkpoint();
+                    continue;
+                }
+                let dev = (token >> 16) as usize;
+                let Some(transport) = transports.get(dev) else { continue };
+                let mut t = lock(transport);
+                if token & HOST_FD != 0 {
+                    t.process_host_event((token & !HOST_FD & 0xffff) as usize);
+                    continue;
+                }
+                let queue = (token & 0xffff) as usize;
+                // Drain the counter first: kicks arriving while we process wake us again.
+                if let Some(evt) = t.queue_events().get(queue) {
+                    let _ = evt.read();
+                }
+                t.process_queue(queue);
             }
-        })?;
-    Ok(Some(DeviceThread { wake, _handle: handle }))
+        }
+    });
+    match spawned {
+        Ok(handle) => Ok(Some(DeviceThread { wake, _handle: handle })),
+        Err(e) => {
+            control_on_error.leave();
+            Err(e)
+        }
+    }
 }

@@ -169,6 +169,8 @@ pub struct Vmm {
     stopped: Option<String>,
     /// A diff snapshot needs one before it, in this process.
     has_base_snapshot: bool,
+    /// The last (or current) migration's progress.
+    migration: Arc<crate::migration::Progress>,
 }
 
 fn conflict(what: &str, phase: Phase) -> ApiError {
@@ -206,7 +208,13 @@ impl Vmm {
             vm: None,
             stopped: None,
             has_base_snapshot: false,
+            migration: Arc::default(),
         }
+    }
+
+    /// The migration progress, readable without this VMM's lock (`GET /migration`).
+    pub fn migration_progress(&self) -> Arc<crate::migration::Progress> {
+        self.migration.clone()
     }
 
     /// A VMM configured with `config` in one go (the command line's way).
@@ -562,6 +570,9 @@ impl Vmm {
         let failed = |e: &dyn std::fmt::Display| ApiError::Failed(e.to_string());
         let kind = if diff { MemoryKind::Diff } else { MemoryKind::Full };
         let saved = vm.save_state(kind).map_err(|e| failed(&e))?;
+        // Whatever fails from here on, the dirty log may have been taken: the next snapshot
+        // must be a full one.
+        self.has_base_snapshot = false;
         let memory_bytes = if diff {
             let dirty = vm.take_dirty_pages().map_err(|e| failed(&e))?;
             snapshot::memory::write_diff(vm.memory(), &dirty, memory).map_err(|e| failed(&e))?
@@ -621,10 +632,16 @@ impl Vmm {
         let Some(vm) = self.vm.as_mut().filter(|_| phase == Phase::Running) else {
             return Err(conflict("migrate", phase));
         };
-        let conn = crate::migration::connect(to)
-            .map_err(|e| ApiError::Failed(format!("connecting to {to}: {e}")))?;
-        let report = crate::migration::send(vm, conn, options)
-            .map_err(|e| ApiError::Failed(format!("migration failed; the VM runs here still: {e}")))?;
+        self.migration.begin(to);
+        // Migration takes the dirty log: a diff snapshot after it would miss pages.
+        self.has_base_snapshot = false;
+        let result =
+            crate::migration::connect(to).map_err(|e| format!("connecting to {to}: {e}")).and_then(|conn| {
+                crate::migration::send(vm, conn, options, &self.migration).map_err(|e| e.to_string())
+            });
+        self.migration.end(result.as_ref().map_err(Clone::clone));
+        let report =
+            result.map_err(|e| ApiError::Failed(format!("migration failed; the VM runs here still: {e}")))?;
         self.stopped = Some(format!("migrated to {to}"));
         Ok(report)
     }

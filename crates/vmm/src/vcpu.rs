@@ -159,6 +159,9 @@ impl Vcpu {
     pub fn run_thread(vcpu: Arc<Mutex<Vcpu>>, control: Arc<crate::control::RunControl>) {
         let exit = stratus_devices::bus::lock(&vcpu).exit.clone();
         loop {
+            if control.pause_requested() {
+                stratus_devices::bus::lock(&vcpu).complete_pending_io();
+            }
             control.checkpoint();
             let outcome = stratus_devices::bus::lock(&vcpu).run_once();
             if let Some(reason) = outcome {
@@ -167,6 +170,16 @@ impl Vcpu {
                 return;
             }
         }
+    }
+
+    /// Lets KVM finish an instruction whose port or MMIO access the VMM just handled (an IN's
+    /// result goes into RAX, RIP moves past it) without running the guest further: KVM does
+    /// that at the start of the next `KVM_RUN`, which `immediate_exit` makes return at once.
+    /// A vCPU saved before that would repeat (or lose) the access after a restore.
+    fn complete_pending_io(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
     }
 
     /// One `KVM_RUN` and the handling of its exit; `Some` when the VM must stop.

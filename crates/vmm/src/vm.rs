@@ -595,13 +595,19 @@ impl Vm {
         for vcpu in &self.vcpus {
             let id = lock(vcpu).id();
             let (vcpu, control) = (vcpu.clone(), self.control.clone());
+            // Joined before it starts (a pause must wait for it), left again if it cannot.
             self.control.join();
-            let handle = std::thread::Builder::new()
+            let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .stack_size(128 << 10)
-                .spawn(move || Vcpu::run_thread(vcpu, control))
-                .map_err(|source| VmError::Os { what: "starting a vCPU thread", source })?;
-            self.vcpu_threads.push(handle);
+                .spawn(move || Vcpu::run_thread(vcpu, control));
+            match spawned {
+                Ok(handle) => self.vcpu_threads.push(handle),
+                Err(source) => {
+                    self.control.leave();
+                    return Err(VmError::Os { what: "starting a vCPU thread", source });
+                }
+            }
         }
         if self.restored {
             for transport in &self.transports {

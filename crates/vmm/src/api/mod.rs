@@ -23,6 +23,7 @@
 //! | POST | /vm/snapshot | `{"state_file": P, "memory_file": P, "diff": false}` | paused VM only |
 //! | POST | /vm/restore | `{"state_file": P, "memory_files": [P, ...], "drives": [...], "nets": [...], "vsock": {...}, "paused": false, "track_dirty_pages": false}` | instead of start |
 //! | POST | /vm/migrate | `{"to": "tcp:HOST:PORT", "max_downtime_ms": 20, "bandwidth": BYTES_PER_S, "auto_converge": true}` | live migration to a `--incoming` VMM |
+//! | GET | /migration | | the current or last migration: phase, round, bytes sent, remaining, dirty rate, result |
 //! | GET | /metrics | | counters per vCPU and device |
 //! | POST | /vmm/quit | | the VMM process exits |
 
@@ -314,18 +315,37 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 }
 
 /// Serves the API on `listener` until a quit request; then removes the socket at `path` and
-/// returns.
+/// returns. Each connection has its own thread, so that `GET /migration` answers while a
+/// migration (which holds the VMM) runs; other requests wait for the VMM.
 pub fn serve(listener: UnixListener, path: &Path, vmm: Arc<Mutex<Vmm>>) {
+    let progress = lock(&vmm).migration_progress();
+    let quit = Arc::new(std::sync::atomic::AtomicBool::new(false));
     for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
-        let (response, after) = match http::read_request(&stream) {
-            Ok(request) => handle(&vmm, &request),
-            Err(response) => (response, After::Continue),
-        };
-        let _ = http::write_response(&stream, &response);
-        if after == After::Quit {
+        if quit.load(std::sync::atomic::Ordering::SeqCst) {
             let _ = std::fs::remove_file(path);
             return;
+        }
+        let Ok(stream) = stream else { continue };
+        let (vmm, progress, quit, path) = (vmm.clone(), progress.clone(), quit.clone(), path.to_owned());
+        let spawned = std::thread::Builder::new().name("api-request".into()).spawn(move || {
+            let (response, after) = match http::read_request(&stream) {
+                Ok(request)
+                    if request.method == "GET" && request.path.trim_end_matches('/') == "/migration" =>
+                {
+                    (Response::json(200, &progress.get()), After::Continue)
+                }
+                Ok(request) => handle(&vmm, &request),
+                Err(response) => (response, After::Continue),
+            };
+            let _ = http::write_response(&stream, &response);
+            if after == After::Quit {
+                quit.store(true, std::sync::atomic::Ordering::SeqCst);
+                // Wake the accept loop so that it sees the flag.
+                let _ = std::os::unix::net::UnixStream::connect(&path);
+            }
+        });
+        if spawned.is_err() {
+            eprintln!("[stratus] api: cannot start a request thread");
         }
     }
 }

@@ -95,6 +95,69 @@ pub struct Report {
     pub throttle_percent: u32,
 }
 
+/// A migration's progress, readable while it runs (`GET /migration`).
+#[derive(Debug, Default)]
+pub struct Progress(std::sync::Mutex<ProgressState>);
+
+/// What `Progress` holds.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ProgressState {
+    /// none, connecting, full pass, dirty rounds, stop and copy, completed, failed.
+    pub phase: &'static str,
+    /// The destination.
+    pub to: String,
+    /// Dirty rounds done.
+    pub round: u32,
+    /// Bytes on the wire so far.
+    pub bytes_sent: u64,
+    /// Bytes of dirty pages still to send, as of the last round.
+    pub remaining_bytes: u64,
+    /// Bytes per second the last pass achieved.
+    pub bandwidth: f64,
+    /// Bytes per second the guest dirtied during the last round.
+    pub dirty_rate: f64,
+    /// Seconds the rest would take at the measured bandwidth.
+    pub estimated_remaining_s: f64,
+    /// The vCPU throttle in force, in percent.
+    pub throttle_percent: u32,
+    /// The result, once completed.
+    pub report: Option<Report>,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+}
+
+impl Progress {
+    fn update(&self, f: impl FnOnce(&mut ProgressState)) {
+        f(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// The progress now.
+    pub fn get(&self) -> ProgressState {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// A new migration to `to` begins.
+    pub fn begin(&self, to: &str) {
+        self.update(|p| *p = ProgressState { phase: "connecting", to: to.to_owned(), ..Default::default() });
+    }
+
+    /// It ended: completed with a report, or failed.
+    pub fn end(&self, result: Result<&Report, String>) {
+        self.update(|p| match result {
+            Ok(report) => {
+                p.phase = "completed";
+                p.report = Some(report.clone());
+                p.remaining_bytes = 0;
+                p.estimated_remaining_s = 0.0;
+            }
+            Err(e) => {
+                p.phase = "failed";
+                p.error = Some(e);
+            }
+        });
+    }
+}
+
 /// A connection to the other VMM: `tcp:HOST:PORT` or a Unix socket path.
 pub trait Connection: Read + Write + Send {
     /// A second handle on the same connection (one to read, one to write).
@@ -113,15 +176,27 @@ impl Connection for std::os::unix::net::UnixStream {
     }
 }
 
+/// How long either side waits for the other before giving up (the source then resumes the
+/// guest): a destination that hangs or a link that drops silently must not keep the guest
+/// paused for ever.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Connects to `to` (`tcp:HOST:PORT` or a Unix socket path).
 pub fn connect(to: &str) -> std::io::Result<Box<dyn Connection>> {
     match to.strip_prefix("tcp:") {
         Some(addr) => {
             let stream = std::net::TcpStream::connect(addr)?;
             stream.set_nodelay(true)?;
+            stream.set_read_timeout(Some(TIMEOUT))?;
+            stream.set_write_timeout(Some(TIMEOUT))?;
             Ok(Box::new(stream))
         }
-        None => Ok(Box::new(std::os::unix::net::UnixStream::connect(to)?)),
+        None => {
+            let stream = std::os::unix::net::UnixStream::connect(to)?;
+            stream.set_read_timeout(Some(TIMEOUT))?;
+            stream.set_write_timeout(Some(TIMEOUT))?;
+            Ok(Box::new(stream))
+        }
     }
 }
 
@@ -132,12 +207,14 @@ pub fn accept(on: &str) -> std::io::Result<Box<dyn Connection>> {
             let listener = std::net::TcpListener::bind(addr)?;
             let (stream, _) = listener.accept()?;
             stream.set_nodelay(true)?;
+            stream.set_read_timeout(Some(TIMEOUT))?;
             Ok(Box::new(stream))
         }
         None => {
             let _ = std::fs::remove_file(on);
             let listener = std::os::unix::net::UnixListener::bind(on)?;
             let (stream, _) = listener.accept()?;
+            stream.set_read_timeout(Some(TIMEOUT))?;
             let _ = std::fs::remove_file(on);
             Ok(Box::new(stream))
         }
@@ -252,7 +329,12 @@ fn is_set(dirty: &DirtyPages, region: usize, page: usize) -> bool {
 
 /// Migrates the running `vm` over `conn`. On success the guest runs at the destination and
 /// `vm` is left paused; on any failure it runs again here.
-pub fn send(vm: &mut Vm, conn: Box<dyn Connection>, options: Options) -> Result<Report, MigrationError> {
+pub fn send(
+    vm: &mut Vm,
+    conn: Box<dyn Connection>,
+    options: Options,
+    progress: &Progress,
+) -> Result<Report, MigrationError> {
     let started = Instant::now();
     let mut report = Report::default();
     let mut input = BufReader::new(conn.duplicate().map_err(StreamError::Io)?);
@@ -280,9 +362,21 @@ pub fn send(vm: &mut Vm, conn: Box<dyn Connection>, options: Options) -> Result<
     }
 
     // 2. Everything the guest ever touched, while it runs.
+    progress.update(|p| p.phase = "full pass");
     vm.start_dirty_tracking().map_err(|e| MigrationError::Vm(e.to_string()))?;
-    let touched: Vec<Option<Vec<bool>>> =
-        vm.memory().iter().map(|r| crate::snapshot::memory::touched_pages(region_bytes(r))).collect();
+    // Only anonymous memory: a page absent from a restored VM's file mapping holds the
+    // file's contents, not zeros.
+    let touched: Vec<Option<Vec<bool>>> = vm
+        .memory()
+        .iter()
+        .map(|r| {
+            if r.file_offset().is_none() {
+                crate::snapshot::memory::touched_pages(region_bytes(r))
+            } else {
+                None
+            }
+        })
+        .collect();
     let t = Instant::now();
     sender.pages(
         vm.memory(),
@@ -292,6 +386,11 @@ pub fn send(vm: &mut Vm, conn: Box<dyn Connection>, options: Options) -> Result<
     sender.out.flush().map_err(StreamError::Io)?;
     // Bytes per second, measured on each pass.
     let mut bandwidth = sender.report.bytes_sent as f64 / t.elapsed().as_secs_f64().max(1e-6);
+    progress.update(|p| {
+        p.phase = "dirty rounds";
+        p.bytes_sent = sender.report.bytes_sent;
+        p.bandwidth = bandwidth;
+    });
 
     // 3. Dirty rounds until the rest fits the downtime at the measured bandwidth; a round
     // that does not shrink what is left raises the vCPU throttle.
@@ -308,10 +407,14 @@ pub fn send(vm: &mut Vm, conn: Box<dyn Connection>, options: Options) -> Result<
                     std::thread::sleep(THROTTLE_PERIOD);
                     continue;
                 }
-                vm.pause();
-                std::thread::sleep(THROTTLE_PERIOD * held / 100);
-                vm.resume();
+                // Let the vCPUs run a slice, then hold them in proportion to how long they
+                // really ran (a loaded host oversleeps the short slice).
+                let ran = Instant::now();
                 std::thread::sleep(THROTTLE_PERIOD * (100 - held) / 100);
+                let ran = ran.elapsed();
+                vm.pause();
+                std::thread::sleep(ran * held / (100 - held));
+                vm.resume();
             }
         });
         let result = (|| {
@@ -340,6 +443,16 @@ pub fn send(vm: &mut Vm, conn: Box<dyn Connection>, options: Options) -> Result<
                 bandwidth = (sender.report.bytes_sent - before) as f64 / secs;
                 sender.report.rounds += 1;
                 dirty = vm.take_dirty_pages().map_err(|e| MigrationError::Vm(e.to_string()))?;
+                let remaining = count(&dirty) * PAGE as u64;
+                progress.update(|p| {
+                    p.round = sender.report.rounds;
+                    p.bytes_sent = sender.report.bytes_sent;
+                    p.bandwidth = bandwidth;
+                    p.remaining_bytes = remaining;
+                    p.dirty_rate = remaining as f64 / secs;
+                    p.estimated_remaining_s = remaining as f64 / bandwidth.max(1.0);
+                    p.throttle_percent = sender.report.throttle_percent;
+                });
             }
         })();
         done.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -355,6 +468,7 @@ pub fn send(vm: &mut Vm, conn: Box<dyn Connection>, options: Options) -> Result<
 
     // 4. Stop and copy; the guest comes back here on any failure from now on.
     let paused_at = Instant::now();
+    progress.update(|p| p.phase = "stop and copy");
     vm.pause();
     let result = (|| -> Result<(), MigrationError> {
         let last = vm.take_dirty_pages().map_err(|e| MigrationError::Vm(e.to_string()))?;
@@ -432,12 +546,13 @@ pub fn receive(mut conn: Box<dyn Connection>) -> Result<Arrival, MigrationError>
 
     let total_pages: u64 = memory.iter().map(|r| r.len() / PAGE as u64).sum();
     let bases = regions(&memory);
-    let locate = |page: u64| -> Option<(u64, usize)> {
-        let (first, region) = bases.iter().rev().find(|(first, _)| *first <= page)?;
-        Some((
-            region.start_addr().0 + (page - first) * PAGE as u64,
-            (region.len() / PAGE as u64 - (page - first)) as usize,
-        ))
+    // Where pages `first..first + n` are: their guest address, if they lie in one region.
+    let locate = |first: u64, n: u64| -> Option<u64> {
+        let (base, region) = bases.iter().rev().find(|(base, _)| *base <= first)?;
+        let in_region = region.len() / PAGE as u64;
+        let end = first.checked_add(n)?;
+        (end <= total_pages && end - base <= in_region)
+            .then(|| region.start_addr().0 + (first - base) * PAGE as u64)
     };
     let mut state = None;
     loop {
@@ -447,36 +562,31 @@ pub fn receive(mut conn: Box<dyn Connection>) -> Result<Arrival, MigrationError>
                     return Err(MigrationError::Protocol("a Pages frame that is not whole pages".into()));
                 }
                 let first = u64::from_le_bytes(payload[..8].try_into().unwrap_or_default());
-                let n = (payload.len() - 8) / PAGE;
-                match locate(first) {
-                    Some((addr, room)) if n <= room && first + n as u64 <= total_pages => {
-                        vm_memory::Bytes::write_slice(&memory, &payload[8..], vm_memory::GuestAddress(addr))
-                            .map_err(|e| MigrationError::Protocol(format!("writing pages: {e}")))?;
-                    }
-                    _ => {
-                        return Err(MigrationError::Protocol(format!(
-                            "pages {first}+{n} beyond guest memory"
-                        )))
-                    }
-                }
+                let n = ((payload.len() - 8) / PAGE) as u64;
+                let addr = locate(first, n).ok_or_else(|| {
+                    MigrationError::Protocol(format!("pages {first}+{n} beyond guest memory"))
+                })?;
+                vm_memory::Bytes::write_slice(&memory, &payload[8..], vm_memory::GuestAddress(addr))
+                    .map_err(|e| MigrationError::Protocol(format!("writing pages: {e}")))?;
             }
             Kind::Zeros => {
                 if payload.len() != 12 {
                     return Err(MigrationError::Protocol("a malformed Zeros frame".into()));
                 }
                 let first = u64::from_le_bytes(payload[..8].try_into().unwrap_or_default());
-                let n = u32::from_le_bytes(payload[8..12].try_into().unwrap_or_default()) as usize;
-                match locate(first) {
-                    Some((addr, room)) if n <= room => {
-                        let zeros = vec![0u8; n * PAGE];
-                        vm_memory::Bytes::write_slice(&memory, &zeros, vm_memory::GuestAddress(addr))
-                            .map_err(|e| MigrationError::Protocol(format!("clearing pages: {e}")))?;
-                    }
-                    _ => {
-                        return Err(MigrationError::Protocol(format!(
-                            "zero pages {first}+{n} beyond guest memory"
-                        )))
-                    }
+                let n = u64::from(u32::from_le_bytes(payload[8..12].try_into().unwrap_or_default()));
+                let addr = locate(first, n).ok_or_else(|| {
+                    MigrationError::Protocol(format!("zero pages {first}+{n} beyond guest memory"))
+                })?;
+                // A page at a time: a huge count must not become a huge allocation.
+                let zero = [0u8; PAGE];
+                for i in 0..n {
+                    vm_memory::Bytes::write_slice(
+                        &memory,
+                        &zero,
+                        vm_memory::GuestAddress(addr + i * PAGE as u64),
+                    )
+                    .map_err(|e| MigrationError::Protocol(format!("clearing pages: {e}")))?;
                 }
             }
             Kind::State => {

@@ -71,10 +71,26 @@ fn write_pages(
     Ok(written)
 }
 
+/// The temporary file a memory file is written to before it takes its name: the target may
+/// be the very file a restored VM's memory is mapped from, which truncating in place would
+/// wipe under the running guest.
+fn partial(path: &Path) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".partial");
+    name.into()
+}
+
 fn create(path: &Path, size: u64) -> Result<File, SnapshotError> {
-    let file = File::create(path).map_err(io(path))?;
-    file.set_len(size).map_err(io(path))?;
+    let tmp = partial(path);
+    let file = File::create(&tmp).map_err(io(&tmp))?;
+    file.set_len(size).map_err(io(&tmp))?;
     Ok(file)
+}
+
+/// Flushes the temporary file and gives it its real name.
+fn finish(file: File, path: &Path) -> Result<(), SnapshotError> {
+    file.sync_all().map_err(io(path))?;
+    std::fs::rename(partial(path), path).map_err(io(path))
 }
 
 /// The total RAM in `mem`, i.e. the size of its memory files.
@@ -116,7 +132,7 @@ pub fn write_full(mem: &GuestRam, path: &Path) -> Result<u64, SnapshotError> {
         })?;
         base += region.len();
     }
-    file.sync_all().map_err(io(path))?;
+    finish(file, path)?;
     Ok(written)
 }
 
@@ -132,7 +148,7 @@ pub fn write_diff(mem: &GuestRam, dirty: &DirtyPages, path: &Path) -> Result<u64
         })?;
         base += region.len();
     }
-    file.sync_all().map_err(io(path))?;
+    finish(file, path)?;
     Ok(written)
 }
 
