@@ -144,21 +144,42 @@ pub struct RestoreFrom {
     /// The full memory file, then any diff memory files in order (repeat the option).
     #[arg(long = "memory-file", value_name = "PATH", required = true)]
     memory: Vec<PathBuf>,
-    /// A new network card identity for the clone (repeat: one per saved card).
-    #[arg(long = "net", value_name = "tap=NAME[,mac=..]", value_parser = parse_net)]
-    nets: Vec<NetConfig>,
-    /// The clone's own disks (repeat: one per saved disk, in order).
-    #[arg(long = "disk", value_name = "PATH[,readonly]", value_parser = parse_disk)]
-    disks: Vec<DiskConfig>,
-    /// A new vsock identity for the clone.
-    #[arg(long, value_name = "cid=N,socket=PATH", value_parser = parse_vsock)]
-    vsock: Option<VsockConfig>,
+    #[command(flatten)]
+    identity: IdentityArgs,
     /// Keep the restored VM paused.
     #[arg(long)]
     paused: bool,
     /// Track written pages from the restore on, for a later `snapshot --diff`.
     #[arg(long)]
     track_dirty: bool,
+}
+
+/// The host-side identity a restored clone or an arriving VM takes instead of the saved one.
+#[derive(clap::Args, Default)]
+pub struct IdentityArgs {
+    /// A network card (tap, MAC) on this host for each saved card, in order (repeat).
+    #[arg(long = "net", value_name = "tap=NAME[,mac=..]", value_parser = parse_net)]
+    nets: Vec<NetConfig>,
+    /// The VM's own disks, one per saved disk, in order (repeat).
+    #[arg(long = "disk", value_name = "PATH[,readonly]", value_parser = parse_disk)]
+    disks: Vec<DiskConfig>,
+    /// The VM's vsock CID and socket.
+    #[arg(long, value_name = "cid=N,socket=PATH", value_parser = parse_vsock)]
+    vsock: Option<VsockConfig>,
+}
+
+impl IdentityArgs {
+    fn is_empty(&self) -> bool {
+        self.nets.is_empty() && self.disks.is_empty() && self.vsock.is_none()
+    }
+
+    fn into_identity(self) -> Identity {
+        Identity {
+            nets: (!self.nets.is_empty()).then_some(self.nets),
+            disks: (!self.disks.is_empty()).then_some(self.disks),
+            vsock: self.vsock,
+        }
+    }
 }
 
 /// `stratus vmm`.
@@ -181,15 +202,9 @@ pub struct VmmArgs {
     /// With --restore: the full memory file, then any diff memory files in order (repeat).
     #[arg(long = "memory-file", value_name = "PATH", requires = "restore")]
     memory_file: Vec<PathBuf>,
-    /// With --restore or --incoming: this host's network card (tap, MAC) for each saved card.
-    #[arg(long = "net", value_name = "tap=NAME[,mac=..]", value_parser = parse_net)]
-    nets: Vec<NetConfig>,
-    /// With --restore or --incoming: this VM's own disks (one per saved disk, in order).
-    #[arg(long = "disk", value_name = "PATH[,readonly]", value_parser = parse_disk)]
-    disks: Vec<DiskConfig>,
-    /// With --restore or --incoming: this VM's vsock CID and socket.
-    #[arg(long, value_name = "cid=N,socket=PATH", value_parser = parse_vsock)]
-    vsock: Option<VsockConfig>,
+    /// With --restore or --incoming: the VM's identity on this host.
+    #[command(flatten)]
+    identity: IdentityArgs,
     /// With --restore: keep the restored VM paused.
     #[arg(long, requires = "restore")]
     paused: bool,
@@ -370,12 +385,13 @@ fn parse_console(text: &str) -> Result<ConsoleConfig, String> {
 }
 
 fn restore_request(from: RestoreFrom) -> RestoreRequest {
+    let Identity { nets, disks, vsock } = from.identity.into_identity();
     RestoreRequest {
         state: from.state,
         memory: from.memory,
-        nets: (!from.nets.is_empty()).then_some(from.nets),
-        disks: (!from.disks.is_empty()).then_some(from.disks),
-        vsock: from.vsock,
+        nets,
+        disks,
+        vsock,
         paused: from.paused,
         track_dirty_pages: from.track_dirty,
     }
@@ -385,10 +401,7 @@ fn restore_request(from: RestoreFrom) -> RestoreRequest {
 pub fn vmm(mut args: VmmArgs) -> anyhow::Result<i32> {
     let listener = stratus_vmm::api::bind(&args.api_sock)
         .with_context(|| format!("serving the API on {}", args.api_sock.display()))?;
-    if args.restore.is_none()
-        && args.incoming.is_none()
-        && (!args.nets.is_empty() || !args.disks.is_empty() || args.vsock.is_some())
-    {
+    if args.restore.is_none() && args.incoming.is_none() && !args.identity.is_empty() {
         anyhow::bail!("--net, --disk and --vsock give a restored or arriving VM its identity: use them with --restore or --incoming");
     }
     let stdin_console = args.console == ConsoleConfig::Stdout;
@@ -400,9 +413,7 @@ pub fn vmm(mut args: VmmArgs) -> anyhow::Result<i32> {
         let from = RestoreFrom {
             state,
             memory: std::mem::take(&mut args.memory_file),
-            nets: std::mem::take(&mut args.nets),
-            disks: std::mem::take(&mut args.disks),
-            vsock: args.vsock.take(),
+            identity: std::mem::take(&mut args.identity),
             paused: args.paused,
             track_dirty: args.track_dirty,
         };
@@ -423,11 +434,7 @@ pub fn vmm(mut args: VmmArgs) -> anyhow::Result<i32> {
         stratus_vmm::migration::accept(&on).with_context(|| format!("waiting for a migration on {on}"))?;
     let arrival = stratus_vmm::migration::receive(conn)?;
     let t = Instant::now();
-    let identity = Identity {
-        nets: (!args.nets.is_empty()).then_some(args.nets),
-        disks: (!args.disks.is_empty()).then_some(args.disks),
-        vsock: args.vsock,
-    };
+    let identity = args.identity.into_identity();
     vmm.lock().unwrap_or_else(|p| p.into_inner()).adopt_incoming(arrival, identity)?;
     eprintln!("stratus: migration arrived, VM running ({:.1} ms to build)", t.elapsed().as_secs_f64() * 1e3);
     let _ = api.join();
@@ -601,6 +608,7 @@ pub fn run(command: VmCommand) -> anyhow::Result<i32> {
             let from = args.from;
             let memory = from.memory.iter().map(|p| absolute(p)).collect::<anyhow::Result<Vec<_>>>()?;
             let nets: Vec<serde_json::Value> = from
+                .identity
                 .nets
                 .iter()
                 .map(|n| serde_json::json!({ "tap": n.tap, "mac": n.mac.map(|m| stratus_vmm::vm::format_mac(&m)) }))
@@ -612,15 +620,16 @@ pub fn run(command: VmCommand) -> anyhow::Result<i32> {
             if !nets.is_empty() {
                 body["nets"] = serde_json::Value::Array(nets);
             }
-            if !from.disks.is_empty() {
+            if !from.identity.disks.is_empty() {
                 let drives = from
+                    .identity
                     .disks
                     .iter()
                     .map(|d| Ok(serde_json::json!({ "path": absolute(&d.path)?, "readonly": d.readonly })))
                     .collect::<anyhow::Result<Vec<_>>>()?;
                 body["drives"] = serde_json::Value::Array(drives);
             }
-            if let Some(v) = &from.vsock {
+            if let Some(v) = &from.identity.vsock {
                 body["vsock"] = serde_json::json!({ "cid": v.cid, "socket": v.socket });
             }
             let report = call(&args.sock, "POST", "/vm/restore", Some(body))?;

@@ -141,12 +141,12 @@ pub fn write_response(mut stream: &UnixStream, response: &Response) -> std::io::
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// No VMM listens on the socket.
-    #[error("cannot reach the VMM at {path}: {source}")]
+    #[error("cannot reach the VMM at {path}: {cause}")]
     Connect {
         /// The API socket.
         path: std::path::PathBuf,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause (kept out of the error chain: the message carries it).
+        cause: std::io::Error,
     },
     /// The exchange failed midway.
     #[error("talking to the VMM: {0}")]
@@ -159,7 +159,7 @@ pub enum ClientError {
 /// Sends one request to the API socket at `path` and returns the response.
 pub fn call(path: &Path, method: &str, target: &str, body: Option<&str>) -> Result<Response, ClientError> {
     let mut stream =
-        UnixStream::connect(path).map_err(|source| ClientError::Connect { path: path.to_owned(), source })?;
+        UnixStream::connect(path).map_err(|cause| ClientError::Connect { path: path.to_owned(), cause })?;
     let body = body.unwrap_or("");
     let request = format!(
         "{method} {target} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

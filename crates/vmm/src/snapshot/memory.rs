@@ -27,7 +27,7 @@ pub const PAGE: usize = 4096;
 pub type DirtyPages = Vec<Vec<u64>>;
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> SnapshotError + '_ {
-    move |source| SnapshotError::Io { path: path.to_owned(), source }
+    move |source| SnapshotError::Io { path: path.to_owned(), cause: source }
 }
 
 /// Region `region`'s bytes.

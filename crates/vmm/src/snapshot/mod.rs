@@ -64,12 +64,12 @@ pub enum SnapshotError {
     #[error(transparent)]
     Format(#[from] format::FormatError),
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The file.
         path: std::path::PathBuf,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause (kept out of the error chain: the message carries it).
+        cause: std::io::Error,
     },
     /// The memory files do not fit the state.
     #[error("{0}")]
@@ -80,7 +80,7 @@ pub enum SnapshotError {
 /// half-written state file under the real name).
 pub fn write_state(path: &Path, state: &VmState) -> Result<(), SnapshotError> {
     let bytes = format::encode(state)?;
-    let io = |source| SnapshotError::Io { path: path.to_owned(), source };
+    let io = |source| SnapshotError::Io { path: path.to_owned(), cause: source };
     let tmp = path.with_extension("partial");
     {
         use std::io::Write;
@@ -93,6 +93,7 @@ pub fn write_state(path: &Path, state: &VmState) -> Result<(), SnapshotError> {
 
 /// Reads and checks a state file.
 pub fn read_state(path: &Path) -> Result<VmState, SnapshotError> {
-    let bytes = std::fs::read(path).map_err(|source| SnapshotError::Io { path: path.to_owned(), source })?;
+    let bytes =
+        std::fs::read(path).map_err(|source| SnapshotError::Io { path: path.to_owned(), cause: source })?;
     Ok(format::decode(&bytes)?)
 }
