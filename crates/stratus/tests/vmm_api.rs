@@ -560,3 +560,25 @@ fn a_guest_that_dirties_faster_than_the_link_converges_by_throttling() {
     src.quit();
     dst.quit();
 }
+
+#[test]
+fn idle_connections_cannot_exhaust_the_api() {
+    if !kvm_available("idle_connections_cannot_exhaust_the_api") {
+        return;
+    }
+    let vmm = VmmProcess::start("idle-clients", &[]);
+    // Connections that never send a request hold a request thread each, up to a cap; past it,
+    // new ones wait to be accepted rather than costing a thread.
+    let idle: Vec<_> = (0..40).map(|_| std::os::unix::net::UnixStream::connect(&vmm.sock).unwrap()).collect();
+    let sock = vmm.sock.clone();
+    let waiting =
+        std::thread::spawn(move || stratus_vmm::api::http::call(&sock, "GET", "/vm", None).unwrap().status);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!waiting.is_finished(), "served past the cap");
+    let threads = |pid: u32| std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().count();
+    let pid = vmm.console.pid();
+    assert!(threads(pid) < 40, "{} threads for 40 idle clients", threads(pid));
+    drop(idle);
+    assert_eq!(waiting.join().unwrap(), 200, "the waiting client is served once the idle ones leave");
+    vmm.quit();
+}

@@ -314,18 +314,30 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     }
 }
 
+/// Connections served at once; more wait to be accepted.
+const MAX_CONNECTIONS: usize = 32;
+
 /// Serves the API on `listener` until a quit request; then removes the socket at `path` and
 /// returns. Each connection has its own thread, so that `GET /migration` answers while a
 /// migration (which holds the VMM) runs; other requests wait for the VMM.
 pub fn serve(listener: UnixListener, path: &Path, vmm: Arc<Mutex<Vmm>>) {
     let progress = lock(&vmm).migration_progress();
     let quit = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    for stream in listener.incoming() {
+    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    loop {
+        // A client opening connections without sending requests must not pile up threads:
+        // at the cap, new connections wait in the listen backlog until a request ends.
+        while in_flight.load(std::sync::atomic::Ordering::SeqCst) >= MAX_CONNECTIONS {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let stream = listener.accept().map(|(s, _)| s);
         if quit.load(std::sync::atomic::Ordering::SeqCst) {
             let _ = std::fs::remove_file(path);
             return;
         }
         let Ok(stream) = stream else { continue };
+        in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let slot = in_flight.clone();
         let (vmm, progress, quit, path) = (vmm.clone(), progress.clone(), quit.clone(), path.to_owned());
         let spawned = std::thread::Builder::new().name("api-request".into()).spawn(move || {
             let (response, after) = match http::read_request(&stream) {
@@ -338,6 +350,7 @@ pub fn serve(listener: UnixListener, path: &Path, vmm: Arc<Mutex<Vmm>>) {
                 Err(response) => (response, After::Continue),
             };
             let _ = http::write_response(&stream, &response);
+            slot.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             if after == After::Quit {
                 quit.store(true, std::sync::atomic::Ordering::SeqCst);
                 // Wake the accept loop so that it sees the flag.
@@ -345,6 +358,7 @@ pub fn serve(listener: UnixListener, path: &Path, vmm: Arc<Mutex<Vmm>>) {
             }
         });
         if spawned.is_err() {
+            in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             eprintln!("[stratus] api: cannot start a request thread");
         }
     }
