@@ -611,7 +611,7 @@ pub fn run(command: VmCommand) -> anyhow::Result<i32> {
                 .identity
                 .nets
                 .iter()
-                .map(|n| serde_json::json!({ "tap": n.tap, "mac": n.mac.map(|m| stratus_vmm::vm::format_mac(&m)) }))
+                .map(|n| serde_json::json!({ "tap": n.tap, "mac": n.mac.map(|m| stratus_vmm::format_mac(&m)) }))
                 .collect();
             let mut body = serde_json::json!({
                 "state_file": absolute(&from.state)?, "memory_files": memory, "paused": from.paused,

@@ -34,18 +34,6 @@ fn vsock_round_trip(socket: &Path, port: u32, line: &str) -> String {
     answer
 }
 
-/// Waits for the first "tick N" line a restored guest prints and returns N.
-fn first_tick(console: &mut Interactive) -> u64 {
-    let end = console.expect("tick ", 0, STEP);
-    console.expect("\n", end, STEP);
-    console.output()[end..].lines().next().unwrap().trim().parse().unwrap()
-}
-
-/// The highest "tick N" in `text`.
-fn last_tick(text: &str) -> u64 {
-    text.lines().filter_map(|l| l.trim().strip_prefix("tick ")?.parse().ok()).max().expect("a tick")
-}
-
 /// The VMM's resident memory in MiB, as its metrics report it.
 fn rss_mib(vmm: &VmmProcess) -> u64 {
     vmm.ok("GET", "/metrics", None)["process"]["rss_bytes"].as_u64().expect("rss") >> 20
@@ -212,7 +200,7 @@ fn linux_restores_where_it_stopped_as_two_clones_and_from_a_diff() {
     // The counter goes on from where it was, in both.
     let (mut a, mut b) = (a, b);
     for clone in [&mut a, &mut b] {
-        let first = first_tick(&mut clone.console);
+        let first = clone.console.first_tick(STEP);
         assert!(
             (ticks_before + 1..=ticks_before + 3).contains(&first),
             "counted {ticks_before} before the snapshot, {first} first after the restore"
@@ -281,7 +269,7 @@ fn linux_restores_where_it_stopped_as_two_clones_and_from_a_diff() {
         diff_mem.to_str().unwrap(),
     ];
     let mut third = VmmProcess::start_within(Some(&net), &dir, &c_args);
-    let first = first_tick(&mut third.console);
+    let first = third.console.first_tick(STEP);
     assert!(
         (ticks_at_diff + 1..=ticks_at_diff + 3).contains(&first),
         "diff taken at tick {ticks_at_diff}, resumed at {first}"

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{guests, kvm_available, VmmProcess};
+use common::{guests, kvm_available, last_tick, VmmProcess};
 use serde_json::json;
 
 fn io_in(vmm: &VmmProcess) -> u64 {
@@ -320,11 +320,6 @@ fn disk_rate_limits_hold_and_change_while_the_guest_runs() {
     vmm.quit();
 }
 
-/// The last "tick N" a tiny guest printed.
-fn last_tick(text: &str) -> u64 {
-    text.lines().filter_map(|l| l.trim().strip_prefix("tick ")?.parse().ok()).max().expect("a tick")
-}
-
 #[test]
 fn diff_snapshots_layer_over_a_full_one() {
     if !kvm_available("diff_snapshots_layer_over_a_full_one") {
@@ -364,9 +359,7 @@ fn diff_snapshots_layer_over_a_full_one() {
     assert!(e.contains("diff"), "{e}");
     refused.quit();
     let mut back = restore(&dir, &state, &[&full, &diff]);
-    let end = back.console.expect("tick ", 0, Duration::from_secs(10));
-    back.console.expect("\n", end, Duration::from_secs(10));
-    let first: u64 = back.console.output()[end..].lines().next().unwrap().trim().parse().unwrap();
+    let first = back.console.first_tick(Duration::from_secs(10));
     assert!((at_diff + 1..=at_diff + 3).contains(&first), "diff at tick {at_diff}, restored at {first}");
     // Its 4 MiB pattern is checked after it migrates on: a restored VM migrates whole,
     // including the pages it has not touched since the restore (they live in the memory
@@ -484,16 +477,12 @@ fn live_migration_moves_a_running_guest_and_a_failure_leaves_it_running_here() {
     let report = src.ok("POST", "/vm/migrate", Some(json!({"to": to, "max_downtime_ms": 50})));
     println!("migration: {report}");
     assert!(report["pages_sent"].as_u64().unwrap() >= 32 * 256, "the dirtied 32 MiB went over: {report}");
-    let before = src.console.output();
-    let ticks_before =
-        before.lines().filter_map(|l| l.trim().strip_prefix("tick ")?.parse::<u64>().ok()).max().unwrap();
+    let ticks_before = last_tick(&src.console.output());
     let info = src.ok("GET", "/vm", None);
     assert_eq!(info["state"], "stopped");
     assert!(info["exit_reason"].as_str().unwrap().starts_with("migrated to"));
     assert_eq!(dst.state(), "running");
-    let end = dst.console.expect("tick ", 0, Duration::from_secs(10));
-    dst.console.expect("\n", end, Duration::from_secs(10));
-    let first: u64 = dst.console.output()[end..].lines().next().unwrap().trim().parse().unwrap();
+    let first = dst.console.first_tick(Duration::from_secs(10));
     assert!(
         (ticks_before..=ticks_before + 2).contains(&first),
         "ticked to {ticks_before} at the source, {first} first here"

@@ -24,7 +24,7 @@ pub mod vm;
 pub use loader::BootSource;
 pub use stratus_devices::serial::Serial;
 pub use stratus_devices::GuestExit;
-pub use stratus_virtio::net::parse_mac;
+pub use stratus_virtio::net::{format_mac, parse_mac};
 pub use stratus_virtio::rate_limiter::RateLimit;
 pub use vm::{
     create, start, BalloonConfig, DiskConfig, Launch, NetConfig, RunningVm, Vm, VmConfig, VmError,

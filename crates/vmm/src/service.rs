@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::Serialize;
 use stratus_devices::bus::lock;
@@ -125,26 +125,8 @@ pub struct Identity {
 impl Identity {
     /// `config` with this identity in place of the saved one.
     pub fn apply(self, mut config: VmConfig) -> Result<VmConfig, ApiError> {
-        if let Some(nets) = self.nets {
-            if nets.len() != config.nets.len() {
-                return Err(ApiError::BadRequest(format!(
-                    "the VM has {} network cards, {} given",
-                    config.nets.len(),
-                    nets.len()
-                )));
-            }
-            config.nets = nets;
-        }
-        if let Some(disks) = self.disks {
-            if disks.len() != config.disks.len() {
-                return Err(ApiError::BadRequest(format!(
-                    "the VM has {} disks, {} given",
-                    config.disks.len(),
-                    disks.len()
-                )));
-            }
-            config.disks = disks;
-        }
+        replace_each("network cards", &mut config.nets, self.nets)?;
+        replace_each("disks", &mut config.disks, self.disks)?;
         if let Some(vsock) = self.vsock {
             if config.vsock.is_none() {
                 return Err(ApiError::BadRequest("the VM has no vsock device".into()));
@@ -153,6 +135,20 @@ impl Identity {
         }
         Ok(config)
     }
+}
+
+/// Puts `given` in place of `saved`, one for one.
+fn replace_each<T>(what: &str, saved: &mut Vec<T>, given: Option<Vec<T>>) -> Result<(), ApiError> {
+    let Some(given) = given else { return Ok(()) };
+    if given.len() != saved.len() {
+        return Err(ApiError::BadRequest(format!(
+            "the VM has {} {what}, {} given",
+            saved.len(),
+            given.len()
+        )));
+    }
+    *saved = given;
+    Ok(())
 }
 
 /// One VM and the configuration it is (or will be) built from.
@@ -220,11 +216,17 @@ impl Vmm {
     /// A VMM configured with `config` in one go (the command line's way).
     pub fn with_config(config: VmConfig, console: ConsoleConfig) -> Self {
         let mut vmm = Self::new(console);
-        vmm.drive_ids = (0..config.disks.len()).map(disk_name).collect();
-        vmm.net_ids = (0..config.nets.len()).map(|i| format!("eth{i}")).collect();
-        vmm.config = config;
-        vmm.boot_set = true;
+        vmm.take_config(config);
         vmm
+    }
+
+    /// Takes `config` whole (from the command line, a snapshot or a migration): devices get
+    /// the guest's names as ids (vda.., eth0..).
+    fn take_config(&mut self, config: VmConfig) {
+        self.drive_ids = (0..config.disks.len()).map(disk_name).collect();
+        self.net_ids = (0..config.nets.len()).map(|i| format!("eth{i}")).collect();
+        self.config = config;
+        self.boot_set = true;
     }
 
     /// Where the VM is in its life.
@@ -461,7 +463,7 @@ impl Vmm {
                 "id": id, "path": d.path, "readonly": d.readonly, "rate_limit": d.rate_limit,
             })).collect::<Vec<_>>(),
             "nets": self.net_ids.iter().zip(&c.nets).map(|(id, n)| serde_json::json!({
-                "id": id, "tap": n.tap, "mac": n.mac.map(|m| crate::vm::format_mac(&m)), "rate_limit": n.rate_limit,
+                "id": id, "tap": n.tap, "mac": n.mac.map(|m| crate::format_mac(&m)), "rate_limit": n.rate_limit,
             })).collect::<Vec<_>>(),
             "vsock": c.vsock,
             "rng": c.rng,
@@ -612,10 +614,7 @@ impl Vmm {
             vm.start_dirty_tracking().map_err(|e| ApiError::Failed(e.to_string()))?;
         }
         vm.run(request.paused).map_err(|e| ApiError::Failed(e.to_string()))?;
-        self.drive_ids = (0..config.disks.len()).map(disk_name).collect();
-        self.net_ids = (0..config.nets.len()).map(|i| format!("eth{i}")).collect();
-        self.config = config;
-        self.boot_set = true;
+        self.take_config(config);
         self.has_base_snapshot = request.track_dirty_pages;
         self.adopt(vm);
         Ok(RestoreReport { duration_ms: t.elapsed().as_secs_f64() * 1e3, running: !request.paused })
@@ -662,10 +661,7 @@ impl Vmm {
             crate::vm::create(&config, out, launch).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         vm.run(false).map_err(|e| ApiError::Failed(e.to_string()))?;
         crate::migration::confirm(conn.as_mut()).map_err(|e| ApiError::Failed(e.to_string()))?;
-        self.drive_ids = (0..config.disks.len()).map(disk_name).collect();
-        self.net_ids = (0..config.nets.len()).map(|i| format!("eth{i}")).collect();
-        self.config = config;
-        self.boot_set = true;
+        self.take_config(config);
         self.adopt(vm);
         Ok(())
     }
@@ -691,18 +687,6 @@ impl Vmm {
             stratus_virtio::device_type::NET => self.net_id(index).map(str::to_owned),
             _ => None,
         })
-    }
-
-    /// Waits up to `limit` for the VM to stop; true if it did.
-    pub fn wait_stopped(&self, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if self.phase() == Phase::Stopped {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
     }
 }
 

@@ -111,11 +111,6 @@ pub struct NetConfig {
     pub rate_limit: RateLimit,
 }
 
-/// A MAC address as text: 52:54:00:12:34:56.
-pub fn format_mac(mac: &stratus_virtio::net::Mac) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
-}
-
 /// The most virtio devices a VM may have: one IOAPIC pin each from GSI 5 to 22 (23 is the
 /// Generic Event Device's).
 pub const MAX_VIRTIO_DEVICES: usize = (GED_IRQ - VIRTIO_IRQ_BASE) as usize;
@@ -635,11 +630,6 @@ impl Vm {
         lock(&self.ged).raise(GED_EVENT_POWER_BUTTON);
     }
 
-    /// The VM generation id the guest sees.
-    pub fn generation_id(&self) -> [u8; 16] {
-        self.generation_id
-    }
-
     /// Stops every vCPU and the device thread at a safe point; returns when all have.
     pub fn pause(&self) {
         let kick = || {
@@ -758,11 +748,6 @@ impl Vm {
         }
         self.take_dirty_pages()?;
         Ok(())
-    }
-
-    /// Whether dirty pages are being tracked.
-    pub fn dirty_tracking(&self) -> bool {
-        self.dirty_tracking
     }
 
     /// The pages written since tracking started or since the last call, which resets them.

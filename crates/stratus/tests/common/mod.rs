@@ -175,6 +175,13 @@ impl Interactive {
         }
     }
 
+    /// Waits (up to `limit`) for the first "tick N" line the guest prints and returns N.
+    pub fn first_tick(&mut self, limit: Duration) -> u64 {
+        let end = self.expect("tick ", 0, limit);
+        self.expect("\n", end, limit);
+        self.output()[end..].lines().next().unwrap().trim().parse().unwrap()
+    }
+
     /// The process's id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -335,6 +342,11 @@ pub fn ensure_packages(packages: &[&str]) {
         .status()
         .expect("apt-get");
     assert!(status.success(), "installing {missing:?} failed");
+}
+
+/// The highest "tick N" a test guest printed in `text`.
+pub fn last_tick(text: &str) -> u64 {
+    text.lines().filter_map(|l| l.trim().strip_prefix("tick ")?.parse().ok()).max().expect("a tick")
 }
 
 /// A `stratus vmm` process serving its API on a socket in a fresh directory; its console is

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use stratus_virtio::GuestRam;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::snapshot::memory::{DirtyPages, PAGE};
+use crate::snapshot::memory::{is_zero, region_bytes, DirtyPages, PAGE};
 use crate::snapshot::{format, MemoryKind, VmState};
 use crate::vm::{Vm, VmConfig};
 use stream::{read_frame, write_frame, Kind, StreamError};
@@ -233,17 +233,6 @@ fn regions(mem: &GuestRam) -> Vec<(u64, &vm_memory::GuestRegionMmap<vm_memory::b
         .collect()
 }
 
-fn region_bytes(region: &vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>) -> &[u8] {
-    // SAFETY: the mapping is `len` bytes and outlives the borrow. The guest may be running and
-    // writing while a pre-copy round reads it: a torn page is sent, and sent again, whole,
-    // because the write marked it dirty for the next round.
-    unsafe { std::slice::from_raw_parts(region.as_ptr(), region.len() as usize) }
-}
-
-fn is_zero(page: &[u8]) -> bool {
-    page.iter().all(|&b| b == 0)
-}
-
 struct Sender<'a> {
     out: BufWriter<Box<dyn Connection>>,
     report: &'a mut Report,
@@ -295,8 +284,9 @@ impl Sender<'_> {
                     i += 1;
                     continue;
                 }
-                // A run of wanted, non-zero pages, up to a batch.
+                // A run of wanted, non-zero pages (this one first), up to a batch.
                 let start = i;
+                i += 1;
                 while i < pages
                     && i - start < BATCH
                     && wanted(k, i)

@@ -18,7 +18,7 @@ use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
-use super::SnapshotError;
+use super::{partial, SnapshotError};
 
 /// Guest page size.
 pub const PAGE: usize = 4096;
@@ -30,14 +30,16 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> SnapshotError + '_ {
     move |source| SnapshotError::Io { path: path.to_owned(), cause: source }
 }
 
-/// Region `region`'s bytes.
-fn region_bytes(region: &GuestRegionMmap<AtomicBitmap>) -> &[u8] {
-    // SAFETY: the mapping is `len` bytes and lives as long as the region borrowed here; the
-    // VM is paused while a snapshot reads it, so nothing writes to it meanwhile.
+/// Region `region`'s bytes, for a snapshot (the VM is paused) or a migration's pre-copy
+/// rounds (the guest may be writing: a torn page is sent again, whole, in the next round,
+/// because the write marked it dirty).
+pub(crate) fn region_bytes(region: &GuestRegionMmap<AtomicBitmap>) -> &[u8] {
+    // SAFETY: the mapping is `len` bytes and lives as long as the region borrowed here.
     unsafe { std::slice::from_raw_parts(region.as_ptr(), region.len() as usize) }
 }
 
-fn is_zero(page: &[u8]) -> bool {
+/// Whether a page is all zeros (a word at a time).
+pub(crate) fn is_zero(page: &[u8]) -> bool {
     // SAFETY: any bytes are a valid u64; align_to handles the unaligned ends.
     let (head, words, tail) = unsafe { page.align_to::<u64>() };
     head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
@@ -71,15 +73,8 @@ fn write_pages(
     Ok(written)
 }
 
-/// The temporary file a memory file is written to before it takes its name: the target may
-/// be the very file a restored VM's memory is mapped from, which truncating in place would
-/// wipe under the running guest.
-fn partial(path: &Path) -> std::path::PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(".partial");
-    name.into()
-}
-
+/// Creates the memory file's temporary twin (see `partial`: the target may be the very file a
+/// restored VM's memory is mapped from, which truncating in place would wipe under the guest).
 fn create(path: &Path, size: u64) -> Result<File, SnapshotError> {
     let tmp = partial(path);
     let file = File::create(&tmp).map_err(io(&tmp))?;

@@ -76,12 +76,20 @@ pub enum SnapshotError {
     Memory(String),
 }
 
+/// The temporary file a snapshot file is written to before a rename gives it its name, so
+/// that a crash or a failure never leaves a half-written file under the real one.
+fn partial(path: &Path) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".partial");
+    name.into()
+}
+
 /// Writes `state` to `path` (through a temporary file and a rename: a crash never leaves a
 /// half-written state file under the real name).
 pub fn write_state(path: &Path, state: &VmState) -> Result<(), SnapshotError> {
     let bytes = format::encode(state)?;
     let io = |source| SnapshotError::Io { path: path.to_owned(), cause: source };
-    let tmp = path.with_extension("partial");
+    let tmp = partial(path);
     {
         use std::io::Write;
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
