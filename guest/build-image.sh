@@ -3,10 +3,14 @@
 #   vmlinux            minimal microVM kernel (ELF, PVH entry note) from linux-source-6.1
 #   initramfs.cpio     busybox-static userland, /init = guest/init (uncompressed: on PVM
 #                      hosts inflating 1 MB of gzip costs the guest ~85 s of emulated code)
-#   rootfs.ext4        64 MiB sparse ext4 with the same userland, /sbin/init = guest/init
+#   rootfs.ext4        64 MiB sparse ext4 with the same userland, /sbin/init = guest/init,
+#                      and the guest agent as /usr/sbin/stratus-guest-agent
 #   manifest           kernel release, package versions, input hash
 #
-# Usage: guest/build-image.sh OUTPUT_DIR      (e.g. /var/cache/stratus/images/default)
+# Usage: STRATUS_GUEST_AGENT=BINARY guest/build-image.sh OUTPUT_DIR
+#   OUTPUT_DIR           e.g. /var/cache/stratus/images/default
+#   STRATUS_GUEST_AGENT  the static stratus-guest-agent binary (`stratus image build` builds
+#                        it and sets this)
 #
 # Caching: OUTPUT_DIR/manifest records a sha256 over every input; when it matches,
 # the script exits at once. The kernel tree and objects live in $STRATUS_BUILD_DIR
@@ -42,6 +46,12 @@ T0=$SECONDS
 log()  { printf '%s\n' "$*"; }
 step() { printf '[%s/%s] %s\n' "$1" "$STEPS" "$2"; }
 die()  { printf 'build-image: error: %s\n' "$*" >&2; exit 1; }
+
+[ -n "${STRATUS_GUEST_AGENT:-}" ] ||
+	die "STRATUS_GUEST_AGENT is not set: it must name the static stratus-guest-agent binary (run 'stratus image build', which builds it)"
+[ -f "$STRATUS_GUEST_AGENT" ] || die "STRATUS_GUEST_AGENT=$STRATUS_GUEST_AGENT: no such file"
+AGENT=$(realpath -- "$STRATUS_GUEST_AGENT")
+AGENT_SHA=$(sha256sum <"$AGENT" | cut -d' ' -f1)
 
 # One dpkg-query for every package we record (the cache-hit path must stay fast).
 VERSIONED_PKGS=(linux-source-6.1 busybox-static e2fsprogs gcc-12 binutils)
@@ -84,6 +94,7 @@ input_hash() {
 		echo "busybox-static=$(pkg_version busybox-static)"
 		echo "e2fsprogs=$(pkg_version e2fsprogs)"
 		sha256sum "$SELF" "$INIT"
+		echo "stratus-guest-agent=$AGENT_SHA"   # by content: its path varies
 	} | sha256sum | cut -d' ' -f1
 }
 
@@ -348,6 +359,8 @@ RFS="$TMP/rootfs.root"
 stage_userland "$RFS"
 rm -f "$RFS/sbin/init"
 install -m 0755 "$INIT" "$RFS/sbin/init"
+# The agent only in the rootfs: the initramfs is for quick boots, and its size costs boot time.
+install -m 0755 "$AGENT" "$RFS/usr/sbin/stratus-guest-agent"
 mknod -m 0600 "$RFS/dev/console" c 5 1 2>/dev/null || true
 mknod -m 0666 "$RFS/dev/null" c 1 3 2>/dev/null || true
 find "$RFS" -exec touch -h -d "@$SOURCE_DATE" {} +
@@ -376,6 +389,7 @@ step 6 "writing manifest and installing into $OUT"
 	for f in vmlinux initramfs.cpio rootfs.ext4; do
 		echo "sha256.$f=$(sha256sum "$TMP/$f" | cut -d' ' -f1)"
 	done
+	echo "sha256.stratus-guest-agent=$AGENT_SHA"
 	echo "built_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 } >"$TMP/manifest"
 # The command line the image boots with (`stratus vm run` reads it). Each word after the

@@ -1,5 +1,6 @@
 //! `stratus image build`: the default guest image (kernel, initramfs, ext4 root filesystem)
-//! built from Debian packages by `guest/build-image.sh`, cached per machine.
+//! built from Debian packages by `guest/build-image.sh`, cached per machine. The root
+//! filesystem carries the guest agent, built here from the workspace.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -43,6 +44,70 @@ impl Image {
     }
 }
 
+/// The target the guest agent is built for: the guest is x86_64 Linux like the host.
+const GUEST_AGENT_TARGET: &str = "x86_64-unknown-linux-gnu";
+
+/// The guest agent binary to install in the image: `STRATUS_GUEST_AGENT` if it names one,
+/// else built here from the workspace as a static executable (the guest has no libc).
+fn guest_agent() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("STRATUS_GUEST_AGENT") {
+        let path = PathBuf::from(path);
+        if !path.is_file() {
+            bail!(
+                "STRATUS_GUEST_AGENT={} is not a file (unset it to build the agent from source)",
+                path.display()
+            );
+        }
+        return Ok(path);
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    if !workspace.join("Cargo.toml").exists() {
+        bail!(
+            "cannot find the Stratus workspace at {} to build the guest agent (set STRATUS_GUEST_AGENT to a prebuilt static stratus-guest-agent)",
+            workspace.display()
+        );
+    }
+    // A target directory of its own: the static flags would otherwise rebuild the host's
+    // artifacts every time, and the explicit --target keeps them off build scripts and
+    // proc-macros, which cannot be static.
+    let target_dir = workspace.join("target/guest-agent");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("building the guest agent (static)...");
+    let status = Command::new(&cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "stratus-guest-agent",
+            "--target",
+            GUEST_AGENT_TARGET,
+            "--target-dir",
+        ])
+        .arg(&target_dir)
+        .current_dir(&workspace)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        // Set by an enclosing cargo, it would win over RUSTFLAGS.
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .stdout(std::io::stderr())
+        .status()
+        .with_context(|| {
+            format!(
+                "running {} to build the guest agent (or set STRATUS_GUEST_AGENT to a prebuilt binary)",
+                Path::new(&cargo).display()
+            )
+        })?;
+    if !status.success() {
+        bail!(
+            "building the guest agent failed ({status}); cargo's messages above say why (or set STRATUS_GUEST_AGENT to a prebuilt binary)"
+        );
+    }
+    let binary = target_dir.join(GUEST_AGENT_TARGET).join("release/stratus-guest-agent");
+    if !binary.is_file() {
+        bail!("cargo built the guest agent but {} is missing", binary.display());
+    }
+    Ok(binary)
+}
+
 /// Builds (or finds up to date) the image `name`, showing the build's progress.
 pub fn build(name: &str) -> Result<Image> {
     if name != "default" {
@@ -53,10 +118,12 @@ pub fn build(name: &str) -> Result<Image> {
     if !script.exists() {
         bail!("cannot find the guest build script at {} (set STRATUS_GUEST_DIR to the repository's guest/ folder)", script.display());
     }
+    let agent = guest_agent()?;
     // Progress goes to stderr: when `vm run` builds the image first, stdout is the guest's console.
     let status = Command::new("bash")
         .arg(&script)
         .arg(&dir)
+        .env("STRATUS_GUEST_AGENT", &agent)
         .stdout(std::io::stderr())
         .status()
         .with_context(|| format!("running {}", script.display()))?;

@@ -1,7 +1,9 @@
-//! `stratus`: one binary for every role. This build has the VMM (`stratus vmm`, `stratus vm
-//! run`), the commands that drive a running VMM (`stratus vm pause|snapshot|trace|...`) and the
-//! guest image builder (`stratus image build`).
+//! `stratus`: one binary for every role. This build has the cloud on one machine (`stratus
+//! serve`) and its client commands (`launch`, `list`, `exec`, ...), the VMM (`stratus vmm`,
+//! `stratus vm run`), the commands that drive a running VMM (`stratus vm pause|snapshot|
+//! trace|...`) and the guest image builder (`stratus image build`).
 
+mod cloud;
 mod image;
 mod size;
 mod trace;
@@ -14,10 +16,55 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    connection: cloud::Connection,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the cloud on this machine: REST API, dashboard, scheduler and host agent.
+    ///
+    /// First start creates the data directory, an API token (written with the address to
+    /// ~/.config/stratus/config.toml for the CLI), the default network and the default image.
+    /// Instances keep running when the server stops and are adopted when it starts again.
+    Serve(cloud::ServeArgs),
+    /// Create and boot an instance, and wait until its guest agent answers.
+    Launch(cloud::LaunchArgs),
+    /// List instances.
+    #[command(alias = "ls")]
+    List,
+    /// Show one instance with its recent events.
+    Show {
+        /// Instance name.
+        name: String,
+    },
+    /// Run a command in an instance (through its guest agent); its exit code is ours.
+    Exec(cloud::ExecArgs),
+    /// Attach to an instance's serial console (Ctrl-A then x detaches).
+    Console {
+        /// Instance name.
+        name: String,
+    },
+    /// Start a stopped instance.
+    Start(cloud::NameArg),
+    /// Stop an instance (ACPI power button, then hard after 30 s); its disk is kept.
+    Stop(cloud::NameArg),
+    /// Stop and start an instance.
+    Restart(cloud::NameArg),
+    /// Delete an instance with its disk, tap and address.
+    #[command(alias = "rm")]
+    Delete(cloud::NameArg),
+    /// Networks: bridges with a subnet and NAT.
+    #[command(subcommand)]
+    Network(cloud::NetworkCommand),
+    /// Hosts and their capacity.
+    #[command(subcommand)]
+    Host(cloud::HostCommand),
+    /// The event log, of one instance or all.
+    Events {
+        /// Instance name.
+        name: Option<String>,
+    },
     /// Run virtual machines directly, without the cloud, and drive a running VMM.
     #[command(subcommand)]
     Vm(vm::VmCommand),
@@ -40,6 +87,8 @@ enum ImageCommand {
         #[arg(default_value = "default")]
         name: String,
     },
+    #[command(flatten)]
+    Api(cloud::ImageApi),
 }
 
 fn main() {
@@ -51,6 +100,20 @@ fn main() {
             println!("{}", image.dir.display());
             0
         }),
+        Command::Image(ImageCommand::Api(command)) => cloud::image(&cli.connection, command),
+        Command::Serve(args) => cloud::serve(args),
+        Command::Launch(args) => cloud::launch(&cli.connection, args),
+        Command::List => cloud::list(&cli.connection),
+        Command::Show { name } => cloud::show(&cli.connection, &name),
+        Command::Exec(args) => cloud::exec(&cli.connection, args),
+        Command::Console { name } => cloud::console(&cli.connection, &name),
+        Command::Start(args) => cloud::lifecycle(&cli.connection, "start", args),
+        Command::Stop(args) => cloud::lifecycle(&cli.connection, "stop", args),
+        Command::Restart(args) => cloud::lifecycle(&cli.connection, "restart", args),
+        Command::Delete(args) => cloud::lifecycle(&cli.connection, "delete", args),
+        Command::Network(command) => cloud::network(&cli.connection, command),
+        Command::Host(command) => cloud::host(&cli.connection, command),
+        Command::Events { name } => cloud::events(&cli.connection, name),
     };
     let code = result.unwrap_or_else(|e| {
         eprintln!("stratus: error: {e:#}");

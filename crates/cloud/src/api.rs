@@ -1,0 +1,791 @@
+//! The REST API, versioned under `/v1/`: JSON in and out, a bearer token on every call, errors
+//! as `{"error": "..."}` with a 4xx status that changes nothing. Creation is asynchronous: the
+//! API records the desired state, wakes the reconciler and answers `202` with an operation
+//! that `GET /v1/operations/{id}/wait` waits on. `/openapi.json` describes every route.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+use crate::agent::HostAgent;
+use crate::db::{image_key, instance_key, network_key, operation_key, Db, DbError};
+use crate::model::{
+    check_name, now, Desired, Host, Image, Instance, InstanceSpec, InstanceState, InstanceStatus, Network,
+    Operation, OperationState, RestartPolicy, DEFAULT_PROJECT,
+};
+use crate::network::{self, Subnet};
+use crate::reconciler::Reconciler;
+
+/// Everything a request handler needs.
+pub struct AppState {
+    /// The store.
+    pub db: Db,
+    /// This host's agent.
+    pub agent: Arc<dyn HostAgent>,
+    /// The reconciler, woken after each change.
+    pub reconciler: Arc<Reconciler>,
+    /// The bearer token.
+    pub token: String,
+    /// Request counters for /metrics.
+    pub stats: ApiStats,
+}
+
+/// API request counters.
+#[derive(Default)]
+pub struct ApiStats {
+    /// Requests answered.
+    pub requests: AtomicU64,
+    /// Of which 4xx.
+    pub client_errors: AtomicU64,
+    /// Of which 5xx.
+    pub server_errors: AtomicU64,
+    /// Sum of request durations, microseconds.
+    pub latency_us: AtomicU64,
+}
+
+type Shared = Arc<AppState>;
+
+/// An API error: an HTTP status and one line for the user.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError { status, message: message.into() }
+    }
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+    fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, message)
+    }
+    fn unprocessable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, message)
+    }
+}
+
+impl From<DbError> for ApiError {
+    fn from(e: DbError) -> Self {
+        match e {
+            DbError::Exists(_) => ApiError::conflict(e.to_string()),
+            DbError::NotFound(_) => ApiError::not_found(e.to_string()),
+            _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
+    }
+}
+
+/// A JSON error response, for handlers that answer with something other than JSON.
+pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    ApiError::new(status, message).into_response()
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(serde_json::json!({ "error": self.message }))).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// A JSON body whose every decoding failure is a 400 with a JSON error.
+pub struct Body<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => Ok(Body(value)),
+            Err(rejection) => Err(match rejection {
+                JsonRejection::MissingJsonContentType(_) => ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "send the body as Content-Type: application/json",
+                ),
+                other => ApiError::bad_request(format!("bad request body: {}", other.body_text())),
+            }),
+        }
+    }
+}
+
+/// The router with every route.
+pub fn router(state: Shared) -> Router {
+    let v1 = Router::new()
+        .route("/instances", get(list_instances).post(launch))
+        .route("/instances/{name}", get(get_instance).delete(delete_instance))
+        .route("/instances/{name}/start", post(start_instance))
+        .route("/instances/{name}/stop", post(stop_instance))
+        .route("/instances/{name}/restart", post(restart_instance))
+        .route("/instances/{name}/exec", post(exec))
+        .route("/instances/{name}/metrics", get(instance_metrics))
+        .route("/instances/{name}/console", get(crate::console::console))
+        .route("/images", get(list_images))
+        .route("/images/{name}", get(get_image).delete(delete_image))
+        .route("/networks", get(list_networks).post(create_network))
+        .route("/networks/{name}", get(get_network).delete(delete_network))
+        .route("/hosts", get(list_hosts))
+        .route("/operations/{id}", get(get_operation))
+        .route("/operations/{id}/wait", get(wait_operation))
+        .route("/events", get(list_events))
+        .fallback(|| async { ApiError::not_found("no such API route") })
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), authenticate));
+    Router::new()
+        .nest("/v1", v1)
+        .route("/openapi.json", get(|| async { Json(crate::openapi::document()) }))
+        .route("/metrics", get(crate::metrics::prometheus))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), count))
+        .with_state(state)
+}
+
+async fn count(State(state): State<Shared>, request: Request, next: Next) -> Response {
+    let t = Instant::now();
+    let response = next.run(request).await;
+    let stats = &state.stats;
+    stats.requests.fetch_add(1, Ordering::Relaxed);
+    stats.latency_us.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+    if response.status().is_client_error() {
+        stats.client_errors.fetch_add(1, Ordering::Relaxed);
+    } else if response.status().is_server_error() {
+        stats.server_errors.fetch_add(1, Ordering::Relaxed);
+    }
+    response
+}
+
+/// Checks the bearer token (or `?token=` for browsers' WebSockets, which cannot set headers).
+async fn authenticate(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    let from_header = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    let from_query = request
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")))
+        .map(str::to_owned);
+    match from_header.or(from_query) {
+        None => ApiError::new(StatusCode::UNAUTHORIZED, "missing token: send Authorization: Bearer TOKEN")
+            .into_response(),
+        Some(token) if !constant_time_eq(token.as_bytes(), state.token.as_bytes()) => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "wrong token").into_response()
+        }
+        Some(_) => next.run(request).await,
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A new random id (hex).
+pub fn new_id() -> String {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer we own.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        // getrandom cannot fail for 8 bytes once the pool is ready; fall back to time and pid.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        bytes = ((t as u64) ^ (u64::from(std::process::id()) << 40)).to_le_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+// ---- instances ------------------------------------------------------------------------
+
+/// `POST /v1/instances`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LaunchRequest {
+    name: String,
+    #[serde(default = "default_image")]
+    image: String,
+    #[serde(default = "one")]
+    cpus: u32,
+    #[serde(default = "default_memory")]
+    memory_mib: u64,
+    #[serde(default = "default_disk")]
+    disk_mib: u64,
+    #[serde(default = "default_network")]
+    network: String,
+    #[serde(default)]
+    restart: RestartPolicy,
+}
+
+fn default_image() -> String {
+    "default".into()
+}
+fn default_network() -> String {
+    "default".into()
+}
+fn one() -> u32 {
+    1
+}
+fn default_memory() -> u64 {
+    256
+}
+fn default_disk() -> u64 {
+    1024
+}
+
+/// Largest instance sizes accepted at all (the host's capacity is checked separately).
+const MAX_CPUS: u32 = 64;
+const MIN_MEMORY_MIB: u64 = 32;
+const MAX_DISK_MIB: u64 = 16 << 20;
+
+#[derive(Serialize)]
+struct Accepted {
+    operation: Operation,
+    instance: Instance,
+}
+
+async fn list_instances(State(state): State<Shared>) -> ApiResult<Json<Vec<Instance>>> {
+    Ok(Json(state.db.list(&format!("/instances/{DEFAULT_PROJECT}/"))?))
+}
+
+fn find_instance(state: &AppState, name: &str) -> ApiResult<Instance> {
+    state
+        .db
+        .instance(DEFAULT_PROJECT, name)?
+        .ok_or_else(|| ApiError::not_found(format!("instance '{name}' not found")))
+}
+
+async fn get_instance(State(state): State<Shared>, Path(name): Path<String>) -> ApiResult<Json<Instance>> {
+    Ok(Json(find_instance(&state, &name)?))
+}
+
+/// Memory and vCPUs given to instances that are meant to exist.
+pub fn allocation(instances: &[Instance]) -> (u64, u32, u32) {
+    instances
+        .iter()
+        .filter(|i| i.desired == Desired::Running)
+        .fold((0, 0, 0), |(m, c, n), i| (m + i.spec.memory_mib, c + i.spec.cpus, n + 1))
+}
+
+async fn launch(
+    State(state): State<Shared>,
+    Body(req): Body<LaunchRequest>,
+) -> ApiResult<(StatusCode, Json<Accepted>)> {
+    check_name("instance", &req.name).map_err(ApiError::bad_request)?;
+    if req.cpus == 0 || req.cpus > MAX_CPUS {
+        return Err(ApiError::unprocessable(format!("cpus must be 1 to {MAX_CPUS}, not {}", req.cpus)));
+    }
+    if req.memory_mib < MIN_MEMORY_MIB {
+        return Err(ApiError::unprocessable(format!(
+            "memory must be at least {MIN_MEMORY_MIB} MiB, not {}",
+            req.memory_mib
+        )));
+    }
+    if req.disk_mib == 0 || req.disk_mib > MAX_DISK_MIB {
+        return Err(ApiError::unprocessable(format!(
+            "disk must be 1 MiB to 16 TiB, not {} MiB",
+            req.disk_mib
+        )));
+    }
+    let image = state.db.image(DEFAULT_PROJECT, &req.image)?.ok_or_else(|| {
+        ApiError::unprocessable(format!("image '{}' not found (see `stratus image list`)", req.image))
+    })?;
+    let needed = image.rootfs_bytes.div_ceil(1 << 20);
+    if req.disk_mib < needed {
+        return Err(ApiError::unprocessable(format!(
+            "disk of {} MiB is smaller than image '{}' ({needed} MiB)",
+            req.disk_mib, image.name
+        )));
+    }
+    let net = state
+        .db
+        .network(DEFAULT_PROJECT, &req.network)?
+        .ok_or_else(|| ApiError::unprocessable(format!("network '{}' not found", req.network)))?;
+    let host = state.agent.host();
+    let (allocated, _, _) = allocation(&state.db.instances()?);
+    if req.memory_mib > host.memory_mib {
+        return Err(ApiError::unprocessable(format!(
+            "memory of {} MiB is more than host {} has ({} MiB)",
+            req.memory_mib, host.name, host.memory_mib
+        )));
+    }
+    if allocated + req.memory_mib > host.allocatable_mib {
+        return Err(ApiError::conflict(format!(
+            "not enough memory: host {} has {} MiB free for instances, {} MiB asked",
+            host.name,
+            host.allocatable_mib.saturating_sub(allocated),
+            req.memory_mib
+        )));
+    }
+    if state.db.instance(DEFAULT_PROJECT, &req.name)?.is_some() {
+        return Err(ApiError::conflict(format!("instance '{}' already exists", req.name)));
+    }
+    let id = new_id();
+    let ip = network::lease(&state.db, &net, &id).map_err(|e| ApiError::conflict(e.to_string()))?;
+    let op = Operation {
+        id: new_id(),
+        kind: "launch".into(),
+        instance: req.name.clone(),
+        project: DEFAULT_PROJECT.into(),
+        state: OperationState::Running,
+        error: String::new(),
+        created_at: now(),
+        finished_at: 0,
+    };
+    let instance = Instance {
+        id: id.clone(),
+        name: req.name.clone(),
+        project: DEFAULT_PROJECT.into(),
+        spec: InstanceSpec {
+            image: req.image,
+            cpus: req.cpus,
+            memory_mib: req.memory_mib,
+            disk_mib: req.disk_mib,
+            network: req.network,
+            restart: req.restart,
+        },
+        desired: Desired::Running,
+        status: InstanceStatus {
+            state: InstanceState::Pending,
+            message: String::new(),
+            host: String::new(),
+            ip: ip.to_string(),
+            mac: network::mac_for(&id),
+            pid: 0,
+            started_at: 0,
+            failures: 0,
+            retry_at: 0,
+            boot_ms: 0,
+            boot: String::new(),
+        },
+        created_at: now(),
+        operation: Some(op.id.clone()),
+        restart_pending: false,
+    };
+    state.db.put(&operation_key(&op.id), &op)?;
+    if let Err(e) = state.db.create(&instance_key(DEFAULT_PROJECT, &instance.name), &instance) {
+        // Lost a race for the name: give the address back.
+        let _ = network::release(&state.db, &net.name, &instance.status.ip, &id);
+        let _ = state.db.delete(&operation_key(&op.id));
+        return Err(match e {
+            DbError::Exists(_) => ApiError::conflict(format!("instance '{}' already exists", instance.name)),
+            other => other.into(),
+        });
+    }
+    state.db.event(
+        DEFAULT_PROJECT,
+        &instance.name,
+        "info",
+        format!("created ({} MiB, {} vCPU, address {ip})", instance.spec.memory_mib, instance.spec.cpus),
+    );
+    state.reconciler.wake();
+    Ok((StatusCode::ACCEPTED, Json(Accepted { operation: op, instance })))
+}
+
+/// Records a new desired state for `name` with an operation of `kind` and wakes the reconciler.
+fn request_change(
+    state: &AppState,
+    name: &str,
+    kind: &str,
+    change: impl Fn(&mut Instance) -> Result<bool, ApiError>,
+) -> ApiResult<(StatusCode, Json<Accepted>)> {
+    let op = Operation {
+        id: new_id(),
+        kind: kind.into(),
+        instance: name.into(),
+        project: DEFAULT_PROJECT.into(),
+        state: OperationState::Running,
+        error: String::new(),
+        created_at: now(),
+        finished_at: 0,
+    };
+    let mut refused = None;
+    let mut done_now = false;
+    let mut superseded = None;
+    let key = instance_key(DEFAULT_PROJECT, name);
+    let instance = state
+        .db
+        .update(&key, |i: &mut Instance| {
+            refused = None;
+            match change(i) {
+                Err(e) => {
+                    refused = Some(e);
+                    false
+                }
+                Ok(pending) => {
+                    superseded = i.operation.replace(op.id.clone());
+                    done_now = !pending;
+                    if done_now {
+                        i.operation = None;
+                    }
+                    true
+                }
+            }
+        })
+        .map_err(|e| match e {
+            DbError::NotFound(_) => ApiError::not_found(format!("instance '{name}' not found")),
+            other => other.into(),
+        })?;
+    if let Some(e) = refused {
+        return Err(e);
+    }
+    let mut op = op;
+    if done_now {
+        op.state = OperationState::Succeeded;
+        op.finished_at = now();
+    }
+    state.db.put(&operation_key(&op.id), &op)?;
+    if let Some(old) = superseded.filter(|old| *old != op.id) {
+        let _ = state.db.update(&operation_key(&old), |o: &mut Operation| {
+            let running = o.state == OperationState::Running;
+            if running {
+                o.state = OperationState::Failed;
+                o.error = format!("superseded by {kind}");
+                o.finished_at = now();
+            }
+            running
+        });
+    }
+    state.db.event(DEFAULT_PROJECT, name, "info", format!("{kind} requested"));
+    state.reconciler.wake();
+    Ok((StatusCode::ACCEPTED, Json(Accepted { operation: op, instance })))
+}
+
+fn refuse_deleted(i: &Instance) -> Result<(), ApiError> {
+    if i.desired == Desired::Deleted {
+        return Err(ApiError::conflict(format!("instance '{}' is being deleted", i.name)));
+    }
+    Ok(())
+}
+
+async fn start_instance(
+    State(state): State<Shared>,
+    Path(name): Path<String>,
+) -> ApiResult<(StatusCode, Json<Accepted>)> {
+    request_change(&state, &name, "start", |i| {
+        refuse_deleted(i)?;
+        if i.desired == Desired::Running && i.status.state == InstanceState::Running {
+            return Ok(false);
+        }
+        i.desired = Desired::Running;
+        i.status.failures = 0;
+        i.status.retry_at = 0;
+        Ok(true)
+    })
+}
+
+async fn stop_instance(
+    State(state): State<Shared>,
+    Path(name): Path<String>,
+) -> ApiResult<(StatusCode, Json<Accepted>)> {
+    request_change(&state, &name, "stop", |i| {
+        refuse_deleted(i)?;
+        i.desired = Desired::Stopped;
+        i.restart_pending = false;
+        let active = matches!(
+            i.status.state,
+            InstanceState::Running | InstanceState::Starting | InstanceState::Stopping
+        ) || i.status.pid != 0;
+        if !active {
+            i.status.state = InstanceState::Stopped;
+        }
+        Ok(active)
+    })
+}
+
+async fn restart_instance(
+    State(state): State<Shared>,
+    Path(name): Path<String>,
+) -> ApiResult<(StatusCode, Json<Accepted>)> {
+    request_change(&state, &name, "restart", |i| {
+        refuse_deleted(i)?;
+        i.desired = Desired::Running;
+        i.status.failures = 0;
+        i.status.retry_at = 0;
+        i.restart_pending = matches!(i.status.state, InstanceState::Running | InstanceState::Starting);
+        Ok(true)
+    })
+}
+
+async fn delete_instance(
+    State(state): State<Shared>,
+    Path(name): Path<String>,
+) -> ApiResult<(StatusCode, Json<Accepted>)> {
+    request_change(&state, &name, "delete", |i| {
+        i.desired = Desired::Deleted;
+        Ok(true)
+    })
+}
+
+/// `POST /v1/instances/{name}/exec`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExecBody {
+    command: Vec<String>,
+    /// Standard input, base64.
+    #[serde(default)]
+    stdin: String,
+}
+
+#[derive(Serialize)]
+struct ExecAnswer {
+    exit_code: i32,
+    /// base64.
+    stdout: String,
+    /// base64.
+    stderr: String,
+}
+
+async fn exec(
+    State(state): State<Shared>,
+    Path(name): Path<String>,
+    Body(body): Body<ExecBody>,
+) -> ApiResult<Json<ExecAnswer>> {
+    if body.command.is_empty() || body.command[0].is_empty() {
+        return Err(ApiError::bad_request("command must name a program"));
+    }
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let stdin =
+        b64.decode(&body.stdin).map_err(|e| ApiError::bad_request(format!("stdin is not base64: {e}")))?;
+    let instance = find_instance(&state, &name)?;
+    if instance.status.state != InstanceState::Running {
+        return Err(ApiError::conflict(format!(
+            "instance '{name}' is {}, not running",
+            instance.status.state.as_str()
+        )));
+    }
+    let agent = Arc::clone(&state.agent);
+    let output = tokio::task::spawn_blocking(move || agent.exec(&instance, body.command, stdin))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()))?;
+    Ok(Json(ExecAnswer {
+        exit_code: output.code,
+        stdout: b64.encode(output.stdout),
+        stderr: b64.encode(output.stderr),
+    }))
+}
+
+async fn instance_metrics(
+    State(state): State<Shared>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let instance = find_instance(&state, &name)?;
+    let agent = Arc::clone(&state.agent);
+    let metrics = tokio::task::spawn_blocking(move || agent.metrics(&instance))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError::conflict(e.to_string()))?;
+    Ok(Json(metrics))
+}
+
+// ---- images, networks, hosts ------------------------------------------------------
+
+async fn list_images(State(state): State<Shared>) -> ApiResult<Json<Vec<Image>>> {
+    Ok(Json(state.db.list(&format!("/images/{DEFAULT_PROJECT}/"))?))
+}
+
+async fn get_image(State(state): State<Shared>, Path(name): Path<String>) -> ApiResult<Json<Image>> {
+    state
+        .db
+        .image(DEFAULT_PROJECT, &name)?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("image '{name}' not found")))
+}
+
+async fn delete_image(State(state): State<Shared>, Path(name): Path<String>) -> ApiResult<StatusCode> {
+    let image = state
+        .db
+        .image(DEFAULT_PROJECT, &name)?
+        .ok_or_else(|| ApiError::not_found(format!("image '{name}' not found")))?;
+    let users: Vec<String> =
+        state.db.instances()?.into_iter().filter(|i| i.spec.image == name).map(|i| i.name).collect();
+    if !users.is_empty() {
+        return Err(ApiError::conflict(format!("image '{name}' is used by {}", users.join(", "))));
+    }
+    state.db.delete(&image_key(DEFAULT_PROJECT, &name))?;
+    if let Some(dir) = std::path::Path::new(&image.rootfs).parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_networks(State(state): State<Shared>) -> ApiResult<Json<Vec<Network>>> {
+    Ok(Json(state.db.list(&format!("/networks/{DEFAULT_PROJECT}/"))?))
+}
+
+async fn get_network(State(state): State<Shared>, Path(name): Path<String>) -> ApiResult<Json<Network>> {
+    state
+        .db
+        .network(DEFAULT_PROJECT, &name)?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("network '{name}' not found")))
+}
+
+/// `POST /v1/networks`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NetworkRequest {
+    name: String,
+    cidr: String,
+    #[serde(default = "yes")]
+    nat: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+async fn create_network(
+    State(state): State<Shared>,
+    Body(req): Body<NetworkRequest>,
+) -> ApiResult<(StatusCode, Json<Network>)> {
+    check_name("network", &req.name).map_err(ApiError::bad_request)?;
+    let subnet = Subnet::parse(&req.cidr).map_err(|e| ApiError::unprocessable(e.to_string()))?;
+    let existing: Vec<Network> = state.db.list("/networks/")?;
+    if existing.iter().any(|n| n.name == req.name) {
+        return Err(ApiError::conflict(format!("network '{}' already exists", req.name)));
+    }
+    if let Some(other) = existing.iter().find(|n| Subnet::parse(&n.cidr).is_ok_and(|s| s.overlaps(&subnet))) {
+        return Err(ApiError::conflict(format!(
+            "{subnet} overlaps network '{}' ({})",
+            other.name, other.cidr
+        )));
+    }
+    let network = Network {
+        name: req.name.clone(),
+        project: DEFAULT_PROJECT.into(),
+        bridge: bridge_name(&req.name, &existing),
+        cidr: subnet.to_string(),
+        gateway: subnet.gateway().to_string(),
+        nat: req.nat,
+        created_at: now(),
+    };
+    state.db.create(&network_key(DEFAULT_PROJECT, &network.name), &network)?;
+    let mut all = existing;
+    all.push(network.clone());
+    let agent = Arc::clone(&state.agent);
+    let prepared = tokio::task::spawn_blocking(move || agent.prepare_networks(&all)).await;
+    if let Err(e) = prepared.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+        let _ = state.db.delete(&network_key(DEFAULT_PROJECT, &network.name));
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("setting up network '{}': {e}", network.name),
+        ));
+    }
+    Ok((StatusCode::CREATED, Json(network)))
+}
+
+/// A bridge name for a new network: `stratus` plus a number no other network uses.
+fn bridge_name(name: &str, existing: &[Network]) -> String {
+    let _ = name;
+    (1..)
+        .map(|n| format!("stratus{n}"))
+        .find(|b| existing.iter().all(|n| n.bridge != *b) && !network::tap_exists(b))
+        .unwrap_or_else(|| "stratusx".into())
+}
+
+async fn delete_network(State(state): State<Shared>, Path(name): Path<String>) -> ApiResult<StatusCode> {
+    state
+        .db
+        .network(DEFAULT_PROJECT, &name)?
+        .ok_or_else(|| ApiError::not_found(format!("network '{name}' not found")))?;
+    let users: Vec<String> =
+        state.db.instances()?.into_iter().filter(|i| i.spec.network == name).map(|i| i.name).collect();
+    if !users.is_empty() {
+        return Err(ApiError::conflict(format!("network '{name}' is used by {}", users.join(", "))));
+    }
+    state.db.delete(&network_key(DEFAULT_PROJECT, &name))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// This host with its allocation filled in.
+pub fn host_view(state: &AppState) -> ApiResult<Host> {
+    let mut host = state.agent.host();
+    let (memory, cpus, count) = allocation(&state.db.instances()?);
+    host.allocated_mib = memory;
+    host.allocated_cpus = cpus;
+    host.instances = count;
+    Ok(host)
+}
+
+async fn list_hosts(State(state): State<Shared>) -> ApiResult<Json<Vec<Host>>> {
+    Ok(Json(vec![host_view(&state)?]))
+}
+
+// ---- operations and events ---------------------------------------------------------
+
+async fn get_operation(State(state): State<Shared>, Path(id): Path<String>) -> ApiResult<Json<Operation>> {
+    state
+        .db
+        .operation(&id)?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("operation '{id}' not found")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WaitQuery {
+    /// Seconds, at most 300.
+    #[serde(default)]
+    timeout: Option<u64>,
+    #[serde(default)]
+    token: Option<String>,
+}
+
+async fn wait_operation(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    Query(query): Query<WaitQuery>,
+) -> ApiResult<Json<Operation>> {
+    let _ = query.token;
+    let deadline = Instant::now() + Duration::from_secs(query.timeout.unwrap_or(60).min(300));
+    loop {
+        let op = state
+            .db
+            .operation(&id)?
+            .ok_or_else(|| ApiError::not_found(format!("operation '{id}' not found")))?;
+        if op.state != OperationState::Running || Instant::now() >= deadline {
+            return Ok(Json(op));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    #[serde(default)]
+    instance: Option<String>,
+    /// Only events after this time (Unix milliseconds).
+    #[serde(default)]
+    after: u64,
+    #[serde(default)]
+    token: Option<String>,
+}
+
+async fn list_events(
+    State(state): State<Shared>,
+    Query(query): Query<EventsQuery>,
+) -> ApiResult<Json<Vec<crate::model::Event>>> {
+    let _ = query.token;
+    Ok(Json(state.db.events(query.instance.as_deref(), query.after)?))
+}

@@ -1,0 +1,157 @@
+//! Instance disks: copy-on-write clones of an image's root filesystem (a reflink where the
+//! filesystem can, else a sparse copy that skips holes), grown to the size asked for, with the
+//! ext4 filesystem inside grown to match.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+/// How a disk was made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloneKind {
+    /// Shares the image's blocks until written (btrfs, xfs).
+    Reflink,
+    /// Copied, holes kept.
+    Sparse,
+}
+
+/// Errors of disk preparation.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// File system error, with the path.
+    #[error("{what} {path}: {cause}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: String,
+        /// The cause.
+        cause: io::Error,
+    },
+    /// The size asked for is below the image's.
+    #[error("a {asked} MiB disk cannot hold the image's {needed} MiB root filesystem")]
+    TooSmall {
+        /// Asked, MiB.
+        asked: u64,
+        /// Needed, MiB.
+        needed: u64,
+    },
+    /// resize2fs failed.
+    #[error("growing the filesystem failed: {0}")]
+    Resize(String),
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> DiskError + 'a {
+    move |cause| DiskError::Io { what, path: path.display().to_string(), cause }
+}
+
+/// Clones `image` to `disk` (which must not exist), grows it to `size_mib` and its ext4
+/// filesystem with it. Written beside and renamed, so `disk` is either absent or whole.
+pub fn clone_image(image: &Path, disk: &Path, size_mib: u64) -> Result<CloneKind, DiskError> {
+    let source = File::open(image).map_err(io_err("opening", image))?;
+    let image_len = source.metadata().map_err(io_err("reading", image))?.len();
+    let size = size_mib << 20;
+    if size < image_len {
+        return Err(DiskError::TooSmall { asked: size_mib, needed: image_len.div_ceil(1 << 20) });
+    }
+    let partial = disk.with_extension("partial");
+    let target = File::create(&partial).map_err(io_err("creating", &partial))?;
+    let result =
+        copy_into(&source, &target, image_len).map_err(io_err("copying into", &partial)).and_then(|kind| {
+            target.set_len(size).map_err(io_err("growing", &partial))?;
+            target.sync_all().map_err(io_err("syncing", &partial))?;
+            if size > image_len {
+                grow_filesystem(&partial)?;
+            }
+            std::fs::rename(&partial, disk).map_err(io_err("renaming", disk))?;
+            Ok(kind)
+        });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    result
+}
+
+fn copy_into(source: &File, target: &File, len: u64) -> io::Result<CloneKind> {
+    // SAFETY: FICLONE takes the source descriptor as its argument and reads no memory of ours.
+    let rc = unsafe { libc::ioctl(target.as_raw_fd(), libc::FICLONE, source.as_raw_fd()) };
+    if rc == 0 {
+        return Ok(CloneKind::Reflink);
+    }
+    sparse_copy(source, target, len)?;
+    Ok(CloneKind::Sparse)
+}
+
+/// Copies only the data extents of `source` (SEEK_DATA/SEEK_HOLE), leaving holes as holes.
+fn sparse_copy(source: &File, target: &File, len: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let fd = source.as_raw_fd();
+    let mut offset: i64 = 0;
+    let mut buf = vec![0u8; 1 << 20];
+    while (offset as u64) < len {
+        // SAFETY: lseek on a descriptor we own; no memory is passed.
+        let data = unsafe { libc::lseek(fd, offset, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                break; // only a hole remains
+            }
+            return Err(err);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        let end = if hole < 0 { len as i64 } else { hole.min(len as i64) };
+        let mut at = data as u64;
+        while at < end as u64 {
+            let n = ((end as u64 - at) as usize).min(buf.len());
+            source.read_exact_at(&mut buf[..n], at)?;
+            target.write_all_at(&buf[..n], at)?;
+            at += n as u64;
+        }
+        offset = end;
+    }
+    target.set_len(len)
+}
+
+fn grow_filesystem(disk: &Path) -> Result<(), DiskError> {
+    let output = std::process::Command::new("resize2fs")
+        .arg(disk)
+        .output()
+        .map_err(|e| DiskError::Resize(format!("cannot run resize2fs: {e}")))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(DiskError::Resize(String::from_utf8_lossy(&output.stderr).trim().to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn sparse_copy_keeps_data_and_holes() {
+        let dir = std::env::temp_dir().join(format!("stratus-disk-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let image = dir.join("image");
+        let f = File::create(&image).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all_at(b"start", 0).unwrap();
+        f.write_all_at(b"middle", 40 << 20).unwrap();
+        f.write_all_at(b"end", (64 << 20) - 3).unwrap();
+        drop(f);
+        let disk = dir.join("disk");
+        let target = File::create(&disk).unwrap();
+        sparse_copy(&File::open(&image).unwrap(), &target, 64 << 20).unwrap();
+        assert_eq!(std::fs::read(&image).unwrap(), std::fs::read(&disk).unwrap());
+        let allocated =
+            std::fs::metadata(&disk).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap();
+        assert!(allocated < 8 << 20, "the copy allocated {allocated} bytes for 14 bytes of data");
+        let too_small = clone_image(&image, &dir.join("small"), 16).unwrap_err();
+        assert!(too_small.to_string().contains("cannot hold"), "{too_small}");
+        assert!(!dir.join("small").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,311 @@
+//! The cloud's resources as the API shows them and the store keeps them: instances, images,
+//! networks, hosts, operations and events. Every resource belongs to a project (`default` for
+//! now), so that tenants later are a new value, not a new schema.
+
+use serde::{Deserialize, Serialize};
+
+/// The project every resource belongs to until projects can be created.
+pub const DEFAULT_PROJECT: &str = "default";
+
+/// Seconds since the Unix epoch.
+pub fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Checks a resource name: 1-63 of `a-z`, `0-9` and `-`, starting with a letter, not ending
+/// with `-` (it becomes a guest hostname and part of device names).
+pub fn check_name(kind: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && !name.ends_with('-')
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid {kind} name '{name}': use 1-63 lowercase letters, digits and '-', starting with a letter"
+        ))
+    }
+}
+
+/// What a user asks for when launching an instance.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceSpec {
+    /// Image name.
+    pub image: String,
+    /// Virtual CPUs.
+    pub cpus: u32,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Root disk size in MiB (at least the image's root filesystem).
+    pub disk_mib: u64,
+    /// Network name.
+    pub network: String,
+    /// What to do when the VMM exits without being asked to.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+}
+
+/// When the reconciler starts an instance again after its VMM went away on its own.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// After a crash or a guest power-off alike.
+    Always,
+    /// After a crash (VMM killed or errored, guest panic), not after the guest powered off.
+    #[default]
+    OnFailure,
+    /// Never: the instance shows as stopped or failed.
+    Never,
+}
+
+/// The state the user wants an instance in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Desired {
+    /// Booted and answering.
+    Running,
+    /// Powered off, disk kept.
+    Stopped,
+    /// Gone, with its disk, tap and address.
+    Deleted,
+}
+
+/// The state an instance is observed in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceState {
+    /// Recorded, not yet acted on.
+    Pending,
+    /// Disk, tap and VMM being set up, guest booting.
+    Starting,
+    /// The guest agent answers.
+    Running,
+    /// Being shut down.
+    Stopping,
+    /// Not running; disk kept.
+    Stopped,
+    /// Being removed.
+    Deleting,
+    /// Failed; `message` says why.
+    Error,
+}
+
+impl InstanceState {
+    /// The lowercase name the API and CLI show.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceState::Pending => "pending",
+            InstanceState::Starting => "starting",
+            InstanceState::Running => "running",
+            InstanceState::Stopping => "stopping",
+            InstanceState::Stopped => "stopped",
+            InstanceState::Deleting => "deleting",
+            InstanceState::Error => "error",
+        }
+    }
+}
+
+/// What the control plane has observed of an instance.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    /// Observed state.
+    pub state: InstanceState,
+    /// Why it is in that state, for errors and exits.
+    #[serde(default)]
+    pub message: String,
+    /// The host it is placed on.
+    #[serde(default)]
+    pub host: String,
+    /// Its IPv4 address (from the network's IPAM).
+    #[serde(default)]
+    pub ip: String,
+    /// Its MAC address.
+    #[serde(default)]
+    pub mac: String,
+    /// The VMM's process id while it runs.
+    #[serde(default)]
+    pub pid: u32,
+    /// When the VMM was last started (Unix seconds).
+    #[serde(default)]
+    pub started_at: u64,
+    /// How many failed attempts in a row (drives the retry backoff).
+    #[serde(default)]
+    pub failures: u32,
+    /// Unix seconds before which the reconciler does not retry.
+    #[serde(default)]
+    pub retry_at: u64,
+    /// Milliseconds from VMM start to the guest agent answering, last boot.
+    #[serde(default)]
+    pub boot_ms: u64,
+    /// How the last boot was done: "cold" or "warm".
+    #[serde(default)]
+    pub boot: String,
+}
+
+/// An instance: a VM with its disk, address and VMM.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Instance {
+    /// Stable id (hex), names its directory, tap and VMM.
+    pub id: String,
+    /// User-chosen name, unique in its project.
+    pub name: String,
+    /// Owning project.
+    pub project: String,
+    /// What was asked for.
+    pub spec: InstanceSpec,
+    /// The state the user wants.
+    pub desired: Desired,
+    /// The state observed.
+    pub status: InstanceStatus,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// The operation working towards `desired`, if any.
+    #[serde(default)]
+    pub operation: Option<String>,
+    /// A restart was asked for and the VMM has not been stopped for it yet.
+    #[serde(default)]
+    pub restart_pending: bool,
+}
+
+/// A guest image: what an instance boots.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Image {
+    /// Image name.
+    pub name: String,
+    /// Owning project.
+    pub project: String,
+    /// Kernel (ELF vmlinux or bzImage).
+    pub kernel: String,
+    /// Initial ramdisk, if the image boots through one.
+    #[serde(default)]
+    pub initrd: Option<String>,
+    /// Root filesystem (raw ext4), cloned per instance.
+    pub rootfs: String,
+    /// Kernel command line; the instance's root, address and hostname are appended.
+    pub cmdline: String,
+    /// Root filesystem size in bytes (the smallest disk an instance can have).
+    pub rootfs_bytes: u64,
+    /// Where it came from (e.g. the build's input hash).
+    #[serde(default)]
+    pub source: String,
+    /// Unix seconds.
+    pub created_at: u64,
+}
+
+/// A network: a Linux bridge with an IPv4 subnet, NATed to the host's uplink.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    /// Network name.
+    pub name: String,
+    /// Owning project.
+    pub project: String,
+    /// The bridge device on each host.
+    pub bridge: String,
+    /// Subnet, e.g. `10.210.0.0/24`.
+    pub cidr: String,
+    /// The bridge's own address, the guests' default gateway.
+    pub gateway: String,
+    /// Whether guests reach the outside through the host (masquerade).
+    pub nat: bool,
+    /// Unix seconds.
+    pub created_at: u64,
+}
+
+/// A host that runs instances, with its capacity.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Host {
+    /// Host name.
+    pub name: String,
+    /// CPU threads.
+    pub cpus: u32,
+    /// Physical memory in MiB.
+    pub memory_mib: u64,
+    /// Memory instances may use in MiB (physical minus the host's reserve).
+    pub allocatable_mib: u64,
+    /// Memory given to instances in MiB.
+    pub allocated_mib: u64,
+    /// Virtual CPUs given to instances.
+    pub allocated_cpus: u32,
+    /// Instances placed here.
+    pub instances: u32,
+    /// `/dev/kvm` flavour: "kvm" or "pvm".
+    pub hypervisor: String,
+    /// Last heartbeat, Unix seconds.
+    pub seen_at: u64,
+}
+
+/// The progress of an asynchronous request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OperationState {
+    /// Still working.
+    Running,
+    /// Done.
+    Succeeded,
+    /// Gave up; `error` says why.
+    Failed,
+}
+
+/// An asynchronous request: launch, start, stop, delete.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Operation {
+    /// Operation id.
+    pub id: String,
+    /// What it does: "launch", "start", "stop", "restart", "delete".
+    pub kind: String,
+    /// The instance it acts on.
+    pub instance: String,
+    /// Owning project.
+    pub project: String,
+    /// Progress.
+    pub state: OperationState,
+    /// Why it failed.
+    #[serde(default)]
+    pub error: String,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Unix seconds, once finished.
+    #[serde(default)]
+    pub finished_at: u64,
+}
+
+/// One line of an instance's history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Unix milliseconds.
+    pub time_ms: u64,
+    /// Instance name ("" for host events).
+    pub instance: String,
+    /// Owning project.
+    pub project: String,
+    /// "info" or "error".
+    pub level: String,
+    /// What happened.
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_hostname_safe() {
+        for good in ["a", "web1", "web-1", "x23456789012345678901234567890123456789012345678901234567890123"]
+        {
+            assert!(check_name("instance", good).is_ok(), "{good}");
+        }
+        for bad in ["", "1web", "Web", "web_1", "web-", "we b", "web.1", &"a".repeat(64)] {
+            assert!(check_name("instance", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn specs_refuse_unknown_fields() {
+        let json =
+            r#"{"image":"default","cpus":1,"memory_mib":128,"disk_mib":64,"network":"default","gpu":1}"#;
+        assert!(serde_json::from_str::<InstanceSpec>(json).is_err());
+    }
+}

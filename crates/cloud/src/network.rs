@@ -1,0 +1,250 @@
+//! Networks: address management (IPAM) in the store, and on each host a Linux bridge with the
+//! gateway address, a tap per instance, and NAT to the host's uplink through nftables.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::Command;
+
+use crate::db::{lease_key, Db, DbError};
+use crate::model::Network;
+
+/// Errors of network set-up.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    /// A CIDR that does not parse or is unusable.
+    #[error("invalid subnet '{0}': expected an IPv4 prefix such as 10.210.0.0/24, between /16 and /29")]
+    BadCidr(String),
+    /// Every address of the subnet is leased.
+    #[error("network '{0}' has no free address left")]
+    Exhausted(String),
+    /// A host command failed.
+    #[error("`{command}` failed: {cause}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// Its error output or spawn error.
+        cause: String,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// A parsed IPv4 subnet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Subnet {
+    /// Network address.
+    pub base: Ipv4Addr,
+    /// Prefix length.
+    pub prefix: u8,
+}
+
+impl Subnet {
+    /// Parses `A.B.C.D/N` (16 <= N <= 29; the address is masked to the network).
+    pub fn parse(cidr: &str) -> Result<Subnet, NetworkError> {
+        let bad = || NetworkError::BadCidr(cidr.to_owned());
+        let (addr, prefix) = cidr.split_once('/').ok_or_else(bad)?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+        if !(16..=29).contains(&prefix) {
+            return Err(bad());
+        }
+        let mask = u32::MAX << (32 - prefix);
+        Ok(Subnet { base: Ipv4Addr::from(u32::from(addr) & mask), prefix })
+    }
+
+    /// The gateway: the first host address.
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.base) + 1)
+    }
+
+    /// Host addresses guests may get: all but network, gateway and broadcast.
+    pub fn guest_addresses(&self) -> impl Iterator<Item = Ipv4Addr> {
+        let base = u32::from(self.base);
+        let size = 1u32 << (32 - self.prefix);
+        (base + 2..base + size - 1).map(Ipv4Addr::from)
+    }
+
+    /// Whether `ip` is inside.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = u32::MAX << (32 - self.prefix);
+        u32::from(ip) & mask == u32::from(self.base)
+    }
+
+    /// Whether the two subnets share an address.
+    pub fn overlaps(&self, other: &Subnet) -> bool {
+        self.contains(other.base) || other.contains(self.base)
+    }
+}
+
+impl std::fmt::Display for Subnet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.base, self.prefix)
+    }
+}
+
+/// Leases the lowest free address of `network` to instance `id` (compare-and-swap per
+/// address, so two launches at once never get the same one).
+pub fn lease(db: &Db, network: &Network, id: &str) -> Result<Ipv4Addr, NetworkError> {
+    let subnet = Subnet::parse(&network.cidr)?;
+    let taken: std::collections::HashSet<String> = db
+        .store()
+        .list(&format!("/leases/{}/", network.name))
+        .map_err(DbError::from)?
+        .into_iter()
+        .map(|e| e.key)
+        .collect();
+    for ip in subnet.guest_addresses() {
+        let key = lease_key(&network.name, ip);
+        if taken.contains(&key) {
+            continue;
+        }
+        match db.create(&key, &id) {
+            Ok(_) => return Ok(ip),
+            Err(DbError::Exists(_)) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(NetworkError::Exhausted(network.name.clone()))
+}
+
+/// Gives back the address `ip` of `network` if `id` holds it.
+pub fn release(db: &Db, network: &str, ip: &str, id: &str) -> Result<(), NetworkError> {
+    let Ok(ip) = ip.parse::<Ipv4Addr>() else { return Ok(()) };
+    let key = lease_key(network, ip);
+    if let Some((holder, _)) = db.get::<String>(&key)? {
+        if holder == id {
+            db.delete(&key)?;
+        }
+    }
+    Ok(())
+}
+
+/// A MAC address derived from the instance id: locally administered, stable across restarts.
+pub fn mac_for(id: &str) -> String {
+    let bytes: Vec<u8> = (0..3)
+        .map(|i| u8::from_str_radix(id.get(2 * i..2 * i + 2).unwrap_or("00"), 16).unwrap_or(0))
+        .collect();
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", bytes[0], bytes[1], bytes[2])
+}
+
+/// The tap device name of an instance (at most 15 bytes, the kernel's limit).
+pub fn tap_name(id: &str) -> String {
+    format!("st{}", &id[..id.len().min(12)])
+}
+
+fn run(args: &[&str]) -> Result<(), NetworkError> {
+    let output = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| NetworkError::Command { command: args.join(" "), cause: e.to_string() })?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(NetworkError::Command {
+            command: args.join(" "),
+            cause: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        })
+    }
+}
+
+fn link_exists(name: &str) -> bool {
+    Path::new("/sys/class/net").join(name).exists()
+}
+
+/// Creates the network's bridge with its gateway address, up, and IP forwarding on.
+pub fn ensure_bridge(network: &Network) -> Result<(), NetworkError> {
+    let subnet = Subnet::parse(&network.cidr)?;
+    if !link_exists(&network.bridge) {
+        run(&["ip", "link", "add", &network.bridge, "type", "bridge"])?;
+    }
+    let address = format!("{}/{}", network.gateway, subnet.prefix);
+    run(&["ip", "addr", "replace", &address, "dev", &network.bridge])?;
+    run(&["ip", "link", "set", &network.bridge, "up"])?;
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(|e| NetworkError::Command {
+        command: "echo 1 > /proc/sys/net/ipv4/ip_forward".into(),
+        cause: e.to_string(),
+    })
+}
+
+/// Writes the `stratus` nftables table: masquerade for every NAT network's traffic leaving
+/// its subnet. Replaces the whole table, so removed networks lose their rules.
+pub fn apply_nat(networks: &[Network]) -> Result<(), NetworkError> {
+    let mut rules = String::new();
+    for network in networks.iter().filter(|n| n.nat) {
+        let subnet = Subnet::parse(&network.cidr)?;
+        rules.push_str(&format!("\t\tip saddr {subnet} ip daddr != {subnet} masquerade\n"));
+    }
+    let script = format!(
+        "table ip stratus {{}}\ndelete table ip stratus\ntable ip stratus {{\n\tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n{rules}\t}}\n}}\n"
+    );
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| NetworkError::Command { command: "nft -f -".into(), cause: e.to_string() })?;
+    use std::io::Write;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(script.as_bytes());
+    }
+    let output = child
+        .wait_with_output()
+        .map_err(|e| NetworkError::Command { command: "nft -f -".into(), cause: e.to_string() })?;
+    if !output.status.success() {
+        return Err(NetworkError::Command {
+            command: "nft -f -".into(),
+            cause: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Creates the tap `name` on `bridge`, up (again if it exists, so a restart reuses it).
+pub fn ensure_tap(name: &str, bridge: &str) -> Result<(), NetworkError> {
+    if !link_exists(name) {
+        run(&["ip", "tuntap", "add", "dev", name, "mode", "tap"])?;
+    }
+    run(&["ip", "link", "set", name, "master", bridge, "up"])
+}
+
+/// Removes the tap `name` if it exists.
+pub fn remove_tap(name: &str) -> Result<(), NetworkError> {
+    if link_exists(name) {
+        run(&["ip", "link", "del", name])?;
+    }
+    Ok(())
+}
+
+/// Whether a link named `name` exists on this host (for tests and leftovers checks).
+pub fn tap_exists(name: &str) -> bool {
+    link_exists(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subnets_parse_and_hand_out_host_addresses() {
+        let s = Subnet::parse("10.210.0.7/24").unwrap();
+        assert_eq!(s.to_string(), "10.210.0.0/24");
+        assert_eq!(s.gateway(), Ipv4Addr::new(10, 210, 0, 1));
+        let all: Vec<_> = s.guest_addresses().collect();
+        assert_eq!(all.first(), Some(&Ipv4Addr::new(10, 210, 0, 2)));
+        assert_eq!(all.last(), Some(&Ipv4Addr::new(10, 210, 0, 254)));
+        assert_eq!(all.len(), 253);
+        assert!(s.overlaps(&Subnet::parse("10.210.0.128/25").unwrap()));
+        assert!(!s.overlaps(&Subnet::parse("10.211.0.0/24").unwrap()));
+        for bad in ["10.0.0.0", "10.0.0.0/8", "10.0.0.0/30", "10.0.0/24", "x/24", "10.0.0.0/-1"] {
+            assert!(Subnet::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn macs_and_taps_come_from_the_id() {
+        assert_eq!(mac_for("a1b2c3d4e5f60718"), "52:54:00:a1:b2:c3");
+        assert_eq!(tap_name("a1b2c3d4e5f60718"), "sta1b2c3d4e5f6");
+        assert!(tap_name("a1b2c3d4e5f60718").len() <= 15);
+    }
+}

@@ -1,0 +1,102 @@
+//! The OpenAPI 3 document of the REST API, served at `/openapi.json` (and used by the API fuzz
+//! test). Kept beside the routes in `api.rs`: a route added there belongs here too.
+
+use serde_json::{json, Value};
+
+/// The document.
+pub fn document() -> Value {
+    let error = json!({"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
+    let accepted = json!({"description": "accepted: an operation to wait on", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Accepted"}}}});
+    let name = json!([{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}]);
+    let ok =
+        |schema: Value| json!({"description": "ok", "content": {"application/json": {"schema": schema}}});
+    let errors = |mut responses: Value| {
+        for code in ["400", "401", "404", "409", "422"] {
+            responses[code] = error.clone();
+        }
+        responses
+    };
+    let action = |summary: &str| json!({"post": {"summary": summary, "parameters": name, "responses": errors(json!({"202": accepted}))}});
+    json!({
+        "openapi": "3.0.3",
+        "info": {"title": "Stratus API", "version": "1"},
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}],
+        "paths": {
+            "/v1/instances": {
+                "get": {"summary": "List instances", "responses": errors(json!({"200": ok(json!({"type": "array", "items": {"$ref": "#/components/schemas/Instance"}}))}))},
+                "post": {"summary": "Launch an instance", "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/LaunchRequest"}}}},
+                         "responses": errors(json!({"202": accepted}))}
+            },
+            "/v1/instances/{name}": {
+                "get": {"summary": "Show an instance", "parameters": name, "responses": errors(json!({"200": ok(json!({"$ref": "#/components/schemas/Instance"}))}))},
+                "delete": {"summary": "Delete an instance with its disk, tap and address", "parameters": name, "responses": errors(json!({"202": accepted}))}
+            },
+            "/v1/instances/{name}/start": action("Start a stopped instance"),
+            "/v1/instances/{name}/stop": action("Stop an instance (ACPI power button, then hard)"),
+            "/v1/instances/{name}/restart": action("Restart an instance"),
+            "/v1/instances/{name}/exec": {"post": {"summary": "Run a command in the guest through its agent", "parameters": name,
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ExecRequest"}}}},
+                "responses": errors(json!({"200": ok(json!({"$ref": "#/components/schemas/ExecResult"})), "502": error}))}},
+            "/v1/instances/{name}/metrics": {"get": {"summary": "The VMM's metrics", "parameters": name, "responses": errors(json!({"200": ok(json!({"type": "object"}))}))}},
+            "/v1/images": {"get": {"summary": "List images", "responses": errors(json!({"200": ok(json!({"type": "array", "items": {"$ref": "#/components/schemas/Image"}}))}))}},
+            "/v1/images/{name}": {
+                "get": {"summary": "Show an image", "parameters": name, "responses": errors(json!({"200": ok(json!({"$ref": "#/components/schemas/Image"}))}))},
+                "delete": {"summary": "Delete an unused image", "parameters": name, "responses": errors(json!({"204": {"description": "deleted"}}))}
+            },
+            "/v1/networks": {
+                "get": {"summary": "List networks", "responses": errors(json!({"200": ok(json!({"type": "array", "items": {"$ref": "#/components/schemas/Network"}}))}))},
+                "post": {"summary": "Create a network (bridge, subnet, NAT)", "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/NetworkRequest"}}}},
+                         "responses": errors(json!({"201": ok(json!({"$ref": "#/components/schemas/Network"})), "500": error}))}
+            },
+            "/v1/networks/{name}": {
+                "get": {"summary": "Show a network", "parameters": name, "responses": errors(json!({"200": ok(json!({"$ref": "#/components/schemas/Network"}))}))},
+                "delete": {"summary": "Delete an unused network", "parameters": name, "responses": errors(json!({"204": {"description": "deleted"}}))}
+            },
+            "/v1/hosts": {"get": {"summary": "Hosts with capacity and allocation", "responses": errors(json!({"200": ok(json!({"type": "array", "items": {"$ref": "#/components/schemas/Host"}}))}))}},
+            "/v1/operations/{id}": {"get": {"summary": "An operation", "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}],
+                "responses": errors(json!({"200": ok(json!({"$ref": "#/components/schemas/Operation"}))}))}},
+            "/v1/operations/{id}/wait": {"get": {"summary": "Wait for an operation to finish", "parameters": [
+                {"name": "id", "in": "path", "required": true, "schema": {"type": "string"}},
+                {"name": "timeout", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 0, "maximum": 300}}],
+                "responses": errors(json!({"200": ok(json!({"$ref": "#/components/schemas/Operation"}))}))}},
+            "/v1/events": {"get": {"summary": "Events, oldest first", "parameters": [
+                {"name": "instance", "in": "query", "required": false, "schema": {"type": "string"}},
+                {"name": "after", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 0}}],
+                "responses": errors(json!({"200": ok(json!({"type": "array", "items": {"$ref": "#/components/schemas/Event"}}))}))}}
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+                "LaunchRequest": {"type": "object", "required": ["name"], "additionalProperties": false, "properties": {
+                    "name": {"type": "string", "pattern": "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$"},
+                    "image": {"type": "string", "default": "default"},
+                    "cpus": {"type": "integer", "minimum": 1, "maximum": 64, "default": 1},
+                    "memory_mib": {"type": "integer", "minimum": 32, "default": 256},
+                    "disk_mib": {"type": "integer", "minimum": 1, "default": 1024},
+                    "network": {"type": "string", "default": "default"},
+                    "restart": {"type": "string", "enum": ["always", "on-failure", "never"]}}},
+                "NetworkRequest": {"type": "object", "required": ["name", "cidr"], "additionalProperties": false, "properties": {
+                    "name": {"type": "string"}, "cidr": {"type": "string"}, "nat": {"type": "boolean", "default": true}}},
+                "ExecRequest": {"type": "object", "required": ["command"], "additionalProperties": false, "properties": {
+                    "command": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                    "stdin": {"type": "string", "format": "byte"}}},
+                "ExecResult": {"type": "object", "properties": {"exit_code": {"type": "integer"}, "stdout": {"type": "string", "format": "byte"}, "stderr": {"type": "string", "format": "byte"}}},
+                "Instance": {"type": "object", "properties": {
+                    "id": {"type": "string"}, "name": {"type": "string"}, "project": {"type": "string"},
+                    "spec": {"type": "object"}, "desired": {"type": "string", "enum": ["running", "stopped", "deleted"]},
+                    "status": {"type": "object", "properties": {"state": {"type": "string", "enum": ["pending", "starting", "running", "stopping", "stopped", "deleting", "error"]},
+                        "message": {"type": "string"}, "host": {"type": "string"}, "ip": {"type": "string"}, "mac": {"type": "string"}}},
+                    "created_at": {"type": "integer"}, "operation": {"type": "string", "nullable": true}}},
+                "Image": {"type": "object", "properties": {"name": {"type": "string"}, "kernel": {"type": "string"}, "rootfs": {"type": "string"}, "cmdline": {"type": "string"}, "rootfs_bytes": {"type": "integer"}}},
+                "Network": {"type": "object", "properties": {"name": {"type": "string"}, "bridge": {"type": "string"}, "cidr": {"type": "string"}, "gateway": {"type": "string"}, "nat": {"type": "boolean"}}},
+                "Host": {"type": "object", "properties": {"name": {"type": "string"}, "cpus": {"type": "integer"}, "memory_mib": {"type": "integer"}, "allocatable_mib": {"type": "integer"}, "allocated_mib": {"type": "integer"}}},
+                "Operation": {"type": "object", "properties": {"id": {"type": "string"}, "kind": {"type": "string"}, "instance": {"type": "string"},
+                    "state": {"type": "string", "enum": ["running", "succeeded", "failed"]}, "error": {"type": "string"}}},
+                "Event": {"type": "object", "properties": {"time_ms": {"type": "integer"}, "instance": {"type": "string"}, "level": {"type": "string"}, "message": {"type": "string"}}},
+                "Accepted": {"type": "object", "properties": {"operation": {"$ref": "#/components/schemas/Operation"}, "instance": {"$ref": "#/components/schemas/Instance"}}}
+            }
+        }
+    })
+}

@@ -1,0 +1,344 @@
+//! The reconciler: compares each instance's desired state with what is observed and drives the
+//! host agent until they match. It runs on a thread of its own, wakes on every API change and
+//! every two seconds (to notice VMMs that died), and hands each instance's work to a worker
+//! thread so that one slow boot does not hold up the rest. Failed starts are retried with an
+//! exponential backoff; each step is an event in the instance's history.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use crate::agent::{HostAgent, Probe};
+use crate::db::{instance_key, operation_key, Db};
+use crate::model::{now, Desired, Instance, InstanceState, Operation, OperationState, RestartPolicy};
+use crate::network;
+
+/// Starts tried in a row before the reconciler gives up on an instance.
+const MAX_ATTEMPTS: u32 = 3;
+/// How often to look at every instance without being woken.
+const PERIOD: Duration = Duration::from_secs(2);
+
+/// The reconciliation loop and its workers.
+pub struct Reconciler {
+    db: Db,
+    agent: Arc<dyn HostAgent>,
+    /// Instances a worker is busy with.
+    busy: Mutex<HashSet<String>>,
+    wake: (Mutex<bool>, Condvar),
+    /// Reconciliation errors since start (for /metrics).
+    pub errors: std::sync::atomic::AtomicU64,
+}
+
+/// Work one instance needs.
+enum Step {
+    Start,
+    Stop,
+    Remove,
+    Check,
+}
+
+impl Reconciler {
+    /// A reconciler over `db`, acting through `agent`.
+    pub fn new(db: Db, agent: Arc<dyn HostAgent>) -> Arc<Self> {
+        Arc::new(Reconciler {
+            db,
+            agent,
+            busy: Mutex::default(),
+            wake: (Mutex::new(false), Condvar::new()),
+            errors: Default::default(),
+        })
+    }
+
+    /// Runs the loop on its own thread.
+    pub fn spawn(self: &Arc<Self>) {
+        let this = Arc::clone(self);
+        let _ = std::thread::Builder::new().name("reconciler".into()).spawn(move || loop {
+            this.pass();
+            let (lock, cvar) = &this.wake;
+            let mut woken = lock.lock().unwrap_or_else(|p| p.into_inner());
+            if !*woken {
+                woken = cvar.wait_timeout(woken, PERIOD).unwrap_or_else(|p| p.into_inner()).0;
+            }
+            *woken = false;
+        });
+    }
+
+    /// Asks for a pass now (after the API changed something).
+    pub fn wake(&self) {
+        let (lock, cvar) = &self.wake;
+        *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cvar.notify_one();
+    }
+
+    fn pass(self: &Arc<Self>) {
+        let instances = match self.db.instances() {
+            Ok(list) => list,
+            Err(e) => {
+                self.count_error();
+                eprintln!("stratus: reconciler: reading instances: {e}");
+                return;
+            }
+        };
+        for instance in instances {
+            let Some(step) = next_step(&instance) else { continue };
+            if !self.busy.lock().unwrap_or_else(|p| p.into_inner()).insert(instance.id.clone()) {
+                continue;
+            }
+            let this = Arc::clone(self);
+            let id = instance.id.clone();
+            let spawned =
+                std::thread::Builder::new().name(format!("instance-{}", instance.name)).spawn(move || {
+                    this.work(instance, step);
+                    this.busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                    this.wake();
+                });
+            if spawned.is_err() {
+                self.count_error();
+            }
+        }
+    }
+
+    fn count_error(&self) {
+        self.errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn work(&self, instance: Instance, step: Step) {
+        match step {
+            Step::Start => self.start(instance),
+            Step::Stop => self.stop(instance),
+            Step::Remove => self.remove(instance),
+            Step::Check => self.check(instance),
+        }
+    }
+
+    fn event(&self, instance: &Instance, level: &str, message: impl Into<String>) {
+        self.db.event(&instance.project, &instance.name, level, message);
+    }
+
+    /// Applies `change` to the stored instance (if it still exists).
+    fn update(&self, instance: &Instance, change: impl FnMut(&mut Instance) -> bool) -> Option<Instance> {
+        self.db.update(&instance_key(&instance.project, &instance.name), change).ok()
+    }
+
+    fn start(&self, instance: Instance) {
+        let first = instance.status.state == InstanceState::Pending;
+        let host = self.agent.host().name;
+        let Some(instance) = self.update(&instance, |i| {
+            i.status.state = InstanceState::Starting;
+            i.status.host = host.clone();
+            i.status.message.clear();
+            true
+        }) else {
+            return;
+        };
+        if first {
+            self.event(&instance, "info", format!("scheduled on host {host}"));
+        }
+        let result = (|| {
+            let image = self
+                .db
+                .image(&instance.project, &instance.spec.image)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("image '{}' no longer exists", instance.spec.image))?;
+            let network = self
+                .db
+                .network(&instance.project, &instance.spec.network)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("network '{}' no longer exists", instance.spec.network))?;
+            let mut progress = |message: String| self.event(&instance, "info", message);
+            self.agent.start(&instance, &image, &network, &mut progress).map_err(|e| e.to_string())
+        })();
+        match result {
+            Ok(started) => {
+                let boot_ms = started.boot.as_millis() as u64;
+                self.event(
+                    &instance,
+                    "info",
+                    format!("guest agent ready after {boot_ms} ms ({} boot)", started.kind),
+                );
+                if let Some(i) = self.update(&instance, |i| {
+                    i.status.state = InstanceState::Running;
+                    i.status.pid = started.pid;
+                    i.status.started_at = now();
+                    i.status.boot_ms = boot_ms;
+                    i.status.boot = started.kind.to_owned();
+                    i.status.failures = 0;
+                    i.status.retry_at = 0;
+                    i.status.message.clear();
+                    true
+                }) {
+                    self.settle(&i);
+                }
+            }
+            Err(message) => {
+                self.count_error();
+                let failures = instance.status.failures + 1;
+                let retry = if failures < MAX_ATTEMPTS {
+                    let delay = 2u64.pow(failures).min(60);
+                    format!("; retrying in {delay} s (attempt {}/{MAX_ATTEMPTS})", failures + 1)
+                } else {
+                    "; giving up".to_owned()
+                };
+                self.event(&instance, "error", format!("start failed: {message}{retry}"));
+                if let Some(i) = self.update(&instance, |i| {
+                    i.status.state = InstanceState::Error;
+                    i.status.pid = 0;
+                    i.status.message = message.clone();
+                    i.status.failures = failures;
+                    i.status.retry_at = now() + 2u64.pow(failures).min(60);
+                    true
+                }) {
+                    self.fail_operation(&i, &message);
+                }
+            }
+        }
+    }
+
+    fn stop(&self, instance: Instance) {
+        let Some(instance) = self.update(&instance, |i| {
+            i.status.state = InstanceState::Stopping;
+            true
+        }) else {
+            return;
+        };
+        let result = self.agent.stop(&instance);
+        if let Err(e) = &result {
+            self.count_error();
+            self.event(&instance, "error", format!("stop failed: {e}"));
+        } else {
+            self.event(&instance, "info", "stopped");
+        }
+        if let Some(i) = self.update(&instance, |i| {
+            i.status.state = if result.is_ok() { InstanceState::Stopped } else { InstanceState::Error };
+            i.status.pid = 0;
+            i.status.message = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+            // A restart's stop is done: the next pass starts it.
+            i.restart_pending = false;
+            true
+        }) {
+            self.settle(&i);
+        }
+    }
+
+    fn remove(&self, instance: Instance) {
+        let Some(instance) = self.update(&instance, |i| {
+            i.status.state = InstanceState::Deleting;
+            true
+        }) else {
+            return;
+        };
+        if let Err(e) = self.agent.remove(&instance) {
+            self.count_error();
+            self.event(&instance, "error", format!("delete failed: {e}"));
+            self.update(&instance, |i| {
+                i.status.message = e.to_string();
+                true
+            });
+            self.fail_operation(&instance, &e.to_string());
+            return;
+        }
+        if let Err(e) = network::release(&self.db, &instance.spec.network, &instance.status.ip, &instance.id)
+        {
+            self.event(&instance, "error", format!("releasing address {}: {e}", instance.status.ip));
+        }
+        let _ = self.db.delete(&instance_key(&instance.project, &instance.name));
+        self.event(&instance, "info", "deleted");
+        if let Some(op) = &instance.operation {
+            self.finish(op, None);
+        }
+    }
+
+    fn check(&self, instance: Instance) {
+        let Probe::Down { cause, clean } = self.agent.probe(&instance) else { return };
+        let policy = instance.spec.restart;
+        let restart = match policy {
+            RestartPolicy::Always => true,
+            RestartPolicy::OnFailure => !clean,
+            RestartPolicy::Never => false,
+        };
+        self.event(
+            &instance,
+            if clean { "info" } else { "error" },
+            format!("{cause}{}", if restart { "; restarting it" } else { "" }),
+        );
+        // The VMM of a guest that stopped on its own is still there, serving its API.
+        let _ = self.agent.stop(&instance);
+        self.update(&instance, |i| {
+            i.status.pid = 0;
+            i.status.message = cause.clone();
+            if restart {
+                i.status.state = InstanceState::Pending;
+            } else {
+                i.status.state = if clean { InstanceState::Stopped } else { InstanceState::Error };
+                i.desired = Desired::Stopped;
+            }
+            true
+        });
+    }
+
+    /// Finishes the instance's operation if the instance reached what it asked for.
+    fn settle(&self, instance: &Instance) {
+        let reached = matches!(
+            (instance.desired, instance.status.state),
+            (Desired::Running, InstanceState::Running) | (Desired::Stopped, InstanceState::Stopped)
+        ) && !instance.restart_pending;
+        if !reached {
+            return;
+        }
+        if let Some(op) = &instance.operation {
+            self.finish(op, None);
+            self.update(instance, |i| {
+                let mine = i.operation.as_deref() == Some(op.as_str());
+                if mine {
+                    i.operation = None;
+                }
+                mine
+            });
+        }
+    }
+
+    fn fail_operation(&self, instance: &Instance, message: &str) {
+        if let Some(op) = &instance.operation {
+            self.finish(op, Some(message));
+        }
+    }
+
+    fn finish(&self, op: &str, error: Option<&str>) {
+        let _ = self.db.update(&operation_key(op), |o: &mut Operation| {
+            if o.state != OperationState::Running {
+                return false;
+            }
+            o.state = if error.is_some() { OperationState::Failed } else { OperationState::Succeeded };
+            o.error = error.unwrap_or_default().to_owned();
+            o.finished_at = now();
+            true
+        });
+    }
+}
+
+/// What `instance` needs next, if anything.
+fn next_step(instance: &Instance) -> Option<Step> {
+    use InstanceState as S;
+    let state = instance.status.state;
+    match instance.desired {
+        Desired::Deleted => Some(Step::Remove),
+        Desired::Running
+            if instance.restart_pending && matches!(state, S::Running | S::Starting | S::Stopping) =>
+        {
+            Some(Step::Stop)
+        }
+        Desired::Running => match state {
+            S::Pending | S::Stopped | S::Starting | S::Stopping | S::Deleting => Some(Step::Start),
+            S::Error if instance.status.failures < MAX_ATTEMPTS && instance.status.retry_at <= now() => {
+                Some(Step::Start)
+            }
+            S::Error => None,
+            S::Running => Some(Step::Check),
+        },
+        Desired::Stopped => match state {
+            S::Running | S::Starting | S::Stopping => Some(Step::Stop),
+            S::Error if instance.status.pid != 0 => Some(Step::Stop),
+            _ => None,
+        },
+    }
+}

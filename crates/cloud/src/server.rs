@@ -1,0 +1,253 @@
+//! `stratus serve`: control plane and host agent in one process on an embedded SQLite store —
+//! the single-machine cloud. First start creates the data directory, the API token, the client
+//! configuration, the default network and the default image; every start re-adopts the
+//! instances whose VMMs still run (they live in their own sessions and outlive the server).
+
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use stratus_store::SqliteStore;
+
+use crate::agent::{HostAgent, LocalAgent};
+use crate::api::{self, AppState};
+use crate::db::{host_key, image_key, network_key, Db};
+use crate::model::{now, Image, Network, DEFAULT_PROJECT};
+use crate::network::Subnet;
+use crate::reconciler::Reconciler;
+
+/// How `serve` runs.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// Where the store, images and instances live.
+    pub data_dir: PathBuf,
+    /// The API's address.
+    pub listen: SocketAddr,
+    /// The `stratus` binary that runs `stratus vmm`.
+    pub vmm_binary: PathBuf,
+    /// A built image directory (vmlinux, rootfs.ext4, cmdline, manifest) to install as `default`.
+    pub default_image: Option<PathBuf>,
+    /// Subnet of the default network, on first start.
+    pub default_cidr: String,
+    /// Bridge of the default network, on first start.
+    pub default_bridge: String,
+    /// Where to write the CLI's configuration (URL and token), if anywhere.
+    pub client_config: Option<PathBuf>,
+}
+
+/// Runs the server until SIGINT or SIGTERM. Instances keep running after it stops.
+pub fn serve(config: ServeConfig) -> Result<()> {
+    let data = &config.data_dir;
+    std::fs::create_dir_all(data.join("instances"))
+        .with_context(|| format!("creating {}", data.display()))?;
+    std::fs::set_permissions(data, std::fs::Permissions::from_mode(0o700))?;
+    let _lock = lock_data_dir(data)?;
+    let store = SqliteStore::open(&data.join("stratus.db")).context("opening the store")?;
+    let db = Db::new(Arc::new(store));
+    let token = load_or_create_token(&data.join("token"))?;
+    let url = format!("http://{}", config.listen);
+    if let Some(path) = &config.client_config {
+        write_client_config(path, &url, &token)?;
+    }
+    ensure_default_network(&db, &config)?;
+    if let Some(dir) = &config.default_image {
+        install_image(&db, data, "default", dir)?;
+    }
+    let agent: Arc<dyn HostAgent> = Arc::new(LocalAgent::new(data, config.vmm_binary.clone()));
+    let networks: Vec<Network> = db.list("/networks/")?;
+    prepare_networks(agent.as_ref(), &networks)?;
+    let host = agent.host();
+    db.put(&host_key(&host.name), &host)?;
+    let reconciler = Reconciler::new(db.clone(), Arc::clone(&agent));
+    let state = Arc::new(AppState {
+        db,
+        agent,
+        reconciler: Arc::clone(&reconciler),
+        token,
+        stats: Default::default(),
+    });
+    reconciler.spawn();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("listening on {}", config.listen))?;
+        eprintln!(
+            "stratus serve: ready at {url} (data in {}, token in {})",
+            data.display(),
+            data.join("token").display()
+        );
+        axum::serve(listener, api::router(state)).with_graceful_shutdown(stop_signal()).await?;
+        eprintln!("stratus serve: stopped; instances keep running and are adopted at the next start");
+        Ok(())
+    })
+}
+
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// One server per data directory: a second would run every instance twice.
+fn lock_data_dir(data: &Path) -> Result<std::fs::File> {
+    let path = data.join("serve.lock");
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!("another `stratus serve` is using {}", data.display());
+    }
+    Ok(file)
+}
+
+fn load_or_create_token(path: &Path) -> Result<String> {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        let token = text.trim().to_owned();
+        if !token.is_empty() {
+            return Ok(token);
+        }
+    }
+    let token = format!("{}{}", api::new_id(), api::new_id());
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    use std::io::Write;
+    writeln!(file, "{token}")?;
+    file.sync_all()?;
+    Ok(token)
+}
+
+/// Writes `url` and `token` for the CLI, keeping the file's other settings.
+fn write_client_config(path: &Path, url: &str, token: &str) -> Result<()> {
+    let mut table: toml::Table =
+        std::fs::read_to_string(path).ok().and_then(|t| t.parse().ok()).unwrap_or_default();
+    if table.get("url").and_then(|v| v.as_str()) == Some(url)
+        && table.get("token").and_then(|v| v.as_str()) == Some(token)
+    {
+        return Ok(());
+    }
+    table.insert("url".into(), url.into());
+    table.insert("token".into(), token.into());
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    use std::io::Write;
+    file.write_all(table.to_string().as_bytes())?;
+    eprintln!("stratus serve: wrote the CLI's address and token to {}", path.display());
+    Ok(())
+}
+
+fn ensure_default_network(db: &Db, config: &ServeConfig) -> Result<()> {
+    if db.network(DEFAULT_PROJECT, "default")?.is_some() {
+        return Ok(());
+    }
+    let subnet = Subnet::parse(&config.default_cidr)?;
+    let network = Network {
+        name: "default".into(),
+        project: DEFAULT_PROJECT.into(),
+        bridge: config.default_bridge.clone(),
+        cidr: subnet.to_string(),
+        gateway: subnet.gateway().to_string(),
+        nat: true,
+        created_at: now(),
+    };
+    db.put(&network_key(DEFAULT_PROJECT, "default"), &network)?;
+    eprintln!("stratus serve: created network 'default' ({subnet} on bridge {})", network.bridge);
+    Ok(())
+}
+
+/// Bridges for every network, and NAT; installs nftables when it is missing.
+fn prepare_networks(agent: &dyn HostAgent, networks: &[Network]) -> Result<()> {
+    let which_nft = std::process::Command::new("sh").args(["-c", "command -v nft"]).output();
+    if !which_nft.is_ok_and(|o| o.status.success()) {
+        eprintln!("stratus serve: installing nftables (for NAT)");
+        let status = std::process::Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends", "nftables"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(std::process::Stdio::null())
+            .status();
+        if !status.is_ok_and(|s| s.success()) {
+            eprintln!(
+                "stratus serve: warning: could not install nftables; guests will not reach beyond this host"
+            );
+        }
+    }
+    if let Err(e) = agent.prepare_networks(networks) {
+        // Bridges are needed; NAT alone failing leaves guests reachable from this host.
+        if networks.iter().all(|n| crate::network::tap_exists(&n.bridge)) {
+            eprintln!("stratus serve: warning: {e}");
+        } else {
+            return Err(e).context("setting up networks");
+        }
+    }
+    Ok(())
+}
+
+/// Installs the built image in `source` as `name` (copying its files into the data
+/// directory), unless the same build is installed already.
+pub fn install_image(db: &Db, data: &Path, name: &str, source: &Path) -> Result<Image> {
+    let manifest = std::fs::read_to_string(source.join("manifest")).unwrap_or_default();
+    let build = manifest.lines().find_map(|l| l.strip_prefix("input_hash=")).unwrap_or("unknown").to_owned();
+    if let Some(existing) = db.image(DEFAULT_PROJECT, name)? {
+        if existing.source == build && Path::new(&existing.rootfs).exists() {
+            return Ok(existing);
+        }
+    }
+    let images = data.join("images");
+    let dir = images.join(format!("{name}-{}", &build[..build.len().min(12)]));
+    let partial = images.join(format!(".{name}.partial"));
+    let _ = std::fs::remove_dir_all(&partial);
+    std::fs::create_dir_all(&partial)?;
+    let kernel = source.join("vmlinux");
+    std::fs::copy(&kernel, partial.join("vmlinux"))
+        .with_context(|| format!("copying {}", kernel.display()))?;
+    let rootfs = source.join("rootfs.ext4");
+    let rootfs_bytes =
+        std::fs::metadata(&rootfs).with_context(|| format!("reading {}", rootfs.display()))?.len();
+    crate::disk::clone_image(&rootfs, &partial.join("rootfs.ext4"), rootfs_bytes.div_ceil(1 << 20))?;
+    let cmdline = std::fs::read_to_string(source.join("cmdline")).unwrap_or_default().trim().to_owned();
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&partial, &dir)?;
+    let image = Image {
+        name: name.into(),
+        project: DEFAULT_PROJECT.into(),
+        kernel: dir.join("vmlinux").display().to_string(),
+        initrd: None,
+        rootfs: dir.join("rootfs.ext4").display().to_string(),
+        cmdline,
+        rootfs_bytes: std::fs::metadata(dir.join("rootfs.ext4"))?.len(),
+        source: build,
+        created_at: now(),
+    };
+    let old = db.image(DEFAULT_PROJECT, name)?;
+    db.put(&image_key(DEFAULT_PROJECT, name), &image)?;
+    if let Some(old) = old {
+        // Running instances already loaded their kernel; their disks are their own.
+        if let Some(old_dir) = Path::new(&old.rootfs).parent().filter(|d| *d != dir) {
+            let _ = std::fs::remove_dir_all(old_dir);
+        }
+    }
+    eprintln!("stratus serve: installed image '{name}' ({})", dir.display());
+    Ok(image)
+}

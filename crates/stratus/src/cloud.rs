@@ -1,0 +1,579 @@
+//! The cloud's commands: `serve`, and the client commands that talk only to its REST API
+//! (`launch`, `list`, `show`, `exec`, `console`, `stop`, `start`, `restart`, `delete`,
+//! `image list|delete`, `network list|create|delete`, `host list`, `events`).
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use base64::Engine;
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+use stratus_cloud::client::{ApiClient, ClientError};
+use stratus_cloud::model::{Event, Host, Image, Instance, Network, Operation, OperationState};
+
+/// Where the API is and who we are.
+#[derive(Args, Clone, Debug)]
+pub struct Connection {
+    /// API address (default: from ~/.config/stratus/config.toml or STRATUS_URL).
+    #[arg(long, global = true)]
+    url: Option<String>,
+    /// API token (default: from the config file or STRATUS_TOKEN).
+    #[arg(long, global = true)]
+    token: Option<String>,
+    /// Output format.
+    #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+/// How results are printed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Aligned columns for people.
+    Table,
+    /// JSON for programs.
+    Json,
+}
+
+impl Connection {
+    fn client(&self) -> Result<ApiClient> {
+        Ok(ApiClient::configured(self.url.clone(), self.token.clone())?)
+    }
+}
+
+/// `stratus serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Where the store, images and instance disks live.
+    #[arg(long, default_value = "/var/lib/stratus")]
+    data_dir: PathBuf,
+    /// Address of the REST API and dashboard.
+    #[arg(long, default_value = "127.0.0.1:7440")]
+    listen: SocketAddr,
+    /// Subnet of the default network (first start only).
+    #[arg(long, default_value = "10.210.0.0/24")]
+    network_cidr: String,
+    /// Bridge of the default network (first start only).
+    #[arg(long, default_value = "stratus0")]
+    bridge: String,
+    /// Do not build or install the default image (tests that bring their own).
+    #[arg(long)]
+    no_default_image: bool,
+}
+
+/// Runs the cloud on this machine until Ctrl-C.
+pub fn serve(args: ServeArgs) -> Result<i32> {
+    let default_image = if args.no_default_image {
+        None
+    } else {
+        eprintln!("stratus serve: checking the default image (the first build takes ~10 minutes)");
+        Some(crate::image::build("default")?.dir)
+    };
+    let config = stratus_cloud::server::ServeConfig {
+        data_dir: args.data_dir,
+        listen: args.listen,
+        vmm_binary: std::env::current_exe().context("finding the stratus binary")?,
+        default_image,
+        default_cidr: args.network_cidr,
+        default_bridge: args.bridge,
+        client_config: Some(stratus_cloud::client::config_path()),
+    };
+    stratus_cloud::server::serve(config)?;
+    Ok(0)
+}
+
+/// `stratus launch`.
+#[derive(Args, Debug)]
+pub struct LaunchArgs {
+    /// Instance name (lowercase letters, digits, '-').
+    name: String,
+    /// Image to boot.
+    #[arg(long, default_value = "default")]
+    image: String,
+    /// Virtual CPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Memory (e.g. 256M, 1G).
+    #[arg(long, default_value = "256M")]
+    memory: String,
+    /// Root disk size (e.g. 2G).
+    #[arg(long, default_value = "1G")]
+    disk: String,
+    /// Network to attach to.
+    #[arg(long, default_value = "default")]
+    network: String,
+    /// Restart policy when the VMM exits on its own.
+    #[arg(long, default_value = "on-failure", value_parser = ["always", "on-failure", "never"])]
+    restart: String,
+    /// Return once the request is accepted instead of waiting for the guest.
+    #[arg(long)]
+    no_wait: bool,
+}
+
+/// Commands on one instance by name.
+#[derive(Args, Debug)]
+pub struct NameArg {
+    /// Instance name.
+    name: String,
+    /// Return once the request is accepted.
+    #[arg(long)]
+    no_wait: bool,
+}
+
+/// `stratus exec`.
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    /// Instance name.
+    name: String,
+    /// The command and its arguments (after `--`).
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+/// `stratus image ...` (API side).
+#[derive(Subcommand, Debug)]
+pub enum ImageApi {
+    /// List the images the server has.
+    List,
+    /// Delete an image no instance uses.
+    Delete {
+        /// Image name.
+        name: String,
+    },
+}
+
+/// `stratus network ...`.
+#[derive(Subcommand, Debug)]
+pub enum NetworkCommand {
+    /// List networks.
+    List,
+    /// Create a network: a bridge with a subnet, NATed to the host's uplink.
+    Create {
+        /// Network name.
+        name: String,
+        /// Subnet, e.g. 10.211.0.0/24.
+        #[arg(long)]
+        cidr: String,
+        /// No NAT: guests reach only this host and each other.
+        #[arg(long)]
+        no_nat: bool,
+    },
+    /// Delete a network no instance uses.
+    Delete {
+        /// Network name.
+        name: String,
+    },
+}
+
+/// `stratus host ...`.
+#[derive(Subcommand, Debug)]
+pub enum HostCommand {
+    /// Hosts with their capacity and allocation.
+    List,
+}
+
+fn mib(text: &str, what: &str) -> Result<u64> {
+    let bytes = crate::size::parse(text).map_err(|e| anyhow::anyhow!("--{what}: {e}"))?;
+    if bytes % (1 << 20) != 0 {
+        bail!("--{what}: {text} is not a whole number of MiB");
+    }
+    Ok(bytes >> 20)
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Prints rows as aligned columns under `header`.
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let text: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", text.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}
+
+fn age(since: u64) -> String {
+    let secs = stratus_cloud::model::now().saturating_sub(since);
+    match secs {
+        0..=119 => format!("{secs}s"),
+        120..=7199 => format!("{}m", secs / 60),
+        7200..=172_799 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86400),
+    }
+}
+
+fn state_of(i: &Instance) -> String {
+    let state = i.status.state.as_str();
+    if i.status.message.is_empty() || i.status.state != stratus_cloud::model::InstanceState::Error {
+        state.to_owned()
+    } else {
+        format!("{state}: {}", i.status.message)
+    }
+}
+
+/// Follows an operation, printing the instance's events as they come, until it finishes.
+fn follow(client: &ApiClient, op: &Operation, since_ms: u64) -> Result<Operation> {
+    let mut after = since_ms;
+    let started = Instant::now();
+    loop {
+        let done: Operation = client.get(&format!("/v1/operations/{}/wait?timeout=1", op.id))?;
+        let events: Vec<Event> = client.get(&format!("/v1/events?instance={}&after={after}", op.instance))?;
+        for e in events {
+            after = after.max(e.time_ms);
+            eprintln!("  [{:5.1}s] {}", started.elapsed().as_secs_f64(), e.message);
+        }
+        if done.state != OperationState::Running {
+            return Ok(done);
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(serde::Deserialize)]
+struct Accepted {
+    operation: Operation,
+    instance: Instance,
+}
+
+/// Waits for `accepted` unless told not to; the exit code.
+fn finish(
+    client: &ApiClient,
+    accepted: Accepted,
+    since_ms: u64,
+    no_wait: bool,
+    done_line: impl Fn(&Instance) -> String,
+) -> Result<i32> {
+    if no_wait || accepted.operation.state != OperationState::Running {
+        if accepted.operation.state == OperationState::Failed {
+            bail!("{}", accepted.operation.error);
+        }
+        eprintln!(
+            "{}: {} accepted (operation {})",
+            accepted.instance.name, accepted.operation.kind, accepted.operation.id
+        );
+        return Ok(0);
+    }
+    let op = follow(client, &accepted.operation, since_ms)?;
+    if op.state == OperationState::Failed {
+        bail!("{} {}: {}", op.kind, op.instance, op.error);
+    }
+    let instance = client.get::<Instance>(&format!("/v1/instances/{}", op.instance));
+    match instance {
+        Ok(i) => println!("{}", done_line(&i)),
+        Err(ClientError::Api { status: 404, .. }) => println!("{}: deleted", op.instance),
+        Err(e) => return Err(e.into()),
+    }
+    Ok(0)
+}
+
+/// `stratus launch`.
+pub fn launch(conn: &Connection, args: LaunchArgs) -> Result<i32> {
+    let client = conn.client()?;
+    let body = json!({
+        "name": args.name,
+        "image": args.image,
+        "cpus": args.cpus,
+        "memory_mib": mib(&args.memory, "memory")?,
+        "disk_mib": mib(&args.disk, "disk")?,
+        "network": args.network,
+        "restart": args.restart,
+    });
+    let since = now_ms().saturating_sub(1);
+    let accepted: Accepted = client.post("/v1/instances", &body)?;
+    eprintln!(
+        "Launching {} ({} vCPU, {}, address {})",
+        args.name, args.cpus, args.memory, accepted.instance.status.ip
+    );
+    finish(&client, accepted, since, args.no_wait, |i| {
+        format!(
+            "{} is running at {} ({} boot, guest ready in {:.1} s)",
+            i.name,
+            i.status.ip,
+            i.status.boot,
+            i.status.boot_ms as f64 / 1e3
+        )
+    })
+}
+
+/// `stratus stop|start|restart|delete NAME`.
+pub fn lifecycle(conn: &Connection, action: &str, args: NameArg) -> Result<i32> {
+    let client = conn.client()?;
+    let since = now_ms().saturating_sub(1);
+    let accepted: Accepted = if action == "delete" {
+        let value = client.delete(&format!("/v1/instances/{}", args.name))?.unwrap_or(Value::Null);
+        serde_json::from_value(value).context("decoding the API's answer")?
+    } else {
+        client.post(&format!("/v1/instances/{}/{action}", args.name), &json!({}))?
+    };
+    finish(&client, accepted, since, args.no_wait, |i| format!("{}: {}", i.name, state_of(i)))
+}
+
+/// `stratus list`.
+pub fn list(conn: &Connection) -> Result<i32> {
+    let instances: Vec<Instance> = conn.client()?.get("/v1/instances")?;
+    if conn.output == Output::Json {
+        print_json(&instances)?;
+        return Ok(0);
+    }
+    let rows: Vec<Vec<String>> = instances
+        .iter()
+        .map(|i| {
+            vec![
+                i.name.clone(),
+                state_of(i),
+                i.status.host.clone(),
+                i.status.ip.clone(),
+                i.spec.cpus.to_string(),
+                format!("{}M", i.spec.memory_mib),
+                age(i.created_at),
+            ]
+        })
+        .collect();
+    print_table(&["NAME", "STATE", "HOST", "IP", "CPUS", "MEMORY", "AGE"], &rows);
+    Ok(0)
+}
+
+/// `stratus show NAME`.
+pub fn show(conn: &Connection, name: &str) -> Result<i32> {
+    let client = conn.client()?;
+    let instance: Instance = client.get(&format!("/v1/instances/{name}"))?;
+    if conn.output == Output::Json {
+        print_json(&instance)?;
+        return Ok(0);
+    }
+    let s = &instance.status;
+    println!("name:     {}", instance.name);
+    println!("id:       {}", instance.id);
+    println!("state:    {} (wanted: {:?})", state_of(&instance), instance.desired);
+    println!("host:     {}", s.host);
+    println!("address:  {} ({})", s.ip, s.mac);
+    println!("image:    {}", instance.spec.image);
+    println!(
+        "size:     {} vCPU, {} MiB memory, {} MiB disk",
+        instance.spec.cpus, instance.spec.memory_mib, instance.spec.disk_mib
+    );
+    if s.boot_ms > 0 {
+        println!("boot:     {} in {:.1} s", s.boot, s.boot_ms as f64 / 1e3);
+    }
+    println!("created:  {} ago", age(instance.created_at));
+    let events: Vec<Event> = client.get(&format!("/v1/events?instance={name}"))?;
+    println!("events:");
+    for e in events.iter().rev().take(10).rev() {
+        println!("  {} {:5} {}", age(e.time_ms / 1000), e.level, e.message);
+    }
+    Ok(0)
+}
+
+/// `stratus exec NAME -- COMMAND...`: the command's output and exit code are ours.
+pub fn exec(conn: &Connection, args: ExecArgs) -> Result<i32> {
+    let client = conn.client()?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    // Standard input goes along when it is not a terminal (a pipe or a file).
+    // SAFETY: isatty only inspects the descriptor.
+    let mut stdin = Vec::new();
+    if unsafe { libc::isatty(0) } != 1 {
+        std::io::stdin().read_to_end(&mut stdin).context("reading standard input")?;
+    }
+    let answer: Value = client.post(
+        &format!("/v1/instances/{}/exec", args.name),
+        &json!({"command": args.command, "stdin": b64.encode(stdin)}),
+    )?;
+    let field = |name: &str| -> Result<Vec<u8>> {
+        Ok(b64.decode(answer.get(name).and_then(|v| v.as_str()).unwrap_or_default())?)
+    };
+    std::io::stdout().write_all(&field("stdout")?)?;
+    std::io::stderr().write_all(&field("stderr")?)?;
+    Ok(answer.get("exit_code").and_then(|c| c.as_i64()).unwrap_or(1) as i32)
+}
+
+/// `stratus console NAME`: the serial console; Ctrl-A then `x` detaches.
+pub fn console(conn: &Connection, name: &str) -> Result<i32> {
+    let client = conn.client()?;
+    let mut socket = client.console(name)?;
+    socket.get_ref().set_read_timeout(Some(Duration::from_millis(20)))?;
+    use std::os::fd::AsFd;
+    let stdin = std::io::stdin();
+    let terminal = stratus_vmm::console::RawTerminal::enable(stdin.as_fd());
+    if terminal.is_some() {
+        eprint!("Connected to {name}'s console; Ctrl-A then x detaches.\r\n");
+    }
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1024];
+        let mut stdin = std::io::stdin();
+        while let Ok(n) = stdin.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                return;
+            }
+        }
+    });
+    let mut escape = false;
+    let mut out = std::io::stdout();
+    loop {
+        match socket.read() {
+            Ok(tungstenite::Message::Binary(data)) => {
+                out.write_all(&data)?;
+                out.flush()?;
+            }
+            Ok(tungstenite::Message::Close(_)) => break,
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => break,
+        }
+        while let Ok(bytes) = rx.try_recv() {
+            let mut send = Vec::new();
+            for b in bytes {
+                if terminal.is_some() && escape {
+                    escape = false;
+                    if b == b'x' {
+                        drop(terminal);
+                        eprintln!("\nDetached from {name}.");
+                        return Ok(0);
+                    }
+                    if b != 0x01 {
+                        send.push(0x01);
+                    }
+                } else if terminal.is_some() && b == 0x01 {
+                    escape = true;
+                    continue;
+                }
+                send.push(b);
+            }
+            if !send.is_empty() {
+                socket.send(tungstenite::Message::Binary(send.into()))?;
+            }
+        }
+    }
+    drop(terminal);
+    eprintln!("\nThe console of {name} closed.");
+    Ok(0)
+}
+
+/// `stratus image list|delete`.
+pub fn image(conn: &Connection, command: ImageApi) -> Result<i32> {
+    let client = conn.client()?;
+    match command {
+        ImageApi::List => {
+            let images: Vec<Image> = client.get("/v1/images")?;
+            if conn.output == Output::Json {
+                print_json(&images)?;
+                return Ok(0);
+            }
+            let rows: Vec<Vec<String>> = images
+                .iter()
+                .map(|i| {
+                    vec![
+                        i.name.clone(),
+                        format!("{}M", i.rootfs_bytes >> 20),
+                        age(i.created_at),
+                        i.kernel.clone(),
+                    ]
+                })
+                .collect();
+            print_table(&["NAME", "ROOTFS", "AGE", "KERNEL"], &rows);
+        }
+        ImageApi::Delete { name } => {
+            client.delete(&format!("/v1/images/{name}"))?;
+            println!("image {name} deleted");
+        }
+    }
+    Ok(0)
+}
+
+/// `stratus network list|create|delete`.
+pub fn network(conn: &Connection, command: NetworkCommand) -> Result<i32> {
+    let client = conn.client()?;
+    match command {
+        NetworkCommand::List => {
+            let networks: Vec<Network> = client.get("/v1/networks")?;
+            if conn.output == Output::Json {
+                print_json(&networks)?;
+                return Ok(0);
+            }
+            let rows: Vec<Vec<String>> = networks
+                .iter()
+                .map(|n| {
+                    vec![
+                        n.name.clone(),
+                        n.cidr.clone(),
+                        n.gateway.clone(),
+                        n.bridge.clone(),
+                        if n.nat { "yes" } else { "no" }.into(),
+                    ]
+                })
+                .collect();
+            print_table(&["NAME", "SUBNET", "GATEWAY", "BRIDGE", "NAT"], &rows);
+        }
+        NetworkCommand::Create { name, cidr, no_nat } => {
+            let network: Network =
+                client.post("/v1/networks", &json!({"name": name, "cidr": cidr, "nat": !no_nat}))?;
+            println!("network {} created: {} on bridge {}", network.name, network.cidr, network.bridge);
+        }
+        NetworkCommand::Delete { name } => {
+            client.delete(&format!("/v1/networks/{name}"))?;
+            println!("network {name} deleted");
+        }
+    }
+    Ok(0)
+}
+
+/// `stratus host list`.
+pub fn host(conn: &Connection, command: HostCommand) -> Result<i32> {
+    let HostCommand::List = command;
+    let hosts: Vec<Host> = conn.client()?.get("/v1/hosts")?;
+    if conn.output == Output::Json {
+        print_json(&hosts)?;
+        return Ok(0);
+    }
+    let rows: Vec<Vec<String>> = hosts
+        .iter()
+        .map(|h| {
+            vec![
+                h.name.clone(),
+                h.hypervisor.clone(),
+                format!("{}/{}", h.allocated_cpus, h.cpus),
+                format!("{}M/{}M", h.allocated_mib, h.allocatable_mib),
+                h.instances.to_string(),
+            ]
+        })
+        .collect();
+    print_table(&["NAME", "KVM", "VCPUS", "MEMORY", "INSTANCES"], &rows);
+    Ok(0)
+}
+
+/// `stratus events [NAME]`.
+pub fn events(conn: &Connection, instance: Option<String>) -> Result<i32> {
+    let path = match &instance {
+        Some(name) => format!("/v1/events?instance={name}"),
+        None => "/v1/events".to_owned(),
+    };
+    let events: Vec<Event> = conn.client()?.get(&path)?;
+    if conn.output == Output::Json {
+        print_json(&events)?;
+        return Ok(0);
+    }
+    for e in events {
+        println!("{:>5} ago  {:10} {:5} {}", age(e.time_ms / 1000), e.instance, e.level, e.message);
+    }
+    Ok(0)
+}

@@ -1,0 +1,320 @@
+//! The cloud on one machine, end to end: `stratus serve` in a network namespace of its own (a
+//! test "host": its bridge, taps and NAT stay there), driven by the CLI as a user would, with
+//! real VMMs booting the default Linux image and its guest agent.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::TestNet;
+use serde_json::Value;
+
+/// A `stratus serve` in its own namespace and data directory.
+struct Cloud {
+    net: TestNet,
+    data: PathBuf,
+    serve: Option<Child>,
+}
+
+const URL: &str = "http://127.0.0.1:7440";
+
+impl Cloud {
+    fn new(n: u8, test: &str) -> Option<Cloud> {
+        if !common::kvm_available(test) {
+            return None;
+        }
+        let net = TestNet::create(n, test)?;
+        common::ensure_default_image();
+        let data =
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cloud-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data);
+        std::fs::create_dir_all(&data).unwrap();
+        let mut cloud = Cloud { net, data, serve: None };
+        cloud.start_server();
+        Some(cloud)
+    }
+
+    fn log(&self) -> PathBuf {
+        self.data.join("serve.log")
+    }
+
+    /// Starts `stratus serve` and waits until it answers.
+    fn start_server(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log()).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.net.netns, env!("CARGO_BIN_EXE_stratus"), "serve"])
+            .arg("--data-dir")
+            .arg(&self.data)
+            .env("STRATUS_CONFIG", self.data.join("client.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting stratus serve");
+        self.serve = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let starts = std::fs::read_to_string(self.log()).unwrap().matches("ready at").count();
+        loop {
+            let text = std::fs::read_to_string(self.log()).unwrap();
+            if text.matches("ready at").count() > starts {
+                return;
+            }
+            if let Some(status) = self.serve.as_mut().unwrap().try_wait().unwrap() {
+                panic!("stratus serve exited ({status}):\n{text}");
+            }
+            assert!(Instant::now() < deadline, "stratus serve did not start:\n{text}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Kills the server as a crash would.
+    fn kill_server(&mut self) {
+        if let Some(mut child) = self.serve.take() {
+            // `ip netns exec` execs the program: the child is stratus serve itself.
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    fn token(&self) -> String {
+        std::fs::read_to_string(self.data.join("token")).unwrap().trim().to_owned()
+    }
+
+    /// Runs the CLI inside the namespace; (exit code, stdout, stderr).
+    fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        self.cli_with_input(args, b"")
+    }
+
+    fn cli_with_input(&self, args: &[&str], input: &[u8]) -> (i32, String, String) {
+        let token = self.token();
+        let mut all = vec!["--url", URL, "--token", &token];
+        all.extend_from_slice(args);
+        let out = common::stratus_cmd(
+            Command::new("ip")
+                .args(self.net.stratus_args(&all))
+                .env("STRATUS_CONFIG", self.data.join("client.toml")),
+            input,
+            Duration::from_secs(400),
+        );
+        (out.code.unwrap_or(-1), out.stdout, out.stderr)
+    }
+
+    /// The CLI must succeed; its standard output.
+    fn ok(&self, args: &[&str]) -> String {
+        let (code, out, err) = self.cli(args);
+        assert_eq!(
+            code,
+            0,
+            "stratus {args:?} failed:\nstdout: {out}\nstderr: {err}\nserver log:\n{}",
+            self.server_log()
+        );
+        out
+    }
+
+    fn server_log(&self) -> String {
+        std::fs::read_to_string(self.log()).unwrap_or_default()
+    }
+
+    fn instance(&self, name: &str) -> Value {
+        serde_json::from_str(&self.ok(&["show", name, "-o", "json"])).unwrap()
+    }
+
+    /// A raw HTTP request inside the namespace: (status, body).
+    fn http(&self, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, String) {
+        let mut args = vec![
+            "netns",
+            "exec",
+            &self.net.netns,
+            "curl",
+            "-s",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "-X",
+            method,
+        ];
+        let auth;
+        if let Some(t) = token {
+            auth = format!("Authorization: Bearer {t}");
+            args.extend(["-H", &auth]);
+        }
+        if let Some(b) = body {
+            args.extend(["-H", "Content-Type: application/json", "--data-binary", b]);
+        }
+        let url = format!("{URL}{path}");
+        args.push(&url);
+        let out = Command::new("ip").args(&args).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, status) = text.rsplit_once('\n').unwrap();
+        (status.trim().parse().unwrap_or(0), body.to_owned())
+    }
+
+    fn ping(&self, ip: &str) -> bool {
+        Command::new("ip")
+            .args(["netns", "exec", &self.net.netns, "ping", "-c", "1", "-W", "5", ip])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    }
+
+    /// Pids of VMM processes serving instance `id`.
+    fn vmm_pids(&self, id: &str) -> Vec<u32> {
+        let needle = self.data.join("instances").join(id).join("api.sock");
+        let mut pids = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+            if cmdline.split(|b| *b == 0).any(|a| a == needle.as_os_str().as_encoded_bytes()) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        self.kill_server();
+        // VMMs outlive the server by design; the test's must not outlive the test.
+        if let Ok(entries) = std::fs::read_dir(self.data.join("instances")) {
+            for entry in entries.flatten() {
+                for pid in self.vmm_pids(&entry.file_name().to_string_lossy()) {
+                    // SAFETY: signalling a process we started.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+}
+
+fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Launch, list, exec, ping, bad requests, a server crash and restart with the instance
+/// adopted, a VMM killed while the server is down, stop/start, and delete with no leftovers.
+#[test]
+fn one_machine_cloud_lifecycle() {
+    let Some(mut cloud) = Cloud::new(1, "one_machine_cloud_lifecycle") else { return };
+
+    // Bad input changes nothing and says why.
+    let token = cloud.token();
+    let t = Some(token.as_str());
+    assert_eq!(cloud.http("GET", "/v1/instances", None, None).0, 401);
+    assert_eq!(cloud.http("GET", "/v1/instances", Some("wrong"), None).0, 401);
+    for (body, status) in [
+        ("{", 400),
+        (r#"{"name": "a", "cpus": 1, "gpu": 1}"#, 400),
+        (r#"{"name": "Bad_Name"}"#, 400),
+        (r#"{"name": "big", "memory_mib": 99999999}"#, 422),
+        (r#"{"name": "zero", "cpus": 0}"#, 422),
+        (r#"{"name": "tiny", "disk_mib": 1}"#, 422),
+        (r#"{"name": "noimg", "image": "nope"}"#, 422),
+    ] {
+        let (got, text) = cloud.http("POST", "/v1/instances", t, Some(body));
+        assert_eq!(got, status, "{body} -> {text}");
+        assert!(serde_json::from_str::<Value>(&text).unwrap()["error"].is_string(), "{text}");
+    }
+    assert_eq!(cloud.ok(&["list", "-o", "json"]).trim(), "[]");
+
+    // Launch and reach it.
+    let out = cloud.ok(&["launch", "web1", "--memory", "128M", "--disk", "256M"]);
+    assert!(out.contains("web1 is running at 10.210.0.2"), "{out}");
+    let first = cloud.instance("web1");
+    assert_eq!(first["status"]["state"], "running");
+    let id = first["id"].as_str().unwrap().to_owned();
+    let ip = first["status"]["ip"].as_str().unwrap().to_owned();
+    assert_eq!(cloud.vmm_pids(&id).len(), 1);
+    let (dup, text) = cloud.http(
+        "POST",
+        "/v1/instances",
+        t,
+        Some(r#"{"name": "web1", "memory_mib": 128, "disk_mib": 256}"#),
+    );
+    assert_eq!(dup, 409, "{text}");
+    let list = cloud.ok(&["list"]);
+    assert!(list.lines().next().unwrap().starts_with("NAME"), "{list}");
+    assert!(list.contains("web1") && list.contains("running") && list.contains(&ip), "{list}");
+
+    let (code, out, _) = cloud.cli(&["exec", "web1", "--", "cat", "/proc/cpuinfo"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("processor"), "{out}");
+    let (code, out, err) = cloud.cli(&["exec", "web1", "--", "sh", "-c", "echo out; echo err >&2; exit 7"]);
+    assert_eq!((code, out.as_str(), err.as_str()), (7, "out\n", "err\n"));
+    let (code, out, _) = cloud.cli_with_input(&["exec", "web1", "--", "cat"], b"piped through\n");
+    assert_eq!((code, out.as_str()), (0, "piped through\n"));
+    assert_eq!(cloud.ok(&["exec", "web1", "--", "hostname"]).trim(), "web1");
+    assert!(cloud.ping(&ip), "the guest does not answer ping at {ip}");
+    let (code, _, err) = cloud.cli(&["exec", "web1", "--", "no-such-program"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no-such-program"), "{err}");
+
+    // The server dies; the guest does not. At the next start it is adopted, not restarted.
+    let pid = first["status"]["pid"].as_u64().unwrap() as u32;
+    cloud.kill_server();
+    assert!(cloud.ping(&ip), "the guest went down with the server");
+    cloud.start_server();
+    std::thread::sleep(Duration::from_secs(3));
+    let adopted = cloud.instance("web1");
+    assert_eq!(adopted["status"]["state"], "running", "{adopted}");
+    assert_eq!(adopted["status"]["pid"].as_u64().unwrap() as u32, pid, "a second VMM was started");
+    assert_eq!(cloud.vmm_pids(&id), vec![pid]);
+    assert_eq!(adopted["status"]["ip"], first["status"]["ip"]);
+    assert_eq!(cloud.ok(&["exec", "web1", "--", "echo", "still-here"]).trim(), "still-here");
+
+    // The VMM dies while the server is down: reported with its cause, restarted (on-failure).
+    cloud.kill_server();
+    // SAFETY: killing the test's own VMM.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    cloud.start_server();
+    wait_for("the dead VMM to be noticed", Duration::from_secs(30), || {
+        cloud.ok(&["events", "web1"]).contains("VMM process is gone")
+    });
+    wait_for("the restart", Duration::from_secs(300), || {
+        let i = cloud.instance("web1");
+        i["status"]["state"] == "running" && i["status"]["pid"].as_u64() != Some(u64::from(pid))
+    });
+    assert_eq!(cloud.vmm_pids(&id).len(), 1);
+    assert_eq!(cloud.ok(&["exec", "web1", "--", "echo", "back"]).trim(), "back");
+
+    // Stop keeps the disk; start boots it again with what was written before.
+    cloud.ok(&["exec", "web1", "--", "sh", "-c", "echo kept > /root/note; sync"]);
+    let out = cloud.ok(&["stop", "web1"]);
+    assert!(out.contains("web1: stopped"), "{out}");
+    assert!(cloud.vmm_pids(&id).is_empty());
+    let (code, _, err) = cloud.cli(&["exec", "web1", "--", "true"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not running"), "{err}");
+    cloud.ok(&["start", "web1"]);
+    assert_eq!(cloud.ok(&["exec", "web1", "--", "cat", "/root/note"]).trim(), "kept");
+
+    // Delete leaves nothing behind: no VMM, tap, directory or address lease.
+    let out = cloud.ok(&["delete", "web1"]);
+    assert!(out.contains("deleted"), "{out}");
+    assert!(cloud.vmm_pids(&id).is_empty());
+    assert!(!cloud.data.join("instances").join(&id).exists());
+    let tap = format!("st{}", &id[..12]);
+    let links = Command::new("ip").args(["-n", &cloud.net.netns, "-br", "link"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&links.stdout).contains(&tap), "tap {tap} left behind");
+    assert_eq!(cloud.ok(&["list", "-o", "json"]).trim(), "[]");
+    // The address is free again: the next instance gets it.
+    let token = cloud.token();
+    let (status, text) = cloud.http(
+        "POST",
+        "/v1/instances",
+        Some(&token),
+        Some(r#"{"name": "web2", "memory_mib": 128, "disk_mib": 256}"#),
+    );
+    assert_eq!(status, 202, "{text}");
+    let accepted: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(accepted["instance"]["status"]["ip"], ip.as_str());
+    cloud.ok(&["delete", "web2"]);
+}
