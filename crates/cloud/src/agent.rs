@@ -49,6 +49,9 @@ pub enum AgentError {
     /// The instance does not run here.
     #[error("instance is not running")]
     NotRunning,
+    /// The start was called off (the instance is to be stopped or deleted).
+    #[error("start called off")]
+    Cancelled,
     /// Local file work failed.
     #[error("{0}")]
     Io(String),
@@ -97,12 +100,15 @@ pub trait HostAgent: Send + Sync {
     /// Creates the bridges of `networks` and applies NAT for them.
     fn prepare_networks(&self, networks: &[Network]) -> Result<(), AgentError>;
     /// Makes the disk if missing, the tap, starts the VMM and waits for the guest agent.
+    /// `cancelled` is asked while the guest boots: when it says so, the VMM is stopped and
+    /// the start ends with `Cancelled`.
     fn start(
         &self,
         instance: &Instance,
         image: &Image,
         network: &Network,
         progress: &mut dyn FnMut(String),
+        cancelled: &dyn Fn() -> bool,
     ) -> Result<Started, AgentError>;
     /// Stops the VMM: power button, then hard after a grace period. The disk stays.
     fn stop(&self, instance: &Instance) -> Result<(), AgentError>;
@@ -281,12 +287,20 @@ impl LocalAgent {
         Ok(())
     }
 
-    fn wait_for_guest(&self, instance: &Instance, started: Instant) -> Result<(), AgentError> {
+    fn wait_for_guest(
+        &self,
+        instance: &Instance,
+        started: Instant,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<(), AgentError> {
         let client = Client::new(self.instance_dir(&instance.id).join("vsock.sock"), Duration::from_secs(2));
         loop {
             match client.info() {
                 Ok(_) => return Ok(()),
                 Err(e) => {
+                    if cancelled() {
+                        return Err(AgentError::Cancelled);
+                    }
                     if let Probe::Down { cause, .. } = self.probe(instance) {
                         return Err(AgentError::Guest(format!("the VM stopped while booting: {cause}")));
                     }
@@ -366,6 +380,7 @@ impl HostAgent for LocalAgent {
         image: &Image,
         network: &Network,
         progress: &mut dyn FnMut(String),
+        cancelled: &dyn Fn() -> bool,
     ) -> Result<Started, AgentError> {
         let id = &instance.id;
         let dir = self.instance_dir(id);
@@ -400,7 +415,7 @@ impl HostAgent for LocalAgent {
         progress(format!("VMM started (pid {pid}), booting"));
         let mut running = instance.clone();
         running.status.pid = pid;
-        if let Err(e) = self.wait_for_guest(&running, started) {
+        if let Err(e) = self.wait_for_guest(&running, started, cancelled) {
             self.quit_vmm(&running);
             return Err(e);
         }

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use crate::agent::{HostAgent, Probe};
+use crate::agent::{AgentError, HostAgent, Probe};
 use crate::db::{instance_key, operation_key, Db};
 use crate::model::{now, Desired, Instance, InstanceState, Operation, OperationState, RestartPolicy};
 use crate::network;
@@ -138,17 +138,33 @@ impl Reconciler {
             let image = self
                 .db
                 .image(&instance.project, &instance.spec.image)
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| format!("image '{}' no longer exists", instance.spec.image))?;
+                .map_err(|e| AgentError::Io(e.to_string()))?
+                .ok_or_else(|| AgentError::Io(format!("image '{}' no longer exists", instance.spec.image)))?;
             let network = self
                 .db
                 .network(&instance.project, &instance.spec.network)
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| format!("network '{}' no longer exists", instance.spec.network))?;
+                .map_err(|e| AgentError::Io(e.to_string()))?
+                .ok_or_else(|| {
+                    AgentError::Io(format!("network '{}' no longer exists", instance.spec.network))
+                })?;
             let mut progress = |message: String| self.event(&instance, "info", message);
-            self.agent.start(&instance, &image, &network, &mut progress).map_err(|e| e.to_string())
+            let key = instance_key(&instance.project, &instance.name);
+            let cancelled = || !matches!(self.db.get::<Instance>(&key), Ok(Some((i, _))) if i.desired == Desired::Running && !i.restart_pending);
+            self.agent.start(&instance, &image, &network, &mut progress, &cancelled)
         })();
         match result {
+            Err(AgentError::Cancelled) => {
+                self.event(&instance, "info", "start called off");
+                if let Some(i) = self.update(&instance, |i| {
+                    i.status.state = InstanceState::Stopped;
+                    i.status.pid = 0;
+                    // A restart asked for during the boot is served by the next start.
+                    i.restart_pending = false;
+                    true
+                }) {
+                    self.settle(&i);
+                }
+            }
             Ok(started) => {
                 let boot_ms = started.boot.as_millis() as u64;
                 self.event(
@@ -170,7 +186,8 @@ impl Reconciler {
                     self.settle(&i);
                 }
             }
-            Err(message) => {
+            Err(error) => {
+                let message = error.to_string();
                 self.count_error();
                 let failures = instance.status.failures + 1;
                 let retry = if failures < MAX_ATTEMPTS {

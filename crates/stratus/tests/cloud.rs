@@ -26,6 +26,7 @@ impl Cloud {
             return None;
         }
         let net = TestNet::create(n, test)?;
+        common::ensure_packages(&["iputils-ping", "curl"]);
         common::ensure_default_image();
         let data =
             Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cloud-{test}-{}", std::process::id()));
@@ -316,5 +317,8 @@ fn one_machine_cloud_lifecycle() {
     assert_eq!(status, 202, "{text}");
     let accepted: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(accepted["instance"]["status"]["ip"], ip.as_str());
+    // Deleting it while it boots calls the boot off rather than waiting for it.
     cloud.ok(&["delete", "web2"]);
+    let events = cloud.ok(&["events", "web2"]);
+    assert!(events.contains("start called off") && !events.contains("guest agent ready"), "{events}");
 }
