@@ -17,17 +17,21 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use stratus_guest_agent::{Client, ExecRequest};
+use stratus_guest_agent::{Client, ExecRequest, Identity};
 use stratus_vmm::api::http;
 
 use crate::disk::{self, CloneKind};
-use crate::model::{Host, Image, Instance, Network};
+use crate::model::{Host, Image, Instance, Network, WarmSnapshot, VMM_VERSION};
 use crate::network::{self, Subnet};
 
 /// The guest agent's answer must come within this after the VMM starts.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a guest gets to power off after the power button before it is stopped hard.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// The size a warm snapshot is made at: the launch defaults.
+const WARM_CPUS: u32 = 1;
+const WARM_MEMORY_MIB: u64 = 256;
+const WARM_DISK_MIB: u64 = 1024;
 /// Memory kept for the host itself, not given to instances.
 const HOST_RESERVE_MIB: u64 = 1024;
 
@@ -66,6 +70,8 @@ pub struct Started {
     pub boot: Duration,
     /// "cold" or "warm".
     pub kind: &'static str,
+    /// Where the time went, for the event log.
+    pub detail: String,
 }
 
 /// What the agent sees of an instance's VMM.
@@ -110,6 +116,14 @@ pub trait HostAgent: Send + Sync {
         progress: &mut dyn FnMut(String),
         cancelled: &dyn Fn() -> bool,
     ) -> Result<Started, AgentError>;
+    /// Boots `image` once (1 vCPU, 256 MiB, 1 GiB disk: the launch defaults), waits for its
+    /// guest agent and saves it, for warm launches of that size.
+    fn warm(
+        &self,
+        image: &Image,
+        network: &Network,
+        progress: &mut dyn FnMut(String),
+    ) -> Result<WarmSnapshot, AgentError>;
     /// Stops the VMM: power button, then hard after a grace period. The disk stays.
     fn stop(&self, instance: &Instance) -> Result<(), AgentError>;
     /// Stops the VMM if it runs and removes the tap, disk and directory.
@@ -179,46 +193,9 @@ impl LocalAgent {
         self.data_dir.join("instances").join(id)
     }
 
-    fn api_sock(&self, id: &str) -> PathBuf {
-        self.instance_dir(id).join("api.sock")
-    }
-
-    /// Whether `pid` is the VMM of instance `id` (not a recycled pid).
-    fn is_our_vmm(&self, pid: u32, id: &str) -> bool {
-        if pid == 0 {
-            return false;
-        }
-        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
-        let want = self.api_sock(id);
-        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        // A zombie (state Z) has exited.
-        let zombie = state.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z'));
-        !zombie && cmdline.split(|b| *b == 0).any(|arg| arg == want.as_os_str().as_encoded_bytes())
-    }
-
-    fn vmm_call(
-        &self,
-        id: &str,
-        method: &str,
-        target: &str,
-        body: Option<String>,
-    ) -> Result<serde_json::Value, AgentError> {
-        let response = http::call(&self.api_sock(id), method, target, body.as_deref())
-            .map_err(|e| AgentError::Vmm(e.to_string()))?;
-        let value: serde_json::Value = if response.body.trim().is_empty() {
-            serde_json::Value::Null
-        } else {
-            serde_json::from_str(&response.body).unwrap_or(serde_json::Value::String(response.body.clone()))
-        };
-        if response.status >= 300 {
-            let message = value.get("error").and_then(|e| e.as_str()).unwrap_or(&response.body).to_owned();
-            return Err(AgentError::Vmm(format!("{method} {target}: {message}")));
-        }
-        Ok(value)
-    }
-
-    fn spawn_vmm(&self, id: &str) -> Result<u32, AgentError> {
-        let dir = self.instance_dir(id);
+    /// Spawns `stratus vmm` for the VM kept in `dir` (its API socket, log, disk) and waits
+    /// for its API socket.
+    fn spawn_vmm(&self, dir: &Path) -> Result<u32, AgentError> {
         let log_path = dir.join("vmm.log");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -226,7 +203,7 @@ impl LocalAgent {
             .open(&log_path)
             .map_err(|e| AgentError::Io(format!("opening {}: {e}", log_path.display())))?;
         let log2 = log.try_clone().map_err(|e| AgentError::Io(e.to_string()))?;
-        let api = self.api_sock(id);
+        let api = api_sock(dir);
         let _ = std::fs::remove_file(&api);
         let mut command = Command::new(&self.vmm_binary);
         command.arg("vmm").arg("--api-sock").arg(&api).stdin(Stdio::null()).stdout(log).stderr(log2);
@@ -248,8 +225,8 @@ impl LocalAgent {
             if std::os::unix::net::UnixStream::connect(&api).is_ok() {
                 return Ok(pid);
             }
-            if !self.is_our_vmm(pid, id) {
-                return Err(AgentError::Vmm(format!("the VMM exited at start: {}", self.log_tail(id))));
+            if !is_vmm_of(pid, dir) {
+                return Err(AgentError::Vmm(format!("the VMM exited at start: {}", log_tail(dir))));
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -257,43 +234,36 @@ impl LocalAgent {
         Err(AgentError::Vmm("the VMM did not open its API socket within 10 s".into()))
     }
 
-    /// The last line the VMM printed, for error messages.
-    fn log_tail(&self, id: &str) -> String {
-        let text = std::fs::read_to_string(self.instance_dir(id).join("vmm.log")).unwrap_or_default();
-        text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output").trim().to_owned()
-    }
-
-    fn configure_vmm(&self, instance: &Instance, image: &Image, network: &Network) -> Result<(), AgentError> {
-        let id = &instance.id;
-        let dir = self.instance_dir(id);
-        let subnet = Subnet::parse(&network.cidr)?;
-        let cmdline = format!(
-            "{} root=/dev/vda rw stratus.hostname={} stratus.ip={}/{} stratus.gw={}",
-            image.cmdline, instance.name, instance.status.ip, subnet.prefix, network.gateway
-        );
+    /// Configures a fresh VMM to boot `image` with the instance's disk, tap, vsock and console.
+    fn boot_vmm(&self, dir: &Path, spec: &BootSpec) -> Result<(), AgentError> {
         let calls = [
-            ("/vm/machine", json!({"vcpus": instance.spec.cpus, "memory_mib": instance.spec.memory_mib})),
-            ("/vm/boot", json!({"kernel": image.kernel, "initrd": image.initrd, "cmdline": cmdline})),
+            ("/vm/machine", json!({"vcpus": spec.cpus, "memory_mib": spec.memory_mib})),
+            (
+                "/vm/boot",
+                json!({"kernel": spec.image.kernel, "initrd": spec.image.initrd, "cmdline": spec.cmdline}),
+            ),
             ("/vm/drives/vda", json!({"path": dir.join("disk.raw")})),
-            ("/vm/nets/eth0", json!({"tap": network::tap_name(id), "mac": instance.status.mac})),
-            ("/vm/vsock", json!({"cid": 3, "socket": dir.join("vsock.sock")})),
+            ("/vm/nets/eth0", json!({"tap": spec.tap, "mac": spec.mac})),
+            ("/vm/vsock", json!({"cid": GUEST_CID, "socket": dir.join("vsock.sock")})),
             ("/vm/rng", json!({"enabled": true})),
             ("/vm/console", json!({"kind": "socket", "path": dir.join("console.sock")})),
         ];
         for (target, body) in calls {
-            self.vmm_call(id, "PUT", target, Some(body.to_string()))?;
+            vmm_call(dir, "PUT", target, Some(body.to_string()))?;
         }
-        self.vmm_call(id, "POST", "/vm/start", None)?;
+        vmm_call(dir, "POST", "/vm/start", None)?;
         Ok(())
     }
 
+    /// Waits until the guest agent of the VM in `dir` (VMM `pid`) answers.
     fn wait_for_guest(
         &self,
-        instance: &Instance,
+        dir: &Path,
+        pid: u32,
         started: Instant,
         cancelled: &dyn Fn() -> bool,
     ) -> Result<(), AgentError> {
-        let client = Client::new(self.instance_dir(&instance.id).join("vsock.sock"), Duration::from_secs(2));
+        let client = Client::new(dir.join("vsock.sock"), Duration::from_secs(2));
         loop {
             match client.info() {
                 Ok(_) => return Ok(()),
@@ -301,7 +271,7 @@ impl LocalAgent {
                     if cancelled() {
                         return Err(AgentError::Cancelled);
                     }
-                    if let Probe::Down { cause, .. } = self.probe(instance) {
+                    if let Probe::Down { cause, .. } = self.probe_vmm(dir, pid) {
                         return Err(AgentError::Guest(format!("the VM stopped while booting: {cause}")));
                     }
                     if started.elapsed() > BOOT_TIMEOUT {
@@ -312,28 +282,216 @@ impl LocalAgent {
                     }
                 }
             }
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
-    fn quit_vmm(&self, instance: &Instance) {
-        let pid = instance.status.pid;
-        let _ = self.vmm_call(&instance.id, "POST", "/vmm/quit", None);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.is_our_vmm(pid, &instance.id) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
+    fn probe_vmm(&self, dir: &Path, pid: u32) -> Probe {
+        if !is_vmm_of(pid, dir) {
+            let status = self.exits.lock().unwrap_or_else(|p| p.into_inner()).get(&pid).copied();
+            let how = match status {
+                Some(s) => format!("the VMM exited ({s})"),
+                None => "the VMM process is gone".to_owned(),
+            };
+            return Probe::Down { cause: format!("{how}; its last words: {}", log_tail(dir)), clean: false };
         }
-        if self.is_our_vmm(pid, &instance.id) {
-            kill(pid);
+        match vmm_phase(dir) {
+            Ok((phase, _)) if phase == "running" || phase == "paused" => Probe::Running,
+            Ok((_, reason)) => {
+                let reason = reason.unwrap_or_else(|| "stopped".into());
+                Probe::Down { clean: reason == "guest powered off", cause: reason }
+            }
+            // Alive but not answering (busy): not a reason to declare it dead.
+            Err(_) => Probe::Running,
         }
     }
 
-    fn vmm_phase(&self, id: &str) -> Result<(String, Option<String>), AgentError> {
-        let info = self.vmm_call(id, "GET", "/vm", None)?;
-        let phase = info.get("state").and_then(|s| s.as_str()).unwrap_or("unknown").to_owned();
-        let reason = info.get("exit_reason").and_then(|s| s.as_str()).map(str::to_owned);
-        Ok((phase, reason))
+    /// Boots the warm snapshot's template VM of `image` in `dir` and saves it once its
+    /// agent answers. The disk it booted from stays beside the snapshot.
+    fn make_warm(
+        &self,
+        image: &Image,
+        network: &Network,
+        dir: &Path,
+        progress: &mut dyn FnMut(String),
+    ) -> Result<WarmSnapshot, AgentError> {
+        let io = |what: &str, e: std::io::Error| AgentError::Io(format!("{what} {}: {e}", dir.display()));
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).map_err(|e| io("creating", e))?;
+        disk::clone_image(Path::new(&image.rootfs), &dir.join("disk.raw"), WARM_DISK_MIB)?;
+        let tap = format!("stw{}", &image.source[..image.source.len().min(8)]);
+        network::ensure_tap(&tap, &network.bridge)?;
+        let spec = BootSpec {
+            image,
+            cpus: WARM_CPUS,
+            memory_mib: WARM_MEMORY_MIB,
+            cmdline: format!("{} root=/dev/vda rw", image.cmdline),
+            tap: tap.clone(),
+            mac: "52:54:00:00:00:01".into(),
+        };
+        let started = Instant::now();
+        let result = self.spawn_vmm(dir).and_then(|pid| {
+            let saved = (|| {
+                self.boot_vmm(dir, &spec)?;
+                progress(format!("image {}: template VM booting (pid {pid})", image.name));
+                self.wait_for_guest(dir, pid, started, &|| false)?;
+                let boot_ms = started.elapsed().as_millis() as u64;
+                vmm_call(dir, "POST", "/vm/pause", None)?;
+                let body = json!({"state_file": dir.join("state"), "memory_file": dir.join("memory")});
+                vmm_call(dir, "POST", "/vm/snapshot", Some(body.to_string()))?;
+                Ok(boot_ms)
+            })();
+            let _ = vmm_call(dir, "POST", "/vm/stop", None);
+            quit_vmm(dir, pid);
+            saved
+        });
+        let _ = network::remove_tap(&tap);
+        let boot_ms = result?;
+        for leftover in ["api.sock", "console.sock", "vsock.sock"] {
+            let _ = std::fs::remove_file(dir.join(leftover));
+        }
+        Ok(WarmSnapshot {
+            state: dir.join("state").display().to_string(),
+            memory: dir.join("memory").display().to_string(),
+            disk: dir.join("disk.raw").display().to_string(),
+            cpus: WARM_CPUS,
+            memory_mib: WARM_MEMORY_MIB,
+            disk_mib: WARM_DISK_MIB,
+            vmm_version: VMM_VERSION.into(),
+            boot_ms,
+            created_at: crate::model::now(),
+        })
     }
+
+    /// Restores the instance from its image's warm snapshot and gives the clone its identity.
+    fn restore_warm(
+        &self,
+        instance: &Instance,
+        network: &Network,
+        warm: &WarmSnapshot,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<(u32, String), AgentError> {
+        let dir = self.instance_dir(&instance.id);
+        let t = Instant::now();
+        let pid = self.spawn_vmm(&dir)?;
+        let restored = (|| {
+            let console = json!({"kind": "socket", "path": dir.join("console.sock")});
+            vmm_call(&dir, "PUT", "/vm/console", Some(console.to_string()))?;
+            let body = json!({
+                "state_file": warm.state,
+                "memory_files": [warm.memory],
+                "drives": [{"path": dir.join("disk.raw")}],
+                "nets": [{"tap": network::tap_name(&instance.id), "mac": instance.status.mac}],
+                "vsock": {"cid": GUEST_CID, "socket": dir.join("vsock.sock")},
+            });
+            let report = vmm_call(&dir, "POST", "/vm/restore", Some(body.to_string()))?;
+            let restore_ms = report.get("duration_ms").and_then(|d| d.as_f64()).unwrap_or(0.0);
+            let spawned = t.elapsed();
+            self.wait_for_guest(&dir, pid, Instant::now(), cancelled)?;
+            let answered = t.elapsed();
+            let subnet = Subnet::parse(&network.cidr)?;
+            let identity = Identity {
+                hostname: Some(instance.name.clone()),
+                mac: Some(instance.status.mac.clone()),
+                address: Some(format!("{}/{}", instance.status.ip, subnet.prefix)),
+                gateway: Some(network.gateway.clone()),
+                interface: None,
+            };
+            Client::new(dir.join("vsock.sock"), Duration::from_secs(60))
+                .configure(&identity)
+                .map_err(|e| AgentError::Guest(format!("giving the clone its identity: {e}")))?;
+            Ok(format!(
+                "VMM up and restored in {} ms (restore itself {restore_ms:.1} ms), agent answered at {} ms, identity set at {} ms",
+                spawned.as_millis(),
+                answered.as_millis(),
+                t.elapsed().as_millis()
+            ))
+        })();
+        match restored {
+            Ok(detail) => Ok((pid, detail)),
+            Err(e) => {
+                let _ = vmm_call(&dir, "POST", "/vm/stop", None);
+                quit_vmm(&dir, pid);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// What a cold boot needs.
+struct BootSpec<'a> {
+    image: &'a Image,
+    cpus: u32,
+    memory_mib: u64,
+    cmdline: String,
+    tap: String,
+    mac: String,
+}
+
+/// The guest's vsock CID. Every VM may have the same one: each VMM's vsock device is its own
+/// Unix socket, not the host kernel's vsock, so CIDs never meet.
+const GUEST_CID: u32 = 3;
+
+fn api_sock(dir: &Path) -> PathBuf {
+    dir.join("api.sock")
+}
+
+/// Whether `pid` is the VMM serving `dir` (not a recycled pid, not a zombie).
+fn is_vmm_of(pid: u32, dir: &Path) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let want = api_sock(dir);
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let zombie = state.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z'));
+    !zombie && cmdline.split(|b| *b == 0).any(|arg| arg == want.as_os_str().as_encoded_bytes())
+}
+
+/// One API call to the VMM in `dir`; its JSON answer, or its error message.
+fn vmm_call(
+    dir: &Path,
+    method: &str,
+    target: &str,
+    body: Option<String>,
+) -> Result<serde_json::Value, AgentError> {
+    let response = http::call(&api_sock(dir), method, target, body.as_deref())
+        .map_err(|e| AgentError::Vmm(e.to_string()))?;
+    let value: serde_json::Value = if response.body.trim().is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(&response.body).unwrap_or(serde_json::Value::String(response.body.clone()))
+    };
+    if response.status >= 300 {
+        let message = value.get("error").and_then(|e| e.as_str()).unwrap_or(&response.body).to_owned();
+        return Err(AgentError::Vmm(format!("{method} {target}: {message}")));
+    }
+    Ok(value)
+}
+
+/// The last line the VMM in `dir` printed, for error messages.
+fn log_tail(dir: &Path) -> String {
+    let text = std::fs::read_to_string(dir.join("vmm.log")).unwrap_or_default();
+    text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output").trim().to_owned()
+}
+
+/// Asks the VMM in `dir` to exit, and kills it if it does not.
+fn quit_vmm(dir: &Path, pid: u32) {
+    let _ = vmm_call(dir, "POST", "/vmm/quit", None);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while is_vmm_of(pid, dir) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if is_vmm_of(pid, dir) {
+        kill(pid);
+    }
+}
+
+fn vmm_phase(dir: &Path) -> Result<(String, Option<String>), AgentError> {
+    let info = vmm_call(dir, "GET", "/vm", None)?;
+    let phase = info.get("state").and_then(|s| s.as_str()).unwrap_or("unknown").to_owned();
+    let reason = info.get("exit_reason").and_then(|s| s.as_str()).map(str::to_owned);
+    Ok((phase, reason))
 }
 
 fn kill(pid: u32) {
@@ -386,11 +544,32 @@ impl HostAgent for LocalAgent {
         let dir = self.instance_dir(id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| AgentError::Io(format!("creating {}: {e}", dir.display())))?;
-        if self.is_our_vmm(instance.status.pid, id) {
-            // A VMM left from an interrupted start: begin again from a clean process.
-            self.quit_vmm(instance);
+        // A VMM left from an interrupted start: begin again from a clean process.
+        if let Ok(info) = vmm_call(&dir, "GET", "/vm", None) {
+            let pid = info.get("pid").and_then(|p| p.as_u64()).unwrap_or(0) as u32;
+            quit_vmm(&dir, pid);
         }
+        network::ensure_tap(&network::tap_name(id), &network.bridge)?;
         let disk_path = dir.join("disk.raw");
+        let fresh = !disk_path.exists();
+        // A first start of the warm snapshot's size restores it instead of booting.
+        if let Some(warm) = image.warm.as_ref().filter(|w| fresh && w.fits(&instance.spec)) {
+            let started = Instant::now();
+            let cloned = disk::clone_image(Path::new(&warm.disk), &disk_path, warm.disk_mib);
+            match cloned
+                .map_err(AgentError::from)
+                .and_then(|_| self.restore_warm(instance, network, warm, cancelled))
+            {
+                Ok((pid, detail)) => {
+                    return Ok(Started { pid, boot: started.elapsed(), kind: "warm", detail })
+                }
+                Err(AgentError::Cancelled) => return Err(AgentError::Cancelled),
+                Err(e) => {
+                    progress(format!("warm launch failed ({e}); booting cold"));
+                    let _ = std::fs::remove_file(&disk_path);
+                }
+            }
+        }
         if !disk_path.exists() {
             let t = Instant::now();
             let kind = disk::clone_image(Path::new(&image.rootfs), &disk_path, instance.spec.disk_mib)?;
@@ -405,32 +584,53 @@ impl HostAgent for LocalAgent {
                 t.elapsed().as_millis()
             ));
         }
-        network::ensure_tap(&network::tap_name(id), &network.bridge)?;
+        let subnet = Subnet::parse(&network.cidr)?;
+        let spec = BootSpec {
+            image,
+            cpus: instance.spec.cpus,
+            memory_mib: instance.spec.memory_mib,
+            cmdline: format!(
+                "{} root=/dev/vda rw stratus.hostname={} stratus.ip={}/{} stratus.gw={}",
+                image.cmdline, instance.name, instance.status.ip, subnet.prefix, network.gateway
+            ),
+            tap: network::tap_name(id),
+            mac: instance.status.mac.clone(),
+        };
         let started = Instant::now();
-        let pid = self.spawn_vmm(id)?;
-        if let Err(e) = self.configure_vmm(instance, image, network) {
+        let pid = self.spawn_vmm(&dir)?;
+        if let Err(e) = self.boot_vmm(&dir, &spec) {
             kill(pid);
             return Err(e);
         }
         progress(format!("VMM started (pid {pid}), booting"));
-        let mut running = instance.clone();
-        running.status.pid = pid;
-        if let Err(e) = self.wait_for_guest(&running, started, cancelled) {
-            self.quit_vmm(&running);
+        if let Err(e) = self.wait_for_guest(&dir, pid, started, cancelled) {
+            quit_vmm(&dir, pid);
             return Err(e);
         }
-        Ok(Started { pid, boot: started.elapsed(), kind: "cold" })
+        Ok(Started { pid, boot: started.elapsed(), kind: "cold", detail: String::new() })
+    }
+
+    fn warm(
+        &self,
+        image: &Image,
+        network: &Network,
+        progress: &mut dyn FnMut(String),
+    ) -> Result<WarmSnapshot, AgentError> {
+        let dir = Path::new(&image.rootfs).parent().unwrap_or(&self.data_dir).join("warm");
+        self.make_warm(image, network, &dir, progress)
     }
 
     fn stop(&self, instance: &Instance) -> Result<(), AgentError> {
-        if !self.is_our_vmm(instance.status.pid, &instance.id) {
+        let dir = self.instance_dir(&instance.id);
+        let pid = instance.status.pid;
+        if !is_vmm_of(pid, &dir) {
             return Ok(());
         }
-        if let Ok((phase, _)) = self.vmm_phase(&instance.id) {
-            if phase == "running" && self.vmm_call(&instance.id, "POST", "/vm/shutdown", None).is_ok() {
+        if let Ok((phase, _)) = vmm_phase(&dir) {
+            if phase == "running" && vmm_call(&dir, "POST", "/vm/shutdown", None).is_ok() {
                 let deadline = Instant::now() + SHUTDOWN_GRACE;
                 while Instant::now() < deadline {
-                    match self.vmm_phase(&instance.id) {
+                    match vmm_phase(&dir) {
                         Ok((phase, _)) if phase == "running" => {
                             std::thread::sleep(Duration::from_millis(100))
                         }
@@ -439,18 +639,18 @@ impl HostAgent for LocalAgent {
                 }
             }
         }
-        let _ = self.vmm_call(&instance.id, "POST", "/vm/stop", None);
-        self.quit_vmm(instance);
+        let _ = vmm_call(&dir, "POST", "/vm/stop", None);
+        quit_vmm(&dir, pid);
         Ok(())
     }
 
     fn remove(&self, instance: &Instance) -> Result<(), AgentError> {
-        if self.is_our_vmm(instance.status.pid, &instance.id) {
-            let _ = self.vmm_call(&instance.id, "POST", "/vm/stop", None);
-            self.quit_vmm(instance);
+        let dir = self.instance_dir(&instance.id);
+        if is_vmm_of(instance.status.pid, &dir) {
+            let _ = vmm_call(&dir, "POST", "/vm/stop", None);
+            quit_vmm(&dir, instance.status.pid);
         }
         network::remove_tap(&network::tap_name(&instance.id))?;
-        let dir = self.instance_dir(&instance.id);
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -459,31 +659,11 @@ impl HostAgent for LocalAgent {
     }
 
     fn probe(&self, instance: &Instance) -> Probe {
-        let pid = instance.status.pid;
-        if !self.is_our_vmm(pid, &instance.id) {
-            let status = self.exits.lock().unwrap_or_else(|p| p.into_inner()).get(&pid).copied();
-            let how = match status {
-                Some(s) => format!("the VMM exited ({s})"),
-                None => "the VMM process is gone".to_owned(),
-            };
-            return Probe::Down {
-                cause: format!("{how}; its last words: {}", self.log_tail(&instance.id)),
-                clean: false,
-            };
-        }
-        match self.vmm_phase(&instance.id) {
-            Ok((phase, _)) if phase == "running" || phase == "paused" => Probe::Running,
-            Ok((_, reason)) => {
-                let reason = reason.unwrap_or_else(|| "stopped".into());
-                Probe::Down { clean: reason == "guest powered off", cause: reason }
-            }
-            // Alive but not answering (busy): not a reason to declare it dead.
-            Err(_) => Probe::Running,
-        }
+        self.probe_vmm(&self.instance_dir(&instance.id), instance.status.pid)
     }
 
     fn exec(&self, instance: &Instance, argv: Vec<String>, stdin: Vec<u8>) -> Result<ExecOutput, AgentError> {
-        if !self.is_our_vmm(instance.status.pid, &instance.id) {
+        if !is_vmm_of(instance.status.pid, &self.instance_dir(&instance.id)) {
             return Err(AgentError::NotRunning);
         }
         let client = Client::new(self.instance_dir(&instance.id).join("vsock.sock"), Duration::from_secs(10));
@@ -501,15 +681,16 @@ impl HostAgent for LocalAgent {
     }
 
     fn metrics(&self, instance: &Instance) -> Result<serde_json::Value, AgentError> {
-        if !self.is_our_vmm(instance.status.pid, &instance.id) {
+        let dir = self.instance_dir(&instance.id);
+        if !is_vmm_of(instance.status.pid, &dir) {
             return Err(AgentError::NotRunning);
         }
-        self.vmm_call(&instance.id, "GET", "/metrics", None)
+        vmm_call(&dir, "GET", "/metrics", None)
     }
 
     fn leftovers(&self, instance: &Instance) -> Vec<String> {
         let mut left = Vec::new();
-        if self.is_our_vmm(instance.status.pid, &instance.id) {
+        if is_vmm_of(instance.status.pid, &self.instance_dir(&instance.id)) {
             left.push(format!("VMM process {}", instance.status.pid));
         }
         let tap = network::tap_name(&instance.id);

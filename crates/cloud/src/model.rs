@@ -193,7 +193,47 @@ pub struct Image {
     pub source: String,
     /// Unix seconds.
     pub created_at: u64,
+    /// A snapshot of this image booted until its guest agent answered, which launches of
+    /// the same size restore instead of booting.
+    #[serde(default)]
+    pub warm: Option<WarmSnapshot>,
 }
+
+/// A booted image saved for warm launches: VM state, memory and the disk as they were.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WarmSnapshot {
+    /// The VMM state file.
+    pub state: String,
+    /// The memory file.
+    pub memory: String,
+    /// The disk at the moment of the snapshot; instances start from a copy of it.
+    pub disk: String,
+    /// vCPUs it was booted with (a launch must ask for the same).
+    pub cpus: u32,
+    /// Memory in MiB it was booted with.
+    pub memory_mib: u64,
+    /// Disk size in MiB.
+    pub disk_mib: u64,
+    /// The VMM version that wrote it (another version boots cold).
+    pub vmm_version: String,
+    /// How long the cold boot it saves took, in milliseconds.
+    pub boot_ms: u64,
+    /// Unix seconds.
+    pub created_at: u64,
+}
+
+impl WarmSnapshot {
+    /// Whether an instance of this size can start from the snapshot.
+    pub fn fits(&self, spec: &InstanceSpec) -> bool {
+        self.cpus == spec.cpus
+            && self.memory_mib == spec.memory_mib
+            && self.disk_mib == spec.disk_mib
+            && self.vmm_version == VMM_VERSION
+    }
+}
+
+/// The version of the VMM in this build: snapshots of other versions are not restored.
+pub const VMM_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// A network: a Linux bridge with an IPv4 subnet, NATed to the host's uplink.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -167,11 +167,14 @@ impl Reconciler {
             }
             Ok(started) => {
                 let boot_ms = started.boot.as_millis() as u64;
-                self.event(
-                    &instance,
-                    "info",
-                    format!("guest agent ready after {boot_ms} ms ({} boot)", started.kind),
-                );
+                let how = if started.kind == "warm" {
+                    "restored from the image's warm snapshot with a new identity"
+                } else {
+                    "booted"
+                };
+                let detail =
+                    if started.detail.is_empty() { String::new() } else { format!(" ({})", started.detail) };
+                self.event(&instance, "info", format!("{how}; guest agent ready after {boot_ms} ms{detail}"));
                 if let Some(i) = self.update(&instance, |i| {
                     i.status.state = InstanceState::Running;
                     i.status.pid = started.pid;

@@ -70,6 +70,7 @@ pub fn serve(config: ServeConfig) -> Result<()> {
         stats: Default::default(),
     });
     reconciler.spawn();
+    spawn_warming(state.db.clone(), Arc::clone(&state.agent));
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
@@ -204,6 +205,50 @@ fn prepare_networks(agent: &dyn HostAgent, networks: &[Network]) -> Result<()> {
     Ok(())
 }
 
+/// Makes the warm snapshot of every image that lacks one (or has one of another VMM
+/// version), on a thread of its own: launches boot cold until it is there.
+fn spawn_warming(db: Db, agent: Arc<dyn HostAgent>) {
+    let _ = std::thread::Builder::new().name("warm-images".into()).spawn(move || {
+        let images: Vec<Image> = db.list("/images/").unwrap_or_default();
+        for image in images {
+            let current = image.warm.as_ref().is_some_and(|w| {
+                w.vmm_version == crate::model::VMM_VERSION
+                    && Path::new(&w.memory).exists()
+                    && Path::new(&w.disk).exists()
+            });
+            if current {
+                continue;
+            }
+            let Ok(Some(network)) = db.network(DEFAULT_PROJECT, "default") else { return };
+            db.event(&image.project, "", "info", format!("image {}: making its warm snapshot", image.name));
+            let mut progress = |message: String| db.event(&image.project, "", "info", message);
+            match agent.warm(&image, &network, &mut progress) {
+                Ok(warm) => {
+                    let message = format!(
+                        "image {}: warm snapshot ready (the cold boot it saves took {:.1} s)",
+                        image.name,
+                        warm.boot_ms as f64 / 1e3
+                    );
+                    let stored = db.update(&image_key(&image.project, &image.name), |i: &mut Image| {
+                        i.warm = Some(warm.clone());
+                        true
+                    });
+                    match stored {
+                        Ok(_) => db.event(&image.project, "", "info", message),
+                        Err(e) => db.event(&image.project, "", "error", format!("image {}: {e}", image.name)),
+                    }
+                }
+                Err(e) => db.event(
+                    &image.project,
+                    "",
+                    "error",
+                    format!("image {}: no warm snapshot: {e}", image.name),
+                ),
+            }
+        }
+    });
+}
+
 /// Installs the built image in `source` as `name` (copying its files into the data
 /// directory), unless the same build is installed already.
 pub fn install_image(db: &Db, data: &Path, name: &str, source: &Path) -> Result<Image> {
@@ -239,6 +284,7 @@ pub fn install_image(db: &Db, data: &Path, name: &str, source: &Path) -> Result<
         rootfs_bytes: std::fs::metadata(dir.join("rootfs.ext4"))?.len(),
         source: build,
         created_at: now(),
+        warm: None,
     };
     let old = db.image(DEFAULT_PROJECT, name)?;
     db.put(&image_key(DEFAULT_PROJECT, name), &image)?;

@@ -321,4 +321,39 @@ fn one_machine_cloud_lifecycle() {
     cloud.ok(&["delete", "web2"]);
     let events = cloud.ok(&["events", "web2"]);
     assert!(events.contains("start called off") && !events.contains("guest agent ready"), "{events}");
+
+    // Warm launch: the server saved the default image booted; launches of its size restore
+    // clones of it, each with its own name, MAC, address and disk.
+    wait_for("the image's warm snapshot", Duration::from_secs(300), || {
+        let images: Value = serde_json::from_str(&cloud.ok(&["image", "list", "-o", "json"])).unwrap();
+        images[0]["warm"].is_object()
+    });
+    for name in ["warm1", "warm2"] {
+        cloud.ok(&["launch", name, "--no-wait"]);
+    }
+    for name in ["warm1", "warm2"] {
+        wait_for("the warm launch", Duration::from_secs(120), || {
+            cloud.instance(name)["status"]["state"] == "running"
+        });
+    }
+    let (a, b) = (cloud.instance("warm1"), cloud.instance("warm2"));
+    assert_eq!((a["status"]["boot"].as_str(), b["status"]["boot"].as_str()), (Some("warm"), Some("warm")));
+    assert_ne!(a["status"]["ip"], b["status"]["ip"]);
+    for clone in [&a, &b] {
+        let name = clone["name"].as_str().unwrap();
+        let ip = clone["status"]["ip"].as_str().unwrap();
+        assert_eq!(cloud.ok(&["exec", name, "--", "hostname"]).trim(), name);
+        let mac = cloud.ok(&["exec", name, "--", "cat", "/sys/class/net/eth0/address"]);
+        assert_eq!(mac.trim(), clone["status"]["mac"].as_str().unwrap());
+        let addr = cloud.ok(&["exec", name, "--", "ip", "-4", "-o", "addr", "show", "eth0"]);
+        assert!(addr.contains(&format!("{ip}/24")), "{addr}");
+        assert!(cloud.ping(ip), "clone {name} does not answer ping at {ip}");
+    }
+    // Their disks are their own.
+    cloud.ok(&["exec", "warm1", "--", "sh", "-c", "echo one > /root/mine; sync"]);
+    let (code, _, _) = cloud.cli(&["exec", "warm2", "--", "cat", "/root/mine"]);
+    assert_ne!(code, 0, "warm2 sees warm1's file");
+    for name in ["warm1", "warm2"] {
+        cloud.ok(&["delete", name]);
+    }
 }
