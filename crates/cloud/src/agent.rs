@@ -134,7 +134,8 @@ pub trait HostAgent: Send + Sync {
     fn exec(&self, instance: &Instance, argv: Vec<String>, stdin: Vec<u8>) -> Result<ExecOutput, AgentError>;
     /// The Unix socket of the instance's serial console.
     fn console_socket(&self, instance: &Instance) -> PathBuf;
-    /// The VMM's metrics document.
+    /// The instance's usage (`cpu_seconds`, `memory_bytes` of its VMM process) and the VMM's
+    /// own metrics document (`vmm`).
     fn metrics(&self, instance: &Instance) -> Result<serde_json::Value, AgentError>;
     /// Whether the instance's files and devices are all gone (for delete's no-leftovers check).
     fn leftovers(&self, instance: &Instance) -> Vec<String>;
@@ -263,11 +264,18 @@ impl LocalAgent {
         started: Instant,
         cancelled: &dyn Fn() -> bool,
     ) -> Result<(), AgentError> {
-        let client = Client::new(dir.join("vsock.sock"), Duration::from_secs(2));
+        // A guest that has no listener yet refuses at once; one too busy to answer (many
+        // VMs on few cores) gets longer each time, or no attempt would ever outlast its answer.
+        let mut patience = Duration::from_secs(2);
         loop {
+            let client = Client::new(dir.join("vsock.sock"), patience);
+            let attempt = Instant::now();
             match client.info() {
                 Ok(_) => return Ok(()),
                 Err(e) => {
+                    if attempt.elapsed() >= patience {
+                        patience = (patience * 2).min(Duration::from_secs(30));
+                    }
                     if cancelled() {
                         return Err(AgentError::Cancelled);
                     }
@@ -487,6 +495,20 @@ fn quit_vmm(dir: &Path, pid: u32) {
     }
 }
 
+/// CPU time (user + system, seconds) and resident memory (bytes) of process `pid`.
+fn process_usage(pid: u32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at state, field 3.
+    let fields: Vec<&str> =
+        stat.rsplit_once(") ").map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    // SAFETY: as above.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+    ((field(14) + field(15)) as f64 / ticks, field(24) * page)
+}
+
 fn vmm_phase(dir: &Path) -> Result<(String, Option<String>), AgentError> {
     let info = vmm_call(dir, "GET", "/vm", None)?;
     let phase = info.get("state").and_then(|s| s.as_str()).unwrap_or("unknown").to_owned();
@@ -685,7 +707,14 @@ impl HostAgent for LocalAgent {
         if !is_vmm_of(instance.status.pid, &dir) {
             return Err(AgentError::NotRunning);
         }
-        vmm_call(&dir, "GET", "/metrics", None)
+        let vmm = vmm_call(&dir, "GET", "/metrics", None)?;
+        let (cpu_seconds, memory_bytes) = process_usage(instance.status.pid);
+        Ok(json!({
+            "cpu_seconds": cpu_seconds,
+            "memory_bytes": memory_bytes,
+            "guest_memory_bytes": instance.spec.memory_mib << 20,
+            "vmm": vmm,
+        }))
     }
 
     fn leftovers(&self, instance: &Instance) -> Vec<String> {

@@ -123,6 +123,46 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Body<T> 
     }
 }
 
+/// Query parameters whose every decoding failure is a 400 with a JSON error.
+pub struct Params<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequestParts<S> for Params<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(Params(value)),
+            Err(rejection) => Err(ApiError::bad_request(format!("bad query: {}", rejection.body_text()))),
+        }
+    }
+}
+
+/// A resource name or id from the path. One that no resource can have (not 1-63 of `a-z`,
+/// `0-9`, `-`) is a 404 at once: it never reaches the store as part of a key.
+pub struct Name(pub String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Name {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let Path(name) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|rejection| ApiError::bad_request(format!("bad path: {}", rejection.body_text())))?;
+        let valid = (1..=63).contains(&name.len())
+            && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if !valid {
+            return Err(ApiError::not_found(format!("'{}' not found", name.escape_default())));
+        }
+        Ok(Name(name))
+    }
+}
+
 /// The router with every route.
 pub fn router(state: Shared) -> Router {
     let v1 = Router::new()
@@ -149,6 +189,7 @@ pub fn router(state: Shared) -> Router {
         .route("/openapi.json", get(|| async { Json(crate::openapi::document()) }))
         .route("/metrics", get(crate::metrics::prometheus))
         .route("/healthz", get(|| async { "ok\n" }))
+        .merge(crate::dashboard::routes())
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), count))
         .with_state(state)
 }
@@ -273,7 +314,7 @@ fn find_instance(state: &AppState, name: &str) -> ApiResult<Instance> {
         .ok_or_else(|| ApiError::not_found(format!("instance '{name}' not found")))
 }
 
-async fn get_instance(State(state): State<Shared>, Path(name): Path<String>) -> ApiResult<Json<Instance>> {
+async fn get_instance(State(state): State<Shared>, Name(name): Name) -> ApiResult<Json<Instance>> {
     Ok(Json(find_instance(&state, &name)?))
 }
 
@@ -478,7 +519,7 @@ fn refuse_deleted(i: &Instance) -> Result<(), ApiError> {
 
 async fn start_instance(
     State(state): State<Shared>,
-    Path(name): Path<String>,
+    Name(name): Name,
 ) -> ApiResult<(StatusCode, Json<Accepted>)> {
     request_change(&state, &name, "start", |i| {
         refuse_deleted(i)?;
@@ -494,7 +535,7 @@ async fn start_instance(
 
 async fn stop_instance(
     State(state): State<Shared>,
-    Path(name): Path<String>,
+    Name(name): Name,
 ) -> ApiResult<(StatusCode, Json<Accepted>)> {
     request_change(&state, &name, "stop", |i| {
         refuse_deleted(i)?;
@@ -513,7 +554,7 @@ async fn stop_instance(
 
 async fn restart_instance(
     State(state): State<Shared>,
-    Path(name): Path<String>,
+    Name(name): Name,
 ) -> ApiResult<(StatusCode, Json<Accepted>)> {
     request_change(&state, &name, "restart", |i| {
         refuse_deleted(i)?;
@@ -527,7 +568,7 @@ async fn restart_instance(
 
 async fn delete_instance(
     State(state): State<Shared>,
-    Path(name): Path<String>,
+    Name(name): Name,
 ) -> ApiResult<(StatusCode, Json<Accepted>)> {
     request_change(&state, &name, "delete", |i| {
         i.desired = Desired::Deleted;
@@ -556,7 +597,7 @@ struct ExecAnswer {
 
 async fn exec(
     State(state): State<Shared>,
-    Path(name): Path<String>,
+    Name(name): Name,
     Body(body): Body<ExecBody>,
 ) -> ApiResult<Json<ExecAnswer>> {
     if body.command.is_empty() || body.command[0].is_empty() {
@@ -586,7 +627,7 @@ async fn exec(
 
 async fn instance_metrics(
     State(state): State<Shared>,
-    Path(name): Path<String>,
+    Name(name): Name,
 ) -> ApiResult<Json<serde_json::Value>> {
     let instance = find_instance(&state, &name)?;
     let agent = Arc::clone(&state.agent);
@@ -603,7 +644,7 @@ async fn list_images(State(state): State<Shared>) -> ApiResult<Json<Vec<Image>>>
     Ok(Json(state.db.list(&format!("/images/{DEFAULT_PROJECT}/"))?))
 }
 
-async fn get_image(State(state): State<Shared>, Path(name): Path<String>) -> ApiResult<Json<Image>> {
+async fn get_image(State(state): State<Shared>, Name(name): Name) -> ApiResult<Json<Image>> {
     state
         .db
         .image(DEFAULT_PROJECT, &name)?
@@ -611,7 +652,7 @@ async fn get_image(State(state): State<Shared>, Path(name): Path<String>) -> Api
         .ok_or_else(|| ApiError::not_found(format!("image '{name}' not found")))
 }
 
-async fn delete_image(State(state): State<Shared>, Path(name): Path<String>) -> ApiResult<StatusCode> {
+async fn delete_image(State(state): State<Shared>, Name(name): Name) -> ApiResult<StatusCode> {
     let image = state
         .db
         .image(DEFAULT_PROJECT, &name)?
@@ -632,7 +673,7 @@ async fn list_networks(State(state): State<Shared>) -> ApiResult<Json<Vec<Networ
     Ok(Json(state.db.list(&format!("/networks/{DEFAULT_PROJECT}/"))?))
 }
 
-async fn get_network(State(state): State<Shared>, Path(name): Path<String>) -> ApiResult<Json<Network>> {
+async fn get_network(State(state): State<Shared>, Name(name): Name) -> ApiResult<Json<Network>> {
     state
         .db
         .network(DEFAULT_PROJECT, &name)?
@@ -703,7 +744,7 @@ fn bridge_name(name: &str, existing: &[Network]) -> String {
         .unwrap_or_else(|| "stratusx".into())
 }
 
-async fn delete_network(State(state): State<Shared>, Path(name): Path<String>) -> ApiResult<StatusCode> {
+async fn delete_network(State(state): State<Shared>, Name(name): Name) -> ApiResult<StatusCode> {
     state
         .db
         .network(DEFAULT_PROJECT, &name)?
@@ -733,7 +774,7 @@ async fn list_hosts(State(state): State<Shared>) -> ApiResult<Json<Vec<Host>>> {
 
 // ---- operations and events ---------------------------------------------------------
 
-async fn get_operation(State(state): State<Shared>, Path(id): Path<String>) -> ApiResult<Json<Operation>> {
+async fn get_operation(State(state): State<Shared>, Name(id): Name) -> ApiResult<Json<Operation>> {
     state
         .db
         .operation(&id)?
@@ -753,8 +794,8 @@ struct WaitQuery {
 
 async fn wait_operation(
     State(state): State<Shared>,
-    Path(id): Path<String>,
-    Query(query): Query<WaitQuery>,
+    Name(id): Name,
+    Params(query): Params<WaitQuery>,
 ) -> ApiResult<Json<Operation>> {
     let _ = query.token;
     let deadline = Instant::now() + Duration::from_secs(query.timeout.unwrap_or(60).min(300));
@@ -784,7 +825,7 @@ struct EventsQuery {
 
 async fn list_events(
     State(state): State<Shared>,
-    Query(query): Query<EventsQuery>,
+    Params(query): Params<EventsQuery>,
 ) -> ApiResult<Json<Vec<crate::model::Event>>> {
     let _ = query.token;
     Ok(Json(state.db.events(query.instance.as_deref(), query.after)?))

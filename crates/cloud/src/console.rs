@@ -5,17 +5,17 @@
 use std::sync::Arc;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::api::AppState;
+use crate::api::{AppState, Name};
 use crate::model::{InstanceState, DEFAULT_PROJECT};
 
 /// Upgrades to a WebSocket attached to the instance's console.
 pub async fn console(
     State(state): State<Arc<AppState>>,
-    Path(name): Path<String>,
+    Name(name): Name,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     let instance = match state.db.instance(DEFAULT_PROJECT, &name) {

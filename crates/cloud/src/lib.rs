@@ -7,6 +7,7 @@ pub mod agent;
 pub mod api;
 pub mod client;
 pub mod console;
+pub mod dashboard;
 pub mod db;
 pub mod disk;
 pub mod metrics;

@@ -20,7 +20,6 @@ use crate::network::Subnet;
 use crate::reconciler::Reconciler;
 
 /// How `serve` runs.
-#[derive(Clone, Debug)]
 pub struct ServeConfig {
     /// Where the store, images and instances live.
     pub data_dir: PathBuf,
@@ -36,10 +35,15 @@ pub struct ServeConfig {
     pub default_bridge: String,
     /// Where to write the CLI's configuration (URL and token), if anywhere.
     pub client_config: Option<PathBuf>,
+    /// Run on a thread of its own once the API answers, with its URL and token.
+    pub on_ready: Option<OnReady>,
 }
 
+/// Work to do once the server answers: gets the API's URL and token.
+pub type OnReady = Box<dyn FnOnce(String, String) + Send>;
+
 /// Runs the server until SIGINT or SIGTERM. Instances keep running after it stops.
-pub fn serve(config: ServeConfig) -> Result<()> {
+pub fn serve(mut config: ServeConfig) -> Result<()> {
     let data = &config.data_dir;
     std::fs::create_dir_all(data.join("instances"))
         .with_context(|| format!("creating {}", data.display()))?;
@@ -62,6 +66,8 @@ pub fn serve(config: ServeConfig) -> Result<()> {
     let host = agent.host();
     db.put(&host_key(&host.name), &host)?;
     let reconciler = Reconciler::new(db.clone(), Arc::clone(&agent));
+    let on_ready = config.on_ready.take();
+    let token_for_ready = token.clone();
     let state = Arc::new(AppState {
         db,
         agent,
@@ -82,6 +88,10 @@ pub fn serve(config: ServeConfig) -> Result<()> {
             data.display(),
             data.join("token").display()
         );
+        if let Some(work) = on_ready {
+            let _ =
+                std::thread::Builder::new().name("on-ready".into()).spawn(move || work(url, token_for_ready));
+        }
         axum::serve(listener, api::router(state)).with_graceful_shutdown(stop_signal()).await?;
         eprintln!("stratus serve: stopped; instances keep running and are adopted at the next start");
         Ok(())
@@ -183,12 +193,22 @@ fn prepare_networks(agent: &dyn HostAgent, networks: &[Network]) -> Result<()> {
     let which_nft = std::process::Command::new("sh").args(["-c", "command -v nft"]).output();
     if !which_nft.is_ok_and(|o| o.status.success()) {
         eprintln!("stratus serve: installing nftables (for NAT)");
-        let status = std::process::Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends", "nftables"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdout(std::process::Stdio::null())
-            .status();
-        if !status.is_ok_and(|s| s.success()) {
+        let install = || {
+            std::process::Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends", "nftables"])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .stdout(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        // A fresh machine's package lists may be missing or stale: update once and retry.
+        let installed = install()
+            || (std::process::Command::new("apt-get")
+                .args(["update", "-qq"])
+                .status()
+                .is_ok_and(|s| s.success())
+                && install());
+        if !installed {
             eprintln!(
                 "stratus serve: warning: could not install nftables; guests will not reach beyond this host"
             );

@@ -61,6 +61,10 @@ pub struct ServeArgs {
     /// Do not build or install the default image (tests that bring their own).
     #[arg(long)]
     no_default_image: bool,
+    /// Once the server answers, launch an instance of this name (unless it exists) and say
+    /// how to reach it: the quickest way from a fresh machine to a running VM.
+    #[arg(long, value_name = "NAME")]
+    launch: Option<String>,
 }
 
 /// Runs the cloud on this machine until Ctrl-C.
@@ -79,9 +83,44 @@ pub fn serve(args: ServeArgs) -> Result<i32> {
         default_cidr: args.network_cidr,
         default_bridge: args.bridge,
         client_config: Some(stratus_cloud::client::config_path()),
+        on_ready: args.launch.map(|name| -> stratus_cloud::server::OnReady {
+            Box::new(move |url, token| {
+                if let Err(e) = launch_first(&url, &token, &name) {
+                    eprintln!("stratus serve: launching {name}: {e:#}");
+                }
+            })
+        }),
     };
     stratus_cloud::server::serve(config)?;
     Ok(0)
+}
+
+/// `serve --launch NAME`: launches NAME with the defaults unless it exists, and says how to
+/// reach it.
+fn launch_first(url: &str, token: &str, name: &str) -> Result<()> {
+    let client = ApiClient::new(url, token);
+    let instance = match client.get::<Instance>(&format!("/v1/instances/{name}")) {
+        Ok(existing) => existing,
+        Err(ClientError::Api { status: 404, .. }) => {
+            let since = now_ms().saturating_sub(1);
+            let accepted: Accepted = client.post("/v1/instances", &json!({ "name": name }))?;
+            eprintln!("stratus serve: launching {name} (address {})", accepted.instance.status.ip);
+            let op = follow(&client, &accepted.operation, since)?;
+            if op.state == OperationState::Failed {
+                bail!("{}", op.error);
+            }
+            client.get(&format!("/v1/instances/{name}"))?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let me = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "stratus".into());
+    let ip = &instance.status.ip;
+    eprintln!(
+        "stratus serve: {name} is {} at {ip}. In another terminal:\n    {me} exec {name} -- uname -a\n    ping {ip}\n    {me} console {name}    (Ctrl-A then x leaves)\n    {me} list\nDashboard: {url}/ (the token is in {})",
+        instance.status.state.as_str(),
+        stratus_cloud::client::config_path().display()
+    );
+    Ok(())
 }
 
 /// `stratus launch`.
