@@ -344,6 +344,9 @@ impl LocalAgent {
                 progress(format!("image {}: template VM booting (pid {pid})", image.name));
                 self.wait_for_guest(dir, pid, started, &|| false)?;
                 let boot_ms = started.elapsed().as_millis() as u64;
+                // The agent answers before init has finished (it is started first); a clone
+                // of a busy guest would redo that work. Save it once it idles.
+                wait_until_quiet(pid, Duration::from_secs(120));
                 vmm_call(dir, "POST", "/vm/pause", None)?;
                 let body = json!({"state_file": dir.join("state"), "memory_file": dir.join("memory")});
                 vmm_call(dir, "POST", "/vm/snapshot", Some(body.to_string()))?;
@@ -405,7 +408,7 @@ impl LocalAgent {
                 gateway: Some(network.gateway.clone()),
                 interface: None,
             };
-            Client::new(dir.join("vsock.sock"), Duration::from_secs(60))
+            Client::new(dir.join("vsock.sock"), Duration::from_secs(120))
                 .configure(&identity)
                 .map_err(|e| AgentError::Guest(format!("giving the clone its identity: {e}")))?;
             Ok(format!(
@@ -492,6 +495,21 @@ fn quit_vmm(dir: &Path, pid: u32) {
     }
     if is_vmm_of(pid, dir) {
         kill(pid);
+    }
+}
+
+/// Waits until process `pid` (a VMM) uses under a tenth of a CPU for two half-second
+/// intervals in a row: its guest is idle. Gives up after `limit`.
+fn wait_until_quiet(pid: u32, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let interval = Duration::from_millis(500);
+    let mut quiet = 0;
+    let mut last = process_usage(pid).0;
+    while quiet < 2 && Instant::now() < deadline {
+        std::thread::sleep(interval);
+        let now = process_usage(pid).0;
+        quiet = if now - last < 0.1 * interval.as_secs_f64() { quiet + 1 } else { 0 };
+        last = now;
     }
 }
 

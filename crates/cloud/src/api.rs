@@ -28,6 +28,10 @@ use crate::reconciler::Reconciler;
 
 /// Everything a request handler needs.
 pub struct AppState {
+    /// The data directory (images, instances).
+    pub data_dir: std::path::PathBuf,
+    /// Builds images by recipe, when this server can.
+    pub builder: Option<crate::image::ImageBuilder>,
     /// The store.
     pub db: Db,
     /// This host's agent.
@@ -174,7 +178,8 @@ pub fn router(state: Shared) -> Router {
         .route("/instances/{name}/exec", post(exec))
         .route("/instances/{name}/metrics", get(instance_metrics))
         .route("/instances/{name}/console", get(crate::console::console))
-        .route("/images", get(list_images))
+        .route("/images", get(list_images).post(import_image))
+        .route("/images/build", post(build_image))
         .route("/images/{name}", get(get_image).delete(delete_image))
         .route("/networks", get(list_networks).post(create_network))
         .route("/networks/{name}", get(get_network).delete(delete_network))
@@ -642,6 +647,124 @@ async fn instance_metrics(
 
 async fn list_images(State(state): State<Shared>) -> ApiResult<Json<Vec<Image>>> {
     Ok(Json(state.db.list(&format!("/images/{DEFAULT_PROJECT}/"))?))
+}
+
+/// `POST /v1/images`: import from files on the server's host.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportRequest {
+    name: String,
+    kernel: String,
+    rootfs: String,
+    #[serde(default)]
+    initrd: Option<String>,
+    #[serde(default)]
+    cmdline: Option<String>,
+}
+
+/// Names that are routes under /v1/images.
+const RESERVED_IMAGE_NAMES: &[&str] = &["build"];
+
+fn check_image_name(name: &str) -> ApiResult<()> {
+    check_name("image", name).map_err(ApiError::bad_request)?;
+    if RESERVED_IMAGE_NAMES.contains(&name) {
+        return Err(ApiError::bad_request(format!("'{name}' is reserved; choose another image name")));
+    }
+    Ok(())
+}
+
+async fn import_image(
+    State(state): State<Shared>,
+    Body(req): Body<ImportRequest>,
+) -> ApiResult<(StatusCode, Json<Image>)> {
+    check_image_name(&req.name)?;
+    for (what, path) in
+        [("kernel", Some(&req.kernel)), ("rootfs", Some(&req.rootfs)), ("initrd", req.initrd.as_ref())]
+    {
+        if let Some(path) = path {
+            if !std::path::Path::new(path).is_file() {
+                return Err(ApiError::unprocessable(format!(
+                    "{what} {path} is not a file on the server's host"
+                )));
+            }
+        }
+    }
+    let files = crate::image::ImageFiles {
+        kernel: req.kernel.into(),
+        initrd: req.initrd.map(Into::into),
+        rootfs: req.rootfs.into(),
+        cmdline: req.cmdline.unwrap_or_else(|| "console=ttyS0 panic=1".into()),
+        source: "import".into(),
+    };
+    let (db, data, name) = (state.db.clone(), state.data_dir.clone(), req.name.clone());
+    let image = tokio::task::spawn_blocking(move || crate::image::install(&db, &data, &name, &files))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError::unprocessable(e.to_string()))?;
+    Ok((StatusCode::CREATED, Json(image)))
+}
+
+/// `POST /v1/images/build`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BuildRequest {
+    recipe: String,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+async fn build_image(
+    State(state): State<Shared>,
+    Body(req): Body<BuildRequest>,
+) -> ApiResult<(StatusCode, Json<Operation>)> {
+    let name = req.name.clone().unwrap_or_else(|| req.recipe.clone());
+    check_image_name(&name)?;
+    let Some(builder) = state.builder.clone() else {
+        return Err(ApiError::conflict(
+            "this server cannot build images (started without its guest sources)",
+        ));
+    };
+    let op = Operation {
+        id: new_id(),
+        kind: "image-build".into(),
+        instance: String::new(),
+        project: DEFAULT_PROJECT.into(),
+        state: OperationState::Running,
+        error: String::new(),
+        created_at: now(),
+        finished_at: 0,
+    };
+    state.db.put(&operation_key(&op.id), &op)?;
+    let (db, data, agent, op_id) =
+        (state.db.clone(), state.data_dir.clone(), Arc::clone(&state.agent), op.id.clone());
+    let recipe = req.recipe;
+    std::thread::Builder::new()
+        .name(format!("build-{name}"))
+        .spawn(move || {
+            db.event(DEFAULT_PROJECT, "", "info", format!("image {name}: building from recipe '{recipe}'"));
+            let mut progress = |line: &str| {
+                // The step lines, not every line a package manager prints.
+                if line.starts_with('[') || line.contains("error") {
+                    db.event(DEFAULT_PROJECT, "", "info", format!("image {name}: {}", line.trim()));
+                }
+            };
+            let result = builder(&recipe, &mut progress)
+                .map_err(|e| format!("{e:#}"))
+                .and_then(|dir| crate::image::ImageFiles::of_build(&dir).map_err(|e| e.to_string()))
+                .and_then(|files| crate::image::install(&db, &data, &name, &files).map_err(|e| e.to_string()))
+                .and_then(|image| crate::image::warm(&db, agent.as_ref(), &image));
+            if let Err(e) = &result {
+                db.event(DEFAULT_PROJECT, "", "error", format!("image {name}: {e}"));
+            }
+            let _ = db.update(&operation_key(&op_id), |o: &mut Operation| {
+                o.state = if result.is_ok() { OperationState::Succeeded } else { OperationState::Failed };
+                o.error = result.as_ref().err().cloned().unwrap_or_default();
+                o.finished_at = now();
+                true
+            });
+        })
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok((StatusCode::ACCEPTED, Json(op)))
 }
 
 async fn get_image(State(state): State<Shared>, Name(name): Name) -> ApiResult<Json<Image>> {

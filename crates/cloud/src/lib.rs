@@ -10,6 +10,7 @@ pub mod console;
 pub mod dashboard;
 pub mod db;
 pub mod disk;
+pub mod image;
 pub mod metrics;
 pub mod model;
 pub mod network;

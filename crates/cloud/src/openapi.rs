@@ -39,7 +39,14 @@ pub fn document() -> Value {
                 "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ExecRequest"}}}},
                 "responses": errors(json!({"200": ok(json!({"$ref": "#/components/schemas/ExecResult"})), "502": error}))}},
             "/v1/instances/{name}/metrics": {"get": {"summary": "The VMM's metrics", "parameters": name, "responses": errors(json!({"200": ok(json!({"type": "object"}))}))}},
-            "/v1/images": {"get": {"summary": "List images", "responses": errors(json!({"200": ok(json!({"type": "array", "items": {"$ref": "#/components/schemas/Image"}}))}))}},
+            "/v1/images": {
+                "get": {"summary": "List images", "responses": errors(json!({"200": ok(json!({"type": "array", "items": {"$ref": "#/components/schemas/Image"}}))}))},
+                "post": {"summary": "Import an image from files on the server's host", "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ImportRequest"}}}},
+                         "responses": errors(json!({"201": ok(json!({"$ref": "#/components/schemas/Image"}))}))}
+            },
+            "/v1/images/build": {"post": {"summary": "Build an image from a recipe (default, debian), install it and make its warm snapshot",
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/BuildRequest"}}}},
+                "responses": errors(json!({"202": ok(json!({"$ref": "#/components/schemas/Operation"}))}))}},
             "/v1/images/{name}": {
                 "get": {"summary": "Show an image", "parameters": name, "responses": errors(json!({"200": ok(json!({"$ref": "#/components/schemas/Image"}))}))},
                 "delete": {"summary": "Delete an unused image", "parameters": name, "responses": errors(json!({"204": {"description": "deleted"}}))}
@@ -77,6 +84,11 @@ pub fn document() -> Value {
                     "disk_mib": {"type": "integer", "minimum": 1, "default": 1024},
                     "network": {"type": "string", "default": "default"},
                     "restart": {"type": "string", "enum": ["always", "on-failure", "never"]}}},
+                "ImportRequest": {"type": "object", "required": ["name", "kernel", "rootfs"], "additionalProperties": false, "properties": {
+                    "name": {"type": "string"}, "kernel": {"type": "string"}, "rootfs": {"type": "string"},
+                    "initrd": {"type": "string", "nullable": true}, "cmdline": {"type": "string", "nullable": true}}},
+                "BuildRequest": {"type": "object", "required": ["recipe"], "additionalProperties": false, "properties": {
+                    "recipe": {"type": "string", "enum": ["default", "debian"]}, "name": {"type": "string", "nullable": true}}},
                 "NetworkRequest": {"type": "object", "required": ["name", "cidr"], "additionalProperties": false, "properties": {
                     "name": {"type": "string"}, "cidr": {"type": "string"}, "nat": {"type": "boolean", "default": true}}},
                 "ExecRequest": {"type": "object", "required": ["command"], "additionalProperties": false, "properties": {

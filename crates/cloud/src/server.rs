@@ -14,7 +14,7 @@ use stratus_store::SqliteStore;
 
 use crate::agent::{HostAgent, LocalAgent};
 use crate::api::{self, AppState};
-use crate::db::{host_key, image_key, network_key, Db};
+use crate::db::{host_key, network_key, Db};
 use crate::model::{now, Image, Network, DEFAULT_PROJECT};
 use crate::network::Subnet;
 use crate::reconciler::Reconciler;
@@ -37,6 +37,8 @@ pub struct ServeConfig {
     pub client_config: Option<PathBuf>,
     /// Run on a thread of its own once the API answers, with its URL and token.
     pub on_ready: Option<OnReady>,
+    /// Builds images by recipe name for `POST /v1/images/build`.
+    pub image_builder: Option<crate::image::ImageBuilder>,
 }
 
 /// Work to do once the server answers: gets the API's URL and token.
@@ -58,7 +60,8 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
     }
     ensure_default_network(&db, &config)?;
     if let Some(dir) = &config.default_image {
-        install_image(&db, data, "default", dir)?;
+        let files = crate::image::ImageFiles::of_build(dir)?;
+        crate::image::install(&db, data, "default", &files)?;
     }
     let agent: Arc<dyn HostAgent> = Arc::new(LocalAgent::new(data, config.vmm_binary.clone()));
     let networks: Vec<Network> = db.list("/networks/")?;
@@ -69,6 +72,8 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
     let on_ready = config.on_ready.take();
     let token_for_ready = token.clone();
     let state = Arc::new(AppState {
+        data_dir: data.clone(),
+        builder: config.image_builder.take(),
         db,
         agent,
         reconciler: Arc::clone(&reconciler),
@@ -229,91 +234,10 @@ fn prepare_networks(agent: &dyn HostAgent, networks: &[Network]) -> Result<()> {
 /// version), on a thread of its own: launches boot cold until it is there.
 fn spawn_warming(db: Db, agent: Arc<dyn HostAgent>) {
     let _ = std::thread::Builder::new().name("warm-images".into()).spawn(move || {
-        let images: Vec<Image> = db.list("/images/").unwrap_or_default();
-        for image in images {
-            let current = image.warm.as_ref().is_some_and(|w| {
-                w.vmm_version == crate::model::VMM_VERSION
-                    && Path::new(&w.memory).exists()
-                    && Path::new(&w.disk).exists()
-            });
-            if current {
-                continue;
-            }
-            let Ok(Some(network)) = db.network(DEFAULT_PROJECT, "default") else { return };
-            db.event(&image.project, "", "info", format!("image {}: making its warm snapshot", image.name));
-            let mut progress = |message: String| db.event(&image.project, "", "info", message);
-            match agent.warm(&image, &network, &mut progress) {
-                Ok(warm) => {
-                    let message = format!(
-                        "image {}: warm snapshot ready (the cold boot it saves took {:.1} s)",
-                        image.name,
-                        warm.boot_ms as f64 / 1e3
-                    );
-                    let stored = db.update(&image_key(&image.project, &image.name), |i: &mut Image| {
-                        i.warm = Some(warm.clone());
-                        true
-                    });
-                    match stored {
-                        Ok(_) => db.event(&image.project, "", "info", message),
-                        Err(e) => db.event(&image.project, "", "error", format!("image {}: {e}", image.name)),
-                    }
-                }
-                Err(e) => db.event(
-                    &image.project,
-                    "",
-                    "error",
-                    format!("image {}: no warm snapshot: {e}", image.name),
-                ),
+        for image in db.list::<Image>("/images/").unwrap_or_default() {
+            if !crate::image::warm_is_current(&image) {
+                let _ = crate::image::warm(&db, agent.as_ref(), &image);
             }
         }
     });
-}
-
-/// Installs the built image in `source` as `name` (copying its files into the data
-/// directory), unless the same build is installed already.
-pub fn install_image(db: &Db, data: &Path, name: &str, source: &Path) -> Result<Image> {
-    let manifest = std::fs::read_to_string(source.join("manifest")).unwrap_or_default();
-    let build = manifest.lines().find_map(|l| l.strip_prefix("input_hash=")).unwrap_or("unknown").to_owned();
-    if let Some(existing) = db.image(DEFAULT_PROJECT, name)? {
-        if existing.source == build && Path::new(&existing.rootfs).exists() {
-            return Ok(existing);
-        }
-    }
-    let images = data.join("images");
-    let dir = images.join(format!("{name}-{}", &build[..build.len().min(12)]));
-    let partial = images.join(format!(".{name}.partial"));
-    let _ = std::fs::remove_dir_all(&partial);
-    std::fs::create_dir_all(&partial)?;
-    let kernel = source.join("vmlinux");
-    std::fs::copy(&kernel, partial.join("vmlinux"))
-        .with_context(|| format!("copying {}", kernel.display()))?;
-    let rootfs = source.join("rootfs.ext4");
-    let rootfs_bytes =
-        std::fs::metadata(&rootfs).with_context(|| format!("reading {}", rootfs.display()))?.len();
-    crate::disk::clone_image(&rootfs, &partial.join("rootfs.ext4"), rootfs_bytes.div_ceil(1 << 20))?;
-    let cmdline = std::fs::read_to_string(source.join("cmdline")).unwrap_or_default().trim().to_owned();
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&partial, &dir)?;
-    let image = Image {
-        name: name.into(),
-        project: DEFAULT_PROJECT.into(),
-        kernel: dir.join("vmlinux").display().to_string(),
-        initrd: None,
-        rootfs: dir.join("rootfs.ext4").display().to_string(),
-        cmdline,
-        rootfs_bytes: std::fs::metadata(dir.join("rootfs.ext4"))?.len(),
-        source: build,
-        created_at: now(),
-        warm: None,
-    };
-    let old = db.image(DEFAULT_PROJECT, name)?;
-    db.put(&image_key(DEFAULT_PROJECT, name), &image)?;
-    if let Some(old) = old {
-        // Running instances already loaded their kernel; their disks are their own.
-        if let Some(old_dir) = Path::new(&old.rootfs).parent().filter(|d| *d != dir) {
-            let _ = std::fs::remove_dir_all(old_dir);
-        }
-    }
-    eprintln!("stratus serve: installed image '{name}' ({})", dir.display());
-    Ok(image)
 }

@@ -6,14 +6,13 @@ use std::process::ExitCode;
 use stratus_guest_agent::agent::{self, Address, Config, Listener};
 
 const USAGE: &str = "\
-usage: stratus-guest-agent [--listen vsock:PORT|unix:PATH] [--ip PROGRAM]
+usage: stratus-guest-agent [--listen vsock:PORT|unix:PATH]
 
-  --listen ADDR   where to serve (default vsock:1024)
-  --ip PROGRAM    the `ip` program used by `configure` (default: ip, from PATH)";
+  --listen ADDR   where to serve (default vsock:1024)";
 
 fn main() -> ExitCode {
     let mut address = Address::Vsock(stratus_guest_agent::PORT);
-    let mut config = Config::default();
+    let config = Config::default();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let parsed = match arg.as_str() {
@@ -22,9 +21,6 @@ fn main() -> ExitCode {
                 .ok_or("--listen needs a value".to_owned())
                 .and_then(|v| v.parse())
                 .map(|a| address = a),
-            "--ip" => {
-                args.next().ok_or("--ip needs a value".to_owned()).map(|v| config.ip_command = v.into())
-            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return ExitCode::SUCCESS;

@@ -58,7 +58,7 @@ pub struct ServeArgs {
     /// Bridge of the default network (first start only).
     #[arg(long, default_value = "stratus0")]
     bridge: String,
-    /// Do not build or install the default image (tests that bring their own).
+    /// Do not build or install images: no default image, and no builds through the API.
     #[arg(long)]
     no_default_image: bool,
     /// Once the server answers, launch an instance of this name (unless it exists) and say
@@ -83,6 +83,11 @@ pub fn serve(args: ServeArgs) -> Result<i32> {
         default_cidr: args.network_cidr,
         default_bridge: args.bridge,
         client_config: Some(stratus_cloud::client::config_path()),
+        image_builder: (!args.no_default_image).then(|| -> stratus_cloud::image::ImageBuilder {
+            std::sync::Arc::new(|recipe: &str, progress: &mut dyn FnMut(&str)| {
+                crate::image::build_with_progress(recipe, progress).map(|image| image.dir)
+            })
+        }),
         on_ready: args.launch.map(|name| -> stratus_cloud::server::OnReady {
             Box::new(move |url, token| {
                 if let Err(e) = launch_first(&url, &token, &name) {
@@ -180,6 +185,36 @@ pub enum ImageApi {
     Delete {
         /// Image name.
         name: String,
+    },
+    /// Have the server build an image from a recipe (`default`, `debian`), install it and make
+    /// its warm snapshot; shows the build's steps.
+    Create {
+        /// Image name.
+        name: String,
+        /// Recipe to build (default: the name).
+        #[arg(long)]
+        recipe: Option<String>,
+        /// Return once the request is accepted.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Import an image from files on the server's host: a kernel and a raw root filesystem
+    /// (ext4), optionally an initrd and a command line.
+    Import {
+        /// Image name.
+        name: String,
+        /// Kernel (ELF vmlinux or bzImage).
+        #[arg(long)]
+        kernel: PathBuf,
+        /// Root filesystem image (raw ext4).
+        #[arg(long)]
+        rootfs: PathBuf,
+        /// Initial ramdisk.
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// Kernel command line (launches add root=, address and hostname).
+        #[arg(long)]
+        cmdline: Option<String>,
     },
 }
 
@@ -534,6 +569,29 @@ pub fn image(conn: &Connection, command: ImageApi) -> Result<i32> {
         ImageApi::Delete { name } => {
             client.delete(&format!("/v1/images/{name}"))?;
             println!("image {name} deleted");
+        }
+        ImageApi::Create { name, recipe, no_wait } => {
+            let since = now_ms().saturating_sub(1);
+            let recipe = recipe.unwrap_or_else(|| name.clone());
+            let op: Operation = client.post("/v1/images/build", &json!({"recipe": recipe, "name": name}))?;
+            if no_wait {
+                eprintln!("image {name}: build accepted (operation {})", op.id);
+                return Ok(0);
+            }
+            let op = follow(&client, &op, since)?;
+            if op.state == OperationState::Failed {
+                bail!("building image {name}: {}", op.error);
+            }
+            println!("image {name} ready");
+        }
+        ImageApi::Import { name, kernel, rootfs, initrd, cmdline } => {
+            let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+            let image: Image = client.post(
+                "/v1/images",
+                &json!({"name": name, "kernel": absolute(kernel), "rootfs": absolute(rootfs),
+                        "initrd": initrd.map(absolute), "cmdline": cmdline}),
+            )?;
+            println!("image {} imported ({} MiB root filesystem)", image.name, image.rootfs_bytes >> 20);
         }
     }
     Ok(0)

@@ -108,27 +108,70 @@ fn guest_agent() -> Result<PathBuf> {
     Ok(binary)
 }
 
-/// Builds (or finds up to date) the image `name`, showing the build's progress.
+/// The images this build knows how to make: the default busybox image and Debian 12.
+pub const RECIPES: &[&str] = &["default", "debian"];
+
+/// Builds (or finds up to date) the image `name`, showing the build's progress on stderr.
 pub fn build(name: &str) -> Result<Image> {
-    if name != "default" {
-        bail!("unknown image '{name}': only 'default' can be built so far");
-    }
+    build_with_progress(name, &mut |line| eprintln!("{line}"))
+}
+
+/// Builds (or finds up to date) the image `name`, handing each progress line to `progress`.
+pub fn build_with_progress(name: &str, progress: &mut dyn FnMut(&str)) -> Result<Image> {
+    let (script, extra): (&str, Vec<(&str, PathBuf)>) = match name {
+        "default" => ("build-image.sh", Vec::new()),
+        // Debian's userland on the default image's kernel.
+        "debian" => (
+            "build-debian.sh",
+            vec![("STRATUS_KERNEL_IMAGE_DIR", build_with_progress("default", progress)?.dir)],
+        ),
+        _ => bail!("unknown image recipe '{name}': known are {}", RECIPES.join(", ")),
+    };
     let dir = images_dir().join(name);
-    let script = guest_sources().join("build-image.sh");
+    let script = guest_sources().join(script);
     if !script.exists() {
         bail!("cannot find the guest build script at {} (set STRATUS_GUEST_DIR to the repository's guest/ folder)", script.display());
     }
     let agent = guest_agent()?;
-    // Progress goes to stderr: when `vm run` builds the image first, stdout is the guest's console.
-    let status = Command::new("bash")
+    let mut child = Command::new("bash")
         .arg(&script)
         .arg(&dir)
         .env("STRATUS_GUEST_AGENT", &agent)
-        .stdout(std::io::stderr())
-        .status()
+        .envs(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .with_context(|| format!("running {}", script.display()))?;
+    // Both streams, line by line, in the order they come (stderr on a thread of its own).
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let readers: Vec<_> = [
+        child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|stream| {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stream).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        })
+    })
+    .collect();
+    drop(tx);
+    let mut last = String::new();
+    for line in rx {
+        progress(&line);
+        last = line;
+    }
+    for reader in readers {
+        let _ = reader.join();
+    }
+    let status = child.wait()?;
     if !status.success() {
-        bail!("building image '{name}' failed ({status}); the lines above say where");
+        bail!("building image '{name}' failed ({status}): {last}");
     }
     Ok(Image { dir })
 }

@@ -174,6 +174,13 @@ impl Cloud {
             .success()
     }
 
+    fn wait_for_warm_image(&self) {
+        wait_for("the image's warm snapshot", Duration::from_secs(300), || {
+            let images: Value = serde_json::from_str(&self.ok(&["image", "list", "-o", "json"])).unwrap();
+            images[0]["warm"].is_object()
+        });
+    }
+
     /// Pids of VMM processes serving instance `id`.
     fn vmm_pids(&self, id: &str) -> Vec<u32> {
         let needle = self.data.join("instances").join(id).join("api.sock");
@@ -237,6 +244,13 @@ fn one_machine_cloud_lifecycle() {
         assert_eq!(got, status, "{body} -> {text}");
         assert!(serde_json::from_str::<Value>(&text).unwrap()["error"].is_string(), "{text}");
     }
+    // More memory than the host has left for instances: refused with what is free.
+    let hosts: Value = serde_json::from_str(&cloud.ok(&["host", "list", "-o", "json"])).unwrap();
+    let free = hosts[0]["allocatable_mib"].as_u64().unwrap() - hosts[0]["allocated_mib"].as_u64().unwrap();
+    let body = format!(r#"{{"name": "huge", "memory_mib": {}}}"#, free + 1);
+    let (status, text) = cloud.http("POST", "/v1/instances", t, Some(&body));
+    assert_eq!(status, 409, "{text}");
+    assert!(text.contains("not enough memory") && text.contains(&format!("{free} MiB free")), "{text}");
     assert_eq!(cloud.ok(&["list", "-o", "json"]).trim(), "[]");
     // The default network: its bridge has the gateway address, and its subnet is NATed.
     let nat = Command::new("ip")
@@ -349,10 +363,7 @@ fn one_machine_cloud_lifecycle() {
 
     // Warm launch: the server saved the default image booted; launches of its size restore
     // clones of it, each with its own name, MAC, address and disk.
-    wait_for("the image's warm snapshot", Duration::from_secs(300), || {
-        let images: Value = serde_json::from_str(&cloud.ok(&["image", "list", "-o", "json"])).unwrap();
-        images[0]["warm"].is_object()
-    });
+    cloud.wait_for_warm_image();
     for name in ["warm1", "warm2"] {
         cloud.ok(&["launch", name, "--no-wait"]);
     }
@@ -412,6 +423,8 @@ fn dashboard_in_a_browser() {
     }
     let Some(cloud) = Cloud::new(2, "dashboard_in_a_browser") else { return };
     let modules = playwright();
+    // Launched from the page once the image's warm snapshot exists: a restore, not a boot.
+    cloud.wait_for_warm_image();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/dashboard.mjs");
     let out = Command::new("ip")
         .args(["netns", "exec", &cloud.net.netns, "node"])
@@ -434,7 +447,10 @@ fn dashboard_in_a_browser() {
     assert!(stdout.contains("browser: ok"), "{stdout}");
     // What the browser did happened for real.
     let events = cloud.ok(&["events", "browser1"]);
-    assert!(events.contains("guest agent ready") && events.contains("deleted"), "{events}");
+    assert!(
+        events.contains("restored from the image's warm snapshot") && events.contains("deleted"),
+        "{events}"
+    );
     assert_eq!(cloud.ok(&["list", "-o", "json"]).trim(), "[]");
 }
 

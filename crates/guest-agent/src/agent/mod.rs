@@ -8,7 +8,6 @@ mod info;
 pub mod listen;
 
 use std::io::{self, Read, Write};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,18 +29,9 @@ const MAX_CONNECTIONS: usize = 32;
 /// Connection threads need little: their buffers live on the heap.
 const THREAD_STACK: usize = 512 << 10;
 
-/// The agent's settings.
-#[derive(Clone, Debug)]
-pub struct Config {
-    /// The `ip` program that `configure` runs (busybox's in the guest).
-    pub ip_command: PathBuf,
-}
-
-impl Default for Config {
-    fn default() -> Config {
-        Config { ip_command: "ip".into() }
-    }
-}
+/// The agent's settings (none yet: a place for them that every handler already receives).
+#[derive(Clone, Debug, Default)]
+pub struct Config {}
 
 /// Writes one line to the agent's log (stderr). Never fails: a full disk must not stop the agent.
 pub fn log(args: std::fmt::Arguments<'_>) {
