@@ -134,6 +134,12 @@ fn load_or_create_token(path: &Path) -> Result<String> {
         }
     }
     let token = format!("{}{}", api::new_id(), api::new_id());
+    write_private(path, format!("{token}\n").as_bytes())?;
+    Ok(token)
+}
+
+/// Writes a file only its owner may read (it holds the API token), synced.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -142,9 +148,9 @@ fn load_or_create_token(path: &Path) -> Result<String> {
         .open(path)
         .with_context(|| format!("writing {}", path.display()))?;
     use std::io::Write;
-    writeln!(file, "{token}")?;
+    file.write_all(bytes)?;
     file.sync_all()?;
-    Ok(token)
+    Ok(())
 }
 
 /// Writes `url` and `token` for the CLI, keeping the file's other settings.
@@ -161,15 +167,7 @@ fn write_client_config(path: &Path, url: &str, token: &str) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    use std::io::Write;
-    file.write_all(table.to_string().as_bytes())?;
+    write_private(path, table.to_string().as_bytes())?;
     eprintln!("stratus serve: wrote the CLI's address and token to {}", path.display());
     Ok(())
 }
