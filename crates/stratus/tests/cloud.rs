@@ -364,9 +364,8 @@ fn one_machine_cloud_lifecycle() {
     // Warm launch: the server saved the default image booted; launches of its size restore
     // clones of it, each with its own name, MAC, address and disk.
     cloud.wait_for_warm_image();
-    for name in ["warm1", "warm2"] {
-        cloud.ok(&["launch", name, "--no-wait"]);
-    }
+    cloud.ok(&["launch", "warm1", "--no-wait"]);
+    cloud.ok(&["launch", "warm2", "--no-wait", "--restart", "never"]);
     for name in ["warm1", "warm2"] {
         wait_for("the warm launch", Duration::from_secs(120), || {
             cloud.instance(name)["status"]["state"] == "running"
@@ -389,6 +388,29 @@ fn one_machine_cloud_lifecycle() {
     cloud.ok(&["exec", "warm1", "--", "sh", "-c", "echo one > /root/mine; sync"]);
     let (code, _, _) = cloud.cli(&["exec", "warm2", "--", "cat", "/root/mine"]);
     assert_ne!(code, 0, "warm2 sees warm1's file");
+    // Restart policies. warm1 (on-failure) powers itself off: stopped, not restarted.
+    let _ = cloud.cli(&["exec", "warm1", "--", "poweroff", "-f"]);
+    wait_for("warm1 to be seen stopped", Duration::from_secs(60), || {
+        cloud.instance("warm1")["status"]["state"] == "stopped"
+    });
+    let stopped = cloud.instance("warm1");
+    assert_eq!(stopped["desired"], "stopped", "{stopped}");
+    assert!(stopped["status"]["message"].as_str().unwrap().contains("guest powered off"), "{stopped}");
+    // warm2 (never) loses its VMM: an error with the cause, and it stays down.
+    let pid = b["status"]["pid"].as_u64().unwrap() as i32;
+    // SAFETY: killing the test's own VMM.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_for("warm2 to be seen failed", Duration::from_secs(60), || {
+        cloud.instance("warm2")["status"]["state"] == "error"
+    });
+    std::thread::sleep(Duration::from_secs(5));
+    let failed = cloud.instance("warm2");
+    assert_eq!(
+        (failed["status"]["state"].as_str(), failed["desired"].as_str()),
+        (Some("error"), Some("stopped"))
+    );
+    assert!(failed["status"]["message"].as_str().unwrap().contains("VMM process is gone"), "{failed}");
+    assert!(cloud.vmm_pids(b["id"].as_str().unwrap()).is_empty(), "warm2 was restarted");
     for name in ["warm1", "warm2"] {
         cloud.ok(&["delete", name]);
     }
