@@ -429,6 +429,31 @@ impl LocalAgent {
     }
 }
 
+/// Most output of one stream that exec keeps: the output is guest data held in the server's
+/// memory (and answered base64 in one JSON document), so a guest cannot make it unbounded.
+const EXEC_OUTPUT_LIMIT: usize = 16 << 20;
+
+/// A buffer that refuses to grow past `EXEC_OUTPUT_LIMIT`.
+#[derive(Default)]
+struct Capped(Vec<u8>);
+
+impl std::io::Write for Capped {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + data.len() > EXEC_OUTPUT_LIMIT {
+            return Err(std::io::Error::other(format!(
+                "the command wrote more than {} MiB to one stream; run it with its output redirected to a file",
+                EXEC_OUTPUT_LIMIT >> 20
+            )));
+        }
+        self.0.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// What a cold boot needs.
 struct BootSpec<'a> {
     image: &'a Image,
@@ -708,12 +733,12 @@ impl HostAgent for LocalAgent {
         }
         let client = Client::new(self.instance_dir(&instance.id).join("vsock.sock"), Duration::from_secs(10));
         let request = ExecRequest { argv, env: Vec::new(), cwd: None };
-        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let (mut stdout, mut stderr) = (Capped::default(), Capped::default());
         let input: Box<dyn Read + Send> = Box::new(std::io::Cursor::new(stdin));
         let code = client
             .exec(&request, input, &mut stdout, &mut stderr)
             .map_err(|e| AgentError::Guest(e.to_string()))?;
-        Ok(ExecOutput { code, stdout, stderr })
+        Ok(ExecOutput { code, stdout: stdout.0, stderr: stderr.0 })
     }
 
     fn console_socket(&self, instance: &Instance) -> PathBuf {
@@ -749,5 +774,23 @@ impl HostAgent for LocalAgent {
             left.push(format!("directory {}", dir.display()));
         }
         left
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn exec_output_is_capped() {
+        let mut out = Capped::default();
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..(EXEC_OUTPUT_LIMIT >> 20) {
+            out.write_all(&chunk).unwrap();
+        }
+        let err = out.write_all(b"one more").unwrap_err();
+        assert!(err.to_string().contains("more than 16 MiB"), "{err}");
+        assert_eq!(out.0.len(), EXEC_OUTPUT_LIMIT);
     }
 }
