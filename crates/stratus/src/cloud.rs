@@ -495,14 +495,21 @@ pub fn console(conn: &Connection, name: &str) -> Result<i32> {
         let mut buf = [0u8; 1024];
         let mut stdin = std::io::stdin();
         while let Ok(n) = stdin.read(&mut buf) {
-            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+            // An empty message says standard input ended.
+            if tx.send(buf[..n].to_vec()).is_err() || n == 0 {
                 return;
             }
         }
+        let _ = tx.send(Vec::new());
     });
     let mut escape = false;
     let mut out = std::io::stdout();
+    // Input from a pipe or file: once it ends, give the guest a moment to answer, then leave.
+    let mut leave_at: Option<Instant> = None;
     loop {
+        if leave_at.is_some_and(|t| Instant::now() >= t) {
+            return Ok(0);
+        }
         match socket.read() {
             Ok(tungstenite::Message::Binary(data)) => {
                 out.write_all(&data)?;
@@ -515,6 +522,12 @@ pub fn console(conn: &Connection, name: &str) -> Result<i32> {
             Err(_) => break,
         }
         while let Ok(bytes) = rx.try_recv() {
+            if bytes.is_empty() {
+                if terminal.is_none() {
+                    leave_at.get_or_insert(Instant::now() + Duration::from_secs(2));
+                }
+                continue;
+            }
             let mut send = Vec::new();
             for b in bytes {
                 if terminal.is_some() && escape {

@@ -292,6 +292,10 @@ fn one_machine_cloud_lifecycle() {
     let (code, out, _) = cloud.cli_with_input(&["exec", "web1", "--", "cat"], b"piped through\n");
     assert_eq!((code, out.as_str()), (0, "piped through\n"));
     assert_eq!(cloud.ok(&["exec", "web1", "--", "hostname"]).trim(), "web1");
+    // The serial console through the API's WebSocket: a command typed from a pipe is answered.
+    let (code, out, err) = cloud.cli_with_input(&["console", "web1"], b"echo console-$((3 + 4))\r");
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("console-7"), "{out}");
     assert!(cloud.ping(&ip), "the guest does not answer ping at {ip}");
     let (code, _, err) = cloud.cli(&["exec", "web1", "--", "no-such-program"]);
     assert_ne!(code, 0);
