@@ -105,6 +105,8 @@ pub trait HostAgent: Send + Sync {
     fn host(&self) -> Host;
     /// Creates the bridges of `networks` and applies NAT for them.
     fn prepare_networks(&self, networks: &[Network]) -> Result<(), AgentError>;
+    /// Removes `network`'s bridge and leaves NAT for the `remaining` ones only.
+    fn remove_network(&self, network: &Network, remaining: &[Network]) -> Result<(), AgentError>;
     /// Makes the disk if missing, the tap, starts the VMM and waits for the guest agent.
     /// `cancelled` is asked while the guest boots: when it says so, the VMM is stopped and
     /// the start ends with `Cancelled`.
@@ -231,7 +233,9 @@ impl LocalAgent {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        kill(pid);
+        if is_vmm_of(pid, dir) {
+            kill(pid);
+        }
         Err(AgentError::Vmm("the VMM did not open its API socket within 10 s".into()))
     }
 
@@ -464,12 +468,26 @@ struct BootSpec<'a> {
     mac: String,
 }
 
+/// The longest a VMM API call may take (a snapshot of a large VM writes its memory).
+const VMM_CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// The guest's vsock CID. Every VM may have the same one: each VMM's vsock device is its own
 /// Unix socket, not the host kernel's vsock, so CIDs never meet.
 const GUEST_CID: u32 = 3;
 
 fn api_sock(dir: &Path) -> PathBuf {
     dir.join("api.sock")
+}
+
+/// The VMM serving `dir`: the recorded pid if it still is, else whichever process answers on
+/// the API socket (a start the server died in the middle of left its pid unrecorded).
+fn find_vmm(dir: &Path, recorded: u32) -> Option<u32> {
+    if is_vmm_of(recorded, dir) {
+        return Some(recorded);
+    }
+    let info = vmm_call(dir, "GET", "/vm", None).ok()?;
+    let pid = info.get("pid")?.as_u64()? as u32;
+    is_vmm_of(pid, dir).then_some(pid)
 }
 
 /// Whether `pid` is the VMM serving `dir` (not a recycled pid, not a zombie).
@@ -491,7 +509,8 @@ fn vmm_call(
     target: &str,
     body: Option<String>,
 ) -> Result<serde_json::Value, AgentError> {
-    let response = http::call(&api_sock(dir), method, target, body.as_deref())
+    // A wedged VMM must not hold a reconciler worker (and with it the instance) forever.
+    let response = http::call_within(&api_sock(dir), method, target, body.as_deref(), VMM_CALL_TIMEOUT)
         .map_err(|e| AgentError::Vmm(e.to_string()))?;
     let value: serde_json::Value = if response.body.trim().is_empty() {
         serde_json::Value::Null
@@ -597,6 +616,12 @@ impl HostAgent for LocalAgent {
         Ok(())
     }
 
+    fn remove_network(&self, net: &Network, remaining: &[Network]) -> Result<(), AgentError> {
+        network::remove_bridge(net)?;
+        network::apply_nat(remaining)?;
+        Ok(())
+    }
+
     fn start(
         &self,
         instance: &Instance,
@@ -664,7 +689,7 @@ impl HostAgent for LocalAgent {
         let started = Instant::now();
         let pid = self.spawn_vmm(&dir)?;
         if let Err(e) = self.boot_vmm(&dir, &spec) {
-            kill(pid);
+            quit_vmm(&dir, pid);
             return Err(e);
         }
         progress(format!("VMM started (pid {pid}), booting"));
@@ -687,10 +712,7 @@ impl HostAgent for LocalAgent {
 
     fn stop(&self, instance: &Instance) -> Result<(), AgentError> {
         let dir = self.instance_dir(&instance.id);
-        let pid = instance.status.pid;
-        if !is_vmm_of(pid, &dir) {
-            return Ok(());
-        }
+        let Some(pid) = find_vmm(&dir, instance.status.pid) else { return Ok(()) };
         if let Ok((phase, _)) = vmm_phase(&dir) {
             if phase == "running" && vmm_call(&dir, "POST", "/vm/shutdown", None).is_ok() {
                 let deadline = Instant::now() + SHUTDOWN_GRACE;
@@ -711,9 +733,9 @@ impl HostAgent for LocalAgent {
 
     fn remove(&self, instance: &Instance) -> Result<(), AgentError> {
         let dir = self.instance_dir(&instance.id);
-        if is_vmm_of(instance.status.pid, &dir) {
+        if let Some(pid) = find_vmm(&dir, instance.status.pid) {
             let _ = vmm_call(&dir, "POST", "/vm/stop", None);
-            quit_vmm(&dir, instance.status.pid);
+            quit_vmm(&dir, pid);
         }
         network::remove_tap(&network::tap_name(&instance.id))?;
         match std::fs::remove_dir_all(&dir) {
@@ -762,8 +784,8 @@ impl HostAgent for LocalAgent {
 
     fn leftovers(&self, instance: &Instance) -> Vec<String> {
         let mut left = Vec::new();
-        if is_vmm_of(instance.status.pid, &self.instance_dir(&instance.id)) {
-            left.push(format!("VMM process {}", instance.status.pid));
+        if let Some(pid) = find_vmm(&self.instance_dir(&instance.id), instance.status.pid) {
+            left.push(format!("VMM process {pid}"));
         }
         let tap = network::tap_name(&instance.id);
         if network::tap_exists(&tap) {

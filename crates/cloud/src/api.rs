@@ -463,6 +463,8 @@ fn request_change(
         created_at: now(),
         finished_at: 0,
     };
+    // Stored before the instance names it, so a worker that finishes at once finds it.
+    state.db.put(&operation_key(&op.id), &op)?;
     let mut refused = None;
     let mut done_now = false;
     let mut superseded = None;
@@ -489,16 +491,22 @@ fn request_change(
         .map_err(|e| match e {
             DbError::NotFound(_) => ApiError::not_found(format!("instance '{name}' not found")),
             other => other.into(),
-        })?;
-    if let Some(e) = refused {
-        return Err(e);
-    }
+        });
+    let instance = match (instance, refused) {
+        (Ok(instance), None) => instance,
+        (result, refused) => {
+            let _ = state.db.delete(&operation_key(&op.id));
+            return Err(
+                refused.unwrap_or_else(|| result.err().unwrap_or_else(|| ApiError::bad_request("refused")))
+            );
+        }
+    };
     let mut op = op;
     if done_now {
         op.state = OperationState::Succeeded;
         op.finished_at = now();
+        state.db.put(&operation_key(&op.id), &op)?;
     }
-    state.db.put(&operation_key(&op.id), &op)?;
     if let Some(old) = superseded.filter(|old| *old != op.id) {
         let _ = state.db.update(&operation_key(&old), |o: &mut Operation| {
             let running = o.state == OperationState::Running;
@@ -717,6 +725,13 @@ async fn build_image(
     State(state): State<Shared>,
     Body(req): Body<BuildRequest>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
+    if !crate::image::RECIPES.contains(&req.recipe.as_str()) {
+        return Err(ApiError::unprocessable(format!(
+            "unknown recipe '{}': known are {}",
+            req.recipe,
+            crate::image::RECIPES.join(", ")
+        )));
+    }
     let name = req.name.clone().unwrap_or_else(|| req.recipe.clone());
     check_image_name(&name)?;
     let Some(builder) = state.builder.clone() else {
@@ -877,7 +892,16 @@ async fn delete_network(State(state): State<Shared>, Name(name): Name) -> ApiRes
     if !users.is_empty() {
         return Err(ApiError::conflict(format!("network '{name}' is used by {}", users.join(", "))));
     }
+    let network = state.db.network(DEFAULT_PROJECT, &name)?;
     state.db.delete(&network_key(DEFAULT_PROJECT, &name))?;
+    if let Some(network) = network {
+        let remaining: Vec<Network> = state.db.list("/networks/")?;
+        let agent = Arc::clone(&state.agent);
+        let removed = tokio::task::spawn_blocking(move || agent.remove_network(&network, &remaining)).await;
+        if let Err(e) = removed.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+            state.db.event(DEFAULT_PROJECT, "", "error", format!("network {name}: removing its bridge: {e}"));
+        }
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

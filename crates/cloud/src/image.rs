@@ -10,6 +10,9 @@ use crate::agent::HostAgent;
 use crate::db::{image_key, Db, DbError};
 use crate::model::{now, Image, DEFAULT_PROJECT, VMM_VERSION};
 
+/// The recipes `stratus` can build: the default busybox image and Debian 12.
+pub const RECIPES: &[&str] = &["default", "debian"];
+
 /// Builds the image of a recipe (`"default"`, `"debian"`), handing progress lines to the
 /// callback; returns the built image's directory (vmlinux, rootfs.ext4, cmdline, manifest).
 pub type ImageBuilder = Arc<dyn Fn(&str, &mut dyn FnMut(&str)) -> anyhow::Result<PathBuf> + Send + Sync>;

@@ -56,7 +56,11 @@ pub async fn prometheus(State(state): State<Arc<AppState>>) -> impl IntoResponse
     );
     let client = stats.client_errors.load(Ordering::Relaxed);
     let server = stats.server_errors.load(Ordering::Relaxed);
-    let _ = writeln!(out, "stratus_api_requests_total{{class=\"ok\"}} {}", requests - client - server);
+    let _ = writeln!(
+        out,
+        "stratus_api_requests_total{{class=\"ok\"}} {}",
+        requests.saturating_sub(client + server)
+    );
     let _ = writeln!(out, "stratus_api_requests_total{{class=\"4xx\"}} {client}");
     let _ = writeln!(out, "stratus_api_requests_total{{class=\"5xx\"}} {server}");
     let _ = writeln!(

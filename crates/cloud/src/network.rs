@@ -12,7 +12,9 @@ use crate::model::Network;
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
     /// A CIDR that does not parse or is unusable.
-    #[error("invalid subnet '{0}': expected an IPv4 prefix such as 10.210.0.0/24, between /16 and /29")]
+    #[error(
+        "invalid subnet '{0}': expected a unicast IPv4 prefix such as 10.210.0.0/24, between /16 and /29"
+    )]
     BadCidr(String),
     /// Every address of the subnet is leased.
     #[error("network '{0}' has no free address left")]
@@ -46,7 +48,8 @@ impl Subnet {
         let (addr, prefix) = cidr.split_once('/').ok_or_else(bad)?;
         let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
         let prefix: u8 = prefix.parse().map_err(|_| bad())?;
-        if !(16..=29).contains(&prefix) {
+        // Loopback, "this network" and multicast/reserved space cannot hold guests.
+        if !(16..=29).contains(&prefix) || matches!(addr.octets()[0], 0 | 127 | 224..=255) {
             return Err(bad());
         }
         let mask = u32::MAX << (32 - prefix);
@@ -200,6 +203,14 @@ pub fn apply_nat(networks: &[Network]) -> Result<(), NetworkError> {
     Ok(())
 }
 
+/// Removes a network's bridge (its taps must be gone: instances are deleted first).
+pub fn remove_bridge(network: &Network) -> Result<(), NetworkError> {
+    if link_exists(&network.bridge) {
+        run(&["ip", "link", "del", &network.bridge])?;
+    }
+    Ok(())
+}
+
 /// Creates the tap `name` on `bridge`, up (again if it exists, so a restart reuses it).
 pub fn ensure_tap(name: &str, bridge: &str) -> Result<(), NetworkError> {
     if !link_exists(name) {
@@ -236,7 +247,18 @@ mod tests {
         assert_eq!(all.len(), 253);
         assert!(s.overlaps(&Subnet::parse("10.210.0.128/25").unwrap()));
         assert!(!s.overlaps(&Subnet::parse("10.211.0.0/24").unwrap()));
-        for bad in ["10.0.0.0", "10.0.0.0/8", "10.0.0.0/30", "10.0.0/24", "x/24", "10.0.0.0/-1"] {
+        for bad in [
+            "10.0.0.0",
+            "10.0.0.0/8",
+            "10.0.0.0/30",
+            "10.0.0/24",
+            "x/24",
+            "10.0.0.0/-1",
+            "255.255.0.0/16",
+            "127.0.0.0/24",
+            "224.1.0.0/16",
+            "0.1.0.0/16",
+        ] {
             assert!(Subnet::parse(bad).is_err(), "{bad}");
         }
     }

@@ -86,14 +86,17 @@ impl Reconciler {
             }
             let this = Arc::clone(self);
             let id = instance.id.clone();
+            let id_for_failure = instance.id.clone();
             let spawned =
                 std::thread::Builder::new().name(format!("instance-{}", instance.name)).spawn(move || {
                     this.work(instance, step);
                     this.busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
                     this.wake();
                 });
-            if spawned.is_err() {
+            if let Err(e) = spawned {
                 self.count_error();
+                eprintln!("stratus: reconciler: cannot start a worker: {e}");
+                self.busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&id_for_failure);
             }
         }
     }
@@ -123,7 +126,13 @@ impl Reconciler {
     fn start(&self, instance: Instance) {
         let first = instance.status.state == InstanceState::Pending;
         let host = self.agent.host().name;
+        let mut wanted = false;
         let Some(instance) = self.update(&instance, |i| {
+            // A stop or delete that came after this work was handed out wins.
+            wanted = i.desired == Desired::Running && !i.restart_pending;
+            if !wanted {
+                return false;
+            }
             i.status.state = InstanceState::Starting;
             i.status.host = host.clone();
             i.status.message.clear();
@@ -131,6 +140,9 @@ impl Reconciler {
         }) else {
             return;
         };
+        if !wanted {
+            return;
+        }
         if first {
             self.event(&instance, "info", format!("scheduled on host {host}"));
         }
@@ -283,10 +295,15 @@ impl Reconciler {
         );
         // The VMM of a guest that stopped on its own is still there, serving its API.
         let _ = self.agent.stop(&instance);
-        self.update(&instance, |i| {
+        let updated = self.update(&instance, |i| {
             i.status.pid = 0;
             i.status.message = cause.clone();
-            if restart {
+            // The user may have asked for something else meanwhile (stop, delete, restart):
+            // their wish wins over this policy.
+            let untouched = i.desired == instance.desired && i.restart_pending == instance.restart_pending;
+            if !untouched {
+                i.status.state = if clean { InstanceState::Stopped } else { InstanceState::Error };
+            } else if restart {
                 i.status.state = InstanceState::Pending;
             } else {
                 i.status.state = if clean { InstanceState::Stopped } else { InstanceState::Error };
@@ -294,6 +311,9 @@ impl Reconciler {
             }
             true
         });
+        if let Some(i) = updated {
+            self.settle(&i);
+        }
     }
 
     /// Finishes the instance's operation if the instance reached what it asked for.

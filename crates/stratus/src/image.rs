@@ -108,9 +108,6 @@ fn guest_agent() -> Result<PathBuf> {
     Ok(binary)
 }
 
-/// The images this build knows how to make: the default busybox image and Debian 12.
-pub const RECIPES: &[&str] = &["default", "debian"];
-
 /// Builds (or finds up to date) the image `name`, showing the build's progress on stderr.
 pub fn build(name: &str) -> Result<Image> {
     build_with_progress(name, &mut |line| eprintln!("{line}"))
@@ -125,7 +122,7 @@ pub fn build_with_progress(name: &str, progress: &mut dyn FnMut(&str)) -> Result
             "build-debian.sh",
             vec![("STRATUS_KERNEL_IMAGE_DIR", build_with_progress("default", progress)?.dir)],
         ),
-        _ => bail!("unknown image recipe '{name}': known are {}", RECIPES.join(", ")),
+        _ => bail!("unknown image recipe '{name}': known are {}", stratus_cloud::image::RECIPES.join(", ")),
     };
     let dir = images_dir().join(name);
     let script = guest_sources().join(script);

@@ -158,8 +158,35 @@ pub enum ClientError {
 
 /// Sends one request to the API socket at `path` and returns the response.
 pub fn call(path: &Path, method: &str, target: &str, body: Option<&str>) -> Result<Response, ClientError> {
+    exchange(path, method, target, body, None)
+}
+
+/// Largest response `call_within` reads: a VMM's answers are small JSON documents.
+const MAX_RESPONSE: u64 = 16 << 20;
+
+/// `call` for a caller that must not hang on a VMM that stopped answering: each read and
+/// write may take at most `timeout`, and the response at most 16 MiB.
+pub fn call_within(
+    path: &Path,
+    method: &str,
+    target: &str,
+    body: Option<&str>,
+    timeout: std::time::Duration,
+) -> Result<Response, ClientError> {
+    exchange(path, method, target, body, Some(timeout))
+}
+
+fn exchange(
+    path: &Path,
+    method: &str,
+    target: &str,
+    body: Option<&str>,
+    timeout: Option<std::time::Duration>,
+) -> Result<Response, ClientError> {
     let mut stream =
         UnixStream::connect(path).map_err(|cause| ClientError::Connect { path: path.to_owned(), cause })?;
+    stream.set_read_timeout(timeout)?;
+    stream.set_write_timeout(timeout)?;
     let body = body.unwrap_or("");
     let request = format!(
         "{method} {target} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -167,7 +194,8 @@ pub fn call(path: &Path, method: &str, target: &str, body: Option<&str>) -> Resu
     );
     stream.write_all(request.as_bytes())?;
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
+    let limit = if timeout.is_some() { MAX_RESPONSE } else { u64::MAX };
+    (&mut stream).take(limit).read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text.split_once("\r\n\r\n").ok_or(ClientError::Malformed)?;
     let status =
