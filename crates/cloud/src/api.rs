@@ -662,8 +662,16 @@ async fn list_images(State(state): State<Shared>) -> ApiResult<Json<Vec<Image>>>
 #[serde(deny_unknown_fields)]
 struct ImportRequest {
     name: String,
-    kernel: String,
-    rootfs: String,
+    /// A raw ext4 root filesystem; or
+    #[serde(default)]
+    rootfs: Option<String>,
+    /// a root filesystem tarball (any compression tar reads), made bootable with the default
+    /// image's init, busybox and guest agent.
+    #[serde(default)]
+    tarball: Option<String>,
+    /// The kernel; the default image's when absent.
+    #[serde(default)]
+    kernel: Option<String>,
     #[serde(default)]
     initrd: Option<String>,
     #[serde(default)]
@@ -686,9 +694,15 @@ async fn import_image(
     Body(req): Body<ImportRequest>,
 ) -> ApiResult<(StatusCode, Json<Image>)> {
     check_image_name(&req.name)?;
-    for (what, path) in
-        [("kernel", Some(&req.kernel)), ("rootfs", Some(&req.rootfs)), ("initrd", req.initrd.as_ref())]
-    {
+    if req.rootfs.is_some() == req.tarball.is_some() {
+        return Err(ApiError::unprocessable("give either rootfs (a raw ext4 image) or tarball"));
+    }
+    for (what, path) in [
+        ("kernel", req.kernel.as_ref()),
+        ("rootfs", req.rootfs.as_ref()),
+        ("tarball", req.tarball.as_ref()),
+        ("initrd", req.initrd.as_ref()),
+    ] {
         if let Some(path) = path {
             if !std::path::Path::new(path).is_file() {
                 return Err(ApiError::unprocessable(format!(
@@ -697,18 +711,50 @@ async fn import_image(
             }
         }
     }
-    let files = crate::image::ImageFiles {
-        kernel: req.kernel.into(),
-        initrd: req.initrd.map(Into::into),
-        rootfs: req.rootfs.into(),
-        cmdline: req.cmdline.unwrap_or_else(|| "console=ttyS0 panic=1".into()),
-        source: "import".into(),
+    let base = state.db.image(DEFAULT_PROJECT, "default")?;
+    let kernel = match (&req.kernel, &base) {
+        (Some(kernel), _) => kernel.clone(),
+        (None, Some(base)) => base.kernel.clone(),
+        (None, None) => {
+            return Err(ApiError::unprocessable("no kernel given and no default image to take one from"))
+        }
     };
-    let (db, data, name) = (state.db.clone(), state.data_dir.clone(), req.name.clone());
-    let image = tokio::task::spawn_blocking(move || crate::image::install(&db, &data, &name, &files))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| ApiError::unprocessable(e.to_string()))?;
+    let cmdline = req.cmdline.clone().or_else(|| base.as_ref().map(|b| b.cmdline.clone()));
+    let (db, data, name, agent) =
+        (state.db.clone(), state.data_dir.clone(), req.name.clone(), Arc::clone(&state.agent));
+    let image = tokio::task::spawn_blocking(move || {
+        let work = data.join("images").join(format!(".{name}.import"));
+        let rootfs = match (&req.rootfs, &req.tarball, &base) {
+            (Some(rootfs), _, _) => std::path::PathBuf::from(rootfs),
+            (None, Some(tarball), Some(base)) => {
+                crate::image::rootfs_from_tarball(std::path::Path::new(tarball), base, &work)?
+            }
+            _ => {
+                return Err(crate::image::ImageError::Tarball(
+                    "a tarball needs the default image (its init, busybox and agent)".into(),
+                ))
+            }
+        };
+        let files = crate::image::ImageFiles {
+            kernel: kernel.into(),
+            initrd: req.initrd.map(Into::into),
+            rootfs,
+            cmdline: cmdline.unwrap_or_else(|| "console=ttyS0 panic=1".into()),
+            source: "import".into(),
+        };
+        let installed = crate::image::install(&db, &data, &name, &files);
+        let _ = std::fs::remove_dir_all(&work);
+        let image = installed?;
+        // Its warm snapshot comes in the background; launches boot cold until then.
+        let (db2, image2) = (db.clone(), image.clone());
+        let _ = std::thread::Builder::new()
+            .name(format!("warm-{name}"))
+            .spawn(move || crate::image::warm(&db2, agent.as_ref(), &image2));
+        Ok(image)
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| ApiError::unprocessable(e.to_string()))?;
     Ok((StatusCode::CREATED, Json(image)))
 }
 

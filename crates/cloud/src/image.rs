@@ -36,6 +36,9 @@ pub enum ImageError {
     /// The store failed.
     #[error(transparent)]
     Db(#[from] DbError),
+    /// Making a root filesystem from a tarball failed.
+    #[error("tarball: {0}")]
+    Tarball(String),
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ImageError + 'a {
@@ -158,4 +161,91 @@ pub fn warm(db: &Db, agent: &dyn HostAgent, image: &Image) -> Result<(), String>
         format!("image {}: warm snapshot ready (the cold boot it saves took {boot:.1} s)", image.name),
     );
     Ok(())
+}
+
+/// Runs a host tool; its stderr is the error.
+fn tool(args: &[&str]) -> Result<(), ImageError> {
+    let output = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| ImageError::Tarball(format!("cannot run {}: {e}", args[0])))?;
+    if output.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    Err(ImageError::Tarball(format!("{}: {}", args[..2].join(" "), stderr.trim())))
+}
+
+/// Makes an ext4 root filesystem in `work` from a rootfs tarball, bootable the way the default
+/// image is: its init script (run by its static busybox, which the tarball need not have) as
+/// `/sbin/init` and its guest agent, both taken out of `base`'s root filesystem with debugfs.
+pub fn rootfs_from_tarball(tarball: &Path, base: &Image, work: &Path) -> Result<PathBuf, ImageError> {
+    let _ = std::fs::remove_dir_all(work);
+    let tree = work.join("tree");
+    std::fs::create_dir_all(&tree).map_err(io("creating", &tree))?;
+    let (tarball_s, tree_s) = (tarball.display().to_string(), tree.display().to_string());
+    tool(&["tar", "-xpf", &tarball_s, "-C", &tree_s, "--numeric-owner"])?;
+    for dir in
+        ["usr/lib/stratus", "usr/sbin", "sbin", "bin", "etc", "proc", "sys", "dev", "tmp", "root", "var/log"]
+    {
+        std::fs::create_dir_all(tree.join(dir)).map_err(io("creating", &tree.join(dir)))?;
+    }
+    let busybox = tree.join("usr/lib/stratus/busybox");
+    let init = work.join("init");
+    for (inside, outside) in [
+        ("/bin/busybox", &busybox),
+        ("/usr/sbin/stratus-guest-agent", &tree.join("usr/sbin/stratus-guest-agent")),
+        ("/sbin/init", &init),
+    ] {
+        let _ = std::fs::remove_file(outside);
+        tool(&["debugfs", "-R", &format!("dump -p {inside} {}", outside.display()), &base.rootfs])?;
+        if !outside.exists() {
+            return Err(ImageError::Tarball(format!("the default image has no {inside}")));
+        }
+    }
+    // The tarball's own init (systemd, say) needs a kernel ours is not; ours runs under our
+    // busybox, whose shell finds its applets without links.
+    let script = std::fs::read_to_string(&init).map_err(io("reading", &init))?;
+    let body = script.split_once('\n').map(|(_, rest)| rest).unwrap_or("");
+    let sbin_init = tree.join("sbin/init");
+    let _ = std::fs::remove_file(&sbin_init);
+    std::fs::write(&sbin_init, format!("#!/usr/lib/stratus/busybox sh\n{body}"))
+        .map_err(io("writing", &sbin_init))?;
+    let bin_busybox = tree.join("bin/busybox");
+    if std::fs::symlink_metadata(&bin_busybox).is_err() {
+        std::os::unix::fs::symlink("/usr/lib/stratus/busybox", &bin_busybox)
+            .map_err(io("linking", &bin_busybox))?;
+    }
+    for path in [&sbin_init, &busybox, &tree.join("usr/sbin/stratus-guest-agent")] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).map_err(io("chmod", path))?;
+    }
+    let fstab = tree.join("etc/fstab");
+    if !fstab.exists() {
+        let lines = "sysfs /sys sysfs defaults 0 0\ntmpfs /tmp tmpfs mode=1777,nosuid,nodev 0 0\ndevpts /dev/pts devpts gid=5,mode=620,ptmxmode=666 0 0\n";
+        std::fs::write(&fstab, lines).map_err(io("writing", &fstab))?;
+    }
+    // Content plus a third, in whole 64 MiB steps, at least 256 MiB.
+    let used = tree_bytes(&tree);
+    let size = ((used + used / 3) / (64 << 20) + 1).max(4) * (64 << 20);
+    let rootfs = work.join("rootfs.ext4");
+    let file = std::fs::File::create(&rootfs).map_err(io("creating", &rootfs))?;
+    file.set_len(size).map_err(io("sizing", &rootfs))?;
+    drop(file);
+    tool(&["mkfs.ext4", "-q", "-F", "-T", "default", "-d", &tree_s, &rootfs.display().to_string()])?;
+    let _ = std::fs::remove_dir_all(&tree);
+    Ok(rootfs)
+}
+
+/// Bytes of the regular files under `dir` (symlinks not followed).
+fn tree_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => tree_bytes(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map(|m| m.len()).unwrap_or(0),
+            _ => 0,
+        })
+        .sum()
 }

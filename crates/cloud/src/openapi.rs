@@ -41,7 +41,7 @@ pub fn document() -> Value {
             "/v1/instances/{name}/metrics": {"get": {"summary": "The VMM's metrics", "parameters": name, "responses": errors(json!({"200": ok(json!({"type": "object"}))}))}},
             "/v1/images": {
                 "get": {"summary": "List images", "responses": errors(json!({"200": ok(json!({"type": "array", "items": {"$ref": "#/components/schemas/Image"}}))}))},
-                "post": {"summary": "Import an image from files on the server's host", "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ImportRequest"}}}},
+                "post": {"summary": "Import an image from files on the server's host: a raw ext4 root filesystem or a tarball", "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ImportRequest"}}}},
                          "responses": errors(json!({"201": ok(json!({"$ref": "#/components/schemas/Image"}))}))}
             },
             "/v1/images/build": {"post": {"summary": "Build an image from a recipe (default, debian), install it and make its warm snapshot",
@@ -84,8 +84,9 @@ pub fn document() -> Value {
                     "disk_mib": {"type": "integer", "minimum": 1, "default": 1024},
                     "network": {"type": "string", "default": "default"},
                     "restart": {"type": "string", "enum": ["always", "on-failure", "never"]}}},
-                "ImportRequest": {"type": "object", "required": ["name", "kernel", "rootfs"], "additionalProperties": false, "properties": {
-                    "name": {"type": "string"}, "kernel": {"type": "string"}, "rootfs": {"type": "string"},
+                "ImportRequest": {"type": "object", "required": ["name"], "additionalProperties": false, "properties": {
+                    "name": {"type": "string"}, "kernel": {"type": "string", "nullable": true}, "rootfs": {"type": "string", "nullable": true},
+                    "tarball": {"type": "string", "nullable": true},
                     "initrd": {"type": "string", "nullable": true}, "cmdline": {"type": "string", "nullable": true}}},
                 "BuildRequest": {"type": "object", "required": ["recipe"], "additionalProperties": false, "properties": {
                     "recipe": {"type": "string", "enum": ["default", "debian"]}, "name": {"type": "string", "nullable": true}}},

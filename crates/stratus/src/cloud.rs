@@ -198,17 +198,21 @@ pub enum ImageApi {
         #[arg(long)]
         no_wait: bool,
     },
-    /// Import an image from files on the server's host: a kernel and a raw root filesystem
-    /// (ext4), optionally an initrd and a command line.
+    /// Import an image from files on the server's host: a raw root filesystem (ext4) or a
+    /// root filesystem tarball (booted with the default image's init, busybox and guest
+    /// agent, which the import adds), with a kernel (default: the default image's).
     Import {
         /// Image name.
         name: String,
-        /// Kernel (ELF vmlinux or bzImage).
+        /// Kernel (ELF vmlinux or bzImage); the default image's when absent.
         #[arg(long)]
-        kernel: PathBuf,
+        kernel: Option<PathBuf>,
         /// Root filesystem image (raw ext4).
+        #[arg(long, conflicts_with = "tarball", required_unless_present = "tarball")]
+        rootfs: Option<PathBuf>,
+        /// Root filesystem tarball (.tar, .tar.gz, .tar.xz, ...).
         #[arg(long)]
-        rootfs: PathBuf,
+        tarball: Option<PathBuf>,
         /// Initial ramdisk.
         #[arg(long)]
         initrd: Option<PathBuf>,
@@ -597,12 +601,12 @@ pub fn image(conn: &Connection, command: ImageApi) -> Result<i32> {
             }
             println!("image {name} ready");
         }
-        ImageApi::Import { name, kernel, rootfs, initrd, cmdline } => {
+        ImageApi::Import { name, kernel, rootfs, tarball, initrd, cmdline } => {
             let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
             let image: Image = client.post(
                 "/v1/images",
-                &json!({"name": name, "kernel": absolute(kernel), "rootfs": absolute(rootfs),
-                        "initrd": initrd.map(absolute), "cmdline": cmdline}),
+                &json!({"name": name, "kernel": kernel.map(absolute), "rootfs": rootfs.map(absolute),
+                        "tarball": tarball.map(absolute), "initrd": initrd.map(absolute), "cmdline": cmdline}),
             )?;
             println!("image {} imported ({} MiB root filesystem)", image.name, image.rootfs_bytes >> 20);
         }

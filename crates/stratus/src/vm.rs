@@ -399,6 +399,15 @@ fn restore_request(from: RestoreFrom) -> RestoreRequest {
 
 /// `stratus vmm`: serves the API until a quit request (or a signal).
 pub fn vmm(mut args: VmmArgs) -> anyhow::Result<i32> {
+    // Listening for the migration before the API answers: a caller that sees the API up may
+    // start the migration at once.
+    let incoming = match &args.incoming {
+        Some(on) => Some(
+            stratus_vmm::migration::listen(on)
+                .with_context(|| format!("listening for a migration on {on}"))?,
+        ),
+        None => None,
+    };
     let listener = stratus_vmm::api::bind(&args.api_sock)
         .with_context(|| format!("serving the API on {}", args.api_sock.display()))?;
     if args.restore.is_none() && args.incoming.is_none() && !args.identity.is_empty() {
@@ -430,8 +439,10 @@ pub fn vmm(mut args: VmmArgs) -> anyhow::Result<i32> {
     let api = std::thread::Builder::new()
         .name("api".into())
         .spawn(move || stratus_vmm::api::serve(listener, &api_sock, api_vmm))?;
-    let conn =
-        stratus_vmm::migration::accept(&on).with_context(|| format!("waiting for a migration on {on}"))?;
+    let conn = incoming
+        .context("no migration listener")?
+        .accept()
+        .with_context(|| format!("waiting for a migration on {on}"))?;
     let arrival = stratus_vmm::migration::receive(conn)?;
     let t = Instant::now();
     let identity = args.identity.into_identity();

@@ -520,7 +520,8 @@ fn api_survives_schemathesis() {
 }
 
 /// A Debian 12 image made through the API (`stratus image create debian`: the recipe, the
-/// install and its warm snapshot), and an instance of it that is Debian inside.
+/// install and its warm snapshot), and an instance of it that is Debian inside; then an image
+/// imported from a bare root filesystem tarball, booted.
 #[test]
 fn debian_image_through_the_api() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
@@ -548,6 +549,24 @@ fn debian_image_through_the_api() {
     assert!(err.contains("used by deb1"), "{err}");
     cloud.ok(&["delete", "deb1"]);
     cloud.ok(&["image", "delete", "debian"]);
+
+    // A root filesystem tarball with nothing runnable in it: the import makes it bootable.
+    let tree = cloud.data.join("tarball-tree");
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    std::fs::write(tree.join("etc/from-a-tarball"), "yes, from the tarball\n").unwrap();
+    let tarball = cloud.data.join("rootfs.tar.gz");
+    let packed =
+        Command::new("tar").arg("-czf").arg(&tarball).arg("-C").arg(&tree).arg(".").status().unwrap();
+    assert!(packed.success());
+    let out = cloud.ok(&["image", "import", "tiny", "--tarball", tarball.to_str().unwrap()]);
+    assert!(out.contains("image tiny imported"), "{out}");
+    let out = cloud.ok(&["launch", "tiny1", "--image", "tiny", "--memory", "128M"]);
+    assert!(out.contains("tiny1 is running"), "{out}");
+    assert_eq!(cloud.ok(&["exec", "tiny1", "--", "cat", "/etc/from-a-tarball"]), "yes, from the tarball\n");
+    cloud.ok(&["delete", "tiny1"]);
+    let (code, _, err) = cloud.cli(&["image", "import", "bad", "--tarball", "/nonexistent.tar"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not a file"), "{err}");
     let images: Value = serde_json::from_str(&cloud.ok(&["image", "list", "-o", "json"])).unwrap();
     assert!(images.as_array().unwrap().iter().all(|i| i["name"] != "debian"), "{images}");
 }

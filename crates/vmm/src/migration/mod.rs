@@ -200,23 +200,43 @@ pub fn connect(to: &str) -> std::io::Result<Box<dyn Connection>> {
     }
 }
 
-/// Waits for one source at `on` (`tcp:HOST:PORT` or a Unix socket path).
-pub fn accept(on: &str) -> std::io::Result<Box<dyn Connection>> {
+/// A bound place where a migration will arrive (see `listen`).
+pub enum Incoming {
+    /// `tcp:HOST:PORT`.
+    Tcp(std::net::TcpListener),
+    /// A Unix socket path.
+    Unix(std::os::unix::net::UnixListener, std::path::PathBuf),
+}
+
+/// Binds `on` (`tcp:HOST:PORT` or a Unix socket path) for one source. Separate from `accept`
+/// so that a VMM can be listening before it answers its API: whoever sees the API up may
+/// migrate to it at once.
+pub fn listen(on: &str) -> std::io::Result<Incoming> {
     match on.strip_prefix("tcp:") {
-        Some(addr) => {
-            let listener = std::net::TcpListener::bind(addr)?;
-            let (stream, _) = listener.accept()?;
-            stream.set_nodelay(true)?;
-            stream.set_read_timeout(Some(TIMEOUT))?;
-            Ok(Box::new(stream))
-        }
+        Some(addr) => Ok(Incoming::Tcp(std::net::TcpListener::bind(addr)?)),
         None => {
             let _ = std::fs::remove_file(on);
-            let listener = std::os::unix::net::UnixListener::bind(on)?;
-            let (stream, _) = listener.accept()?;
-            stream.set_read_timeout(Some(TIMEOUT))?;
-            let _ = std::fs::remove_file(on);
-            Ok(Box::new(stream))
+            Ok(Incoming::Unix(std::os::unix::net::UnixListener::bind(on)?, on.into()))
+        }
+    }
+}
+
+impl Incoming {
+    /// Waits for the source.
+    pub fn accept(self) -> std::io::Result<Box<dyn Connection>> {
+        match self {
+            Incoming::Tcp(listener) => {
+                let (stream, _) = listener.accept()?;
+                stream.set_nodelay(true)?;
+                stream.set_read_timeout(Some(TIMEOUT))?;
+                Ok(Box::new(stream))
+            }
+            Incoming::Unix(listener, path) => {
+                let (stream, _) = listener.accept()?;
+                stream.set_read_timeout(Some(TIMEOUT))?;
+                let _ = std::fs::remove_file(path);
+                Ok(Box::new(stream))
+            }
         }
     }
 }
