@@ -328,6 +328,10 @@ impl LocalAgent {
         progress: &mut dyn FnMut(String),
     ) -> Result<WarmSnapshot, AgentError> {
         let io = |what: &str, e: std::io::Error| AgentError::Io(format!("{what} {}: {e}", dir.display()));
+        // A template VM left by a server that stopped while it booted: it goes first.
+        if let Some(pid) = find_vmm(dir, 0) {
+            quit_vmm(dir, pid);
+        }
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir).map_err(|e| io("creating", e))?;
         disk::clone_image(Path::new(&image.rootfs), &dir.join("disk.raw"), WARM_DISK_MIB)?;

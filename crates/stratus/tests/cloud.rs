@@ -199,13 +199,15 @@ impl Cloud {
 impl Drop for Cloud {
     fn drop(&mut self) {
         self.kill_server();
-        // VMMs outlive the server by design; the test's must not outlive the test.
-        if let Ok(entries) = std::fs::read_dir(self.data.join("instances")) {
-            for entry in entries.flatten() {
-                for pid in self.vmm_pids(&entry.file_name().to_string_lossy()) {
-                    // SAFETY: signalling a process we started.
-                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                }
+        // VMMs outlive the server by design (instances and images' warm templates alike); the
+        // test's must not outlive the test.
+        let data = self.data.as_os_str().as_encoded_bytes().to_vec();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+            if cmdline.split(|b| *b == 0).any(|arg| arg.starts_with(&data) && arg.ends_with(b"api.sock")) {
+                // SAFETY: signalling a process this test started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }
     }
