@@ -89,6 +89,8 @@ impl From<DbError> for ApiError {
         match e {
             DbError::Exists(_) => ApiError::conflict(e.to_string()),
             DbError::NotFound(_) => ApiError::not_found(e.to_string()),
+            // A name from a request that can be no key (NUL): the request's fault.
+            DbError::Store(stratus_store::StoreError::InvalidKey(_)) => ApiError::bad_request(e.to_string()),
             _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         }
     }
