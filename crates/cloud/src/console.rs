@@ -35,7 +35,10 @@ pub async fn console(
         );
     }
     let path = state.agent.console_socket(&instance);
-    let stream = match tokio::net::UnixStream::connect(&path).await {
+    let stream = match stratus_unix::connect(&path)
+        .and_then(|s| s.set_nonblocking(true).map(|()| s))
+        .and_then(tokio::net::UnixStream::from_std)
+    {
         Ok(s) => s,
         Err(e) => {
             return crate::api::error(

@@ -39,9 +39,11 @@ impl Cloud {
         if image {
             common::ensure_default_image();
         }
-        let data =
-            Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cloud-{test}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&data);
+        let top = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cloud-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&top);
+        // Deep enough that the VMMs' socket paths exceed what a socket address holds (107
+        // bytes), as a user's data directory may: CI once failed only in a longer checkout path.
+        let data = top.join("a-data-directory-deep-enough-that-socket-paths-in-it-are-too-long-for-sun-path");
         std::fs::create_dir_all(&data).unwrap();
         let mut cloud = Cloud { net, data, serve: None, image };
         cloud.start_server();
@@ -254,6 +256,12 @@ fn one_machine_cloud_lifecycle() {
     assert_eq!(status, 409, "{text}");
     assert!(text.contains("not enough memory") && text.contains(&format!("{free} MiB free")), "{text}");
     assert_eq!(cloud.ok(&["list", "-o", "json"]).trim(), "[]");
+    // A method a resource does not have, and an unknown route: JSON errors too.
+    for (method, path, status) in [("PUT", "/v1/instances", 405), ("GET", "/v1/nothing-here", 404)] {
+        let (got, text) = cloud.http(method, path, t, None);
+        assert_eq!(got, status, "{method} {path} -> {text}");
+        assert!(serde_json::from_str::<Value>(&text).unwrap()["error"].is_string(), "{text}");
+    }
     // The default network: its bridge has the gateway address, and its subnet is NATed.
     let nat = Command::new("ip")
         .args(["netns", "exec", &cloud.net.netns, "nft", "list", "table", "ip", "stratus"])
@@ -302,6 +310,21 @@ fn one_machine_cloud_lifecycle() {
     let (code, _, err) = cloud.cli(&["exec", "web1", "--", "no-such-program"]);
     assert_ne!(code, 0);
     assert!(err.contains("no-such-program"), "{err}");
+    // A command past its time is killed, with what it started; the guest goes on.
+    let (code, out, err) = cloud.cli(&[
+        "exec",
+        "web1",
+        "--timeout",
+        "2",
+        "--",
+        "sh",
+        "-c",
+        "sleep 600 & echo started; sleep 600; echo not killed",
+    ]);
+    assert_eq!((code, out.as_str()), (137, "started\n"), "{err}");
+    assert!(err.contains("ran past its 2 s"), "{err}");
+    let left = cloud.ok(&["exec", "web1", "--", "sh", "-c", "ps | grep -c '[s]leep 600' || true"]);
+    assert_eq!(left.trim(), "0", "the command's background process outlived its timeout");
 
     // The server dies; the guest does not. At the next start it is adopted, not restarted.
     let pid = first["status"]["pid"].as_u64().unwrap() as u32;

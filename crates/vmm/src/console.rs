@@ -181,7 +181,7 @@ pub struct SocketConsole {
 impl SocketConsole {
     fn listen(path: &std::path::Path, input: ConsoleInput) -> std::io::Result<Self> {
         let _ = std::fs::remove_file(path);
-        let listener = std::os::unix::net::UnixListener::bind(path)?;
+        let listener = stratus_unix::bind(path)?;
         let shared = std::sync::Arc::new(Mutex::new(Attached::default()));
         let accept_shared = shared.clone();
         std::thread::Builder::new().name("console".into()).spawn(move || {

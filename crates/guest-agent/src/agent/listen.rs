@@ -61,7 +61,7 @@ impl Listener {
                 if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
                     std::fs::remove_file(path)?;
                 }
-                UnixListener::bind(path).map(Listener::Unix)
+                stratus_unix::bind(path).map(Listener::Unix)
             }
         }
     }

@@ -153,16 +153,16 @@ impl Vsock {
             return Err(VsockError::BadCid(cid));
         }
         let socket_err = |source| VsockError::Socket { path: path.to_owned(), source };
-        let listener = match UnixListener::bind(path) {
+        let listener = match stratus_unix::bind(path) {
             Ok(l) => l,
             // A socket file nobody listens on is left over from a VMM that ended: reuse it.
             Err(e)
                 if e.kind() == ErrorKind::AddrInUse
-                    && UnixStream::connect(path).is_err()
+                    && stratus_unix::connect(path).is_err()
                     && is_socket(path) =>
             {
                 std::fs::remove_file(path).map_err(socket_err)?;
-                UnixListener::bind(path).map_err(socket_err)?
+                stratus_unix::bind(path).map_err(socket_err)?
             }
             Err(e) if e.kind() == ErrorKind::AddrInUse => return Err(VsockError::PathTaken(path.to_owned())),
             Err(e) => return Err(socket_err(e)),
@@ -443,7 +443,9 @@ impl Vsock {
     fn connect_to_host(&mut self, key: (u32, u32)) {
         let mut target = self.path.clone().into_os_string();
         target.push(format!("_{}", key.0));
-        match UnixStream::connect(&target).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
+        match stratus_unix::connect(std::path::Path::new(&target))
+            .and_then(|s| s.set_nonblocking(true).map(|()| s))
+        {
             Ok(stream) => {
                 self.open(key, Connection::new(stream, State::Established));
                 self.send_op(key, op::RESPONSE, 0);

@@ -184,7 +184,7 @@ fn exchange(
     timeout: Option<std::time::Duration>,
 ) -> Result<Response, ClientError> {
     let mut stream =
-        UnixStream::connect(path).map_err(|cause| ClientError::Connect { path: path.to_owned(), cause })?;
+        stratus_unix::connect(path).map_err(|cause| ClientError::Connect { path: path.to_owned(), cause })?;
     stream.set_read_timeout(timeout)?;
     stream.set_write_timeout(timeout)?;
     let body = body.unwrap_or("");

@@ -299,16 +299,16 @@ pub fn handle(vmm: &Mutex<Vmm>, request: &Request) -> (Response, After) {
 
 /// Binds the API socket at `path` (replacing a stale one nobody listens on).
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    match UnixListener::bind(path) {
+    match stratus_unix::bind(path) {
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            if stratus_unix::connect(path).is_ok() {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::AddrInUse,
                     format!("{}: another VMM is serving this socket", path.display()),
                 ));
             }
             std::fs::remove_file(path)?;
-            UnixListener::bind(path)
+            stratus_unix::bind(path)
         }
         other => other,
     }
@@ -354,7 +354,7 @@ pub fn serve(listener: UnixListener, path: &Path, vmm: Arc<Mutex<Vmm>>) {
             if after == After::Quit {
                 quit.store(true, std::sync::atomic::Ordering::SeqCst);
                 // Wake the accept loop so that it sees the flag.
-                let _ = std::os::unix::net::UnixStream::connect(&path);
+                let _ = stratus_unix::connect(&path);
             }
         });
         if spawned.is_err() {

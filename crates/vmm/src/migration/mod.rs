@@ -192,7 +192,7 @@ pub fn connect(to: &str) -> std::io::Result<Box<dyn Connection>> {
             Ok(Box::new(stream))
         }
         None => {
-            let stream = std::os::unix::net::UnixStream::connect(to)?;
+            let stream = stratus_unix::connect(std::path::Path::new(to))?;
             stream.set_read_timeout(Some(TIMEOUT))?;
             stream.set_write_timeout(Some(TIMEOUT))?;
             Ok(Box::new(stream))
@@ -216,7 +216,7 @@ pub fn listen(on: &str) -> std::io::Result<Incoming> {
         Some(addr) => Ok(Incoming::Tcp(std::net::TcpListener::bind(addr)?)),
         None => {
             let _ = std::fs::remove_file(on);
-            Ok(Incoming::Unix(std::os::unix::net::UnixListener::bind(on)?, on.into()))
+            Ok(Incoming::Unix(stratus_unix::bind(std::path::Path::new(on))?, on.into()))
         }
     }
 }
