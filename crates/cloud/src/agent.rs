@@ -133,7 +133,14 @@ pub trait HostAgent: Send + Sync {
     /// Whether the instance's VMM still runs its guest.
     fn probe(&self, instance: &Instance) -> Probe;
     /// Runs a command in the guest through its agent.
-    fn exec(&self, instance: &Instance, argv: Vec<String>, stdin: Vec<u8>) -> Result<ExecOutput, AgentError>;
+    /// Runs `argv` in the guest; past `limit` it is killed (exit code 137).
+    fn exec(
+        &self,
+        instance: &Instance,
+        argv: Vec<String>,
+        stdin: Vec<u8>,
+        limit: Duration,
+    ) -> Result<ExecOutput, AgentError>;
     /// The Unix socket of the instance's serial console.
     fn console_socket(&self, instance: &Instance) -> PathBuf;
     /// The instance's usage (`cpu_seconds`, `memory_bytes` of its VMM process) and the VMM's
@@ -153,6 +160,8 @@ pub struct LocalAgent {
     children: Arc<Mutex<HashMap<u32, Child>>>,
     /// Exit statuses of reaped children, by pid.
     exits: Arc<Mutex<HashMap<u32, std::process::ExitStatus>>>,
+    /// Image directories whose warm snapshot is being made (one at a time per image).
+    warming: Mutex<std::collections::HashSet<PathBuf>>,
 }
 
 impl LocalAgent {
@@ -167,6 +176,7 @@ impl LocalAgent {
             hostname,
             children: Arc::default(),
             exits: Arc::default(),
+            warming: Mutex::default(),
         };
         agent.start_reaper();
         agent
@@ -225,7 +235,7 @@ impl LocalAgent {
         self.children.lock().unwrap_or_else(|p| p.into_inner()).insert(pid, child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if std::os::unix::net::UnixStream::connect(&api).is_ok() {
+            if stratus_unix::connect(&api).is_ok() {
                 return Ok(pid);
             }
             if !is_vmm_of(pid, dir) {
@@ -328,14 +338,10 @@ impl LocalAgent {
         progress: &mut dyn FnMut(String),
     ) -> Result<WarmSnapshot, AgentError> {
         let io = |what: &str, e: std::io::Error| AgentError::Io(format!("{what} {}: {e}", dir.display()));
-        // A template VM left by a server that stopped while it booted: it goes first.
-        if let Some(pid) = find_vmm(dir, 0) {
-            quit_vmm(dir, pid);
-        }
-        let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir).map_err(|e| io("creating", e))?;
         disk::clone_image(Path::new(&image.rootfs), &dir.join("disk.raw"), WARM_DISK_MIB)?;
-        let tap = format!("stw{}", &image.source[..image.source.len().min(8)]);
+        // Named after the template's directory: templates of two images may boot at once.
+        let tap = format!("stw{:012x}", fnv1a(dir.as_os_str().as_encoded_bytes()) & 0xffff_ffff_ffff);
         network::ensure_tap(&tap, &network.bridge)?;
         let spec = BootSpec {
             image,
@@ -478,6 +484,11 @@ const VMM_CALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// The guest's vsock CID. Every VM may have the same one: each VMM's vsock device is its own
 /// Unix socket, not the host kernel's vsock, so CIDs never meet.
 const GUEST_CID: u32 = 3;
+
+/// FNV-1a: a short, stable hash for device names.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
+}
 
 fn api_sock(dir: &Path) -> PathBuf {
     dir.join("api.sock")
@@ -710,8 +721,37 @@ impl HostAgent for LocalAgent {
         network: &Network,
         progress: &mut dyn FnMut(String),
     ) -> Result<WarmSnapshot, AgentError> {
-        let dir = Path::new(&image.rootfs).parent().unwrap_or(&self.data_dir).join("warm");
-        self.make_warm(image, network, &dir, progress)
+        let image_dir = Path::new(&image.rootfs).parent().unwrap_or(&self.data_dir).to_owned();
+        if !self.warming.lock().unwrap_or_else(|p| p.into_inner()).insert(image_dir.clone()) {
+            return Err(AgentError::Io(format!(
+                "image {}: its warm snapshot is being made already",
+                image.name
+            )));
+        }
+        // Earlier attempts' leftovers go first: a template VM of a server that stopped while
+        // it booted, snapshots of another VMM version. A current snapshot stays (launches
+        // may be restoring from it); the new one is made beside it, never over it.
+        let keep = image
+            .warm
+            .as_ref()
+            .filter(|_| crate::image::warm_is_current(image))
+            .and_then(|w| Path::new(&w.state).parent().map(Path::to_owned));
+        for entry in std::fs::read_dir(&image_dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if entry.file_name().to_string_lossy().starts_with("warm") && Some(&path) != keep.as_ref() {
+                if let Some(pid) = find_vmm(&path, 0) {
+                    quit_vmm(&path, pid);
+                }
+                let _ = std::fs::remove_dir_all(&path);
+            }
+        }
+        let dir = image_dir.join(format!("warm-{}", &crate::api::new_id()[..8]));
+        let made = self.make_warm(image, network, &dir, progress);
+        if made.is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        self.warming.lock().unwrap_or_else(|p| p.into_inner()).remove(&image_dir);
+        made
     }
 
     fn stop(&self, instance: &Instance) -> Result<(), AgentError> {
@@ -753,12 +793,19 @@ impl HostAgent for LocalAgent {
         self.probe_vmm(&self.instance_dir(&instance.id), instance.status.pid)
     }
 
-    fn exec(&self, instance: &Instance, argv: Vec<String>, stdin: Vec<u8>) -> Result<ExecOutput, AgentError> {
+    fn exec(
+        &self,
+        instance: &Instance,
+        argv: Vec<String>,
+        stdin: Vec<u8>,
+        limit: Duration,
+    ) -> Result<ExecOutput, AgentError> {
         if !is_vmm_of(instance.status.pid, &self.instance_dir(&instance.id)) {
             return Err(AgentError::NotRunning);
         }
         let client = Client::new(self.instance_dir(&instance.id).join("vsock.sock"), Duration::from_secs(10));
-        let request = ExecRequest { argv, env: Vec::new(), cwd: None };
+        let timeout_ms = Some(limit.as_millis().try_into().unwrap_or(u64::MAX));
+        let request = ExecRequest { argv, timeout_ms, ..Default::default() };
         let (mut stdout, mut stderr) = (Capped::default(), Capped::default());
         let input: Box<dyn Read + Send> = Box::new(std::io::Cursor::new(stdin));
         let code = client

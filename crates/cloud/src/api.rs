@@ -42,6 +42,11 @@ pub struct AppState {
     pub token: String,
     /// Request counters for /metrics.
     pub stats: ApiStats,
+    /// Slots for execs running at once ([`MAX_EXECS`]).
+    pub execs: Arc<tokio::sync::Semaphore>,
+    /// Held while a request checks the host's free memory and claims some of it, so that two
+    /// launches (or starts) at once cannot both take the last of it.
+    pub admission: std::sync::Mutex<()>,
 }
 
 /// API request counters.
@@ -123,6 +128,10 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Body<T> 
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
                     "send the body as Content-Type: application/json",
                 ),
+                other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body: {}", other.body_text()),
+                ),
                 other => ApiError::bad_request(format!("bad request body: {}", other.body_text())),
             }),
         }
@@ -201,9 +210,27 @@ pub fn router(state: Shared) -> Router {
         .with_state(state)
 }
 
+/// Counts requests for /metrics, and gives every error answer a JSON body (the router's own
+/// 404s and 405s come without one).
 async fn count(State(state): State<Shared>, request: Request, next: Next) -> Response {
     let t = Instant::now();
-    let response = next.run(request).await;
+    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    let mut response = next.run(request).await;
+    let status = response.status();
+    if (status.is_client_error() || status.is_server_error())
+        && !response.headers().contains_key(axum::http::header::CONTENT_TYPE)
+    {
+        let message = match status {
+            StatusCode::METHOD_NOT_ALLOWED => format!("{method} is not allowed on {path}"),
+            StatusCode::NOT_FOUND => format!("no such resource: {path}"),
+            _ => format!("{method} {path}: {}", status.canonical_reason().unwrap_or("error")),
+        };
+        let allow = response.headers().get(axum::http::header::ALLOW).cloned();
+        response = error(status, message);
+        if let Some(allow) = allow {
+            response.headers_mut().insert(axum::http::header::ALLOW, allow);
+        }
+    }
     let stats = &state.stats;
     stats.requests.fetch_add(1, Ordering::Relaxed);
     stats.latency_us.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -333,6 +360,39 @@ pub fn allocation(instances: &[Instance]) -> (u64, u32, u32) {
         .fold((0, 0, 0), |(m, c, n), i| (m + i.spec.memory_mib, c + i.spec.cpus, n + 1))
 }
 
+/// Refuses (409, with the reason) `memory_mib` more for instances than `host` has free.
+fn check_free_memory(instances: &[Instance], host: &Host, memory_mib: u64) -> ApiResult<()> {
+    let (allocated, _, _) = allocation(instances);
+    if allocated + memory_mib > host.allocatable_mib {
+        return Err(ApiError::conflict(format!(
+            "not enough memory: host {} has {} MiB free for instances, {} MiB asked",
+            host.name,
+            host.allocatable_mib.saturating_sub(allocated),
+            memory_mib
+        )));
+    }
+    Ok(())
+}
+
+/// Runs `request_change` for a change that makes `name` wanted running: under the admission
+/// lock, and refused when an instance not wanted running yet does not fit the free memory.
+fn request_running(
+    state: &AppState,
+    name: &str,
+    kind: &str,
+    change: impl Fn(&mut Instance) -> Result<bool, ApiError>,
+) -> ApiResult<(StatusCode, Json<Accepted>)> {
+    let _admitted = state.admission.lock().unwrap_or_else(|p| p.into_inner());
+    let instances = state.db.instances()?;
+    if let Some(i) = instances
+        .iter()
+        .find(|i| i.project == DEFAULT_PROJECT && i.name == name && i.desired != Desired::Running)
+    {
+        check_free_memory(&instances, &state.agent.host(), i.spec.memory_mib)?;
+    }
+    request_change(state, name, kind, change)
+}
+
 async fn launch(
     State(state): State<Shared>,
     Body(req): Body<LaunchRequest>,
@@ -368,21 +428,15 @@ async fn launch(
         .network(DEFAULT_PROJECT, &req.network)?
         .ok_or_else(|| ApiError::unprocessable(format!("network '{}' not found", req.network)))?;
     let host = state.agent.host();
-    let (allocated, _, _) = allocation(&state.db.instances()?);
     if req.memory_mib > host.memory_mib {
         return Err(ApiError::unprocessable(format!(
             "memory of {} MiB is more than host {} has ({} MiB)",
             req.memory_mib, host.name, host.memory_mib
         )));
     }
-    if allocated + req.memory_mib > host.allocatable_mib {
-        return Err(ApiError::conflict(format!(
-            "not enough memory: host {} has {} MiB free for instances, {} MiB asked",
-            host.name,
-            host.allocatable_mib.saturating_sub(allocated),
-            req.memory_mib
-        )));
-    }
+    // From the check of free memory to the record that claims it, no other claim runs.
+    let _admitted = state.admission.lock().unwrap_or_else(|p| p.into_inner());
+    check_free_memory(&state.db.instances()?, &host, req.memory_mib)?;
     if state.db.instance(DEFAULT_PROJECT, &req.name)?.is_some() {
         return Err(ApiError::conflict(format!("instance '{}' already exists", req.name)));
     }
@@ -536,7 +590,7 @@ async fn start_instance(
     State(state): State<Shared>,
     Name(name): Name,
 ) -> ApiResult<(StatusCode, Json<Accepted>)> {
-    request_change(&state, &name, "start", |i| {
+    request_running(&state, &name, "start", |i| {
         refuse_deleted(i)?;
         if i.desired == Desired::Running && i.status.state == InstanceState::Running {
             return Ok(false);
@@ -571,7 +625,7 @@ async fn restart_instance(
     State(state): State<Shared>,
     Name(name): Name,
 ) -> ApiResult<(StatusCode, Json<Accepted>)> {
-    request_change(&state, &name, "restart", |i| {
+    request_running(&state, &name, "restart", |i| {
         refuse_deleted(i)?;
         i.desired = Desired::Running;
         i.status.failures = 0;
@@ -586,7 +640,11 @@ async fn delete_instance(
     Name(name): Name,
 ) -> ApiResult<(StatusCode, Json<Accepted>)> {
     request_change(&state, &name, "delete", |i| {
+        if i.desired != Desired::Deleted {
+            i.status.failures = 0;
+        }
         i.desired = Desired::Deleted;
+        i.status.retry_at = 0;
         Ok(true)
     })
 }
@@ -599,11 +657,27 @@ struct ExecBody {
     /// Standard input, base64.
     #[serde(default)]
     stdin: String,
+    /// Seconds the command may run; then it and every process it started are killed and its
+    /// exit code is 137.
+    #[serde(default = "default_exec_timeout")]
+    timeout_secs: u64,
 }
+
+fn default_exec_timeout() -> u64 {
+    300
+}
+
+/// The longest `timeout_secs` of an exec: a day.
+const MAX_EXEC_SECS: u64 = 86_400;
+/// Execs running at once through the API; more are refused (503) rather than queued, as each
+/// holds a thread of the blocking pool while it runs.
+pub const MAX_EXECS: usize = 64;
 
 #[derive(Serialize)]
 struct ExecAnswer {
     exit_code: i32,
+    /// Whether the command ran past `timeout_secs` and was killed.
+    timed_out: bool,
     /// base64.
     stdout: String,
     /// base64.
@@ -618,6 +692,12 @@ async fn exec(
     if body.command.is_empty() || body.command[0].is_empty() {
         return Err(ApiError::bad_request("command must name a program"));
     }
+    if body.timeout_secs == 0 || body.timeout_secs > MAX_EXEC_SECS {
+        return Err(ApiError::unprocessable(format!(
+            "timeout_secs must be 1 to {MAX_EXEC_SECS}, not {}",
+            body.timeout_secs
+        )));
+    }
     let b64 = base64::engine::general_purpose::STANDARD;
     let stdin =
         b64.decode(&body.stdin).map_err(|e| ApiError::bad_request(format!("stdin is not base64: {e}")))?;
@@ -628,13 +708,25 @@ async fn exec(
             instance.status.state.as_str()
         )));
     }
+    let permit = Arc::clone(&state.execs).try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{MAX_EXECS} commands are running already; try again when one has finished"),
+        )
+    })?;
     let agent = Arc::clone(&state.agent);
-    let output = tokio::task::spawn_blocking(move || agent.exec(&instance, body.command, stdin))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()))?;
+    let limit = Duration::from_secs(body.timeout_secs);
+    let started = Instant::now();
+    let output = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        agent.exec(&instance, body.command, stdin, limit)
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()))?;
     Ok(Json(ExecAnswer {
         exit_code: output.code,
+        timed_out: output.code == 128 + libc::SIGKILL && started.elapsed() >= limit,
         stdout: b64.encode(output.stdout),
         stderr: b64.encode(output.stderr),
     }))
@@ -725,7 +817,7 @@ async fn import_image(
     let (db, data, name, agent) =
         (state.db.clone(), state.data_dir.clone(), req.name.clone(), Arc::clone(&state.agent));
     let image = tokio::task::spawn_blocking(move || {
-        let work = data.join("images").join(format!(".{name}.import"));
+        let work = data.join("images").join(format!(".{name}-{}.import", new_id()));
         let rootfs = match (&req.rootfs, &req.tarball, &base) {
             (Some(rootfs), _, _) => std::path::PathBuf::from(rootfs),
             (None, Some(tarball), Some(base)) => {

@@ -95,10 +95,23 @@ impl ApiClient {
     }
 
     fn send(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Option<Value>, ClientError> {
-        let request = self
+        self.send_within(method, path, body, None)
+    }
+
+    fn send_within(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        limit: Option<Duration>,
+    ) -> Result<Option<Value>, ClientError> {
+        let mut request = self
             .agent
             .request(method, &format!("{}{path}", self.base))
             .set("Authorization", &format!("Bearer {}", self.token));
+        if let Some(limit) = limit {
+            request = request.timeout(limit);
+        }
         let result = match body {
             Some(body) => request.send_json(body),
             None => request.call(),
@@ -136,6 +149,17 @@ impl ApiClient {
     /// `POST path` with a JSON body.
     pub fn post<T: DeserializeOwned>(&self, path: &str, body: &Value) -> Result<T, ClientError> {
         Self::decode(self.send("POST", path, Some(body))?)
+    }
+
+    /// `POST path` with a JSON body, waiting up to `limit` for the whole answer (instead of
+    /// the usual 330 s between reads).
+    pub fn post_within<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &Value,
+        limit: Duration,
+    ) -> Result<T, ClientError> {
+        Self::decode(self.send_within("POST", path, Some(body), Some(limit))?)
     }
 
     /// `DELETE path`; the answer, if any.

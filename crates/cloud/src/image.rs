@@ -93,17 +93,27 @@ pub fn install(db: &Db, data: &Path, name: &str, files: &ImageFiles) -> Result<I
     let images = data.join("images");
     let tag = if files.source == "import" { crate::api::new_id() } else { files.source.clone() };
     let dir = images.join(format!("{name}-{}", &tag[..tag.len().min(12)]));
-    let partial = images.join(format!(".{name}.partial"));
-    let _ = std::fs::remove_dir_all(&partial);
-    std::fs::create_dir_all(&partial).map_err(io("creating", &partial))?;
-    std::fs::copy(&files.kernel, partial.join("vmlinux")).map_err(io("copying", &files.kernel))?;
-    if let Some(initrd) = &files.initrd {
-        std::fs::copy(initrd, partial.join("initrd")).map_err(io("copying", initrd))?;
-    }
-    let rootfs_bytes = std::fs::metadata(&files.rootfs).map_err(io("reading", &files.rootfs))?.len();
-    crate::disk::clone_image(&files.rootfs, &partial.join("rootfs.ext4"), rootfs_bytes.div_ceil(1 << 20))?;
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&partial, &dir).map_err(io("renaming", &partial))?;
+    // Its own partial directory: two installs of one name at once do not mix their files.
+    let partial = images.join(format!(".{name}-{}.partial", crate::api::new_id()));
+    let copied = (|| -> Result<u64, ImageError> {
+        std::fs::create_dir_all(&partial).map_err(io("creating", &partial))?;
+        std::fs::copy(&files.kernel, partial.join("vmlinux")).map_err(io("copying", &files.kernel))?;
+        if let Some(initrd) = &files.initrd {
+            std::fs::copy(initrd, partial.join("initrd")).map_err(io("copying", initrd))?;
+        }
+        let rootfs_bytes = std::fs::metadata(&files.rootfs).map_err(io("reading", &files.rootfs))?.len();
+        crate::disk::clone_image(
+            &files.rootfs,
+            &partial.join("rootfs.ext4"),
+            rootfs_bytes.div_ceil(1 << 20),
+        )?;
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::rename(&partial, &dir).map_err(io("renaming", &partial))?;
+        Ok(rootfs_bytes)
+    })();
+    let rootfs_bytes = copied.inspect_err(|_| {
+        let _ = std::fs::remove_dir_all(&partial);
+    })?;
     let image = Image {
         name: name.into(),
         project: DEFAULT_PROJECT.into(),

@@ -261,9 +261,15 @@ impl Reconciler {
         };
         if let Err(e) = self.agent.remove(&instance) {
             self.count_error();
-            self.event(&instance, "error", format!("delete failed: {e}"));
+            // A delete is never given up, but its retries back off: 2 s doubling to 5 minutes
+            // (a new delete request retries at once).
+            let failures = instance.status.failures.saturating_add(1);
+            let delay = 2u64.saturating_pow(failures).min(300);
+            self.event(&instance, "error", format!("delete failed: {e}; retrying in {delay} s"));
             self.update(&instance, |i| {
                 i.status.message = e.to_string();
+                i.status.failures = failures;
+                i.status.retry_at = now() + delay;
                 true
             });
             self.fail_operation(&instance, &e.to_string());
@@ -361,6 +367,7 @@ fn next_step(instance: &Instance) -> Option<Step> {
     use InstanceState as S;
     let state = instance.status.state;
     match instance.desired {
+        Desired::Deleted if instance.status.retry_at > now() => None,
         Desired::Deleted => Some(Step::Remove),
         Desired::Running
             if instance.restart_pending && matches!(state, S::Running | S::Starting | S::Stopping) =>

@@ -51,6 +51,14 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
         .with_context(|| format!("creating {}", data.display()))?;
     std::fs::set_permissions(data, std::fs::Permissions::from_mode(0o700))?;
     let _lock = lock_data_dir(data)?;
+    // Half-made images of a server that stopped while installing one (only this server,
+    // holding the lock, writes there).
+    for entry in std::fs::read_dir(data.join("images")).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && (name.ends_with(".partial") || name.ends_with(".import")) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
     let store = SqliteStore::open(&data.join("stratus.db")).context("opening the store")?;
     let db = Db::new(Arc::new(store));
     let token = load_or_create_token(&data.join("token"))?;
@@ -79,6 +87,8 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
         reconciler: Arc::clone(&reconciler),
         token,
         stats: Default::default(),
+        execs: Arc::new(tokio::sync::Semaphore::new(crate::api::MAX_EXECS)),
+        admission: Default::default(),
     });
     reconciler.spawn();
     spawn_warming(state.db.clone(), Arc::clone(&state.agent));

@@ -96,9 +96,11 @@ impl Client {
         // Ends the connection however we leave, which also stops the stdin thread.
         let stream = ShutdownOnDrop(stream);
         expect_null(value)?;
-        // From here on the program runs: no idle timeout (it may be silent for hours), and
-        // stdin writes may wait for as long as the program does not read.
-        stream.0.set_read_timeout(None)?;
+        // From here on the program runs: no idle timeout (it may be silent for hours) unless
+        // it has a time limit, which the agent enforces; the margin covers an agent that
+        // failed to. Stdin writes may wait for as long as the program does not read.
+        let margin = Duration::from_secs(60);
+        stream.0.set_read_timeout(request.timeout_ms.map(|ms| Duration::from_millis(ms) + margin))?;
         stream.0.set_write_timeout(None)?;
         let writer = stream.0.try_clone()?;
         std::thread::Builder::new()
@@ -192,7 +194,7 @@ impl Client {
         // A zero timeout means "none" to the socket API.
         let timeout = timeout.max(Duration::from_millis(1));
         let path = self.socket.display();
-        let stream = UnixStream::connect(&self.socket)
+        let stream = stratus_unix::connect(&self.socket)
             .map_err(|e| AgentError::Unreachable(format!("connecting to {path}: {e}")))?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;

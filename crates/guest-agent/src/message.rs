@@ -52,6 +52,10 @@ pub struct ExecRequest {
     /// The working directory; the agent's (`/`) when absent.
     #[serde(default)]
     pub cwd: Option<String>,
+    /// Milliseconds the program may run: past them it and every process it started are
+    /// killed (SIGKILL to its process group), so its exit code is 137. No limit when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
 }
 
 /// A guest identity to take: every field is optional and only given ones change.
@@ -94,11 +98,18 @@ mod tests {
             argv: vec!["sh".into(), "-c".into(), "true".into()],
             env: vec![("A".into(), "1".into())],
             cwd: None,
+            timeout_ms: None,
         });
         assert_eq!(
             serde_json::to_value(&exec).unwrap(),
             json!({"op": "exec", "argv": ["sh", "-c", "true"], "env": [["A", "1"]], "cwd": null})
         );
+        let limited = Request::Exec(ExecRequest {
+            argv: vec!["true".into()],
+            timeout_ms: Some(5),
+            ..Default::default()
+        });
+        assert_eq!(serde_json::to_value(&limited).unwrap()["timeout_ms"], json!(5));
         // Optional fields may be left out, unknown ones are ignored (newer clients).
         let parsed: Request = serde_json::from_str(r#"{"op":"exec","argv":["true"],"later":1}"#).unwrap();
         assert_eq!(parsed, Request::Exec(ExecRequest { argv: vec!["true".into()], ..Default::default() }));

@@ -197,12 +197,39 @@ fn killed_by_a_signal_exits_128_plus_n() {
 }
 
 #[test]
+fn a_program_past_its_timeout_is_killed_with_what_it_started() {
+    let agent = Agent::start();
+    let request = ExecRequest {
+        argv: vec!["sh".into(), "-c".into(), "sleep 300 & echo $!; sleep 300; echo not killed".into()],
+        timeout_ms: Some(500),
+        ..Default::default()
+    };
+    let out = exec_request(&agent.client(), &request, no_stdin()).unwrap();
+    assert_eq!(out.code, 128 + 9, "the shell is killed");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let background: u32 = stdout.trim().parse().unwrap_or_else(|_| panic!("stdout: {stdout:?}"));
+    // Killed and reaped by init (or the test harness as subreaper) shortly after.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::read_to_string(format!("/proc/{background}/stat"))
+        .is_ok_and(|stat| !stat.contains(") Z ") && stat.contains("sleep"))
+    {
+        assert!(Instant::now() < deadline, "background pid {background} survived the timeout");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A program that finishes in time is not touched.
+    let request = ExecRequest { argv: vec!["true".into()], timeout_ms: Some(60_000), ..Default::default() };
+    assert_eq!(exec_request(&agent.client(), &request, no_stdin()).unwrap().code, 0);
+    agent.assert_serving();
+}
+
+#[test]
 fn exec_sets_env_and_cwd() {
     let agent = Agent::start();
     let request = ExecRequest {
         argv: vec!["sh".into(), "-c".into(), "printf '%s %s\\n' \"$STRATUS_TEST\" \"$(pwd)\"".into()],
         env: vec![("STRATUS_TEST".into(), "a b".into())],
         cwd: Some(agent.dir.display().to_string()),
+        ..Default::default()
     };
     let out = exec_request(&agent.client(), &request, no_stdin()).unwrap();
     assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("a b {}\n", agent.dir.display()));

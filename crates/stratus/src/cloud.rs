@@ -171,6 +171,9 @@ pub struct NameArg {
 pub struct ExecArgs {
     /// Instance name.
     name: String,
+    /// Seconds the command may run; then it and what it started are killed (exit code 137).
+    #[arg(long, default_value_t = 300, value_name = "SECONDS")]
+    timeout: u64,
     /// The command and its arguments (after `--`).
     #[arg(last = true, required = true)]
     command: Vec<String>,
@@ -471,10 +474,14 @@ pub fn exec(conn: &Connection, args: ExecArgs) -> Result<i32> {
     if unsafe { libc::isatty(0) } != 1 {
         std::io::stdin().read_to_end(&mut stdin).context("reading standard input")?;
     }
-    let answer: Value = client.post(
+    let answer: Value = client.post_within(
         &format!("/v1/instances/{}/exec", args.name),
-        &json!({"command": args.command, "stdin": b64.encode(stdin)}),
+        &json!({"command": args.command, "stdin": b64.encode(stdin), "timeout_secs": args.timeout}),
+        Duration::from_secs(args.timeout) + Duration::from_secs(90),
     )?;
+    if answer.get("timed_out").and_then(Value::as_bool) == Some(true) {
+        eprintln!("stratus: {} ran past its {} s and was killed (--timeout)", args.command[0], args.timeout);
+    }
     let field = |name: &str| -> Result<Vec<u8>> {
         Ok(b64.decode(answer.get(name).and_then(|v| v.as_str()).unwrap_or_default())?)
     };

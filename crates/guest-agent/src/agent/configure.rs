@@ -24,14 +24,17 @@ pub(super) fn apply(identity: &Identity, _config: &Config) -> Result<(), String>
         .as_deref()
         .map(|g| g.parse::<Ipv4Addr>().map_err(|_| format!("bad gateway '{g}': expected an IPv4 address")));
     let gateway = gateway.transpose()?;
+    // A missing interface is found before anything changes.
+    let link = if mac.is_some() || address.is_some() || gateway.is_some() {
+        Some(Link::open(interface)?)
+    } else {
+        None
+    };
 
     if let Some(name) = &identity.hostname {
         set_hostname(name)?;
     }
-    if mac.is_none() && address.is_none() && gateway.is_none() {
-        return Ok(());
-    }
-    let link = Link::open(interface)?;
+    let Some(link) = link else { return Ok(()) };
     if let Some(mac) = mac {
         // Most drivers refuse a new MAC on a running link; up again even if it was refused:
         // the old identity beats no network.

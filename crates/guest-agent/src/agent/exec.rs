@@ -8,7 +8,7 @@
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,7 @@ pub(super) fn run(mut stream: Stream, request: &ExecRequest) {
     };
     let client_present = respond(&mut stream, Response::Ok(serde_json::Value::Null));
     let mut session = Session::new(stream, child);
+    session.kill_at = request.timeout_ms.map(|ms| started + Duration::from_millis(ms));
     if !client_present {
         session.client_gone();
     }
@@ -67,7 +68,9 @@ fn spawn(request: &ExecRequest) -> Result<Child, String> {
         .envs(request.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stderr(Stdio::piped())
+        // Its own process group, so that a timeout kills what it started too.
+        .process_group(0);
     if let Some(cwd) = &request.cwd {
         // Checked here: spawn would report a bad cwd as the program not found.
         match std::fs::metadata(cwd) {
@@ -104,6 +107,8 @@ struct Session {
     quiet_since: Instant,
     /// Once the exit frame is sent: until when to wait for the client to close.
     linger_until: Option<Instant>,
+    /// When the program's time is up (see `ExecRequest::timeout_ms`).
+    kill_at: Option<Instant>,
 }
 
 /// Slots in the poll set.
@@ -134,6 +139,7 @@ impl Session {
             exit: None,
             quiet_since: Instant::now(),
             linger_until: None,
+            kill_at: None,
         }
     }
 
@@ -180,6 +186,7 @@ impl Session {
                     .then(|| self.quiet_since + OUTPUT_GRACE),
                 self.linger_until,
                 (self.exit.is_none() && self.pidfd.is_none()).then(|| now + EXIT_POLL),
+                self.kill_at.filter(|_| self.exit.is_none()),
             ]
             .into_iter()
             .flatten()
@@ -218,6 +225,10 @@ impl Session {
                         self.stderr = Some(err);
                     }
                 }
+            }
+            if self.exit.is_none() && self.kill_at.is_some_and(|at| Instant::now() >= at) {
+                self.kill_at = None;
+                self.time_up();
             }
             if self.exit.is_none() && (self.pidfd.is_none() || fds[PIDFD].revents != 0) {
                 self.check_exit();
@@ -321,6 +332,15 @@ impl Session {
     }
 
     /// Reaps the program if it has exited.
+    /// The program ran out of time: it and its process group are killed (the exit follows).
+    fn time_up(&mut self) {
+        let pid = self.child.id() as libc::pid_t;
+        log(format_args!("exec: pid {pid} ran past its timeout: killed"));
+        // SAFETY: signals the process group our child leads (`process_group(0)` at spawn);
+        // the child is not reaped yet, so its pid (the group id) cannot have been reused.
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+    }
+
     fn check_exit(&mut self) {
         let code = match self.child.try_wait() {
             Ok(None) => return,
