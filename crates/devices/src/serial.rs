@@ -61,6 +61,17 @@ impl Serial {
         }
     }
 
+    /// Takes a saved UART's registers and receive FIFO, keeping this one's interrupt and
+    /// output.
+    pub fn restore(&mut self, state: &SerialState) -> std::io::Result<()> {
+        let irq = self.uart.interrupt_evt().0.try_clone()?;
+        let placeholder =
+            Uart::new(IrqFdTrigger(irq.try_clone()?), Box::new(std::io::sink()) as Box<dyn Write + Send>);
+        let out = std::mem::replace(&mut self.uart, placeholder).into_writer();
+        *self = Self::from_state(state, irq, out)?;
+        Ok(())
+    }
+
     /// A UART in a saved state, writing to `out` and interrupting through `irq`. A receive
     /// FIFO longer than the UART's is cut to fit: console input is not worth failing over.
     pub fn from_state(
@@ -166,6 +177,24 @@ mod tests {
         let mut c = [0u8];
         restored.read(0, &mut c);
         assert_eq!(c[0], b'a', "queued input survives");
+    }
+
+    #[test]
+    fn restore_in_place_keeps_the_output_and_interrupt() {
+        let mut saved = Serial::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), Box::new(std::io::sink()));
+        saved.write(1, &[0x01]); // IER: interrupt on received data
+        saved.write(7, &[0x5a]); // scratch
+        let state = saved.state();
+
+        let sink = Sink::default();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut serial = Serial::new(irq.try_clone().unwrap(), Box::new(sink.clone()));
+        serial.restore(&state).unwrap();
+        assert_eq!(serial.state(), state);
+        serial.write(0, b"x");
+        assert_eq!(&*sink.0.lock().unwrap(), b"x", "output still goes to the same writer");
+        serial.enqueue_input(b"k");
+        assert!(irq.read().unwrap() >= 1, "the same interrupt is raised");
     }
 
     #[test]

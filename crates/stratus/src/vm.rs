@@ -443,11 +443,21 @@ pub fn vmm(mut args: VmmArgs) -> anyhow::Result<i32> {
         .context("no migration listener")?
         .accept()
         .with_context(|| format!("waiting for a migration on {on}"))?;
-    let arrival = stratus_vmm::migration::receive(conn)?;
-    let t = Instant::now();
     let identity = args.identity.into_identity();
-    vmm.lock().unwrap_or_else(|p| p.into_inner()).adopt_incoming(arrival, identity)?;
-    eprintln!("stratus: migration arrived, VM running ({:.1} ms to build)", t.elapsed().as_secs_f64() * 1e3);
+    let mut built_ms = 0.0;
+    let arrival = stratus_vmm::migration::receive(conn, |config, memory| {
+        let t = Instant::now();
+        let prepared =
+            vmm.lock().unwrap_or_else(|p| p.into_inner()).prepare_incoming(config, memory, identity);
+        built_ms = t.elapsed().as_secs_f64() * 1e3;
+        prepared.map_err(|e| e.to_string())
+    })?;
+    let t = Instant::now();
+    vmm.lock().unwrap_or_else(|p| p.into_inner()).adopt_incoming(arrival)?;
+    eprintln!(
+        "stratus: migration arrived, VM running ({built_ms:.1} ms to build ahead, {:.1} ms to finish)",
+        t.elapsed().as_secs_f64() * 1e3
+    );
     let _ = api.join();
     Ok(0)
 }

@@ -2,8 +2,10 @@
 //! (2 vCPUs, disks, network on a tap, vsock, balloon), then everything a user would check
 //! after a restore — its counter keeps counting, an open file is still open, its TCP and
 //! vsock listeners still answer, its disk holds what it wrote, its network works — on two
-//! clones at once (which must not share randomness), then a diff snapshot on top, and a
-//! graceful shutdown through the ACPI power button at the end.
+//! clones at once (which must not share randomness), then a diff snapshot on top, a live
+//! migration of that to another "host" (a second network namespace on the same Ethernet
+//! segment) with a TCP connection kept open across it, and a graceful shutdown through the
+//! ACPI power button at the end.
 
 mod common;
 
@@ -40,12 +42,13 @@ fn rss_mib(vmm: &VmmProcess) -> u64 {
 }
 
 #[test]
-fn linux_restores_where_it_stopped_as_two_clones_and_from_a_diff() {
-    if !kvm_available("linux_restores_where_it_stopped_as_two_clones_and_from_a_diff") {
+fn linux_restores_as_two_clones_and_from_a_diff_then_migrates_to_another_host() {
+    if !kvm_available("linux_restores_as_two_clones_and_from_a_diff_then_migrates_to_another_host") {
         return;
     }
     ensure_default_image();
-    let Some(net) = TestNet::create(3, "linux_restores_where_it_stopped_as_two_clones_and_from_a_diff")
+    let Some(net) =
+        TestNet::create(3, "linux_restores_as_two_clones_and_from_a_diff_then_migrates_to_another_host")
     else {
         return;
     };
@@ -274,6 +277,7 @@ fn linux_restores_where_it_stopped_as_two_clones_and_from_a_diff() {
         (ticks_at_diff + 1..=ticks_at_diff + 3).contains(&first),
         "diff taken at tick {ticks_at_diff}, resumed at {first}"
     );
+    let (third, _host_b) = migrate_to_another_host(&net, &dir, third, &tools, &data);
     let pos = third.console.output().len();
     let (third, _) = c(
         third,
@@ -292,4 +296,122 @@ fn linux_restores_where_it_stopped_as_two_clones_and_from_a_diff() {
     // The data disk on the host holds both lines.
     let log = Command::new("debugfs").args(["-R", "cat /log"]).arg(&data).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&log.stdout), "before\nafter\n");
+}
+
+/// Live migration of the running guest to another "host": a second network namespace whose
+/// bridge shares the guest's Ethernet segment over a veth pair (the wire between two hosts),
+/// with a tap of its own. A TCP connection from host A stays open across the move (the
+/// destination announces the guest, so A's bridge learns where it went), the counter goes on,
+/// a pattern in guest memory checks, vsock answers through the destination's socket, and the
+/// guest reaches host A. Returns the destination VMM and host B.
+fn migrate_to_another_host(
+    net: &TestNet,
+    dir: &Path,
+    source: VmmProcess,
+    tools: &Path,
+    data: &Path,
+) -> (VmmProcess, TestNet) {
+    let other = TestNet::create(4, "linux_live_migration_between_two_hosts").expect("a second namespace");
+    let ip = |ns: &str, args: &str| {
+        let status = Command::new("ip").arg("-n").arg(ns).args(args.split_whitespace()).status().unwrap();
+        assert!(status.success(), "ip -n {ns} {args}");
+    };
+    // Host A: its tap and one end of the wire on a bridge, which takes the host's address.
+    ip(&net.netns, &format!("addr del {}/24 dev {}", net.host_ip, net.tap));
+    ip(&net.netns, "link add stmig type bridge");
+    ip(&net.netns, &format!("link set {} master stmig", net.tap));
+    ip(&net.netns, &format!("addr add {}/24 dev stmig", net.host_ip));
+    ip(&net.netns, "link set stmig up");
+    ip(&net.netns, &format!("link add stwireA type veth peer name stwireB netns {}", other.netns));
+    ip(&net.netns, "link set stwireA master stmig up");
+    // Host B: its tap and the wire's other end on its bridge, and the address migrations
+    // arrive at.
+    ip(&other.netns, &format!("addr flush dev {}", other.tap));
+    ip(&other.netns, "link add stmig type bridge");
+    ip(&other.netns, &format!("link set {} master stmig", other.tap));
+    ip(&other.netns, "link set stwireB master stmig up");
+    ip(&other.netns, "addr add 10.213.3.3/24 dev stmig");
+    ip(&other.netns, "link set stmig up");
+
+    // The guest: a TCP echo service, a vsock listener, a random pattern in memory (64 KiB in
+    // tmpfs: every system call is slow on PVM hosts) with its sum.
+    let mut source = source;
+    let pos = source.console.output().len();
+    source.console.send(
+        "nc -l -p 5002 -e cat &\n/mnt/vsock-tool listen 1235 &\nhead -c 65536 /dev/urandom > /tmp/pattern; echo \"sum-$((1 + 1)):$(md5sum < /tmp/pattern | cut -c1-32)\"\n",
+    );
+    source.console.expect("vsock-tool: listening on 1235", pos, STEP);
+    // The marker is computed by the shell: the echo of the typed line cannot match it.
+    let sum_at = source.console.expect("sum-2:", pos, STEP);
+    source.console.expect("\n", sum_at + 1, STEP);
+    let sum = source.console.output()[sum_at..].lines().next().unwrap().trim().to_owned();
+    assert_eq!(sum.len(), 32, "{sum:?}");
+
+    // A connection from host A, open across the move.
+    let guest = format!("{}:5002", net.guest_ip);
+    let stream = net
+        .spawn_within(move || {
+            let deadline = Instant::now() + STEP;
+            loop {
+                match std::net::TcpStream::connect(&guest) {
+                    Ok(s) => return s,
+                    Err(e) if Instant::now() > deadline => panic!("connecting to the guest's echo: {e}"),
+                    Err(_) => std::thread::sleep(Duration::from_millis(200)),
+                }
+            }
+        })
+        .join()
+        .unwrap();
+    stream.set_read_timeout(Some(STEP)).unwrap();
+    let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+    let mut echo = |line: &str| -> String {
+        (&stream).write_all(format!("{line}\n").as_bytes()).unwrap();
+        let mut answer = String::new();
+        reader.read_line(&mut answer).unwrap();
+        answer
+    };
+    assert_eq!(echo("before the move"), "before the move\n");
+
+    // Host B waits for the guest with its own tap, vsock socket and (shared) disks.
+    let vsock_b = dir.join("vmig.sock");
+    let args = [
+        "--incoming".to_owned(),
+        "tcp:10.213.3.3:4455".to_owned(),
+        "--net".to_owned(),
+        format!("tap={}", other.tap),
+        "--vsock".to_owned(),
+        format!("cid=3,socket={}", vsock_b.display()),
+        "--disk".to_owned(),
+        format!("{},readonly", tools.display()),
+        "--disk".to_owned(),
+        data.display().to_string(),
+    ];
+    let mut dest =
+        VmmProcess::start_within(Some(&other), dir, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let report =
+        source.ok("POST", "/vm/migrate", Some(json!({"to": "tcp:10.213.3.3:4455", "max_downtime_ms": 20})));
+    println!("linux: live migration to another host: {report}");
+    assert_eq!(dest.state(), "running");
+    assert!(source.ok("GET", "/vm", None)["exit_reason"].as_str().unwrap().starts_with("migrated to"));
+    std::thread::sleep(Duration::from_millis(200)); // the source's last console output
+    let last_there = last_tick(&source.console.output());
+    source.quit();
+
+    // The counter goes on; the connection still echoes; memory, vsock and the way out work.
+    let first_here = dest.console.first_tick(STEP);
+    assert!(
+        (last_there + 1..=last_there + 3).contains(&first_here),
+        "counted to {last_there} on host A, went on at {first_here} on host B"
+    );
+    assert_eq!(echo("after the move"), "after the move\n", "the TCP connection did not survive");
+    assert_eq!(vsock_round_trip(&vsock_b, 1235, "on host B"), "echo: on host B\n");
+    let pos = dest.console.output().len();
+    dest.console.send(&format!(
+        "echo \"sum-$((1 + 1)):$(md5sum < /tmp/pattern | cut -c1-32)\"; ping -c 2 {} >/dev/null && echo reached-$((1 + 1))\n",
+        net.host_ip
+    ));
+    dest.console.expect("reached-2", pos, STEP);
+    let after = dest.console.output()[pos..].to_owned();
+    assert!(after.contains(&format!("sum-2:{sum}")), "the pattern changed in the move (sum {sum}):\n{after}");
+    (dest, other)
 }

@@ -470,6 +470,17 @@ fn live_migration_moves_a_running_guest_and_a_failure_leaves_it_running_here() {
     src.console.send("c");
     src.console.expect("check ok", pos, Duration::from_secs(30));
 
+    // A real destination that cannot give the VM what it needs refuses it, saying why,
+    // before any page moves.
+    let to = format!("tcp:127.0.0.1:{}", free_port());
+    let wrong = VmmProcess::start_in(&src.dir.clone(), &["--incoming", &to, "--net", "tap=stratus-nope0"]);
+    let e = src.fails("POST", "/vm/migrate", Some(json!({"to": to})), 500);
+    assert!(e.contains("refused") && e.contains("network cards") && e.contains("runs here still"), "{e}");
+    let last = src.ok("GET", "/migration", None);
+    assert_eq!(last["bytes_sent"], 0, "pages moved before the refusal: {last}");
+    assert_eq!(src.state(), "running");
+    drop(wrong);
+
     // The real thing: a second VMM waiting for it.
     let to = format!("tcp:127.0.0.1:{}", free_port());
     let mut dst = VmmProcess::start_in(&src.dir.clone(), &["--incoming", &to]);

@@ -93,6 +93,7 @@ pub enum BlockError {
 /// A virtio block device on a raw file.
 pub struct Block {
     file: File,
+    path: PathBuf,
     readonly: bool,
     capacity_sectors: u64,
     config: [u8; 24],
@@ -101,16 +102,62 @@ pub struct Block {
     counters: DeviceCounters,
 }
 
+/// The lock a VMM holds on a disk file (`flock`: shared when read-only, exclusive otherwise),
+/// so that two VMMs never write one disk. A live migration hands it over: the source lets go
+/// once the guest is paused and its writes are on disk, the destination takes it before the
+/// guest runs there.
+pub struct DiskLock {
+    /// The disk's open file description (a duplicate: the lock belongs to the description).
+    file: File,
+    path: PathBuf,
+    readonly: bool,
+}
+
+impl DiskLock {
+    /// Takes the lock; `Locked` if another process holds it.
+    pub fn acquire(&self) -> Result<(), BlockError> {
+        let op = if self.readonly { libc::LOCK_SH } else { libc::LOCK_EX };
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        if unsafe { libc::flock(self.file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+            return Err(BlockError::Locked(self.path.clone()));
+        }
+        Ok(())
+    }
+
+    /// Puts what was written on stable storage and lets go of the lock.
+    pub fn release(&self) -> std::io::Result<()> {
+        if !self.readonly {
+            self.file.sync_data()?;
+        }
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        if unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// The disk file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
 impl Block {
-    /// Opens `path` as a disk (shared lock when read-only, exclusive otherwise).
+    /// Opens `path` as a disk and locks it (see [`DiskLock`]).
     pub fn open(path: &Path, readonly: bool) -> Result<Self, BlockError> {
+        let block = Self::open_unlocked(path, readonly)?;
+        block
+            .lock_handle()
+            .map_err(|source| BlockError::Open { path: path.to_owned(), source })?
+            .acquire()?;
+        Ok(block)
+    }
+
+    /// Opens `path` as a disk without taking its lock: a migration's destination, whose
+    /// source still holds it, takes it later through [`Block::lock_handle`].
+    pub fn open_unlocked(path: &Path, readonly: bool) -> Result<Self, BlockError> {
         let open_err = |source| BlockError::Open { path: path.to_owned(), source };
         let file = OpenOptions::new().read(true).write(!readonly).open(path).map_err(open_err)?;
-        let op = if readonly { libc::LOCK_SH } else { libc::LOCK_EX };
-        // SAFETY: flock on a descriptor we own; no memory is involved.
-        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
-            return Err(BlockError::Locked(path.to_owned()));
-        }
         let size = file.metadata().map_err(open_err)?.len();
         if !size.is_multiple_of(SECTOR_SIZE) {
             return Err(BlockError::Size { path: path.to_owned(), size });
@@ -127,6 +174,7 @@ impl Block {
         let limiter = RateLimiter::shared(RateLimit::default()).map_err(open_err)?;
         Ok(Self {
             file,
+            path: path.to_owned(),
             readonly,
             capacity_sectors,
             config,
@@ -134,6 +182,11 @@ impl Block {
             limiter,
             counters: DeviceCounters::default(),
         })
+    }
+
+    /// A handle on this disk's lock.
+    pub fn lock_handle(&self) -> std::io::Result<DiskLock> {
+        Ok(DiskLock { file: self.file.try_clone()?, path: self.path.clone(), readonly: self.readonly })
     }
 
     /// The disk's rate limiter (unlimited until set), shared with whoever changes it.
@@ -425,6 +478,18 @@ mod tests {
         drop(_first);
         let _a = Block::open(&disk.0, true).unwrap();
         let _b = Block::open(&disk.0, true).expect("read-only users share");
+        drop((_a, _b));
+
+        // A migration's hand-over: the destination opens the disk while the source holds it,
+        // and takes the lock only once the source has let go.
+        let source = Block::open(&disk.0, false).unwrap();
+        let destination = Block::open_unlocked(&disk.0, false).unwrap();
+        let (held, wanted) = (source.lock_handle().unwrap(), destination.lock_handle().unwrap());
+        assert!(matches!(wanted.acquire(), Err(BlockError::Locked(_))));
+        held.release().unwrap();
+        wanted.acquire().unwrap();
+        assert!(matches!(held.acquire(), Err(BlockError::Locked(_))), "the source cannot take it back now");
+        assert!(Block::open(&disk.0, false).is_err());
         let missing = Block::open(Path::new("/nonexistent/disk.img"), false).err().unwrap();
         assert!(missing.to_string().contains("/nonexistent/disk.img"), "{missing}");
     }

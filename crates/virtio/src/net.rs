@@ -145,6 +145,41 @@ enum Delivery {
     NoBuffers,
 }
 
+/// Tells the network that a card moved (a migrated guest now sends from another host's tap):
+/// RARP broadcasts from its address, as QEMU sends for guests that cannot announce
+/// themselves. Bridges and switches learn the card's new port from them, so traffic to the
+/// guest finds it at once rather than when the guest next talks.
+pub struct Announcer {
+    tap: Tap,
+    mac: Mac,
+}
+
+impl Announcer {
+    /// Sends one announcement.
+    pub fn announce(&mut self) -> std::io::Result<()> {
+        self.tap.write_frame(&rarp_announcement(&self.mac))
+    }
+}
+
+/// A RARP "request reverse" broadcast from `mac` (the frame QEMU's announce sends), after an
+/// empty virtio-net header, padded to Ethernet's 60-byte minimum.
+pub fn rarp_announcement(mac: &Mac) -> [u8; VNET_HDR_LEN + 60] {
+    let mut frame = [0u8; VNET_HDR_LEN + 60];
+    let eth = &mut frame[VNET_HDR_LEN..];
+    eth[..6].fill(0xff);
+    eth[6..12].copy_from_slice(mac);
+    eth[12..14].copy_from_slice(&0x8035u16.to_be_bytes()); // RARP
+    let arp = &mut eth[14..42];
+    arp[..2].copy_from_slice(&1u16.to_be_bytes()); // Ethernet
+    arp[2..4].copy_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+    arp[4] = 6;
+    arp[5] = 4;
+    arp[6..8].copy_from_slice(&3u16.to_be_bytes()); // request reverse
+    arp[8..14].copy_from_slice(mac); // sender: the card; addresses unknown (zero)
+    arp[18..24].copy_from_slice(mac); // target: the card
+    frame
+}
+
 /// A network card on a tap device.
 pub struct Net {
     tap: Tap,
@@ -180,6 +215,13 @@ impl Net {
     /// The receive and transmit rate limiters (unlimited until set).
     pub fn limiters(&self) -> [SharedLimiter; 2] {
         [self.rx_limiter.clone(), self.tx_limiter.clone()]
+    }
+
+    /// What announces this card from wherever it runs now (see [`Announcer`]).
+    pub fn announcer(&self) -> std::io::Result<Announcer> {
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&self.config[..6]);
+        Ok(Announcer { tap: self.tap.try_clone()?, mac })
     }
 
     fn reject(&self, what: &str) {
@@ -390,6 +432,63 @@ mod tests {
             assert!(d.fuzz_round_on(&mut state, TX) <= 4);
         }
         println!("virtio-net: {rounds} random descriptor tables processed without a fault");
+    }
+
+    #[test]
+    fn an_announcement_reaches_the_host_as_a_rarp_from_the_card() {
+        let Some(tap) = TestTap::create("a") else {
+            println!("SKIPPED: cannot create a tap device (needs root)");
+            return;
+        };
+        let mac = random_mac();
+        let card = Net::new(Tap::open(&tap.0).unwrap(), mac).unwrap();
+        let up = std::process::Command::new("ip").args(["link", "set", &tap.0, "up"]).status().unwrap();
+        assert!(up.success());
+        let ifindex: i32 = std::fs::read_to_string(format!("/sys/class/net/{}/ifindex", tap.0))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // A packet socket on the tap sees what the host receives from it.
+        let rarp = 0x8035u16.to_be();
+        // SAFETY: socket() takes no pointers; the descriptor is owned below.
+        let fd =
+            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(rarp)) };
+        assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor nobody else owns.
+        let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // SAFETY: sockaddr_ll is plain data; zeroed is valid.
+        let mut at: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        at.sll_family = libc::AF_PACKET as u16;
+        at.sll_protocol = rarp;
+        at.sll_ifindex = ifindex;
+        let len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+        // SAFETY: binds to a sockaddr_ll of the size given.
+        let bound = unsafe { libc::bind(socket.as_raw_fd(), (&at as *const libc::sockaddr_ll).cast(), len) };
+        assert_eq!(bound, 0, "{}", std::io::Error::last_os_error());
+        let timeout = libc::timeval { tv_sec: 5, tv_usec: 0 };
+        // SAFETY: SO_RCVTIMEO reads a timeval of the size given.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+
+        card.announcer().unwrap().announce().unwrap();
+        let mut got = [0u8; 128];
+        // SAFETY: reads into a buffer of the length given.
+        let n = unsafe { libc::recv(socket.as_raw_fd(), got.as_mut_ptr().cast(), got.len(), 0) };
+        assert!(n >= 42, "no announcement arrived: {}", std::io::Error::last_os_error());
+        let frame = &got[..n as usize];
+        assert_eq!(&frame[..6], &[0xff; 6], "a broadcast");
+        assert_eq!(&frame[6..12], &mac, "from the card's address");
+        assert_eq!(&frame[12..14], &[0x80, 0x35], "RARP");
+        assert_eq!(&frame[20..22], &[0, 3], "request reverse");
+        assert_eq!(&frame[22..28], &mac);
     }
 
     #[test]

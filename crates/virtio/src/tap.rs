@@ -106,6 +106,11 @@ impl Tap {
     pub fn write_frame(&mut self, frame: &[u8]) -> std::io::Result<()> {
         self.file.write_all(frame)
     }
+
+    /// A second handle on the same tap queue (frames written to either go out).
+    pub fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(Self { file: self.file.try_clone()?, name: self.name.clone() })
+    }
 }
 
 impl AsRawFd for Tap {

@@ -125,7 +125,14 @@ pub struct Identity {
 impl Identity {
     /// `config` with this identity in place of the saved one.
     pub fn apply(self, mut config: VmConfig) -> Result<VmConfig, ApiError> {
-        replace_each("network cards", &mut config.nets, self.nets)?;
+        // A card given without an address keeps the saved one: the guest knows it by it.
+        let nets = self.nets.map(|mut nets| {
+            for (given, saved) in nets.iter_mut().zip(&config.nets) {
+                given.mac = given.mac.or(saved.mac);
+            }
+            nets
+        });
+        replace_each("network cards", &mut config.nets, nets)?;
         replace_each("disks", &mut config.disks, self.disks)?;
         if let Some(vsock) = self.vsock {
             if config.vsock.is_none() {
@@ -634,33 +641,49 @@ impl Vmm {
         self.migration.begin(to);
         // Migration takes the dirty log: a diff snapshot after it would miss pages.
         self.has_base_snapshot = false;
-        let result =
-            crate::migration::connect(to).map_err(|e| format!("connecting to {to}: {e}")).and_then(|conn| {
-                crate::migration::send(vm, conn, options, &self.migration).map_err(|e| e.to_string())
-            });
-        self.migration.end(result.as_ref().map_err(Clone::clone));
-        let report =
-            result.map_err(|e| ApiError::Failed(format!("migration failed; the VM runs here still: {e}")))?;
+        let result = crate::migration::connect(to)
+            .map_err(|e| crate::migration::MigrationError::Vm(format!("connecting to {to}: {e}")))
+            .and_then(|conn| crate::migration::send(vm, conn, options, &self.migration));
+        self.migration.end(result.as_ref().map_err(ToString::to_string));
+        let report = result.map_err(|e| match e {
+            crate::migration::MigrationError::Stranded(why) => {
+                ApiError::Failed(format!("migration failed: {why}"))
+            }
+            e => ApiError::Failed(format!("migration failed; the VM runs here still: {e}")),
+        })?;
         self.stopped = Some(format!("migrated to {to}"));
         Ok(report)
     }
 
-    /// Builds and runs the VM a migration brought, and tells the source it runs here;
-    /// `identity` gives it this host's taps, disks and vsock socket.
+    /// Builds the VM a migration is bringing as far as it can go before its state arrives:
+    /// `identity` gives it this host's taps, disks and vsock socket. What this host cannot give
+    /// is the error, and the migration is refused before any page moves.
+    pub fn prepare_incoming(
+        &mut self,
+        config: &VmConfig,
+        memory: stratus_virtio::GuestRam,
+        identity: Identity,
+    ) -> Result<(VmConfig, crate::vm::Shell), ApiError> {
+        self.configurable("receive a migration")?;
+        let config = identity.apply(config.clone())?;
+        let out = self.open_console()?;
+        let shell = crate::vm::build(&config, out, memory, crate::vm::Disks::LockedAtFinish)
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        Ok((config, shell))
+    }
+
+    /// Gives the VM a migration brought its state, runs it, and tells the source it runs here.
     pub fn adopt_incoming(
         &mut self,
-        arrival: crate::migration::Arrival,
-        identity: Identity,
+        arrival: crate::migration::Arrival<(VmConfig, crate::vm::Shell)>,
     ) -> Result<(), ApiError> {
-        self.configurable("receive a migration")?;
-        let crate::migration::Arrival { state, memory, mut conn } = arrival;
-        let config = identity.apply(state.config.clone())?;
-        let out = self.open_console()?;
-        let launch = Launch::Incoming { state: &state, memory };
-        let mut vm =
-            crate::vm::create(&config, out, launch).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let crate::migration::Arrival { state, prepared: (config, shell), mut conn } = arrival;
+        let mut vm = shell
+            .finish(crate::vm::Start::Arrive(&state))
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
         vm.run(false).map_err(|e| ApiError::Failed(e.to_string()))?;
         crate::migration::confirm(conn.as_mut()).map_err(|e| ApiError::Failed(e.to_string()))?;
+        vm.announce();
         self.take_config(config);
         self.adopt(vm);
         Ok(())

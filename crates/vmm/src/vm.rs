@@ -25,7 +25,7 @@ use stratus_devices::{Bus, ExitSignal};
 use stratus_virtio::balloon::{Balloon, BalloonControl};
 use stratus_virtio::block::Block;
 use stratus_virtio::mmio::MmioTransport;
-use stratus_virtio::net::Net;
+use stratus_virtio::net::{Announcer, Net};
 use stratus_virtio::rate_limiter::{RateLimit, SharedLimiter};
 use stratus_virtio::rng::Rng;
 use stratus_virtio::tap::Tap;
@@ -193,23 +193,6 @@ pub enum Launch<'a> {
         /// Diff memory files, oldest first.
         diffs: &'a [&'a Path],
     },
-    /// A live migration's arrival: the state and the memory received over the stream. The
-    /// same VM goes on (its generation id stays).
-    Incoming {
-        /// The state the source sent last.
-        state: &'a VmState,
-        /// Guest RAM, filled from the stream.
-        memory: GuestRam,
-    },
-}
-
-impl Launch<'_> {
-    fn saved_state(&self) -> Option<&VmState> {
-        match self {
-            Launch::Boot => None,
-            Launch::Restore { state, .. } | Launch::Incoming { state, .. } => Some(state),
-        }
-    }
 }
 
 /// A VM: built by `create`, running after `run`, pausable, and saved by `save_state` when
@@ -271,6 +254,10 @@ pub struct DeviceHandles {
     pub net_limiters: Vec<[SharedLimiter; 2]>,
     /// The balloon, if configured.
     pub balloon: Option<Arc<BalloonControl>>,
+    /// What announces each network card where the VM runs now (after a migration).
+    pub net_announcers: Vec<Announcer>,
+    /// Each disk's lock, in disk order (a migration hands them over).
+    pub disk_locks: Vec<stratus_virtio::block::DiskLock>,
 }
 
 fn set_limit(limiter: &SharedLimiter, limit: RateLimit) {
@@ -283,12 +270,17 @@ fn virtio_devices(
     config: &VmConfig,
     vm: &VmFd,
     mem: &GuestRam,
+    disks: Disks,
 ) -> Result<(Transports, DeviceHandles), VmError> {
     let os = |what| move |source| VmError::Os { what, source };
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     let mut handles = DeviceHandles::default();
     for disk in &config.disks {
-        let block = Block::open(&disk.path, disk.readonly)?;
+        let block = match disks {
+            Disks::Locked => Block::open(&disk.path, disk.readonly)?,
+            Disks::LockedAtFinish => Block::open_unlocked(&disk.path, disk.readonly)?,
+        };
+        handles.disk_locks.push(block.lock_handle().map_err(os("opening a disk twice"))?);
         set_limit(&block.limiter(), disk.rate_limit);
         handles.disk_limiters.push(block.limiter());
         devices.push(Box::new(block));
@@ -302,6 +294,7 @@ fn virtio_devices(
             set_limit(l, net.rate_limit);
         }
         handles.net_limiters.push(limiters);
+        handles.net_announcers.push(card.announcer().map_err(os("opening a network card's tap twice"))?);
         devices.push(Box::new(card));
     }
     if config.rng {
@@ -379,30 +372,88 @@ fn register_memory(
 /// Builds the VM described by `config`, booting or restoring as `launch` says; nothing runs
 /// until `Vm::run`. Guest serial output goes to `console_out`.
 pub fn create(config: &VmConfig, console_out: Box<dyn Write + Send>, launch: Launch) -> Result<Vm, VmError> {
+    let (mem, start) = match launch {
+        Launch::Boot => (crate::memory::create(config.memory)?, Start::Boot),
+        Launch::Restore { state, memory, diffs } => {
+            check_fits(state, config)?;
+            let ranges = stratus_arch::memory_map::ram_regions(config.memory);
+            (crate::snapshot::memory::map(&ranges, memory, diffs)?, Start::Restore(state))
+        }
+    };
+    build(config, console_out, mem, Disks::Locked)?.finish(start)
+}
+
+/// Refuses a saved VM whose size differs from `config`'s.
+fn check_fits(state: &VmState, config: &VmConfig) -> Result<(), VmError> {
+    if state.config.memory != config.memory || state.config.vcpus != config.vcpus {
+        return Err(VmError::Restore(format!(
+            "the saved VM has {} vCPUs and {} MiB; it cannot be restored as {} vCPUs and {} MiB",
+            state.config.vcpus,
+            state.config.memory >> 20,
+            config.vcpus,
+            config.memory >> 20
+        )));
+    }
+    Ok(())
+}
+
+/// When a VM's disks are locked (see `stratus_virtio::block::DiskLock`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Disks {
+    /// At once, as they are opened.
+    Locked,
+    /// In `Shell::finish`: a migration's source holds them until the guest is paused there.
+    LockedAtFinish,
+}
+
+/// What a built VM starts from (see `Shell::finish`).
+pub enum Start<'a> {
+    /// The kernel loaded, vCPU 0 at its entry point.
+    Boot,
+    /// A snapshot's state: the guest is told it is a new generation (a clone).
+    Restore(&'a VmState),
+    /// A live migration's state: the same VM goes on (its generation id stays).
+    Arrive(&'a VmState),
+}
+
+/// A VM with its KVM objects, memory, devices and vCPUs but no state yet: the first half of
+/// `create`. A migration's destination builds it when the source says what is coming, so
+/// that a configuration this host cannot give (a missing tap or disk) is refused before any
+/// page moves, and the guest's pause covers only `finish`.
+pub struct Shell {
+    config: VmConfig,
+    vm: VmFd,
+    mem: GuestRam,
+    slots: Vec<kvm_userspace_memory_region>,
+    transports: Transports,
+    handles: DeviceHandles,
+    acpi_devices: Vec<VirtioMmioDevice>,
+    exit: Arc<ExitSignal>,
+    serial: Arc<Mutex<Serial>>,
+    ged: Arc<Mutex<Ged>>,
+    vcpus: Vec<Vcpu>,
+    pvm: Option<Arc<pvm::Counters>>,
+    disks: Disks,
+}
+
+/// Builds the VM of `config` on `mem` up to its state (see `Shell`).
+pub fn build(
+    config: &VmConfig,
+    console_out: Box<dyn Write + Send>,
+    mem: GuestRam,
+    disks: Disks,
+) -> Result<Shell, VmError> {
+    // A card given no address gets one now, kept in the VM's configuration: its snapshots and
+    // migrations carry the address the guest knows the card by.
+    let mut config = config.clone();
+    for net in &mut config.nets {
+        net.mac.get_or_insert_with(stratus_virtio::net::random_mac);
+    }
     if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
         return Err(VmError::VcpuCount(config.vcpus));
     }
     let kvm = crate::kvm::open()?;
     let flavor = KvmFlavor::detect();
-    if let Some(state) = launch.saved_state() {
-        if state.config.memory != config.memory || state.config.vcpus != config.vcpus {
-            return Err(VmError::Restore(format!(
-                "the saved VM has {} vCPUs and {} MiB; it cannot be restored as {} vCPUs and {} MiB",
-                state.config.vcpus,
-                state.config.memory >> 20,
-                config.vcpus,
-                config.memory >> 20
-            )));
-        }
-    }
-    let mem = match &launch {
-        Launch::Boot => crate::memory::create(config.memory)?,
-        Launch::Restore { memory, diffs, .. } => {
-            let ranges = stratus_arch::memory_map::ram_regions(config.memory);
-            crate::snapshot::memory::map(&ranges, memory, diffs)?
-        }
-        Launch::Incoming { memory, .. } => memory.clone(),
-    };
     let vm = kvm.create_vm().map_err(kvm_call("creating the VM"))?;
     let slots = register_memory(&vm, &mem, 0)?;
     vm.set_tss_address(0xfffb_d000).map_err(kvm_call("setting the TSS address"))?;
@@ -410,12 +461,8 @@ pub fn create(config: &VmConfig, console_out: Box<dyn Write + Send>, launch: Lau
     let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
     vm.create_pit2(pit).map_err(kvm_call("creating the PIT"))?;
 
-    let (transports, handles) = virtio_devices(config, &vm, &mem)?;
+    let (transports, handles) = virtio_devices(&config, &vm, &mem, disks)?;
     let acpi_devices: Vec<VirtioMmioDevice> = (0..transports.len()).map(virtio_slot).collect();
-    let entry = match launch {
-        Launch::Boot => Some(crate::loader::load(&mem, &config.boot, config.vcpus, &acpi_devices)?),
-        Launch::Restore { .. } | Launch::Incoming { .. } => None,
-    };
 
     let exit = Arc::new(
         ExitSignal::new().map_err(|source| VmError::Os { what: "creating the exit event", source })?,
@@ -423,13 +470,7 @@ pub fn create(config: &VmConfig, console_out: Box<dyn Write + Send>, launch: Lau
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK)
         .map_err(|source| VmError::Os { what: "creating an eventfd", source })?;
     vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(kvm_call("wiring the serial interrupt"))?;
-    let serial = match launch.saved_state() {
-        None => Serial::new(serial_irq, console_out),
-        Some(state) => Serial::from_state(&state.serial, serial_irq, console_out)
-            .map_err(|source| VmError::Os { what: "restoring the serial port", source })?,
-    };
-    let serial = Arc::new(Mutex::new(serial));
-
+    let serial = Arc::new(Mutex::new(Serial::new(serial_irq, console_out)));
     let mut pio = Bus::new();
     let bus_err = |e| VmError::Os { what: "placing a device", source: std::io::Error::other(e) };
     pio.insert(serial.clone(), u64::from(COM1_PORT), 8).map_err(bus_err)?;
@@ -468,69 +509,116 @@ pub fn create(config: &VmConfig, console_out: Box<dyn Write + Send>, launch: Lau
             pvm_counters.clone(),
         )?);
     }
-    let mut uptime_before = Duration::ZERO;
-    let generation_id;
-    match (launch.saved_state(), entry) {
-        (None, Some(entry)) => {
-            vcpus[0].set_boot_state(entry)?;
-            generation_id = random_id();
-            mem.write_slice(&generation_id, vm_memory::GuestAddress(VMGENID_ADDR))
-                .map_err(|e| VmError::Restore(format!("writing the VM generation id: {e}")))?;
-        }
-        (Some(state), _) => {
-            restore_machine(&vm, &state.machine)?;
-            if state.vcpus.len() != vcpus.len() {
-                return Err(VmError::Restore(format!(
-                    "{} vCPU states for {} vCPUs",
-                    state.vcpus.len(),
-                    vcpus.len()
-                )));
-            }
-            for (vcpu, saved) in vcpus.iter().zip(&state.vcpus) {
-                vcpu.restore_state(saved)?;
-            }
-            if state.devices.len() != transports.len() {
-                return Err(VmError::Restore(format!(
-                    "the snapshot has {} virtio devices, the configuration {}",
-                    state.devices.len(),
-                    transports.len()
-                )));
-            }
-            for (slot, (transport, saved)) in transports.iter().zip(&state.devices).enumerate() {
-                lock(transport).restore(slot, saved)?;
-            }
-            uptime_before = Duration::from_millis(state.uptime_ms);
-            generation_id = state.generation_id;
-        }
-        (None, None) => unreachable!("a booted VM always has an entry point"),
-    }
-    let exits = vcpus.iter().map(|v| v.exits.clone()).collect();
-    let kvm_stats = vcpus.iter().map(|v| v.kvm_stats.clone()).collect();
-    Ok(Vm {
-        exit,
-        serial,
-        pvm: pvm_counters,
-        ged,
-        handles,
-        config: config.clone(),
+    Ok(Shell {
+        config,
         vm,
         mem,
         slots,
-        vcpus: vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect(),
-        exits,
-        kvm_stats,
         transports,
-        control: Arc::new(RunControl::default()),
-        vcpu_threads: Vec::new(),
-        device_thread: None,
-        savable_msrs: Mutex::new(None),
-        uptime_before,
-        started: None,
-        generation_id,
-        dirty_tracking: false,
-        restored: launch.saved_state().is_some(),
-        new_generation: matches!(launch, Launch::Restore { .. }),
+        handles,
+        acpi_devices,
+        exit,
+        serial,
+        ged,
+        vcpus,
+        pvm: pvm_counters,
+        disks,
     })
+}
+
+impl Shell {
+    /// The second half of `create`: the VM takes its state (or its kernel) and is ready to run.
+    pub fn finish(self, start: Start) -> Result<Vm, VmError> {
+        let Shell {
+            config,
+            vm,
+            mem,
+            slots,
+            transports,
+            handles,
+            acpi_devices,
+            exit,
+            serial,
+            ged,
+            vcpus,
+            pvm,
+            disks,
+        } = self;
+        if disks == Disks::LockedAtFinish {
+            for lock in &handles.disk_locks {
+                lock.acquire()?;
+            }
+        }
+        let mut uptime_before = Duration::ZERO;
+        let generation_id;
+        let (restored, new_generation) = match start {
+            Start::Boot => {
+                let entry = crate::loader::load(&mem, &config.boot, config.vcpus, &acpi_devices)?;
+                vcpus[0].set_boot_state(entry)?;
+                generation_id = random_id();
+                mem.write_slice(&generation_id, vm_memory::GuestAddress(VMGENID_ADDR))
+                    .map_err(|e| VmError::Restore(format!("writing the VM generation id: {e}")))?;
+                (false, false)
+            }
+            Start::Restore(state) | Start::Arrive(state) => {
+                check_fits(state, &config)?;
+                lock(&serial)
+                    .restore(&state.serial)
+                    .map_err(|source| VmError::Os { what: "restoring the serial port", source })?;
+                restore_machine(&vm, &state.machine)?;
+                if state.vcpus.len() != vcpus.len() {
+                    return Err(VmError::Restore(format!(
+                        "{} vCPU states for {} vCPUs",
+                        state.vcpus.len(),
+                        vcpus.len()
+                    )));
+                }
+                for (vcpu, saved) in vcpus.iter().zip(&state.vcpus) {
+                    vcpu.restore_state(saved)?;
+                }
+                if state.devices.len() != transports.len() {
+                    return Err(VmError::Restore(format!(
+                        "the snapshot has {} virtio devices, the configuration {}",
+                        state.devices.len(),
+                        transports.len()
+                    )));
+                }
+                for (slot, (transport, saved)) in transports.iter().zip(&state.devices).enumerate() {
+                    lock(transport).restore(slot, saved)?;
+                }
+                uptime_before = Duration::from_millis(state.uptime_ms);
+                generation_id = state.generation_id;
+                (true, matches!(start, Start::Restore(_)))
+            }
+        };
+        let exits = vcpus.iter().map(|v| v.exits.clone()).collect();
+        let kvm_stats = vcpus.iter().map(|v| v.kvm_stats.clone()).collect();
+        Ok(Vm {
+            exit,
+            serial,
+            pvm,
+            ged,
+            handles,
+            config,
+            vm,
+            mem,
+            slots,
+            vcpus: vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect(),
+            exits,
+            kvm_stats,
+            transports,
+            control: Arc::new(RunControl::default()),
+            vcpu_threads: Vec::new(),
+            device_thread: None,
+            savable_msrs: Mutex::new(None),
+            uptime_before,
+            started: None,
+            generation_id,
+            dirty_tracking: false,
+            restored,
+            new_generation,
+        })
+    }
 }
 
 fn random_id() -> [u8; 16] {
@@ -681,6 +769,44 @@ impl Vm {
     /// Rate limiters and the balloon.
     pub fn handles(&self) -> &DeviceHandles {
         &self.handles
+    }
+
+    /// Puts the disks' writes on stable storage and lets go of their locks: a paused VM hands
+    /// its disks to a migration's destination.
+    pub fn release_disks(&self) -> Result<(), VmError> {
+        for lock in &self.handles.disk_locks {
+            lock.release().map_err(|source| VmError::Os { what: "handing a disk over", source })?;
+        }
+        Ok(())
+    }
+
+    /// Takes the disks' locks back after `release_disks` (the migration failed). Fails when
+    /// another process took one meanwhile: the guest may be running there.
+    pub fn reacquire_disks(&self) -> Result<(), VmError> {
+        for lock in &self.handles.disk_locks {
+            lock.acquire()?;
+        }
+        Ok(())
+    }
+
+    /// Tells the network where the VM's cards are now (after a migration brought it here):
+    /// five RARP broadcasts from each, 50, 100, 100 and 100 ms apart as QEMU spaces them,
+    /// from a thread of their own. Once per VM.
+    pub fn announce(&mut self) {
+        let mut announcers = std::mem::take(&mut self.handles.net_announcers);
+        if announcers.is_empty() {
+            return;
+        }
+        let _ = std::thread::Builder::new().name("announce".into()).spawn(move || {
+            for pause in [0, 50, 100, 100, 100] {
+                std::thread::sleep(Duration::from_millis(pause));
+                for announcer in &mut announcers {
+                    if let Err(e) = announcer.announce() {
+                        eprintln!("[stratus] announcing a network card after migration: {e}");
+                    }
+                }
+            }
+        });
     }
 
     /// KVM's own counters per vCPU (absent on hosts without binary stats).

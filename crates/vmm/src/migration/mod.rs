@@ -46,6 +46,10 @@ pub enum MigrationError {
     /// The VM could not be saved or rebuilt.
     #[error("{0}")]
     Vm(String),
+    /// The migration failed after the disks were handed over and they could not be taken
+    /// back: the guest may be running at the destination, so it is left paused here.
+    #[error("{0}")]
+    Stranded(String),
 }
 
 /// How to migrate.
@@ -93,6 +97,14 @@ pub struct Report {
     pub last_round_pages: u64,
     /// The highest share of time the vCPUs were held to converge, in percent (0: never).
     pub throttle_percent: u32,
+    /// Where the downtime went, in milliseconds: stopping the vCPUs,
+    pub pause_ms: f64,
+    /// sending the last dirty pages,
+    pub last_pages_ms: f64,
+    /// saving and encoding the VM's state,
+    pub state_ms: f64,
+    /// and from the end of the stream to the destination's `Running` (transfer, build, run).
+    pub destination_ms: f64,
 }
 
 /// A migration's progress, readable while it runs (`GET /migration`).
@@ -477,41 +489,81 @@ pub fn send(
     vm.resume();
 
     // 4. Stop and copy; the guest comes back here on any failure from now on.
-    let paused_at = Instant::now();
     progress.update(|p| p.phase = "stop and copy");
+    let paused_at = Instant::now();
     vm.pause();
+    sender.report.pause_ms = ms_since(paused_at);
+    let mut disks_released = false;
     let result = (|| -> Result<(), MigrationError> {
+        let t = Instant::now();
         let last = vm.take_dirty_pages().map_err(|e| MigrationError::Vm(e.to_string()))?;
         let merged: DirtyPages =
             dirty.iter().zip(&last).map(|(a, b)| a.iter().zip(b).map(|(x, y)| x | y).collect()).collect();
         sender.report.last_round_pages = count(&merged);
         sender.pages(vm.memory(), |k, i| is_set(&merged, k, i), false)?;
+        sender.report.last_pages_ms = ms_since(t);
+        let t = Instant::now();
         let state = vm.save_state(MemoryKind::Full).map_err(|e| MigrationError::Vm(e.to_string()))?;
         let encoded = format::encode(&state).map_err(|e| MigrationError::Vm(e.to_string()))?;
+        // The disks go to the destination with their writes on stable storage; it takes
+        // their locks before the guest runs there.
+        vm.release_disks().map_err(|e| MigrationError::Vm(e.to_string()))?;
+        disks_released = true;
+        sender.report.state_ms = ms_since(t);
+        let t = Instant::now();
         write_frame(&mut sender.out, Kind::State, &encoded)?;
         write_frame(&mut sender.out, Kind::Done, &[])?;
         sender.out.flush().map_err(StreamError::Io)?;
-        match read_frame(&mut input, &mut payload)? {
+        let answer = read_frame(&mut input, &mut payload);
+        sender.report.destination_ms = ms_since(t);
+        match answer? {
             Kind::Running => Ok(()),
             Kind::Refuse => Err(MigrationError::Refused(String::from_utf8_lossy(&payload).into_owned())),
             other => Err(MigrationError::Protocol(format!("{other:?} instead of Running"))),
         }
     })();
     if let Err(e) = result {
+        if disks_released {
+            if let Err(taken) = take_disks_back(vm) {
+                // Another process holds a disk: the destination may run the guest after all.
+                // Two copies must never run; this one stays paused.
+                return Err(MigrationError::Stranded(format!(
+                    "{e}; and the disks cannot be taken back ({taken}): the guest may be running at \
+                     the destination, so it stays paused here"
+                )));
+            }
+        }
         vm.resume();
         return Err(e);
     }
-    report.downtime_ms = paused_at.elapsed().as_secs_f64() * 1e3;
-    report.total_ms = started.elapsed().as_secs_f64() * 1e3;
+    report.downtime_ms = ms_since(paused_at);
+    report.total_ms = ms_since(started);
     Ok(report)
 }
 
-/// What arrived: the VM's state and its memory, and the connection to answer on.
-pub struct Arrival {
+/// Takes the disks' locks back after a failed hand-over, waiting a little for a destination
+/// that is exiting to let go.
+fn take_disks_back(vm: &Vm) -> Result<(), crate::vm::VmError> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match vm.reacquire_disks() {
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            other => return other,
+        }
+    }
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// What arrived: the VM's state, what `receive`'s `prepare` built for it (holding its
+/// memory), and the connection to answer on.
+pub struct Arrival<P> {
     /// The state the source sent last.
     pub state: VmState,
-    /// Guest RAM as sent.
-    pub memory: GuestRam,
+    /// What `prepare` made of the configuration and memory.
+    pub prepared: P,
     /// To send `Running` (or a refusal) back.
     pub conn: Box<dyn Connection>,
 }
@@ -522,8 +574,13 @@ fn refuse(conn: &mut dyn Connection, reason: String) -> MigrationError {
 }
 
 /// Receives a migration on `conn` until the source says it is done. The configuration is
-/// checked (version, memory this host can hold) before any page is taken.
-pub fn receive(mut conn: Box<dyn Connection>) -> Result<Arrival, MigrationError> {
+/// checked (version, memory this host can hold) and handed with the guest's (still empty)
+/// memory to `prepare`, which builds what it can ahead: its error refuses the VM before any
+/// page is taken.
+pub fn receive<P>(
+    mut conn: Box<dyn Connection>,
+    prepare: impl FnOnce(&VmConfig, GuestRam) -> Result<P, String>,
+) -> Result<Arrival<P>, MigrationError> {
     let mut input = BufReader::with_capacity(1 << 20, conn.duplicate().map_err(StreamError::Io)?);
     let mut payload = Vec::new();
     if read_frame(&mut input, &mut payload)? != Kind::Hello {
@@ -550,6 +607,10 @@ pub fn receive(mut conn: Box<dyn Connection>) -> Result<Arrival, MigrationError>
     let memory = match crate::memory::create(config.memory) {
         Ok(m) => m,
         Err(e) => return Err(refuse(conn.as_mut(), e.to_string())),
+    };
+    let prepared = match prepare(&config, memory.clone()) {
+        Ok(p) => p,
+        Err(reason) => return Err(refuse(conn.as_mut(), reason)),
     };
     write_frame(&mut conn, Kind::Accept, &[])?;
     conn.flush().map_err(StreamError::Io)?;
@@ -607,7 +668,7 @@ pub fn receive(mut conn: Box<dyn Connection>) -> Result<Arrival, MigrationError>
         }
     }
     let state = state.ok_or_else(|| MigrationError::Protocol("Done before any State".into()))?;
-    Ok(Arrival { state, memory, conn })
+    Ok(Arrival { state, prepared, conn })
 }
 
 /// Tells the source that the VM runs here.
