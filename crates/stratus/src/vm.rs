@@ -481,7 +481,9 @@ fn forward_stdin(input: stratus_vmm::console::ConsoleInput) {
                 };
                 pending = &pending[taken..];
                 if taken == 0 {
-                    std::thread::sleep(Duration::from_millis(5));
+                    // No VM yet, or its receive FIFO is full: look again soon (input typed
+                    // during a migration reaches the guest within a millisecond of its arrival).
+                    std::thread::sleep(Duration::from_millis(1));
                 }
             }
         }

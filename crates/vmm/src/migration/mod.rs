@@ -27,7 +27,8 @@ use crate::snapshot::{format, MemoryKind, VmState};
 use crate::vm::{Vm, VmConfig};
 use stream::{read_frame, write_frame, Kind, StreamError};
 
-const MAGIC: &[u8; 16] = b"STRATUS-MIGRATE1";
+/// The stream's first bytes: the protocol's name and version (the last byte).
+const MAGIC: &[u8; 16] = b"STRATUS-MIGRATE2";
 /// Pages per `Pages` frame.
 const BATCH: usize = 256;
 
@@ -275,6 +276,19 @@ struct Sender<'a> {
 }
 
 impl Sender<'_> {
+    /// Waits until the destination has everything sent so far in guest memory, so that a
+    /// pass's time is the whole path's and no backlog is left for the guest's pause.
+    fn sync(&mut self, input: &mut impl Read) -> Result<(), MigrationError> {
+        write_frame(&mut self.out, Kind::Sync, &[])?;
+        self.out.flush().map_err(StreamError::Io)?;
+        let mut payload = Vec::new();
+        match read_frame(input, &mut payload)? {
+            Kind::Synced => Ok(()),
+            Kind::Refuse => Err(MigrationError::Refused(String::from_utf8_lossy(&payload).into_owned())),
+            other => Err(MigrationError::Protocol(format!("{other:?} instead of Synced"))),
+        }
+    }
+
     /// Waits, if a bandwidth limit is set, until the bytes sent so far are due.
     fn pace(&self) {
         if let Some(rate) = self.bandwidth.filter(|&r| r > 0) {
@@ -405,7 +419,7 @@ pub fn send(
         |k, i| touched[k].as_ref().is_none_or(|t| t.get(i).copied().unwrap_or(true)),
         true,
     )?;
-    sender.out.flush().map_err(StreamError::Io)?;
+    sender.sync(&mut input)?;
     // Bytes per second, measured on each pass.
     let mut bandwidth = sender.report.bytes_sent as f64 / t.elapsed().as_secs_f64().max(1e-6);
     progress.update(|p| {
@@ -444,9 +458,14 @@ pub fn send(
             loop {
                 let left = count(&dirty) * PAGE as u64;
                 let estimate = left as f64 / bandwidth;
-                if estimate <= options.max_downtime.as_secs_f64()
-                    || sender.report.rounds >= options.max_rounds
-                {
+                // Once the rest fits the target, rounds go on while they still shrink it
+                // (each costs little when little is left) unless it is already a tenth of the
+                // target: the pause is as short as the guest's dirtying allows, not merely
+                // short enough.
+                let target = options.max_downtime.as_secs_f64();
+                let shrinking = left.saturating_mul(4) < previous.saturating_mul(3);
+                let fits = estimate <= target && (estimate <= target / 10.0 || !shrinking);
+                if fits || sender.report.rounds >= options.max_rounds {
                     return Ok(());
                 }
                 if options.auto_converge && sender.report.rounds > 0 && left * 10 > previous * 9 {
@@ -460,7 +479,7 @@ pub fn send(
                 let t = Instant::now();
                 let before = sender.report.bytes_sent;
                 sender.pages(vm.memory(), |k, i| is_set(&dirty, k, i), false)?;
-                sender.out.flush().map_err(StreamError::Io)?;
+                sender.sync(&mut input)?;
                 let secs = t.elapsed().as_secs_f64().max(1e-6);
                 bandwidth = (sender.report.bytes_sent - before) as f64 / secs;
                 sender.report.rounds += 1;
@@ -586,8 +605,17 @@ pub fn receive<P>(
     if read_frame(&mut input, &mut payload)? != Kind::Hello {
         return Err(refuse(conn.as_mut(), "the stream does not start with Hello".into()));
     }
-    if payload.len() < 20 || &payload[..16] != MAGIC {
+    if payload.len() < 20 || payload[..15] != MAGIC[..15] {
         return Err(refuse(conn.as_mut(), "not a Stratus migration stream".into()));
+    }
+    if payload[15] != MAGIC[15] {
+        return Err(refuse(
+            conn.as_mut(),
+            format!(
+                "migration protocol version {}: this VMM speaks version {}",
+                payload[15] as char, MAGIC[15] as char
+            ),
+        ));
     }
     let version = u32::from_le_bytes(payload[16..20].try_into().unwrap_or_default());
     if !(format::OLDEST_READABLE..=format::CURRENT).contains(&version) {
@@ -662,6 +690,10 @@ pub fn receive<P>(
             }
             Kind::State => {
                 state = Some(format::decode(&payload).map_err(|e| MigrationError::Protocol(e.to_string()))?)
+            }
+            Kind::Sync => {
+                write_frame(&mut conn, Kind::Synced, &[])?;
+                conn.flush().map_err(StreamError::Io)?;
             }
             Kind::Done => break,
             other => return Err(MigrationError::Protocol(format!("unexpected {other:?} frame"))),

@@ -34,6 +34,10 @@ pub enum Kind {
     Done = 7,
     /// Destination: the VM runs here now.
     Running = 8,
+    /// Source: answer once everything sent before this is in guest memory.
+    Sync = 9,
+    /// Destination: everything before the `Sync` is in guest memory.
+    Synced = 10,
 }
 
 impl Kind {
@@ -47,6 +51,8 @@ impl Kind {
             6 => Kind::State,
             7 => Kind::Done,
             8 => Kind::Running,
+            9 => Kind::Sync,
+            10 => Kind::Synced,
             _ => return None,
         })
     }
