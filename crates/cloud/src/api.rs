@@ -192,6 +192,7 @@ pub fn router(state: Shared) -> Router {
         .route("/images", get(list_images).post(import_image))
         .route("/images/build", post(build_image))
         .route("/images/{name}", get(get_image).delete(delete_image))
+        .route("/uploads/{name}", axum::routing::put(upload).delete(delete_upload))
         .route("/networks", get(list_networks).post(create_network))
         .route("/networks/{name}", get(get_network).delete(delete_network))
         .route("/hosts", get(list_hosts))
@@ -756,14 +757,14 @@ async fn list_images(State(state): State<Shared>) -> ApiResult<Json<Vec<Image>>>
 #[serde(deny_unknown_fields)]
 struct ImportRequest {
     name: String,
-    /// A raw ext4 root filesystem; or
+    /// The upload (`PUT /v1/uploads/NAME`) holding a raw ext4 root filesystem; or
     #[serde(default)]
     rootfs: Option<String>,
-    /// a root filesystem tarball (any compression tar reads), made bootable with the default
-    /// image's init, busybox and guest agent.
+    /// the upload holding a root filesystem tarball (any compression tar reads), made bootable
+    /// with the default image's init, busybox and guest agent.
     #[serde(default)]
     tarball: Option<String>,
-    /// The kernel; the default image's when absent.
+    /// The upload holding the kernel; the default image's when absent.
     #[serde(default)]
     kernel: Option<String>,
     #[serde(default)]
@@ -791,24 +792,20 @@ async fn import_image(
     if req.rootfs.is_some() == req.tarball.is_some() {
         return Err(ApiError::unprocessable("give either rootfs (a raw ext4 image) or tarball"));
     }
-    for (what, path) in [
-        ("kernel", req.kernel.as_ref()),
-        ("rootfs", req.rootfs.as_ref()),
-        ("tarball", req.tarball.as_ref()),
-        ("initrd", req.initrd.as_ref()),
-    ] {
-        if let Some(path) = path {
-            if !std::path::Path::new(path).is_file() {
-                return Err(ApiError::unprocessable(format!(
-                    "{what} {path} is not a file on the server's host"
-                )));
-            }
-        }
-    }
+    let file =
+        |what: &str, name: &Option<String>| name.as_deref().map(|n| uploaded(&state, what, n)).transpose();
+    let (kernel, rootfs, tarball, initrd) = (
+        file("kernel", &req.kernel)?,
+        file("rootfs", &req.rootfs)?,
+        file("tarball", &req.tarball)?,
+        file("initrd", &req.initrd)?,
+    );
+    let uploads: Vec<std::path::PathBuf> =
+        [&kernel, &rootfs, &tarball, &initrd].into_iter().flatten().cloned().collect();
     let base = state.db.image(DEFAULT_PROJECT, "default")?;
-    let kernel = match (&req.kernel, &base) {
-        (Some(kernel), _) => kernel.clone(),
-        (None, Some(base)) => base.kernel.clone(),
+    let kernel = match (kernel, &base) {
+        (Some(kernel), _) => kernel,
+        (None, Some(base)) => base.kernel.clone().into(),
         (None, None) => {
             return Err(ApiError::unprocessable("no kernel given and no default image to take one from"))
         }
@@ -818,11 +815,9 @@ async fn import_image(
         (state.db.clone(), state.data_dir.clone(), req.name.clone(), Arc::clone(&state.agent));
     let image = tokio::task::spawn_blocking(move || {
         let work = data.join("images").join(format!(".{name}-{}.import", new_id()));
-        let rootfs = match (&req.rootfs, &req.tarball, &base) {
-            (Some(rootfs), _, _) => std::path::PathBuf::from(rootfs),
-            (None, Some(tarball), Some(base)) => {
-                crate::image::rootfs_from_tarball(std::path::Path::new(tarball), base, &work)?
-            }
+        let rootfs = match (rootfs, &tarball, &base) {
+            (Some(rootfs), _, _) => rootfs,
+            (None, Some(tarball), Some(base)) => crate::image::rootfs_from_tarball(tarball, base, &work)?,
             _ => {
                 return Err(crate::image::ImageError::Tarball(
                     "a tarball needs the default image (its init, busybox and agent)".into(),
@@ -830,8 +825,8 @@ async fn import_image(
             }
         };
         let files = crate::image::ImageFiles {
-            kernel: kernel.into(),
-            initrd: req.initrd.map(Into::into),
+            kernel,
+            initrd,
             rootfs,
             cmdline: cmdline.unwrap_or_else(|| "console=ttyS0 panic=1".into()),
             source: "import".into(),
@@ -839,6 +834,10 @@ async fn import_image(
         let installed = crate::image::install(&db, &data, &name, &files);
         let _ = std::fs::remove_dir_all(&work);
         let image = installed?;
+        // The image has its own copies now.
+        for upload in &uploads {
+            let _ = std::fs::remove_file(upload);
+        }
         // Its warm snapshot comes in the background; launches boot cold until then.
         let (db2, image2) = (db.clone(), image.clone());
         let _ = std::thread::Builder::new()
@@ -928,6 +927,94 @@ async fn get_image(State(state): State<Shared>, Name(name): Name) -> ApiResult<J
         .image(DEFAULT_PROJECT, &name)?
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("image '{name}' not found")))
+}
+
+/// The largest file an upload takes.
+const MAX_UPLOAD_BYTES: u64 = 1 << 40;
+
+/// Where upload `name` is kept.
+fn upload_path(state: &AppState, name: &str) -> std::path::PathBuf {
+    state.data_dir.join("uploads").join(name)
+}
+
+/// `PUT /v1/uploads/{name}`: a file for an image import (kernel, initrd, root filesystem or
+/// tarball), streamed into the server's data directory. Imports name uploads, never host
+/// paths: the API reads no file of the host it was not given.
+async fn upload(
+    State(state): State<Shared>,
+    Name(name): Name,
+    body: axum::body::Body,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    use http_body_util::BodyExt;
+    use std::io::Write;
+    let dir = state.data_dir.join("uploads");
+    let io = |what: &str, e: std::io::Error| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{what} upload '{name}': {e}"))
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| io("storing", e))?;
+    let partial = dir.join(format!(".{name}-{}.partial", new_id()));
+    let mut file = std::fs::File::create(&partial).map_err(|e| io("storing", e))?;
+    let mut body = body;
+    let mut bytes = 0u64;
+    let received = loop {
+        let frame = match body.frame().await {
+            None => break Ok(()),
+            Some(Err(e)) => break Err(ApiError::bad_request(format!("upload '{name}' broke off: {e}"))),
+            Some(Ok(frame)) => frame,
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        bytes += data.len() as u64;
+        if bytes > MAX_UPLOAD_BYTES {
+            break Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("upload '{name}' is over {} GiB", MAX_UPLOAD_BYTES >> 30),
+            ));
+        }
+        if let Err(e) = tokio::task::block_in_place(|| file.write_all(&data)) {
+            break Err(io("storing", e));
+        }
+    };
+    let stored = received.and_then(|()| {
+        file.sync_all().map_err(|e| io("storing", e))?;
+        std::fs::rename(&partial, upload_path(&state, &name)).map_err(|e| io("storing", e))
+    });
+    if let Err(e) = stored {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e);
+    }
+    Ok((StatusCode::CREATED, Json(serde_json::json!({ "name": name, "bytes": bytes }))))
+}
+
+async fn delete_upload(State(state): State<Shared>, Name(name): Name) -> ApiResult<StatusCode> {
+    match std::fs::remove_file(upload_path(&state, &name)) {
+        Ok(()) => Ok(StatusCode::NO_CONTENT),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(ApiError::not_found(format!("upload '{name}' not found")))
+        }
+        Err(e) => {
+            Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("removing upload '{name}': {e}")))
+        }
+    }
+}
+
+/// The file of the upload an import names; a path or an unknown name is a 422 that says how.
+fn uploaded(state: &AppState, what: &str, name: &str) -> ApiResult<std::path::PathBuf> {
+    let valid = (1..=63).contains(&name.len())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if !valid {
+        return Err(ApiError::unprocessable(format!(
+            "{what} '{}' is not an upload name: upload the file first (PUT /v1/uploads/NAME, as `stratus \
+             image import` does); the server reads no other files of its host",
+            name.escape_default()
+        )));
+    }
+    let path = upload_path(state, name);
+    if !path.is_file() {
+        return Err(ApiError::unprocessable(format!(
+            "{what}: no upload '{name}' (PUT /v1/uploads/{name} first)"
+        )));
+    }
+    Ok(path)
 }
 
 async fn delete_image(State(state): State<Shared>, Name(name): Name) -> ApiResult<StatusCode> {

@@ -162,6 +162,31 @@ impl ApiClient {
         Self::decode(self.send_within("POST", path, Some(body), Some(limit))?)
     }
 
+    /// `PUT /v1/uploads/{name}` with `size` bytes read from `file`.
+    pub fn upload(&self, name: &str, file: std::fs::File, size: u64) -> Result<(), ClientError> {
+        let response = self
+            .agent
+            .put(&format!("{}/v1/uploads/{name}", self.base))
+            .set("Authorization", &format!("Bearer {}", self.token))
+            .set("Content-Type", "application/octet-stream")
+            .set("Content-Length", &size.to_string())
+            .send(file);
+        match response {
+            Ok(_) => Ok(()),
+            Err(ureq::Error::Status(status, response)) => {
+                let text = response.into_string().unwrap_or_default();
+                let message = serde_json::from_str::<Value>(&text)
+                    .ok()
+                    .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+                    .unwrap_or_else(|| format!("the API answered {status}: {}", text.trim()));
+                Err(ClientError::Api { status, message })
+            }
+            Err(ureq::Error::Transport(t)) => {
+                Err(ClientError::Unreachable { url: self.base.clone(), cause: t.to_string() })
+            }
+        }
+    }
+
     /// `DELETE path`; the answer, if any.
     pub fn delete(&self, path: &str) -> Result<Option<Value>, ClientError> {
         self.send("DELETE", path, None)

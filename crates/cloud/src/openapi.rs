@@ -41,12 +41,18 @@ pub fn document() -> Value {
             "/v1/instances/{name}/metrics": {"get": {"summary": "The VMM's metrics", "parameters": name, "responses": errors(json!({"200": ok(json!({"type": "object"}))}))}},
             "/v1/images": {
                 "get": {"summary": "List images", "responses": errors(json!({"200": ok(json!({"type": "array", "items": {"$ref": "#/components/schemas/Image"}}))}))},
-                "post": {"summary": "Import an image from files on the server's host: a raw ext4 root filesystem or a tarball", "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ImportRequest"}}}},
+                "post": {"summary": "Import an image from uploads (PUT /v1/uploads/NAME): a raw ext4 root filesystem or a tarball, a kernel, an initrd", "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ImportRequest"}}}},
                          "responses": errors(json!({"201": ok(json!({"$ref": "#/components/schemas/Image"}))}))}
             },
             "/v1/images/build": {"post": {"summary": "Build an image from a recipe (default, debian), install it and make its warm snapshot",
                 "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/BuildRequest"}}}},
                 "responses": errors(json!({"202": ok(json!({"$ref": "#/components/schemas/Operation"}))}))}},
+            "/v1/uploads/{name}": {
+                "put": {"summary": "Upload a file for an image import", "parameters": name,
+                        "requestBody": {"required": true, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+                        "responses": errors(json!({"201": ok(json!({"type": "object", "properties": {"name": {"type": "string"}, "bytes": {"type": "integer"}}})), "413": error}))},
+                "delete": {"summary": "Delete an upload", "parameters": name, "responses": errors(json!({"204": {"description": "deleted"}}))}
+            },
             "/v1/images/{name}": {
                 "get": {"summary": "Show an image", "parameters": name, "responses": errors(json!({"200": ok(json!({"$ref": "#/components/schemas/Image"}))}))},
                 "delete": {"summary": "Delete an unused image", "parameters": name, "responses": errors(json!({"204": {"description": "deleted"}}))}

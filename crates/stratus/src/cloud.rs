@@ -201,8 +201,8 @@ pub enum ImageApi {
         #[arg(long)]
         no_wait: bool,
     },
-    /// Import an image from files on the server's host: a raw root filesystem (ext4) or a
-    /// root filesystem tarball (booted with the default image's init, busybox and guest
+    /// Import an image from files here, uploaded to the server: a raw root filesystem (ext4)
+    /// or a root filesystem tarball (booted with the default image's init, busybox and guest
     /// agent, which the import adds), with a kernel (default: the default image's).
     Import {
         /// Image name.
@@ -609,12 +609,23 @@ pub fn image(conn: &Connection, command: ImageApi) -> Result<i32> {
             println!("image {name} ready");
         }
         ImageApi::Import { name, kernel, rootfs, tarball, initrd, cmdline } => {
-            let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
-            let image: Image = client.post(
-                "/v1/images",
-                &json!({"name": name, "kernel": kernel.map(absolute), "rootfs": rootfs.map(absolute),
-                        "tarball": tarball.map(absolute), "initrd": initrd.map(absolute), "cmdline": cmdline}),
-            )?;
+            // Each file goes up first; the import names the uploads.
+            let mut uploaded = serde_json::Map::new();
+            for (what, path) in
+                [("kernel", kernel), ("rootfs", rootfs), ("tarball", tarball), ("initrd", initrd)]
+            {
+                let Some(path) = path else { continue };
+                let upload = format!("{name}-{what}");
+                let file =
+                    std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+                let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+                eprintln!("uploading {} ({:.1} MiB) as {upload}...", path.display(), size as f64 / 1048576.0);
+                client.upload(&upload, file, size)?;
+                uploaded.insert(what.into(), Value::String(upload));
+            }
+            uploaded.insert("name".into(), Value::String(name.clone()));
+            uploaded.insert("cmdline".into(), cmdline.map_or(Value::Null, Value::String));
+            let image: Image = client.post("/v1/images", &Value::Object(uploaded))?;
             println!("image {} imported ({} MiB root filesystem)", image.name, image.rootfs_bytes >> 20);
         }
     }

@@ -591,7 +591,19 @@ fn debian_image_through_the_api() {
     cloud.ok(&["delete", "tiny1"]);
     let (code, _, err) = cloud.cli(&["image", "import", "bad", "--tarball", "/nonexistent.tar"]);
     assert_ne!(code, 0);
-    assert!(err.contains("not a file"), "{err}");
+    assert!(err.contains("/nonexistent.tar"), "{err}");
+    // The API reads no host file it was not given: an import names uploads, not paths.
+    let token = cloud.token();
+    let (status, text) = cloud.http(
+        "POST",
+        "/v1/images",
+        Some(&token),
+        Some(r#"{"name": "secret", "rootfs": "/etc/shadow"}"#),
+    );
+    assert_eq!(status, 422, "{text}");
+    assert!(text.contains("upload"), "{text}");
+    let uploads = cloud.data.join("uploads");
+    assert!(std::fs::read_dir(&uploads).map_or(0, |d| d.count()) == 0, "the used uploads are removed");
     let images: Value = serde_json::from_str(&cloud.ok(&["image", "list", "-o", "json"])).unwrap();
     assert!(images.as_array().unwrap().iter().all(|i| i["name"] != "debian"), "{images}");
 }
