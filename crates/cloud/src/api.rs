@@ -169,13 +169,17 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Name {
         let Path(name) = Path::<String>::from_request_parts(parts, state)
             .await
             .map_err(|rejection| ApiError::bad_request(format!("bad path: {}", rejection.body_text())))?;
-        let valid = (1..=63).contains(&name.len())
-            && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-        if !valid {
+        if !is_resource_name(&name) {
             return Err(ApiError::not_found(format!("'{}' not found", name.escape_default())));
         }
         Ok(Name(name))
     }
+}
+
+/// Whether `name` is one a resource can have: 1-63 of `a-z`, `0-9`, `-`.
+fn is_resource_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
 /// The router with every route.
@@ -942,11 +946,17 @@ fn upload_path(state: &AppState, name: &str) -> std::path::PathBuf {
 /// paths: the API reads no file of the host it was not given.
 async fn upload(
     State(state): State<Shared>,
-    Name(name): Name,
+    Path(name): Path<String>,
     body: axum::body::Body,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
     use http_body_util::BodyExt;
     use std::io::Write;
+    if !is_resource_name(&name) {
+        // Read what the client is sending before answering: closing on a client still
+        // writing resets the connection, and it never sees the answer.
+        let _ = http_body_util::Limited::new(body, 64 << 20).collect().await;
+        return Err(ApiError::not_found(format!("'{}' is not an upload name", name.escape_default())));
+    }
     let dir = state.data_dir.join("uploads");
     let io = |what: &str, e: std::io::Error| {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{what} upload '{name}': {e}"))
@@ -999,9 +1009,7 @@ async fn delete_upload(State(state): State<Shared>, Name(name): Name) -> ApiResu
 
 /// The file of the upload an import names; a path or an unknown name is a 422 that says how.
 fn uploaded(state: &AppState, what: &str, name: &str) -> ApiResult<std::path::PathBuf> {
-    let valid = (1..=63).contains(&name.len())
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-    if !valid {
+    if !is_resource_name(name) {
         return Err(ApiError::unprocessable(format!(
             "{what} '{}' is not an upload name: upload the file first (PUT /v1/uploads/NAME, as `stratus \
              image import` does); the server reads no other files of its host",

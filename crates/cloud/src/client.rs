@@ -118,23 +118,30 @@ impl ApiClient {
         };
         let response = match result {
             Ok(response) => response,
-            Err(ureq::Error::Status(status, response)) => {
-                let text = response.into_string().unwrap_or_default();
-                let message = serde_json::from_str::<Value>(&text)
-                    .ok()
-                    .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
-                    .unwrap_or_else(|| format!("the API answered {status}: {}", text.trim()));
-                return Err(ClientError::Api { status, message });
-            }
-            Err(ureq::Error::Transport(t)) => {
-                return Err(ClientError::Unreachable { url: self.base.clone(), cause: t.to_string() })
-            }
+            Err(e) => return Err(self.failure(e)),
         };
         if response.status() == 204 {
             return Ok(None);
         }
         let text = response.into_string().map_err(|e| ClientError::Decode(e.to_string()))?;
         serde_json::from_str(&text).map(Some).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    /// A failed request as one clear error: the API's own message, or why it was unreachable.
+    fn failure(&self, error: ureq::Error) -> ClientError {
+        match error {
+            ureq::Error::Status(status, response) => {
+                let text = response.into_string().unwrap_or_default();
+                let message = serde_json::from_str::<Value>(&text)
+                    .ok()
+                    .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+                    .unwrap_or_else(|| format!("the API answered {status}: {}", text.trim()));
+                ClientError::Api { status, message }
+            }
+            ureq::Error::Transport(t) => {
+                ClientError::Unreachable { url: self.base.clone(), cause: t.to_string() }
+            }
+        }
     }
 
     fn decode<T: DeserializeOwned>(value: Option<Value>) -> Result<T, ClientError> {
@@ -173,17 +180,7 @@ impl ApiClient {
             .send(file);
         match response {
             Ok(_) => Ok(()),
-            Err(ureq::Error::Status(status, response)) => {
-                let text = response.into_string().unwrap_or_default();
-                let message = serde_json::from_str::<Value>(&text)
-                    .ok()
-                    .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
-                    .unwrap_or_else(|| format!("the API answered {status}: {}", text.trim()));
-                Err(ClientError::Api { status, message })
-            }
-            Err(ureq::Error::Transport(t)) => {
-                Err(ClientError::Unreachable { url: self.base.clone(), cause: t.to_string() })
-            }
+            Err(e) => Err(self.failure(e)),
         }
     }
 

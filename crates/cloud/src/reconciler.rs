@@ -15,6 +15,54 @@ use crate::network;
 
 /// Starts tried in a row before the reconciler gives up on an instance.
 const MAX_ATTEMPTS: u32 = 3;
+
+/// Starts that run at once: one per host CPU (at least 2, at most 16). A start is mostly guest
+/// work (a boot, or a restored guest waking and taking its identity) competing for the same
+/// CPUs: fifty at once make every one of them slow (on PVM hosts, slower than the guest agent's
+/// patience), while in turns each finishes at its own speed.
+fn start_slots() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 16)
+}
+
+/// A counting semaphore for starts.
+struct Slots {
+    free: Mutex<usize>,
+    freed: Condvar,
+}
+
+/// A held start slot, given back when dropped.
+struct Slot<'a>(&'a Slots);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.0.freed.notify_one();
+    }
+}
+
+impl Slots {
+    /// Waits for a slot; None if `cancelled` turns true meanwhile. `waiting` is called once if
+    /// the slot is not free at once.
+    fn take(&self, cancelled: &dyn Fn() -> bool, waiting: impl FnOnce()) -> Option<Slot<'_>> {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let mut waiting = Some(waiting);
+        while *free == 0 {
+            if let Some(tell) = waiting.take() {
+                tell();
+            }
+            free = self
+                .freed
+                .wait_timeout(free, Duration::from_millis(500))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+            if *free == 0 && cancelled() {
+                return None;
+            }
+        }
+        *free -= 1;
+        Some(Slot(self))
+    }
+}
 /// How often to look at every instance without being woken.
 const PERIOD: Duration = Duration::from_secs(2);
 
@@ -24,6 +72,7 @@ pub struct Reconciler {
     agent: Arc<dyn HostAgent>,
     /// Instances a worker is busy with.
     busy: Mutex<HashSet<String>>,
+    starts: Slots,
     wake: (Mutex<bool>, Condvar),
     /// Reconciliation errors since start (for /metrics).
     pub errors: std::sync::atomic::AtomicU64,
@@ -44,6 +93,7 @@ impl Reconciler {
             db,
             agent,
             busy: Mutex::default(),
+            starts: Slots { free: Mutex::new(start_slots()), freed: Condvar::new() },
             wake: (Mutex::new(false), Condvar::new()),
             errors: Default::default(),
         })
@@ -162,6 +212,16 @@ impl Reconciler {
             let mut progress = |message: String| self.event(&instance, "info", message);
             let key = instance_key(&instance.project, &instance.name);
             let cancelled = || !matches!(self.db.get::<Instance>(&key), Ok(Some((i, _))) if i.desired == Desired::Running && !i.restart_pending);
+            let waiting = || {
+                self.event(
+                    &instance,
+                    "info",
+                    format!("waiting for a start slot ({} start at once here)", start_slots()),
+                )
+            };
+            let Some(_slot) = self.starts.take(&cancelled, waiting) else {
+                return Err(AgentError::Cancelled);
+            };
             self.agent.start(&instance, &image, &network, &mut progress, &cancelled)
         })();
         match result {
