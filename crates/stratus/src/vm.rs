@@ -97,6 +97,11 @@ pub struct MigrateArgs {
     /// Never slow the guest's vCPUs down to make a migration converge.
     #[arg(long)]
     no_auto_converge: bool,
+    /// When the guest dirties memory faster than it can be sent, move it at once and send the
+    /// rest after it (post-copy) instead of slowing it down. Until the last page is over, a
+    /// failure of either host or the link loses the guest.
+    #[arg(long)]
+    postcopy: bool,
 }
 
 #[derive(clap::Args)]
@@ -453,11 +458,24 @@ pub fn vmm(mut args: VmmArgs) -> anyhow::Result<i32> {
         prepared.map_err(|e| e.to_string())
     })?;
     let t = Instant::now();
-    vmm.lock().unwrap_or_else(|p| p.into_inner()).adopt_incoming(arrival)?;
+    let postcopy = vmm.lock().unwrap_or_else(|p| p.into_inner()).adopt_incoming(arrival)?;
     eprintln!(
         "stratus: migration arrived, VM running ({built_ms:.1} ms to build ahead, {:.1} ms to finish)",
         t.elapsed().as_secs_f64() * 1e3
     );
+    if let Some(rest) = postcopy {
+        match rest.wait() {
+            Ok(done) => eprintln!(
+                "stratus: post-copy complete: {} pages in {:.0} ms after the VM started, {} of them waited for",
+                done.pages, done.ms, done.faults
+            ),
+            Err(e) => {
+                // The guest would run on memory that is not there: stop it, saying why.
+                eprintln!("stratus: post-copy failed: {e}; the guest cannot go on without its memory, stopping");
+                std::process::exit(1);
+            }
+        }
+    }
     let _ = api.join();
     Ok(0)
 }
@@ -565,7 +583,7 @@ pub fn run(command: VmCommand) -> anyhow::Result<i32> {
         VmCommand::Migrate(args) => {
             let body = serde_json::json!({
                 "to": args.to, "max_downtime_ms": args.max_downtime_ms, "bandwidth": args.bandwidth,
-                "auto_converge": !args.no_auto_converge,
+                "auto_converge": !args.no_auto_converge, "postcopy": args.postcopy,
             });
             // The migration call returns when it is over; meanwhile its progress is polled.
             let sock = ApiSock { api_sock: args.sock.api_sock.clone() };

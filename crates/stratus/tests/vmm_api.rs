@@ -562,6 +562,113 @@ fn a_guest_that_dirties_faster_than_the_link_converges_by_throttling() {
 }
 
 #[test]
+fn a_guest_that_dirties_faster_than_the_link_moves_by_post_copy() {
+    if !kvm_available("a_guest_that_dirties_faster_than_the_link_moves_by_post_copy") {
+        return;
+    }
+    // As above, but instead of holding the vCPUs back the guest moves and its last dirty
+    // pages follow it, those it touches first fetched on its faults.
+    let mut src = VmmProcess::start("postcopy", &[]);
+    src.configure_tiny("test=dirty rate_mib=100 dirty_mib=16 exit=poweroff", 128);
+    src.ok("POST", "/vm/start", None);
+    src.console.expect("tick 1", 0, Duration::from_secs(30));
+    let to = format!("tcp:127.0.0.1:{}", free_port());
+    let mut dst = VmmProcess::start_in(&src.dir.clone(), &["--incoming", &to]);
+    let body = json!({"to": to, "max_downtime_ms": 50, "bandwidth": 20 << 20, "postcopy": true});
+    let report = src.ok("POST", "/vm/migrate", Some(body));
+    println!("migration by post-copy: {report}");
+    assert_eq!(report["postcopy"], true, "{report}");
+    assert_eq!(report["throttle_percent"], 0, "post-copy instead of throttling: {report}");
+    assert!(report["postcopy_pages"].as_u64().unwrap() > 0, "{report}");
+    let ticks_before = last_tick(&src.console.output());
+    assert_eq!(src.ok("GET", "/vm", None)["state"], "stopped");
+    assert_eq!(dst.state(), "running");
+    let first = dst.console.first_tick(Duration::from_secs(10));
+    assert!(
+        (ticks_before..=ticks_before + 2).contains(&first),
+        "ticked to {ticks_before}, {first} first here"
+    );
+    // Every page's generation checks: none was lost or stale.
+    dst.console.send("c");
+    dst.console.expect("check ok", 0, Duration::from_secs(60));
+    src.quit();
+    let out = dst.quit();
+    assert!(out.stderr.contains("post-copy complete"), "{}", out.stderr);
+}
+
+/// Starts a post-copy migration of a busy guest that takes a few seconds to finish, and
+/// returns once the guest runs at the destination with pages still to come; `during` then
+/// runs, and the migration's answer is returned.
+fn during_post_copy(
+    name: &str,
+    during: impl FnOnce(&VmmProcess, &VmmProcess),
+) -> (VmmProcess, VmmProcess, u16, serde_json::Value) {
+    let mut src = VmmProcess::start(name, &[]);
+    src.configure_tiny("test=dirty rate_mib=100 dirty_mib=32 exit=poweroff", 128);
+    src.ok("POST", "/vm/start", None);
+    src.console.expect("tick 1", 0, Duration::from_secs(30));
+    let to = format!("tcp:127.0.0.1:{}", free_port());
+    let dst = VmmProcess::start_in(&src.dir.clone(), &["--incoming", &to]);
+    let (status, answer) = std::thread::scope(|scope| {
+        let migration = scope.spawn(|| {
+            let body = json!({"to": to, "bandwidth": 16 << 20, "postcopy": true}).to_string();
+            match stratus_vmm::api::http::call(&src.sock, "POST", "/vm/migrate", Some(&body)) {
+                Ok(r) => (r.status, serde_json::from_str(&r.body).unwrap_or_default()),
+                // The source VMM itself went away (a test may kill it).
+                Err(e) => (0, json!({ "error": e.to_string() })),
+            }
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let p = src.ok("GET", "/migration", None);
+            if p["phase"] == "post-copy (running at the destination)" {
+                assert!(p["remaining_bytes"].as_u64().unwrap() > 0, "{p}");
+                break;
+            }
+            assert!(!migration.is_finished() && std::time::Instant::now() < deadline, "no post-copy: {p}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        during(&src, &dst);
+        migration.join().unwrap()
+    });
+    (src, dst, status, answer)
+}
+
+fn kill(vmm: &VmmProcess) {
+    // SAFETY: kill(2) on a child of this test.
+    unsafe { libc::kill(vmm.console.pid() as i32, libc::SIGKILL) };
+}
+
+#[test]
+fn a_post_copy_cut_short_says_the_guest_is_lost_on_both_sides() {
+    if !kvm_available("a_post_copy_cut_short_says_the_guest_is_lost_on_both_sides") {
+        return;
+    }
+    // The destination dies while pages are still coming: the source cannot resume (the guest
+    // ran there), keeps its paused copy and says how much never went.
+    let (src, _dst, status, answer) = during_post_copy("postcopy-dst-dies", |_, dst| kill(dst));
+    if status != 500 {
+        panic!("{status} {answer}: {:?}", src.console.finish(Duration::from_secs(5)));
+    }
+    let e = answer["error"].as_str().unwrap();
+    assert!(e.contains("post-copy failed after the guest moved") && e.contains("had not been sent"), "{e}");
+    assert_eq!(src.state(), "paused");
+    let p = src.ok("GET", "/migration", None);
+    assert_eq!(p["phase"], "failed", "{p}");
+    src.quit();
+
+    // The source dies: the destination stops the guest rather than run it on missing memory.
+    let (_src, dst, _, _) = during_post_copy("postcopy-src-dies", |src, _| kill(src));
+    let out = dst.console.finish(Duration::from_secs(60));
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains("post-copy failed") && out.stderr.contains("never arrived"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
 fn idle_connections_cannot_exhaust_the_api() {
     if !kvm_available("idle_connections_cannot_exhaust_the_api") {
         return;

@@ -174,6 +174,8 @@ pub struct Vmm {
     has_base_snapshot: bool,
     /// The last (or current) migration's progress.
     migration: Arc<crate::migration::Progress>,
+    /// Pages a post-copy arrival has still to bring.
+    arriving: Option<crate::migration::postcopy::Pending>,
 }
 
 fn conflict(what: &str, phase: Phase) -> ApiError {
@@ -212,6 +214,18 @@ impl Vmm {
             stopped: None,
             has_base_snapshot: false,
             migration: Arc::default(),
+            arriving: None,
+        }
+    }
+
+    /// Refuses `what` while a post-copy arrival is still bringing guest memory: a snapshot or
+    /// a further migration would take missing pages for zeros.
+    fn memory_complete(&self, what: &str) -> Result<(), ApiError> {
+        match self.arriving.as_ref().map(|p| p.pages()).filter(|&n| n > 0) {
+            Some(n) => Err(ApiError::Conflict(format!(
+                "cannot {what}: {n} pages of guest memory are still arriving by post-copy; try again when it completes"
+            ))),
+            None => Ok(()),
         }
     }
 
@@ -563,6 +577,7 @@ impl Vmm {
     /// only what changed since the previous snapshot of this process).
     pub fn snapshot(&mut self, state: &Path, memory: &Path, diff: bool) -> Result<SnapshotReport, ApiError> {
         let t = Instant::now();
+        self.memory_complete("snapshot")?;
         let phase = self.phase();
         let Some(vm) = self.vm.as_mut().filter(|_| phase == Phase::Paused) else {
             return Err(if phase == Phase::Running {
@@ -634,6 +649,7 @@ impl Vmm {
         to: &str,
         options: crate::migration::Options,
     ) -> Result<crate::migration::Report, ApiError> {
+        self.memory_complete("migrate")?;
         let phase = self.phase();
         let Some(vm) = self.vm.as_mut().filter(|_| phase == Phase::Running) else {
             return Err(conflict("migrate", phase));
@@ -673,20 +689,30 @@ impl Vmm {
     }
 
     /// Gives the VM a migration brought its state, runs it, and tells the source it runs here.
+    /// After a post-copy, what is still coming must be waited on.
     pub fn adopt_incoming(
         &mut self,
         arrival: crate::migration::Arrival<(VmConfig, crate::vm::Shell)>,
-    ) -> Result<(), ApiError> {
-        let crate::migration::Arrival { state, prepared: (config, shell), mut conn } = arrival;
-        let mut vm = shell
+    ) -> Result<Option<crate::migration::postcopy::Arriving>, ApiError> {
+        let crate::migration::Arrival { state, prepared: (config, shell), conn, postcopy } = arrival;
+        self.arriving = postcopy.as_ref().map(|p| p.pending());
+        let started = shell
             .finish(crate::vm::Start::Arrive(&state))
-            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        vm.run(false).map_err(|e| ApiError::Failed(e.to_string()))?;
-        crate::migration::confirm(conn.as_mut()).map_err(|e| ApiError::Failed(e.to_string()))?;
+            .map_err(|e| ApiError::BadRequest(e.to_string()))
+            .and_then(|mut vm| vm.run(false).map(|()| vm).map_err(|e| ApiError::Failed(e.to_string())));
+        let mut vm = match started {
+            Ok(vm) => vm,
+            Err(e) => {
+                // The source resumes its copy.
+                let _ = crate::migration::decline(&conn, &e.to_string());
+                return Err(e);
+            }
+        };
+        crate::migration::confirm(&conn).map_err(|e| ApiError::Failed(e.to_string()))?;
         vm.announce();
         self.take_config(config);
         self.adopt(vm);
-        Ok(())
+        Ok(postcopy)
     }
 
     /// `GET /vm`: state, exit reason, uptime, configuration.

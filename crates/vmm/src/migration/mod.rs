@@ -12,9 +12,14 @@
 //!    before that (connection cut, destination gone, a corrupted frame) resumes the guest on
 //!    the source.
 //!
+//! With `postcopy`, a guest that does not converge moves at step 4 without its last dirty
+//! pages: the destination runs it at once and fetches them on fault (see `postcopy`).
+//!
 //! Pages are named by their index in guest RAM laid end to end (the memory file's order).
 
+pub mod postcopy;
 pub mod stream;
+mod uffd;
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::time::{Duration, Instant};
@@ -28,7 +33,7 @@ use crate::vm::{Vm, VmConfig};
 use stream::{read_frame, write_frame, Kind, StreamError};
 
 /// The stream's first bytes: the protocol's name and version (the last byte).
-const MAGIC: &[u8; 16] = b"STRATUS-MIGRATE2";
+const MAGIC: &[u8; 16] = b"STRATUS-MIGRATE3";
 /// Pages per `Pages` frame.
 const BATCH: usize = 256;
 
@@ -64,11 +69,20 @@ pub struct Options {
     pub bandwidth: Option<u64>,
     /// When a round does not shrink what is left, slow the vCPUs down (auto-converge).
     pub auto_converge: bool,
+    /// When a round does not shrink what is left (or the rounds run out), move the guest at
+    /// once and send the rest after it (post-copy); instead of throttling.
+    pub postcopy: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { max_downtime: Duration::from_millis(20), max_rounds: 30, bandwidth: None, auto_converge: true }
+        Self {
+            max_downtime: Duration::from_millis(20),
+            max_rounds: 30,
+            bandwidth: None,
+            auto_converge: true,
+            postcopy: false,
+        }
     }
 }
 
@@ -106,6 +120,14 @@ pub struct Report {
     pub state_ms: f64,
     /// and from the end of the stream to the destination's `Running` (transfer, build, run).
     pub destination_ms: f64,
+    /// Whether the guest moved before all of its memory (post-copy).
+    pub postcopy: bool,
+    /// Pages sent after the guest moved.
+    pub postcopy_pages: u64,
+    /// Of those, pages the guest waited for at the destination (fetched on fault).
+    pub postcopy_faults: u64,
+    /// From the destination's `Running` to its last page, in milliseconds.
+    pub postcopy_ms: f64,
 }
 
 /// A migration's progress, readable while it runs (`GET /migration`).
@@ -177,6 +199,10 @@ pub trait Connection: Read + Write + Send {
     fn duplicate(&self) -> std::io::Result<Box<dyn Connection>>;
 }
 
+/// The destination's way back to the source, shared by whoever answers (post-copy asks for
+/// pages while the VM is being started).
+pub type Replies = std::sync::Arc<std::sync::Mutex<Box<dyn Connection>>>;
+
 impl Connection for std::net::TcpStream {
     fn duplicate(&self) -> std::io::Result<Box<dyn Connection>> {
         Ok(Box::new(self.try_clone()?))
@@ -242,11 +268,13 @@ impl Incoming {
                 let (stream, _) = listener.accept()?;
                 stream.set_nodelay(true)?;
                 stream.set_read_timeout(Some(TIMEOUT))?;
+                stream.set_write_timeout(Some(TIMEOUT))?;
                 Ok(Box::new(stream))
             }
             Incoming::Unix(listener, path) => {
                 let (stream, _) = listener.accept()?;
                 stream.set_read_timeout(Some(TIMEOUT))?;
+                stream.set_write_timeout(Some(TIMEOUT))?;
                 let _ = std::fs::remove_file(path);
                 Ok(Box::new(stream))
             }
@@ -320,12 +348,7 @@ impl Sender<'_> {
                 let page = &bytes[i * PAGE..(i + 1) * PAGE];
                 if is_zero(page) {
                     if !skip_zero {
-                        let mut payload = [0u8; 12];
-                        payload[..8].copy_from_slice(&(first + i as u64).to_le_bytes());
-                        payload[8..].copy_from_slice(&1u32.to_le_bytes());
-                        write_frame(&mut self.out, Kind::Zeros, &payload)?;
-                        self.report.zero_pages += 1;
-                        self.report.bytes_sent += 21;
+                        self.zeros(first + i as u64, 1)?;
                     }
                     i += 1;
                     continue;
@@ -340,18 +363,34 @@ impl Sender<'_> {
                 {
                     i += 1;
                 }
-                self.frame.clear();
-                self.frame.extend_from_slice(&(first + start as u64).to_le_bytes());
-                self.frame.extend_from_slice(&bytes[start * PAGE..i * PAGE]);
-                write_frame(&mut self.out, Kind::Pages, &self.frame)?;
-                let n = (i - start) as u64;
-                self.report.pages_sent += n;
-                self.report.bytes_sent += 9 + self.frame.len() as u64;
-                sent += n;
+                self.run(first + start as u64, &bytes[start * PAGE..i * PAGE])?;
+                sent += (i - start) as u64;
                 self.pace();
             }
         }
         Ok(sent)
+    }
+
+    /// Sends whole pages `data` as pages `first..`.
+    fn run(&mut self, first: u64, data: &[u8]) -> Result<(), StreamError> {
+        self.frame.clear();
+        self.frame.extend_from_slice(&first.to_le_bytes());
+        self.frame.extend_from_slice(data);
+        write_frame(&mut self.out, Kind::Pages, &self.frame)?;
+        self.report.pages_sent += (data.len() / PAGE) as u64;
+        self.report.bytes_sent += 9 + self.frame.len() as u64;
+        Ok(())
+    }
+
+    /// Says that pages `first..first + n` are zeros now.
+    fn zeros(&mut self, first: u64, n: u32) -> Result<(), StreamError> {
+        let mut payload = [0u8; 12];
+        payload[..8].copy_from_slice(&first.to_le_bytes());
+        payload[8..].copy_from_slice(&n.to_le_bytes());
+        write_frame(&mut self.out, Kind::Zeros, &payload)?;
+        self.report.zero_pages += u64::from(n);
+        self.report.bytes_sent += 21;
+        Ok(())
     }
 }
 
@@ -433,7 +472,7 @@ pub fn send(
     let mut dirty = vm.take_dirty_pages().map_err(|e| MigrationError::Vm(e.to_string()))?;
     let throttle = std::sync::atomic::AtomicU32::new(0);
     let done = std::sync::atomic::AtomicBool::new(false);
-    let rounds = std::thread::scope(|scope| -> Result<(), MigrationError> {
+    let rounds = std::thread::scope(|scope| -> Result<bool, MigrationError> {
         let vm: &Vm = vm;
         let throttler = scope.spawn(|| {
             use std::sync::atomic::Ordering::Relaxed;
@@ -465,10 +504,17 @@ pub fn send(
                 let target = options.max_downtime.as_secs_f64();
                 let shrinking = left.saturating_mul(4) < previous.saturating_mul(3);
                 let fits = estimate <= target && (estimate <= target / 10.0 || !shrinking);
-                if fits || sender.report.rounds >= options.max_rounds {
-                    return Ok(());
+                if fits {
+                    return Ok(false);
                 }
-                if options.auto_converge && sender.report.rounds > 0 && left * 10 > previous * 9 {
+                let stuck = sender.report.rounds > 0 && left * 10 > previous * 9;
+                if options.postcopy && (stuck || sender.report.rounds >= options.max_rounds) {
+                    return Ok(true);
+                }
+                if sender.report.rounds >= options.max_rounds {
+                    return Ok(false);
+                }
+                if options.auto_converge && stuck {
                     let held = throttle.load(std::sync::atomic::Ordering::Relaxed);
                     let next =
                         if held == 0 { THROTTLE_START } else { (held + THROTTLE_STEP).min(THROTTLE_MAX) };
@@ -500,15 +546,13 @@ pub fn send(
         let _ = throttler.join();
         result
     });
-    if let Err(e) = rounds {
-        // The throttler may have stopped between a pause and its resume.
-        vm.resume();
-        return Err(e);
-    }
+    // The throttler may have stopped between a pause and its resume.
     vm.resume();
+    let postcopy = rounds?;
 
-    // 4. Stop and copy; the guest comes back here on any failure from now on.
-    progress.update(|p| p.phase = "stop and copy");
+    // 4. Stop and copy (or post-copy); the guest comes back here on any failure before the
+    // destination runs it.
+    progress.update(|p| p.phase = if postcopy { "post-copy" } else { "stop and copy" });
     let paused_at = Instant::now();
     vm.pause();
     sender.report.pause_ms = ms_since(paused_at);
@@ -519,7 +563,11 @@ pub fn send(
         let merged: DirtyPages =
             dirty.iter().zip(&last).map(|(a, b)| a.iter().zip(b).map(|(x, y)| x | y).collect()).collect();
         sender.report.last_round_pages = count(&merged);
-        sender.pages(vm.memory(), |k, i| is_set(&merged, k, i), false)?;
+        if postcopy {
+            postcopy::discard(&mut sender, vm.memory(), &merged)?;
+        } else {
+            sender.pages(vm.memory(), |k, i| is_set(&merged, k, i), false)?;
+        }
         sender.report.last_pages_ms = ms_since(t);
         let t = Instant::now();
         let state = vm.save_state(MemoryKind::Full).map_err(|e| MigrationError::Vm(e.to_string()))?;
@@ -531,6 +579,18 @@ pub fn send(
         sender.report.state_ms = ms_since(t);
         let t = Instant::now();
         write_frame(&mut sender.out, Kind::State, &encoded)?;
+        if postcopy {
+            write_frame(&mut sender.out, Kind::Postcopy, &[])?;
+            sender.out.flush().map_err(StreamError::Io)?;
+            let input =
+                std::mem::replace(&mut input, BufReader::new(Box::new(Closed) as Box<dyn Connection>));
+            let served = postcopy::serve(&mut sender, input, vm.memory(), merged, paused_at, progress);
+            if sender.report.downtime_ms > 0.0 {
+                // From the end of the stream to `Running`, as for a stop-and-copy.
+                sender.report.destination_ms = sender.report.downtime_ms - ms_since(paused_at) + ms_since(t);
+            }
+            return served;
+        }
         write_frame(&mut sender.out, Kind::Done, &[])?;
         sender.out.flush().map_err(StreamError::Io)?;
         let answer = read_frame(&mut input, &mut payload);
@@ -542,6 +602,9 @@ pub fn send(
         }
     })();
     if let Err(e) = result {
+        if let MigrationError::Stranded(_) = e {
+            return Err(e);
+        }
         if disks_released {
             if let Err(taken) = take_disks_back(vm) {
                 // Another process holds a disk: the destination may run the guest after all.
@@ -555,9 +618,36 @@ pub fn send(
         vm.resume();
         return Err(e);
     }
-    report.downtime_ms = ms_since(paused_at);
+    if !report.postcopy {
+        report.downtime_ms = ms_since(paused_at);
+    }
     report.total_ms = ms_since(started);
     Ok(report)
+}
+
+/// A connection that is no longer there (what is left behind once post-copy takes the real one).
+struct Closed;
+
+impl Read for Closed {
+    fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+        Ok(0)
+    }
+}
+
+impl Write for Closed {
+    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+        Err(std::io::ErrorKind::NotConnected.into())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Connection for Closed {
+    fn duplicate(&self) -> std::io::Result<Box<dyn Connection>> {
+        Ok(Box::new(Closed))
+    }
 }
 
 /// Takes the disks' locks back after a failed hand-over, waiting a little for a destination
@@ -584,7 +674,9 @@ pub struct Arrival<P> {
     /// What `prepare` made of the configuration and memory.
     pub prepared: P,
     /// To send `Running` (or a refusal) back.
-    pub conn: Box<dyn Connection>,
+    pub conn: Replies,
+    /// In post-copy, the pages still coming: the guest may run, but this must be waited on.
+    pub postcopy: Option<postcopy::Arriving>,
 }
 
 fn refuse(conn: &mut dyn Connection, reason: String) -> MigrationError {
@@ -643,19 +735,18 @@ pub fn receive<P>(
     write_frame(&mut conn, Kind::Accept, &[])?;
     conn.flush().map_err(StreamError::Io)?;
 
-    let total_pages: u64 = memory.iter().map(|r| r.len() / PAGE as u64).sum();
-    let bases = regions(&memory);
+    let layout = postcopy::Layout::new(&memory);
     // Where pages `first..first + n` are: their guest address, if they lie in one region.
-    let locate = |first: u64, n: u64| -> Option<u64> {
-        let (base, region) = bases.iter().rev().find(|(base, _)| *base <= first)?;
-        let in_region = region.len() / PAGE as u64;
-        let end = first.checked_add(n)?;
-        (end <= total_pages && end - base <= in_region)
-            .then(|| region.start_addr().0 + (first - base) * PAGE as u64)
-    };
+    let locate = |first: u64, n: u64| layout.locate(first, n).map(|(guest, _)| guest);
     let mut state = None;
-    loop {
+    // Post-copy's userfaultfd and stale pages, from the first `Discard` on.
+    let mut stale: Option<postcopy::Incoming> = None;
+    let postcopy = loop {
         match read_frame(&mut input, &mut payload)? {
+            // After a `Discard`, memory is the userfaultfd's: a write here would wait for itself.
+            Kind::Pages | Kind::Zeros if stale.is_some() => {
+                return Err(MigrationError::Protocol("pages after post-copy began".into()));
+            }
             Kind::Pages => {
                 if payload.len() < 8 || (payload.len() - 8) % PAGE != 0 {
                     return Err(MigrationError::Protocol("a Pages frame that is not whole pages".into()));
@@ -695,17 +786,60 @@ pub fn receive<P>(
                 write_frame(&mut conn, Kind::Synced, &[])?;
                 conn.flush().map_err(StreamError::Io)?;
             }
-            Kind::Done => break,
+            Kind::Discard => {
+                if payload.len() % 12 != 0 {
+                    return Err(MigrationError::Protocol("a malformed Discard frame".into()));
+                }
+                if stale.is_none() {
+                    match postcopy::Incoming::new(&memory, &layout) {
+                        Ok(incoming) => stale = Some(incoming),
+                        Err(e) => {
+                            return Err(refuse(conn.as_mut(), format!("post-copy cannot start here: {e}")))
+                        }
+                    }
+                }
+                let incoming = stale.as_ref().ok_or_else(|| MigrationError::Vm("no post-copy".into()))?;
+                for range in payload.chunks_exact(12) {
+                    let first = u64::from_le_bytes(range[..8].try_into().unwrap_or_default());
+                    let n = u64::from(u32::from_le_bytes(range[8..].try_into().unwrap_or_default()));
+                    incoming.discard(&layout, first, n)?;
+                }
+            }
+            Kind::Postcopy if state.is_some() && stale.is_some() => break true,
+            // Dropped pages are only ever refilled by post-copy.
+            Kind::Done if stale.is_none() => break false,
             other => return Err(MigrationError::Protocol(format!("unexpected {other:?} frame"))),
         }
-    }
+    };
     let state = state.ok_or_else(|| MigrationError::Protocol("Done before any State".into()))?;
-    Ok(Arrival { state, prepared, conn })
+    let conn: Replies = std::sync::Arc::new(std::sync::Mutex::new(conn));
+    let postcopy = match stale {
+        // Post-copy: the rest comes while the guest runs.
+        Some(incoming) if postcopy => match postcopy::arrive(memory, incoming, layout, input, conn.clone()) {
+            Ok(arriving) => Some(arriving),
+            Err(e) => {
+                let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
+                return Err(refuse(&mut **c, format!("post-copy cannot start here: {e}")));
+            }
+        },
+        _ => None,
+    };
+    Ok(Arrival { state, prepared, conn, postcopy })
 }
 
 /// Tells the source that the VM runs here.
-pub fn confirm(arrival_conn: &mut dyn Connection) -> Result<(), MigrationError> {
-    write_frame(arrival_conn, Kind::Running, &[])?;
-    arrival_conn.flush().map_err(StreamError::Io)?;
+pub fn confirm(replies: &Replies) -> Result<(), MigrationError> {
+    answer(replies, Kind::Running, &[])
+}
+
+/// Tells the source that the VM cannot run here after all (it resumes its copy).
+pub fn decline(replies: &Replies, reason: &str) -> Result<(), MigrationError> {
+    answer(replies, Kind::Refuse, reason.as_bytes())
+}
+
+fn answer(replies: &Replies, kind: Kind, payload: &[u8]) -> Result<(), MigrationError> {
+    let mut conn = replies.lock().unwrap_or_else(|p| p.into_inner());
+    write_frame(&mut *conn, kind, payload)?;
+    conn.flush().map_err(StreamError::Io)?;
     Ok(())
 }

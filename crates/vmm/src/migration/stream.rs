@@ -38,6 +38,16 @@ pub enum Kind {
     Sync = 9,
     /// Destination: everything before the `Sync` is in guest memory.
     Synced = 10,
+    /// Post-copy, source: pages the destination holds stale copies of, to drop and fetch
+    /// later: (first page u64, count u32) ranges.
+    Discard = 11,
+    /// Post-copy, source, after `State`: run the VM now; the stale pages follow, those asked
+    /// for first.
+    Postcopy = 12,
+    /// Post-copy, destination: pages the guest is waiting for (u64 page indexes).
+    Request = 13,
+    /// Post-copy: every stale page is sent (source), or in guest memory (destination).
+    Complete = 14,
 }
 
 impl Kind {
@@ -53,6 +63,10 @@ impl Kind {
             8 => Kind::Running,
             9 => Kind::Sync,
             10 => Kind::Synced,
+            11 => Kind::Discard,
+            12 => Kind::Postcopy,
+            13 => Kind::Request,
+            14 => Kind::Complete,
             _ => return None,
         })
     }
