@@ -394,6 +394,75 @@ impl Sender<'_> {
     }
 }
 
+/// ORs `from` into `into` (bitmaps of the same memory).
+fn merge(into: &mut DirtyPages, from: &DirtyPages) {
+    for (a, b) in into.iter_mut().zip(from) {
+        for (x, y) in a.iter_mut().zip(b) {
+            *x |= y;
+        }
+    }
+}
+
+/// Watches the first pass for post-copy: a guest that dirties pages as fast as they go will
+/// not converge, and the sooner it moves the less goes twice.
+struct Watch {
+    /// Dirty pages taken from the log during the pass.
+    dirty: DirtyPages,
+    /// Pages the pass would have sent but left for post-copy.
+    held_back: DirtyPages,
+    sent: u64,
+    started: Instant,
+    checked: Instant,
+    switched: bool,
+    error: Option<crate::vm::VmError>,
+}
+
+impl Watch {
+    fn new(mem: &GuestRam) -> Self {
+        let empty: DirtyPages =
+            mem.iter().map(|r| vec![0u64; (r.len() / PAGE as u64).div_ceil(64) as usize]).collect();
+        Self {
+            dirty: empty.clone(),
+            held_back: empty,
+            sent: 0,
+            started: Instant::now(),
+            checked: Instant::now(),
+            switched: false,
+            error: None,
+        }
+    }
+
+    /// Whether page `i` of region `k`, which the pass wants to send, goes now.
+    fn before_send(&mut self, vm: &Vm, k: usize, i: usize) -> bool {
+        if self.switched {
+            if let Some(word) = self.held_back.get_mut(k).and_then(|bits| bits.get_mut(i / 64)) {
+                *word |= 1 << (i % 64);
+            }
+            return false;
+        }
+        self.sent += 1;
+        if self.sent.is_multiple_of(256) && self.checked.elapsed() >= Duration::from_millis(50) {
+            self.checked = Instant::now();
+            match vm.take_dirty_pages() {
+                Ok(dirty) => merge(&mut self.dirty, &dirty),
+                Err(e) => {
+                    // Reported after the pass; nothing more is held back.
+                    self.error = Some(e);
+                    return true;
+                }
+            }
+            // Distinct pages dirtied since the pass began against pages sent: the guest's
+            // dirtying rate against the link's, once there is enough to judge.
+            if self.started.elapsed() >= Duration::from_millis(300)
+                && count(&self.dirty) * 10 >= self.sent * 9
+            {
+                self.switched = true;
+            }
+        }
+        true
+    }
+}
+
 fn count(dirty: &DirtyPages) -> u64 {
     dirty.iter().flatten().map(|w| u64::from(w.count_ones())).sum()
 }
@@ -453,14 +522,27 @@ pub fn send(
         })
         .collect();
     let t = Instant::now();
-    sender.pages(
-        vm.memory(),
-        |k, i| touched[k].as_ref().is_none_or(|t| t.get(i).copied().unwrap_or(true)),
-        true,
-    )?;
+    // With post-copy the pass watches the guest: once it dirties pages about as fast as they
+    // go, sending the rest ahead of the move is wasted (it would all go again).
+    let mut watch = options.postcopy.then(|| Watch::new(vm.memory()));
+    {
+        let vm: &Vm = vm;
+        sender.pages(
+            vm.memory(),
+            |k, i| {
+                let wanted = touched[k].as_ref().is_none_or(|t| t.get(i).copied().unwrap_or(true));
+                match watch.as_mut() {
+                    Some(watch) if wanted => watch.before_send(vm, k, i),
+                    _ => wanted,
+                }
+            },
+            true,
+        )?;
+    }
     sender.sync(&mut input)?;
     // Bytes per second, measured on each pass.
-    let mut bandwidth = sender.report.bytes_sent as f64 / t.elapsed().as_secs_f64().max(1e-6);
+    let mut pass_secs = t.elapsed().as_secs_f64().max(1e-6);
+    let mut bandwidth = sender.report.bytes_sent as f64 / pass_secs;
     progress.update(|p| {
         p.phase = "dirty rounds";
         p.bytes_sent = sender.report.bytes_sent;
@@ -470,82 +552,101 @@ pub fn send(
     // 3. Dirty rounds until the rest fits the downtime at the measured bandwidth; a round
     // that does not shrink what is left raises the vCPU throttle.
     let mut dirty = vm.take_dirty_pages().map_err(|e| MigrationError::Vm(e.to_string()))?;
+    let mut switched = false;
+    if let Some(watch) = watch {
+        if let Some(e) = watch.error {
+            return Err(MigrationError::Vm(e.to_string()));
+        }
+        // What the watch took from the log is dirty as much as what is left in it; the pages
+        // it held back are still to go.
+        merge(&mut dirty, &watch.dirty);
+        merge(&mut dirty, &watch.held_back);
+        switched = watch.switched;
+    }
     let throttle = std::sync::atomic::AtomicU32::new(0);
     let done = std::sync::atomic::AtomicBool::new(false);
-    let rounds = std::thread::scope(|scope| -> Result<bool, MigrationError> {
-        let vm: &Vm = vm;
-        let throttler = scope.spawn(|| {
-            use std::sync::atomic::Ordering::Relaxed;
-            while !done.load(Relaxed) {
-                let held = throttle.load(Relaxed);
-                if held == 0 {
-                    std::thread::sleep(THROTTLE_PERIOD);
-                    continue;
+    let rounds = if switched {
+        Ok(true)
+    } else {
+        std::thread::scope(|scope| -> Result<bool, MigrationError> {
+            let vm: &Vm = vm;
+            let throttler = scope.spawn(|| {
+                use std::sync::atomic::Ordering::Relaxed;
+                while !done.load(Relaxed) {
+                    let held = throttle.load(Relaxed);
+                    if held == 0 {
+                        std::thread::sleep(THROTTLE_PERIOD);
+                        continue;
+                    }
+                    // Let the vCPUs run a slice, then hold them in proportion to how long they
+                    // really ran (a loaded host oversleeps the short slice).
+                    let ran = Instant::now();
+                    std::thread::sleep(THROTTLE_PERIOD * (100 - held) / 100);
+                    let ran = ran.elapsed();
+                    vm.pause();
+                    std::thread::sleep(ran * held / (100 - held));
+                    vm.resume();
                 }
-                // Let the vCPUs run a slice, then hold them in proportion to how long they
-                // really ran (a loaded host oversleeps the short slice).
-                let ran = Instant::now();
-                std::thread::sleep(THROTTLE_PERIOD * (100 - held) / 100);
-                let ran = ran.elapsed();
-                vm.pause();
-                std::thread::sleep(ran * held / (100 - held));
-                vm.resume();
-            }
-        });
-        let result = (|| {
-            let mut previous = u64::MAX;
-            loop {
-                let left = count(&dirty) * PAGE as u64;
-                let estimate = left as f64 / bandwidth;
-                // Once the rest fits the target, rounds go on while they still shrink it
-                // (each costs little when little is left) unless it is already a tenth of the
-                // target: the pause is as short as the guest's dirtying allows, not merely
-                // short enough.
-                let target = options.max_downtime.as_secs_f64();
-                let shrinking = left.saturating_mul(4) < previous.saturating_mul(3);
-                let fits = estimate <= target && (estimate <= target / 10.0 || !shrinking);
-                if fits {
-                    return Ok(false);
+            });
+            let result = (|| {
+                let mut previous = u64::MAX;
+                loop {
+                    let left = count(&dirty) * PAGE as u64;
+                    let estimate = left as f64 / bandwidth;
+                    // Once the rest fits the target, rounds go on while they still shrink it
+                    // (each costs little when little is left) unless it is already a tenth of the
+                    // target: the pause is as short as the guest's dirtying allows, not merely
+                    // short enough.
+                    let target = options.max_downtime.as_secs_f64();
+                    let shrinking = left.saturating_mul(4) < previous.saturating_mul(3);
+                    let fits = estimate <= target && (estimate <= target / 10.0 || !shrinking);
+                    if fits {
+                        return Ok(false);
+                    }
+                    let stuck = sender.report.rounds > 0 && left * 10 > previous * 9;
+                    // Post-copy need not wait for a round to fail: one that would take as long as
+                    // the pass that dirtied its pages will not shrink them either.
+                    let hopeless = estimate >= pass_secs * 0.9;
+                    if options.postcopy && (stuck || hopeless || sender.report.rounds >= options.max_rounds) {
+                        return Ok(true);
+                    }
+                    if sender.report.rounds >= options.max_rounds {
+                        return Ok(false);
+                    }
+                    if options.auto_converge && stuck {
+                        let held = throttle.load(std::sync::atomic::Ordering::Relaxed);
+                        let next =
+                            if held == 0 { THROTTLE_START } else { (held + THROTTLE_STEP).min(THROTTLE_MAX) };
+                        throttle.store(next, std::sync::atomic::Ordering::Relaxed);
+                        sender.report.throttle_percent = next;
+                    }
+                    previous = left;
+                    let t = Instant::now();
+                    let before = sender.report.bytes_sent;
+                    sender.pages(vm.memory(), |k, i| is_set(&dirty, k, i), false)?;
+                    sender.sync(&mut input)?;
+                    let secs = t.elapsed().as_secs_f64().max(1e-6);
+                    pass_secs = secs;
+                    bandwidth = (sender.report.bytes_sent - before) as f64 / secs;
+                    sender.report.rounds += 1;
+                    dirty = vm.take_dirty_pages().map_err(|e| MigrationError::Vm(e.to_string()))?;
+                    let remaining = count(&dirty) * PAGE as u64;
+                    progress.update(|p| {
+                        p.round = sender.report.rounds;
+                        p.bytes_sent = sender.report.bytes_sent;
+                        p.bandwidth = bandwidth;
+                        p.remaining_bytes = remaining;
+                        p.dirty_rate = remaining as f64 / secs;
+                        p.estimated_remaining_s = remaining as f64 / bandwidth.max(1.0);
+                        p.throttle_percent = sender.report.throttle_percent;
+                    });
                 }
-                let stuck = sender.report.rounds > 0 && left * 10 > previous * 9;
-                if options.postcopy && (stuck || sender.report.rounds >= options.max_rounds) {
-                    return Ok(true);
-                }
-                if sender.report.rounds >= options.max_rounds {
-                    return Ok(false);
-                }
-                if options.auto_converge && stuck {
-                    let held = throttle.load(std::sync::atomic::Ordering::Relaxed);
-                    let next =
-                        if held == 0 { THROTTLE_START } else { (held + THROTTLE_STEP).min(THROTTLE_MAX) };
-                    throttle.store(next, std::sync::atomic::Ordering::Relaxed);
-                    sender.report.throttle_percent = next;
-                }
-                previous = left;
-                let t = Instant::now();
-                let before = sender.report.bytes_sent;
-                sender.pages(vm.memory(), |k, i| is_set(&dirty, k, i), false)?;
-                sender.sync(&mut input)?;
-                let secs = t.elapsed().as_secs_f64().max(1e-6);
-                bandwidth = (sender.report.bytes_sent - before) as f64 / secs;
-                sender.report.rounds += 1;
-                dirty = vm.take_dirty_pages().map_err(|e| MigrationError::Vm(e.to_string()))?;
-                let remaining = count(&dirty) * PAGE as u64;
-                progress.update(|p| {
-                    p.round = sender.report.rounds;
-                    p.bytes_sent = sender.report.bytes_sent;
-                    p.bandwidth = bandwidth;
-                    p.remaining_bytes = remaining;
-                    p.dirty_rate = remaining as f64 / secs;
-                    p.estimated_remaining_s = remaining as f64 / bandwidth.max(1.0);
-                    p.throttle_percent = sender.report.throttle_percent;
-                });
-            }
-        })();
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        let _ = throttler.join();
-        result
-    });
+            })();
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = throttler.join();
+            result
+        })
+    };
     // The throttler may have stopped between a pause and its resume.
     vm.resume();
     let postcopy = rounds?;
@@ -559,9 +660,8 @@ pub fn send(
     let mut disks_released = false;
     let result = (|| -> Result<(), MigrationError> {
         let t = Instant::now();
-        let last = vm.take_dirty_pages().map_err(|e| MigrationError::Vm(e.to_string()))?;
-        let merged: DirtyPages =
-            dirty.iter().zip(&last).map(|(a, b)| a.iter().zip(b).map(|(x, y)| x | y).collect()).collect();
+        let mut merged = vm.take_dirty_pages().map_err(|e| MigrationError::Vm(e.to_string()))?;
+        merge(&mut merged, &dirty);
         sender.report.last_round_pages = count(&merged);
         if postcopy {
             postcopy::discard(&mut sender, vm.memory(), &merged)?;
