@@ -3,7 +3,8 @@
  * The test to run comes from the kernel command line: "test=NAME"; how to leave, from
  * "exit=reset|poweroff|acpi-reset|panic|hang|triple-fault". "test=blk-bench" and "test=net-bench"
  * are not checks but the guest halves of bench/io (see virtio.c); "test=snapshot" and
- * "test=dirty" hold patterns in RAM for save/restore and dirty-tracking benchmarks.
+ * "test=dirty" hold patterns in RAM (and with "disk_sectors", on disk) for save/restore,
+ * dirty-tracking and migration tests.
  * Built freestanding: no libc, general registers only (so the compiler emits no SSE). */
 #include "console.h"
 #include "virtio.h"
@@ -413,12 +414,36 @@ static void dirty_write(u64 n) {
     /* The page number too, so that a page landing at the wrong address shows. */
     *(volatile u64 *)(PATTERN_BASE + n * 4096) = n << 32 | g;
 }
-static void test_dirty(const u8 *zp, u64 rate_mib, u64 mib) {
+/* With "disk_sectors=N", the first N sectors of the disk are stamped too (sector << 32 |
+ * generation), "disk_ops" of them per 10 ms step, and 'c' checks them against disk_gen. */
+static u32 disk_gen[16384];
+static u64 disk_sectors, disk_next;
+static int disk_stamp(u64 s) {
+    return stamp_disk_write(s, s << 32 | ++disk_gen[s]);
+}
+static int disk_check(void) {
+    for (u64 s = 0; s < disk_sectors; s++) {
+        u64 v;
+        if (!stamp_disk_read(s, &v) || v != (s << 32 | disk_gen[s])) {
+            puts("check BAD sector "); putdec(s); puts("\n");
+            return 0;
+        }
+    }
+    return 1;
+}
+static void test_dirty(const u8 *zp, u64 rate_mib, u64 mib, u64 sectors, u64 disk_ops) {
     u64 pages = mib * MIB / 4096;
     if (!pages || mib > 3072 || !ram_covers(zp, PATTERN_BASE, PATTERN_BASE + mib * MIB)) {
         puts("dirty: dirty_mib must be 1 or more, and 16 MiB + dirty_mib RAM, below 3 GiB\n");
         return;
     }
+    if (sectors > sizeof(disk_gen) / sizeof(disk_gen[0]) || (sectors && !stamp_disk_open())) {
+        puts("dirty: disk_sectors needs a disk and at most 16384\n");
+        return;
+    }
+    disk_sectors = sectors;
+    for (u64 s = 0; s < disk_sectors; s++)
+        if (!disk_stamp(s)) { puts("dirty: a disk write failed\n"); return; }
     /* Generation 1 everywhere first: every page starts resident and checkable. */
     for (u64 n = 0; n < pages; n++) dirty_write(n);
     puts("dirty: running "); putdec(rate_mib); puts(" MiB/s over "); putdec(mib); puts(" MiB\n");
@@ -440,6 +465,10 @@ static void test_dirty(const u8 *zp, u64 rate_mib, u64 mib) {
                 dirty_write(next);
                 if (++next == pages) next = 0;
             }
+            for (u64 k = 0; disk_sectors && k < disk_ops; k++) {
+                if (!disk_stamp(disk_next)) { puts("dirty: a disk write failed\n"); return; }
+                if (++disk_next == disk_sectors) disk_next = 0;
+            }
         }
         if (since_tick >= 1000000) {
             since_tick -= 1000000;
@@ -451,8 +480,8 @@ static void test_dirty(const u8 *zp, u64 rate_mib, u64 mib) {
         else if (c == 'c') {
             u64 n = 0;
             while (n < pages && *(volatile u64 *)(PATTERN_BASE + n * 4096) == (n << 32 | dirty_gen[n])) n++;
-            if (n == pages) puts("check ok\n");
-            else { puts("check BAD page "); putdec(n); puts("\n"); }
+            if (n != pages) { puts("check BAD page "); putdec(n); puts("\n"); }
+            else if (disk_check()) puts("check ok\n");
         }
     }
 }
@@ -488,7 +517,8 @@ void main(u8 *zero_page, u64 entry_rsp) {
         test_snapshot(zero_page, cmdline_u64(cmdline, "fill_mib", 16));
     } else if (streq(test, "dirty")) {
         time_init();
-        test_dirty(zero_page, cmdline_u64(cmdline, "rate_mib", 100), cmdline_u64(cmdline, "dirty_mib", 64));
+        test_dirty(zero_page, cmdline_u64(cmdline, "rate_mib", 100), cmdline_u64(cmdline, "dirty_mib", 64),
+                   cmdline_u64(cmdline, "disk_sectors", 0), cmdline_u64(cmdline, "disk_ops", 1));
     }
     else if (test[0]) { puts("guest: unknown test\n"); }
 

@@ -296,6 +296,31 @@ static int blk_request(u64 base, u32 type, u64 sector) {
 
 static u8 pattern(int i) { return (u8)((i * 7 + 3) & 0xff); }
 
+/* ---- stamped sectors (test=dirty with a disk): each sector is one 64-bit value repeated ---- */
+static u64 stamp_base;
+
+int stamp_disk_open(void) {
+    u64 offered;
+    stamp_base = find_device(ID_BLOCK);
+    return stamp_base && bring_up(stamp_base, BLK_F_FLUSH, &offered, "virtio-blk");
+}
+
+int stamp_disk_write(u64 sector, u64 value) {
+    for (int i = 0; i < SECTOR; i++) blk_data[i] = (u8)(value >> (8 * (i % 8)));
+    return blk_request(stamp_base, BLK_T_OUT, sector) == 0;
+}
+
+/* 1 if the sector holds one value throughout (put in *value), 0 if not or on error. */
+int stamp_disk_read(u64 sector, u64 *value) {
+    if (blk_request(stamp_base, BLK_T_IN, sector) != 0) return 0;
+    u64 v = 0;
+    for (int i = 0; i < 8; i++) v |= (u64)blk_data[i] << (8 * i);
+    for (int i = 8; i < SECTOR; i++)
+        if (blk_data[i] != (u8)(v >> (8 * (i % 8)))) return 0;
+    *value = v;
+    return 1;
+}
+
 /* A 64-bit config field read as two 32-bit halves, retried if ConfigGeneration moved (2.5.1). */
 static u64 config64(u64 base, u32 off) {
     u32 gen, lo, hi;

@@ -102,6 +102,10 @@ pub struct MigrateArgs {
     /// failure of either host or the link loses the guest.
     #[arg(long)]
     postcopy: bool,
+    /// Copy the disks as well, into the destination's own disk files (`--disk` there, each of
+    /// the same size), instead of handing them over on shared storage.
+    #[arg(long)]
+    with_disks: bool,
 }
 
 #[derive(clap::Args)]
@@ -450,12 +454,18 @@ pub fn vmm(mut args: VmmArgs) -> anyhow::Result<i32> {
         .with_context(|| format!("waiting for a migration on {on}"))?;
     let identity = args.identity.into_identity();
     let mut built_ms = 0.0;
-    let arrival = stratus_vmm::migration::receive(conn, |config, memory| {
+    let arrival = stratus_vmm::migration::receive(conn, |config, memory, copied_disks| {
         let t = Instant::now();
-        let prepared =
-            vmm.lock().unwrap_or_else(|p| p.into_inner()).prepare_incoming(config, memory, identity);
+        let prepared = vmm.lock().unwrap_or_else(|p| p.into_inner()).prepare_incoming(
+            config,
+            memory,
+            identity,
+            copied_disks,
+        );
         built_ms = t.elapsed().as_secs_f64() * 1e3;
-        prepared.map_err(|e| e.to_string())
+        let prepared = prepared.map_err(|e| e.to_string())?;
+        let disks = prepared.0.disks.iter().map(|d| d.path.clone()).collect();
+        Ok((prepared, disks))
     })?;
     let t = Instant::now();
     let postcopy = vmm.lock().unwrap_or_else(|p| p.into_inner()).adopt_incoming(arrival)?;
@@ -584,6 +594,7 @@ pub fn run(command: VmCommand) -> anyhow::Result<i32> {
             let body = serde_json::json!({
                 "to": args.to, "max_downtime_ms": args.max_downtime_ms, "bandwidth": args.bandwidth,
                 "auto_converge": !args.no_auto_converge, "postcopy": args.postcopy,
+                "with_disks": args.with_disks,
             });
             // The migration call returns when it is over; meanwhile its progress is polled.
             let sock = ApiSock { api_sock: args.sock.api_sock.clone() };

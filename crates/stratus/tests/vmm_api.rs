@@ -669,6 +669,75 @@ fn a_post_copy_cut_short_says_the_guest_is_lost_on_both_sides() {
 }
 
 #[test]
+fn local_disks_are_copied_while_the_guest_writes_them() {
+    if !kvm_available("local_disks_are_copied_while_the_guest_writes_them") {
+        return;
+    }
+    // The guest keeps stamping the first 512 KiB of its 8 MiB disk (sector number and a
+    // generation it remembers in RAM) while its memory dirties too; 'c' checks both.
+    let mut src = VmmProcess::start("with-disks", &[]);
+    let dir = src.dir.clone();
+    let disk = dir.join("source.img");
+    std::fs::File::create(&disk).unwrap().set_len(8 << 20).unwrap();
+    src.configure_tiny("test=dirty rate_mib=20 dirty_mib=16 disk_sectors=1024 disk_ops=4 exit=poweroff", 128);
+    src.ok("PUT", "/vm/drives/vda", Some(json!({ "path": disk })));
+    src.ok("POST", "/vm/start", None);
+    src.console.expect("tick 1", 0, Duration::from_secs(30));
+    let migrate = |to: &str| json!({"to": to, "with_disks": true, "max_downtime_ms": 50});
+
+    // A destination disk of another size is refused before anything moves.
+    let small = dir.join("small.img");
+    std::fs::File::create(&small).unwrap().set_len(4 << 20).unwrap();
+    let to = format!("tcp:127.0.0.1:{}", free_port());
+    let wrong = VmmProcess::start_in(&dir, &["--incoming", &to, "--disk", small.to_str().unwrap()]);
+    let e = src.fails("POST", "/vm/migrate", Some(migrate(&to)), 500);
+    assert!(e.contains("same size") && e.contains("runs here still"), "{e}");
+    assert_eq!(src.ok("GET", "/migration", None)["bytes_sent"], 0);
+    drop(wrong);
+
+    // A destination whose disk fills up refuses the VM, which runs on here.
+    if unsafe { libc::geteuid() } == 0 {
+        let full = dir.join("full");
+        std::fs::create_dir_all(&full).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs", full.to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(mounted.success());
+        let cramped = full.join("disk.img");
+        std::fs::File::create(&cramped).unwrap().set_len(8 << 20).unwrap();
+        let to = format!("tcp:127.0.0.1:{}", free_port());
+        let dst = VmmProcess::start_in(&dir, &["--incoming", &to, "--disk", cramped.to_str().unwrap()]);
+        let e = src.fails("POST", "/vm/migrate", Some(migrate(&to)), 500);
+        drop(dst);
+        let _ = std::process::Command::new("umount").arg(&full).status();
+        assert!(e.contains("No space left on device") && e.contains("runs here still"), "{e}");
+        assert_eq!(src.state(), "running");
+        let pos = src.console.output().len();
+        src.console.send("c");
+        src.console.expect("check ok", pos, Duration::from_secs(60));
+    } else {
+        println!("SKIPPED: the full destination disk needs root (a small tmpfs)");
+    }
+
+    // The real thing, into a disk full of garbage: after it, the copy is the source's.
+    let copy = dir.join("copy.img");
+    std::fs::write(&copy, vec![0xAAu8; 8 << 20]).unwrap();
+    let to = format!("tcp:127.0.0.1:{}", free_port());
+    let mut dst = VmmProcess::start_in(&dir, &["--incoming", &to, "--disk", copy.to_str().unwrap()]);
+    let report = src.ok("POST", "/vm/migrate", Some(migrate(&to)));
+    println!("migration with its disk: {report}");
+    assert!(report["disk_bytes_sent"].as_u64().unwrap() >= 512 << 10, "{report}");
+    assert_eq!(dst.state(), "running");
+    dst.console.send("c");
+    dst.console.expect("check ok", 0, Duration::from_secs(60));
+    let copied = std::fs::read(&copy).unwrap();
+    assert!(copied[4 << 20..].iter().all(|&b| b == 0), "the source's unwritten part reads as zeros");
+    src.quit();
+    dst.quit();
+}
+
+#[test]
 fn idle_connections_cannot_exhaust_the_api() {
     if !kvm_available("idle_connections_cannot_exhaust_the_api") {
         return;

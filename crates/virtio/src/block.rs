@@ -6,7 +6,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crate::rate_limiter::{RateLimit, RateLimiter, SharedLimiter};
 use crate::GuestRam;
@@ -100,6 +101,51 @@ pub struct Block {
     id: [u8; ID_BYTES],
     limiter: SharedLimiter,
     counters: DeviceCounters,
+    log: Arc<WriteLog>,
+}
+
+/// Which parts of a disk the guest wrote since the log was started, in blocks of
+/// [`WriteLog::BLOCK`] bytes: a migration that copies the disk re-sends them.
+pub struct WriteLog {
+    bits: Vec<AtomicU64>,
+    on: AtomicBool,
+}
+
+impl WriteLog {
+    /// Bytes per bit.
+    pub const BLOCK: u64 = 64 << 10;
+
+    fn new(size: u64) -> Self {
+        let words = size.div_ceil(Self::BLOCK).div_ceil(64) as usize;
+        Self { bits: (0..words).map(|_| AtomicU64::new(0)).collect(), on: AtomicBool::new(false) }
+    }
+
+    /// Logs writes from now on, with nothing logged so far.
+    pub fn start(&self) {
+        self.on.store(true, Ordering::SeqCst);
+        self.take();
+    }
+
+    /// Stops logging.
+    pub fn stop(&self) {
+        self.on.store(false, Ordering::SeqCst);
+    }
+
+    fn mark(&self, offset: u64, len: u64) {
+        if len == 0 || !self.on.load(Ordering::Relaxed) {
+            return;
+        }
+        for block in offset / Self::BLOCK..=(offset + len - 1) / Self::BLOCK {
+            if let Some(word) = self.bits.get((block / 64) as usize) {
+                word.fetch_or(1 << (block % 64), Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// The blocks written since the last take (bit i of word w: block 64w + i), cleared.
+    pub fn take(&self) -> Vec<u64> {
+        self.bits.iter().map(|w| w.swap(0, Ordering::SeqCst)).collect()
+    }
 }
 
 /// The lock a VMM holds on a disk file (`flock`: shared when read-only, exclusive otherwise),
@@ -181,7 +227,13 @@ impl Block {
             id,
             limiter,
             counters: DeviceCounters::default(),
+            log: Arc::new(WriteLog::new(size)),
         })
+    }
+
+    /// The log of what the guest writes (off until started).
+    pub fn write_log(&self) -> Arc<WriteLog> {
+        self.log.clone()
     }
 
     /// A handle on this disk's lock.
@@ -243,7 +295,10 @@ impl Block {
                 match self.range(sector, len) {
                     Some(offset) => {
                         let regions = regions(&chain, false, HEADER_LEN, len);
-                        match self.transfer(&regions, offset, mem, false) {
+                        let done = self.transfer(&regions, offset, mem, false);
+                        // Logged even when it failed part way: some of it may be written.
+                        self.log.mark(offset, len as u64);
+                        match done {
                             Ok(()) => {
                                 self.counters.bytes.fetch_add(len as u64, Ordering::Relaxed);
                                 (VIRTIO_BLK_S_OK, 0)

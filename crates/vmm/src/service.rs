@@ -679,12 +679,16 @@ impl Vmm {
         config: &VmConfig,
         memory: stratus_virtio::GuestRam,
         identity: Identity,
+        copied_disks: bool,
     ) -> Result<(VmConfig, crate::vm::Shell), ApiError> {
         self.configurable("receive a migration")?;
         let config = identity.apply(config.clone())?;
         let out = self.open_console()?;
-        let shell = crate::vm::build(&config, out, memory, crate::vm::Disks::LockedAtFinish)
-            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        // Disks copied in are this host's own files, locked from the start (a file the source
+        // itself holds is refused); shared ones are locked once the source lets go.
+        let disks = if copied_disks { crate::vm::Disks::Locked } else { crate::vm::Disks::LockedAtFinish };
+        let shell =
+            crate::vm::build(&config, out, memory, disks).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         Ok((config, shell))
     }
 

@@ -258,6 +258,8 @@ pub struct DeviceHandles {
     pub net_announcers: Vec<Announcer>,
     /// Each disk's lock, in disk order (a migration hands them over).
     pub disk_locks: Vec<stratus_virtio::block::DiskLock>,
+    /// Each disk's write log, in disk order (a migration that copies disks reads it).
+    pub disk_logs: Vec<Arc<stratus_virtio::block::WriteLog>>,
 }
 
 fn set_limit(limiter: &SharedLimiter, limit: RateLimit) {
@@ -281,6 +283,7 @@ fn virtio_devices(
             Disks::LockedAtFinish => Block::open_unlocked(&disk.path, disk.readonly)?,
         };
         handles.disk_locks.push(block.lock_handle().map_err(os("opening a disk twice"))?);
+        handles.disk_logs.push(block.write_log());
         set_limit(&block.limiter(), disk.rate_limit);
         handles.disk_limiters.push(block.limiter());
         devices.push(Box::new(block));

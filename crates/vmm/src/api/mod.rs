@@ -22,7 +22,7 @@
 //! | POST | /vm/stop | | hard stop |
 //! | POST | /vm/snapshot | `{"state_file": P, "memory_file": P, "diff": false}` | paused VM only |
 //! | POST | /vm/restore | `{"state_file": P, "memory_files": [P, ...], "drives": [...], "nets": [...], "vsock": {...}, "paused": false, "track_dirty_pages": false}` | instead of start |
-//! | POST | /vm/migrate | `{"to": "tcp:HOST:PORT", "max_downtime_ms": 20, "bandwidth": BYTES_PER_S, "auto_converge": true, "postcopy": false}` | live migration to a `--incoming` VMM |
+//! | POST | /vm/migrate | `{"to": "tcp:HOST:PORT", "max_downtime_ms": 20, "bandwidth": BYTES_PER_S, "auto_converge": true, "postcopy": false, "with_disks": false}` | live migration to a `--incoming` VMM |
 //! | GET | /migration | | the current or last migration: phase, round, bytes sent, remaining, dirty rate, result |
 //! | GET | /metrics | | counters per vCPU and device |
 //! | POST | /vmm/quit | | the VMM process exits |
@@ -114,6 +114,7 @@ struct MigrateBody {
     bandwidth: Option<u64>,
     auto_converge: Option<bool>,
     postcopy: Option<bool>,
+    with_disks: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -269,6 +270,7 @@ pub fn handle(vmm: &Mutex<Vmm>, request: &Request) -> (Response, After) {
                 options.auto_converge = auto;
             }
             options.postcopy = m.postcopy.unwrap_or(false);
+            options.with_disks = m.with_disks.unwrap_or(false);
             let report = v.migrate(&m.to, options)?;
             Ok(serde_json::to_value(report).unwrap_or_default())
         })),

@@ -17,6 +17,7 @@
 //!
 //! Pages are named by their index in guest RAM laid end to end (the memory file's order).
 
+mod disks;
 pub mod postcopy;
 pub mod stream;
 mod uffd;
@@ -72,6 +73,9 @@ pub struct Options {
     /// When a round does not shrink what is left (or the rounds run out), move the guest at
     /// once and send the rest after it (post-copy); instead of throttling.
     pub postcopy: bool,
+    /// Copy the disks too (the destination has its own files of the same sizes), rather than
+    /// hand them over on shared storage.
+    pub with_disks: bool,
 }
 
 impl Default for Options {
@@ -82,6 +86,7 @@ impl Default for Options {
             bandwidth: None,
             auto_converge: true,
             postcopy: false,
+            with_disks: false,
         }
     }
 }
@@ -128,6 +133,15 @@ pub struct Report {
     pub postcopy_faults: u64,
     /// From the destination's `Running` to its last page, in milliseconds.
     pub postcopy_ms: f64,
+    /// Bytes of disk data sent (with disks copied; zeros are not counted).
+    pub disk_bytes_sent: u64,
+}
+
+/// What `Hello` says besides the configuration.
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct HelloExtra {
+    /// The disks are copied, and these are their sizes.
+    disk_sizes: Option<Vec<u64>>,
 }
 
 /// A migration's progress, readable while it runs (`GET /migration`).
@@ -319,12 +333,16 @@ impl Sender<'_> {
 
     /// Waits, if a bandwidth limit is set, until the bytes sent so far are due.
     fn pace(&self) {
-        if let Some(rate) = self.bandwidth.filter(|&r| r > 0) {
-            let due = Duration::from_secs_f64(self.report.bytes_sent as f64 / rate as f64);
-            if let Some(wait) = due.checked_sub(self.started.elapsed()) {
-                std::thread::sleep(wait);
-            }
+        if let Some(wait) = self.due() {
+            std::thread::sleep(wait);
         }
+    }
+
+    /// How long until the bytes sent so far are due under the bandwidth limit, if at all.
+    fn due(&self) -> Option<Duration> {
+        let rate = self.bandwidth.filter(|&r| r > 0)?;
+        let due = Duration::from_secs_f64(self.report.bytes_sent as f64 / rate as f64);
+        due.checked_sub(self.started.elapsed()).filter(|w| !w.is_zero())
     }
 
     /// Sends the pages of `mem` that `wanted(region, page)` selects; `skip_zero` leaves zero
@@ -492,10 +510,16 @@ pub fn send(
     };
 
     // 1. Hello: versions and configuration are checked before any page moves.
+    let disk_copy = if options.with_disks { Some(disks::SourceDisks::open(vm)?) } else { None };
+    let mut disk_dirty = disks::DirtyBlocks::new();
+    let extra = HelloExtra { disk_sizes: disk_copy.as_ref().map(|d| d.sizes()) };
+    let encoding = |e: postcard::Error| MigrationError::Vm(e.to_string());
+    let extra = postcard::to_stdvec(&extra).map_err(encoding)?;
     let mut hello = MAGIC.to_vec();
     hello.extend_from_slice(&format::CURRENT.to_le_bytes());
-    hello
-        .extend_from_slice(&postcard::to_stdvec(vm.config()).map_err(|e| MigrationError::Vm(e.to_string()))?);
+    hello.extend_from_slice(&(extra.len() as u32).to_le_bytes());
+    hello.extend_from_slice(&extra);
+    hello.extend_from_slice(&postcard::to_stdvec(vm.config()).map_err(encoding)?);
     write_frame(&mut sender.out, Kind::Hello, &hello)?;
     sender.out.flush().map_err(StreamError::Io)?;
     let mut payload = Vec::new();
@@ -505,7 +529,12 @@ pub fn send(
         other => return Err(MigrationError::Protocol(format!("{other:?} instead of an answer to Hello"))),
     }
 
-    // 2. Everything the guest ever touched, while it runs.
+    // 2. The disks whole, then everything the guest ever touched, while it runs.
+    if let Some(disks) = &disk_copy {
+        progress.update(|p| p.phase = "disks");
+        disks.full_pass(&mut sender)?;
+        sender.sync(&mut input)?;
+    }
     progress.update(|p| p.phase = "full pass");
     vm.start_dirty_tracking().map_err(|e| MigrationError::Vm(e.to_string()))?;
     // Only anonymous memory: a page absent from a restored VM's file mapping holds the
@@ -522,6 +551,7 @@ pub fn send(
         })
         .collect();
     let t = Instant::now();
+    let before = sender.report.bytes_sent;
     // With post-copy the pass watches the guest: once it dirties pages about as fast as they
     // go, sending the rest ahead of the move is wasted (it would all go again).
     let mut watch = options.postcopy.then(|| Watch::new(vm.memory()));
@@ -542,7 +572,7 @@ pub fn send(
     sender.sync(&mut input)?;
     // Bytes per second, measured on each pass.
     let mut pass_secs = t.elapsed().as_secs_f64().max(1e-6);
-    let mut bandwidth = sender.report.bytes_sent as f64 / pass_secs;
+    let mut bandwidth = (sender.report.bytes_sent - before) as f64 / pass_secs;
     progress.update(|p| {
         p.phase = "dirty rounds";
         p.bytes_sent = sender.report.bytes_sent;
@@ -591,7 +621,8 @@ pub fn send(
             let result = (|| {
                 let mut previous = u64::MAX;
                 loop {
-                    let left = count(&dirty) * PAGE as u64;
+                    let disk_left = disk_copy.as_ref().map_or(0, |d| d.take_dirty(&mut disk_dirty));
+                    let left = count(&dirty) * PAGE as u64 + disk_left;
                     let estimate = left as f64 / bandwidth;
                     // Once the rest fits the target, rounds go on while they still shrink it
                     // (each costs little when little is left) unless it is already a tenth of the
@@ -623,6 +654,9 @@ pub fn send(
                     previous = left;
                     let t = Instant::now();
                     let before = sender.report.bytes_sent;
+                    if let Some(disks) = &disk_copy {
+                        disks.send_dirty(&mut sender, &mut disk_dirty)?;
+                    }
                     sender.pages(vm.memory(), |k, i| is_set(&dirty, k, i), false)?;
                     sender.sync(&mut input)?;
                     let secs = t.elapsed().as_secs_f64().max(1e-6);
@@ -672,10 +706,20 @@ pub fn send(
         let t = Instant::now();
         let state = vm.save_state(MemoryKind::Full).map_err(|e| MigrationError::Vm(e.to_string()))?;
         let encoded = format::encode(&state).map_err(|e| MigrationError::Vm(e.to_string()))?;
-        // The disks go to the destination with their writes on stable storage; it takes
-        // their locks before the guest runs there.
-        vm.release_disks().map_err(|e| MigrationError::Vm(e.to_string()))?;
-        disks_released = true;
+        match &disk_copy {
+            // The last blocks written: taken after the state, when every request the state
+            // shows as done has reached the file.
+            Some(disks) => {
+                disks.take_dirty(&mut disk_dirty);
+                disks.send_dirty(&mut sender, &mut disk_dirty)?;
+            }
+            // Shared disks go to the destination with their writes on stable storage; it
+            // takes their locks before the guest runs there.
+            None => {
+                vm.release_disks().map_err(|e| MigrationError::Vm(e.to_string()))?;
+                disks_released = true;
+            }
+        }
         sender.report.state_ms = ms_since(t);
         let t = Instant::now();
         write_frame(&mut sender.out, Kind::State, &encoded)?;
@@ -790,7 +834,7 @@ fn refuse(conn: &mut dyn Connection, reason: String) -> MigrationError {
 /// page is taken.
 pub fn receive<P>(
     mut conn: Box<dyn Connection>,
-    prepare: impl FnOnce(&VmConfig, GuestRam) -> Result<P, String>,
+    prepare: impl FnOnce(&VmConfig, GuestRam, bool) -> Result<(P, Vec<std::path::PathBuf>), String>,
 ) -> Result<Arrival<P>, MigrationError> {
     let mut input = BufReader::with_capacity(1 << 20, conn.duplicate().map_err(StreamError::Io)?);
     let mut payload = Vec::new();
@@ -820,17 +864,29 @@ pub fn receive<P>(
             ),
         ));
     }
-    let config: VmConfig = match postcard::from_bytes(&payload[20..]) {
-        Ok(c) => c,
-        Err(e) => return Err(refuse(conn.as_mut(), format!("the VM configuration does not decode: {e}"))),
+    let decoded = (|| {
+        let len = u32::from_le_bytes(payload.get(20..24)?.try_into().ok()?) as usize;
+        let extra: HelloExtra = postcard::from_bytes(payload.get(24..24usize.checked_add(len)?)?).ok()?;
+        let config: VmConfig = postcard::from_bytes(payload.get(24 + len..)?).ok()?;
+        Some((extra, config))
+    })();
+    let Some((extra, config)) = decoded else {
+        return Err(refuse(conn.as_mut(), "the VM configuration does not decode".into()));
     };
     let memory = match crate::memory::create(config.memory) {
         Ok(m) => m,
         Err(e) => return Err(refuse(conn.as_mut(), e.to_string())),
     };
-    let prepared = match prepare(&config, memory.clone()) {
+    let (prepared, disk_paths) = match prepare(&config, memory.clone(), extra.disk_sizes.is_some()) {
         Ok(p) => p,
         Err(reason) => return Err(refuse(conn.as_mut(), reason)),
+    };
+    let disk_copy = match &extra.disk_sizes {
+        Some(sizes) => match disks::DestinationDisks::open(&disk_paths, sizes) {
+            Ok(d) => Some(d),
+            Err(reason) => return Err(refuse(conn.as_mut(), reason)),
+        },
+        None => None,
     };
     write_frame(&mut conn, Kind::Accept, &[])?;
     conn.flush().map_err(StreamError::Io)?;
@@ -842,7 +898,8 @@ pub fn receive<P>(
     // Post-copy's userfaultfd and stale pages, from the first `Discard` on.
     let mut stale: Option<postcopy::Incoming> = None;
     let postcopy = loop {
-        match read_frame(&mut input, &mut payload)? {
+        let kind = read_frame(&mut input, &mut payload)?;
+        match kind {
             // After a `Discard`, memory is the userfaultfd's: a write here would wait for itself.
             Kind::Pages | Kind::Zeros if stale.is_some() => {
                 return Err(MigrationError::Protocol("pages after post-copy began".into()));
@@ -905,6 +962,18 @@ pub fn receive<P>(
                     incoming.discard(&layout, first, n)?;
                 }
             }
+            Kind::Blocks | Kind::BlockZeros => {
+                let Some(disks) = &disk_copy else {
+                    return Err(MigrationError::Protocol(
+                        "disk blocks, but the disks were not to be copied".into(),
+                    ));
+                };
+                let written = if kind == Kind::Blocks { disks.write(&payload) } else { disks.zero(&payload) };
+                if let Err(e) = written {
+                    // A full disk here is the source's to hear about: it resumes the guest.
+                    return Err(refuse(conn.as_mut(), e.to_string()));
+                }
+            }
             Kind::Postcopy if state.is_some() && stale.is_some() => break true,
             // Dropped pages are only ever refilled by post-copy.
             Kind::Done if stale.is_none() => break false,
@@ -912,6 +981,9 @@ pub fn receive<P>(
         }
     };
     let state = state.ok_or_else(|| MigrationError::Protocol("Done before any State".into()))?;
+    if let Some(Err(e)) = disk_copy.as_ref().map(|d| d.sync()) {
+        return Err(refuse(conn.as_mut(), e.to_string()));
+    }
     let conn: Replies = std::sync::Arc::new(std::sync::Mutex::new(conn));
     let postcopy = match stale {
         // Post-copy: the rest comes while the guest runs.

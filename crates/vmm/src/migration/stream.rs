@@ -48,6 +48,10 @@ pub enum Kind {
     Request = 13,
     /// Post-copy: every stale page is sent (source), or in guest memory (destination).
     Complete = 14,
+    /// Disk data: disk index u32, byte offset u64, whole sectors.
+    Blocks = 15,
+    /// Disk bytes that read as zeros: disk index u32, byte offset u64, length u64.
+    BlockZeros = 16,
 }
 
 impl Kind {
@@ -67,6 +71,8 @@ impl Kind {
             12 => Kind::Postcopy,
             13 => Kind::Request,
             14 => Kind::Complete,
+            15 => Kind::Blocks,
+            16 => Kind::BlockZeros,
             _ => return None,
         })
     }
