@@ -471,7 +471,7 @@ impl Watch {
             }
             // Distinct pages dirtied since the pass began against pages sent: the guest's
             // dirtying rate against the link's, once there is enough to judge.
-            if self.started.elapsed() >= Duration::from_millis(300)
+            if self.started.elapsed() >= Duration::from_millis(100)
                 && count(&self.dirty) * 10 >= self.sent * 9
             {
                 self.switched = true;

@@ -243,6 +243,8 @@ impl Source<'_, '_> {
                 for page in pages {
                     if self.send(page)? {
                         self.faults += 1;
+                        // The page waited for goes first, on its own.
+                        self.sender.out.flush().map_err(StreamError::Io)?;
                         // The guest is likely to want the pages after it next: they go with
                         // it, saving a fault each.
                         for next in page + 1..page + AHEAD {
