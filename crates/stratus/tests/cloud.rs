@@ -283,6 +283,50 @@ fn one_machine_cloud_lifecycle() {
     let id = first["id"].as_str().unwrap().to_owned();
     let ip = first["status"]["ip"].as_str().unwrap().to_owned();
     assert_eq!(cloud.vmm_pids(&id).len(), 1);
+    // What the reconciler did, step by step: 128 MiB does not fit the image's warm snapshot
+    // (256 MiB), so it booted cold, on a disk cloned from the image and grown to 256 MiB.
+    assert_eq!(first["status"]["boot"], "cold", "{first}");
+    let events = cloud.ok(&["events", "web1"]);
+    for step in ["scheduled on host", "disk cloned from image", "booted; guest agent ready"] {
+        assert!(events.contains(step), "no {step:?} in:\n{events}");
+    }
+    let sectors = cloud.ok(&["exec", "web1", "--", "cat", "/sys/block/vda/size"]);
+    assert_eq!(sectors.trim().parse::<u64>().unwrap() * 512, 256 << 20, "the disk is grown to 256 MiB");
+    let df = cloud.ok(&["exec", "web1", "--", "df", "-k", "/"]);
+    let fs_kib: u64 = df.lines().nth(1).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0);
+    assert!(fs_kib > 200 << 10, "the root file system is grown with its disk: {df}");
+    // The CLI finds the server through the config file `serve` wrote, or the environment.
+    let bare = |envs: &[(&str, String)]| {
+        let mut cmd = Command::new("ip");
+        cmd.args(cloud.net.stratus_args(&["list"]));
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        common::stratus_cmd(&mut cmd, b"", Duration::from_secs(60))
+    };
+    let config = cloud.data.join("client.toml").display().to_string();
+    let out = bare(&[("STRATUS_CONFIG", config)]);
+    assert!(out.code == Some(0) && out.stdout.contains("web1"), "{out:?}");
+    let nowhere = cloud.data.join("no-such-config.toml").display().to_string();
+    let env = [("STRATUS_CONFIG", nowhere.clone()), ("STRATUS_URL", URL.into()), ("STRATUS_TOKEN", token.clone())];
+    let out = bare(&env);
+    assert!(out.code == Some(0) && out.stdout.contains("web1"), "{out:?}");
+    let out = bare(&[("STRATUS_CONFIG", nowhere), ("STRATUS_URL", URL.into()), ("STRATUS_TOKEN", "wrong".into())]);
+    assert!(out.code != Some(0) && out.stderr.lines().count() == 1, "one clear line: {out:?}");
+    // Prometheus metrics: instances by state, the host, API requests (the bad ones above among
+    // them) and reconciler errors.
+    let (status, metrics) = cloud.http("GET", "/metrics", t, None);
+    assert_eq!(status, 200, "{metrics}");
+    assert!(metrics.contains("stratus_instances{state=\"running\"} 1"), "{metrics}");
+    for series in ["stratus_host_allocatable_memory_bytes", "stratus_reconciler_errors_total"] {
+        assert!(metrics.contains(series), "no {series} in:\n{metrics}");
+    }
+    let client_errors: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("stratus_api_requests_total{class=\"4xx\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(client_errors >= 10, "the refused requests above are counted: {metrics}");
     let (dup, text) = cloud.http(
         "POST",
         "/v1/instances",
@@ -363,6 +407,16 @@ fn one_machine_cloud_lifecycle() {
     assert_ne!(code, 0);
     assert!(err.contains("not running"), "{err}");
     cloud.ok(&["start", "web1"]);
+    assert_eq!(cloud.ok(&["exec", "web1", "--", "cat", "/root/note"]).trim(), "kept");
+    // Restart: a new VMM on the same disk and address.
+    let before = cloud.instance("web1");
+    let out = cloud.ok(&["restart", "web1"]);
+    assert!(out.contains("web1"), "{out}");
+    let after = cloud.instance("web1");
+    assert_eq!(after["status"]["state"], "running", "{after}");
+    assert_ne!(after["status"]["pid"], before["status"]["pid"], "restart kept the old VMM");
+    assert_eq!(after["status"]["ip"], before["status"]["ip"]);
+    assert_eq!(cloud.vmm_pids(&id).len(), 1);
     assert_eq!(cloud.ok(&["exec", "web1", "--", "cat", "/root/note"]).trim(), "kept");
 
     // Delete leaves nothing behind: no VMM, tap, directory or address lease.
@@ -469,12 +523,13 @@ fn playwright() -> PathBuf {
 #[test]
 fn dashboard_in_a_browser() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    // KVM and root first: without them the test says SKIPPED rather than fail installing.
+    let Some(cloud) = Cloud::new(2, "dashboard_in_a_browser") else { return };
     common::ensure_packages(&["chromium"]);
     // Node.js may come from elsewhere than Debian (its npm then conflicts with Debian's).
     if !Command::new("sh").args(["-c", "command -v node && command -v npm"]).status().unwrap().success() {
         common::ensure_packages(&["nodejs", "npm"]);
     }
-    let Some(cloud) = Cloud::new(2, "dashboard_in_a_browser") else { return };
     let modules = playwright();
     // Launched from the page once the image's warm snapshot exists: a restore, not a boot.
     cloud.wait_for_warm_image();
