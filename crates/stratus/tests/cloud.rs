@@ -56,12 +56,18 @@ impl Cloud {
 
     /// Starts `stratus serve` and waits until it answers.
     fn start_server(&mut self) {
+        self.start_server_with(&[]);
+    }
+
+    /// Starts `stratus serve EXTRA...` and waits until it answers.
+    fn start_server_with(&mut self, extra: &[&str]) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log()).unwrap();
         let child = Command::new("ip")
             .args(["netns", "exec", &self.net.netns, env!("CARGO_BIN_EXE_stratus"), "serve"])
             .arg("--data-dir")
             .arg(&self.data)
             .args(if self.image { &[][..] } else { &["--no-default-image"][..] })
+            .args(extra)
             .env("STRATUS_CONFIG", self.data.join("client.toml"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -274,6 +280,23 @@ fn one_machine_cloud_lifecycle() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&bridge.stdout).contains("10.210.0.1/24"));
+    // A network of one's own: its bridge, gateway and NAT rule come and go with it.
+    let out = cloud.ok(&["network", "create", "backend", "--cidr", "10.219.0.0/24"]);
+    assert!(out.contains("created") && out.contains("10.219.0.0/24"), "{out}");
+    let bridge_name = out.split_whitespace().last().unwrap().to_owned();
+    assert!(cloud.ok(&["network", "list"]).contains("backend"));
+    let (dup, _, err) = cloud.cli(&["network", "create", "other", "--cidr", "10.219.0.0/24"]);
+    assert!(dup != 0 && err.lines().count() == 1, "an overlapping subnet is refused in one line: {err}");
+    let show = |what: &[&str]| {
+        let out = Command::new("ip").args(["netns", "exec", &cloud.net.netns]).args(what).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(show(&["ip", "-br", "addr", "show", &bridge_name]).contains("10.219.0.1/24"));
+    assert!(show(&["nft", "list", "table", "ip", "stratus"]).contains("10.219.0.0/24"));
+    cloud.ok(&["network", "delete", "backend"]);
+    assert!(!cloud.ok(&["network", "list"]).contains("backend"));
+    assert!(!show(&["ip", "-br", "link"]).contains(&bridge_name), "bridge {bridge_name} left behind");
+    assert!(!show(&["nft", "list", "table", "ip", "stratus"]).contains("10.219.0.0/24"));
 
     // Launch and reach it.
     let out = cloud.ok(&["launch", "web1", "--memory", "128M", "--disk", "256M"]);
@@ -499,6 +522,20 @@ fn one_machine_cloud_lifecycle() {
     for name in ["warm1", "warm2"] {
         cloud.ok(&["delete", name]);
     }
+
+    // The README's first command: `serve --launch NAME` brings up the server and one VM, and
+    // says how to reach it.
+    cloud.kill_server();
+    cloud.start_server_with(&["--launch", "hello"]);
+    wait_for("serve --launch", Duration::from_secs(300), || {
+        std::fs::read_to_string(cloud.log()).unwrap().contains("hello is running at")
+    });
+    let hello = cloud.instance("hello");
+    let ip = hello["status"]["ip"].as_str().unwrap();
+    assert!(std::fs::read_to_string(cloud.log()).unwrap().contains("exec hello -- uname -a"));
+    assert!(cloud.ok(&["exec", "hello", "--", "uname", "-a"]).contains("Linux"));
+    assert!(cloud.ping(ip), "hello does not answer ping at {ip}");
+    cloud.ok(&["delete", "hello"]);
 }
 
 /// playwright-core from the npm registry, once per target directory; its node_modules path.
