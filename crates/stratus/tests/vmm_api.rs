@@ -415,6 +415,18 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// A source VMM running the tiny guest (128 MiB) with `cmdline`, and a destination waiting
+/// for it at the address returned.
+fn running_pair(name: &str, cmdline: &str) -> (VmmProcess, VmmProcess, String) {
+    let mut src = VmmProcess::start(name, &[]);
+    src.configure_tiny(cmdline, 128);
+    src.ok("POST", "/vm/start", None);
+    src.console.expect("tick 1", 0, Duration::from_secs(30));
+    let to = format!("tcp:127.0.0.1:{}", free_port());
+    let dst = VmmProcess::start_in(&src.dir.clone(), &["--incoming", &to]);
+    (src, dst, to)
+}
+
 /// A destination that takes the Hello, answers with `answer`, reads `then_read` bytes and
 /// hangs up: a VMM that dies, or lies, mid-stream.
 fn failing_destination(answer: Vec<u8>, then_read: usize) -> (String, std::thread::JoinHandle<()>) {
@@ -511,12 +523,7 @@ fn a_guest_that_dirties_faster_than_the_link_converges_by_throttling() {
     }
     // 100 MiB/s of writes over a 16 MiB set, through a 20 MiB/s link: every round finds the
     // whole set dirty again, until the vCPUs are held back.
-    let mut src = VmmProcess::start("converge", &[]);
-    src.configure_tiny("test=dirty rate_mib=100 dirty_mib=16 exit=poweroff", 128);
-    src.ok("POST", "/vm/start", None);
-    src.console.expect("tick 1", 0, Duration::from_secs(30));
-    let to = format!("tcp:127.0.0.1:{}", free_port());
-    let mut dst = VmmProcess::start_in(&src.dir.clone(), &["--incoming", &to]);
+    let (src, mut dst, to) = running_pair("converge", "test=dirty rate_mib=100 dirty_mib=16 exit=poweroff");
     let e = src.fails("POST", "/vm/migrate", Some(json!({"to": to, "bandwidth": 0})), 400);
     assert!(e.contains("bandwidth"), "{e}");
     // From the command line, which shows its progress while the migration runs.
@@ -568,12 +575,7 @@ fn a_guest_that_dirties_faster_than_the_link_moves_by_post_copy() {
     }
     // As above, but instead of holding the vCPUs back the guest moves and its last dirty
     // pages follow it, those it touches first fetched on its faults.
-    let mut src = VmmProcess::start("postcopy", &[]);
-    src.configure_tiny("test=dirty rate_mib=100 dirty_mib=16 exit=poweroff", 128);
-    src.ok("POST", "/vm/start", None);
-    src.console.expect("tick 1", 0, Duration::from_secs(30));
-    let to = format!("tcp:127.0.0.1:{}", free_port());
-    let mut dst = VmmProcess::start_in(&src.dir.clone(), &["--incoming", &to]);
+    let (src, mut dst, to) = running_pair("postcopy", "test=dirty rate_mib=100 dirty_mib=16 exit=poweroff");
     let body = json!({"to": to, "max_downtime_ms": 50, "bandwidth": 20 << 20, "postcopy": true});
     let report = src.ok("POST", "/vm/migrate", Some(body));
     println!("migration by post-copy: {report}");
@@ -603,12 +605,7 @@ fn during_post_copy(
     name: &str,
     during: impl FnOnce(&VmmProcess, &VmmProcess),
 ) -> (VmmProcess, VmmProcess, u16, serde_json::Value) {
-    let mut src = VmmProcess::start(name, &[]);
-    src.configure_tiny("test=dirty rate_mib=100 dirty_mib=32 exit=poweroff", 128);
-    src.ok("POST", "/vm/start", None);
-    src.console.expect("tick 1", 0, Duration::from_secs(30));
-    let to = format!("tcp:127.0.0.1:{}", free_port());
-    let dst = VmmProcess::start_in(&src.dir.clone(), &["--incoming", &to]);
+    let (src, dst, to) = running_pair(name, "test=dirty rate_mib=100 dirty_mib=32 exit=poweroff");
     let (status, answer) = std::thread::scope(|scope| {
         let migration = scope.spawn(|| {
             let body = json!({"to": to, "bandwidth": 16 << 20, "postcopy": true}).to_string();
