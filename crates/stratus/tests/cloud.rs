@@ -331,10 +331,12 @@ fn one_machine_cloud_lifecycle() {
     let out = bare(&[("STRATUS_CONFIG", config)]);
     assert!(out.code == Some(0) && out.stdout.contains("web1"), "{out:?}");
     let nowhere = cloud.data.join("no-such-config.toml").display().to_string();
-    let env = [("STRATUS_CONFIG", nowhere.clone()), ("STRATUS_URL", URL.into()), ("STRATUS_TOKEN", token.clone())];
+    let env =
+        [("STRATUS_CONFIG", nowhere.clone()), ("STRATUS_URL", URL.into()), ("STRATUS_TOKEN", token.clone())];
     let out = bare(&env);
     assert!(out.code == Some(0) && out.stdout.contains("web1"), "{out:?}");
-    let out = bare(&[("STRATUS_CONFIG", nowhere), ("STRATUS_URL", URL.into()), ("STRATUS_TOKEN", "wrong".into())]);
+    let out =
+        bare(&[("STRATUS_CONFIG", nowhere), ("STRATUS_URL", URL.into()), ("STRATUS_TOKEN", "wrong".into())]);
     assert!(out.code != Some(0) && out.stderr.lines().count() == 1, "one clear line: {out:?}");
     // Prometheus metrics: instances by state, the host, API requests (the bad ones above among
     // them) and reconciler errors.
