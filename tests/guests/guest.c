@@ -414,24 +414,25 @@ static void dirty_write(u64 n) {
     /* The page number too, so that a page landing at the wrong address shows. */
     *(volatile u64 *)(PATTERN_BASE + n * 4096) = n << 32 | g;
 }
-/* With "disk_sectors=N", the first N sectors of the disk are stamped too (sector << 32 |
- * generation), "disk_ops" of them per 10 ms step, and 'c' checks them against disk_gen. */
+/* With "disk_sectors=N", N sectors of the disk, "disk_stride" apart (default 1), are stamped
+ * too (sector << 32 | generation), "disk_ops" of them per 10 ms step, and 'c' checks them
+ * against disk_gen. */
 static u32 disk_gen[16384];
-static u64 disk_sectors, disk_next;
+static u64 disk_sectors, disk_next, disk_stride = 1;
 static int disk_stamp(u64 s) {
-    return stamp_disk_write(s, s << 32 | ++disk_gen[s]);
+    return stamp_disk_write(s * disk_stride, s << 32 | ++disk_gen[s]);
 }
 static int disk_check(void) {
     for (u64 s = 0; s < disk_sectors; s++) {
         u64 v;
-        if (!stamp_disk_read(s, &v) || v != (s << 32 | disk_gen[s])) {
+        if (!stamp_disk_read(s * disk_stride, &v) || v != (s << 32 | disk_gen[s])) {
             puts("check BAD sector "); putdec(s); puts("\n");
             return 0;
         }
     }
     return 1;
 }
-static void test_dirty(const u8 *zp, u64 rate_mib, u64 mib, u64 sectors, u64 disk_ops) {
+static void test_dirty(const u8 *zp, u64 rate_mib, u64 mib, u64 sectors, u64 stride, u64 disk_ops) {
     u64 pages = mib * MIB / 4096;
     if (!pages || mib > 3072 || !ram_covers(zp, PATTERN_BASE, PATTERN_BASE + mib * MIB)) {
         puts("dirty: dirty_mib must be 1 or more, and 16 MiB + dirty_mib RAM, below 3 GiB\n");
@@ -442,6 +443,7 @@ static void test_dirty(const u8 *zp, u64 rate_mib, u64 mib, u64 sectors, u64 dis
         return;
     }
     disk_sectors = sectors;
+    disk_stride = stride ? stride : 1;
     for (u64 s = 0; s < disk_sectors; s++)
         if (!disk_stamp(s)) { puts("dirty: a disk write failed\n"); return; }
     /* Generation 1 everywhere first: every page starts resident and checkable. */
@@ -518,7 +520,8 @@ void main(u8 *zero_page, u64 entry_rsp) {
     } else if (streq(test, "dirty")) {
         time_init();
         test_dirty(zero_page, cmdline_u64(cmdline, "rate_mib", 100), cmdline_u64(cmdline, "dirty_mib", 64),
-                   cmdline_u64(cmdline, "disk_sectors", 0), cmdline_u64(cmdline, "disk_ops", 1));
+                   cmdline_u64(cmdline, "disk_sectors", 0), cmdline_u64(cmdline, "disk_stride", 1),
+                   cmdline_u64(cmdline, "disk_ops", 1));
     }
     else if (test[0]) { puts("guest: unknown test\n"); }
 

@@ -670,21 +670,28 @@ fn local_disks_are_copied_while_the_guest_writes_them() {
     if !kvm_available("local_disks_are_copied_while_the_guest_writes_them") {
         return;
     }
-    // The guest keeps stamping the first 512 KiB of its 8 MiB disk (sector number and a
+    // The guest keeps stamping one sector in each of the first 256 64 KiB blocks of its 32 MiB
+    // disk (sector number and a
     // generation it remembers in RAM) while its memory dirties too; 'c' checks both.
     let mut src = VmmProcess::start("with-disks", &[]);
     let dir = src.dir.clone();
     let disk = dir.join("source.img");
-    std::fs::File::create(&disk).unwrap().set_len(8 << 20).unwrap();
-    src.configure_tiny("test=dirty rate_mib=20 dirty_mib=16 disk_sectors=1024 disk_ops=4 exit=poweroff", 128);
+    std::fs::File::create(&disk).unwrap().set_len(32 << 20).unwrap();
+    // One sector every 10 ms, one per block (the copy's unit), each rewritten only every 2.5 s:
+    // a write the copy misses stays missed.
+    src.configure_tiny(
+        "test=dirty rate_mib=20 dirty_mib=16 disk_sectors=256 disk_stride=128 disk_ops=1 exit=poweroff",
+        128,
+    );
     src.ok("PUT", "/vm/drives/vda", Some(json!({ "path": disk })));
     src.ok("POST", "/vm/start", None);
     src.console.expect("tick 1", 0, Duration::from_secs(30));
-    let migrate = |to: &str| json!({"to": to, "with_disks": true, "max_downtime_ms": 50});
+    let migrate =
+        |to: &str| json!({"to": to, "with_disks": true, "max_downtime_ms": 50, "bandwidth": 64 << 20});
 
     // A destination disk of another size is refused before anything moves.
     let small = dir.join("small.img");
-    std::fs::File::create(&small).unwrap().set_len(4 << 20).unwrap();
+    std::fs::File::create(&small).unwrap().set_len(16 << 20).unwrap();
     let to = format!("tcp:127.0.0.1:{}", free_port());
     let wrong = VmmProcess::start_in(&dir, &["--incoming", &to, "--disk", small.to_str().unwrap()]);
     let e = src.fails("POST", "/vm/migrate", Some(migrate(&to)), 500);
@@ -702,7 +709,7 @@ fn local_disks_are_copied_while_the_guest_writes_them() {
             .unwrap();
         assert!(mounted.success());
         let cramped = full.join("disk.img");
-        std::fs::File::create(&cramped).unwrap().set_len(8 << 20).unwrap();
+        std::fs::File::create(&cramped).unwrap().set_len(32 << 20).unwrap();
         let to = format!("tcp:127.0.0.1:{}", free_port());
         let dst = VmmProcess::start_in(&dir, &["--incoming", &to, "--disk", cramped.to_str().unwrap()]);
         let e = src.fails("POST", "/vm/migrate", Some(migrate(&to)), 500);
@@ -719,17 +726,17 @@ fn local_disks_are_copied_while_the_guest_writes_them() {
 
     // The real thing, into a disk full of garbage: after it, the copy is the source's.
     let copy = dir.join("copy.img");
-    std::fs::write(&copy, vec![0xAAu8; 8 << 20]).unwrap();
+    std::fs::write(&copy, vec![0xAAu8; 32 << 20]).unwrap();
     let to = format!("tcp:127.0.0.1:{}", free_port());
     let mut dst = VmmProcess::start_in(&dir, &["--incoming", &to, "--disk", copy.to_str().unwrap()]);
     let report = src.ok("POST", "/vm/migrate", Some(migrate(&to)));
     println!("migration with its disk: {report}");
-    assert!(report["disk_bytes_sent"].as_u64().unwrap() >= 512 << 10, "{report}");
+    assert!(report["disk_bytes_sent"].as_u64().unwrap() >= 256 << 9, "{report}");
     assert_eq!(dst.state(), "running");
     dst.console.send("c");
     dst.console.expect("check ok", 0, Duration::from_secs(60));
     let copied = std::fs::read(&copy).unwrap();
-    assert!(copied[4 << 20..].iter().all(|&b| b == 0), "the source's unwritten part reads as zeros");
+    assert!(copied[16 << 20..].iter().all(|&b| b == 0), "the source's unwritten part reads as zeros");
     src.quit();
     dst.quit();
 }

@@ -126,13 +126,18 @@ impl WriteLog {
         self.take();
     }
 
+    /// Words in a `take`.
+    pub fn words(&self) -> usize {
+        self.bits.len()
+    }
+
     /// Stops logging.
     pub fn stop(&self) {
         self.on.store(false, Ordering::SeqCst);
     }
 
     fn mark(&self, offset: u64, len: u64) {
-        if len == 0 || !self.on.load(Ordering::Relaxed) {
+        if len == 0 || !self.on.load(Ordering::SeqCst) {
             return;
         }
         for block in offset / Self::BLOCK..=(offset + len - 1) / Self::BLOCK {
@@ -185,6 +190,11 @@ impl DiskLock {
     /// The disk file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The open disk file, to read (a migration copying the disk).
+    pub fn reader(&self) -> std::io::Result<File> {
+        self.file.try_clone()
     }
 }
 

@@ -2,6 +2,8 @@
 //! own (same sizes). The source logs the guest's writes from the start, sends every disk whole
 //! while the guest runs (data as `Blocks`, holes and all-zero stretches as `BlockZeros`), then
 //! in every dirty round the blocks written since, and the last ones with the guest paused.
+//! Read-only disks are not copied: the guest cannot have changed them, and the destination is
+//! given its own (often a base image other VMs share, which must not be written).
 //!
 //! ```text
 //! Blocks       disk u32, offset u64, data (whole sectors)
@@ -30,12 +32,12 @@ struct SourceDisk {
     log: Arc<WriteLog>,
 }
 
-/// The source's disks, their write logs running.
-pub(super) struct SourceDisks(Vec<SourceDisk>);
+/// The source's disks in disk order (`None`: read-only, not copied), their write logs running.
+pub(super) struct SourceDisks(Vec<Option<SourceDisk>>);
 
 impl Drop for SourceDisks {
     fn drop(&mut self) {
-        for disk in &self.0 {
+        for disk in self.0.iter().flatten() {
             disk.log.stop();
         }
     }
@@ -45,34 +47,52 @@ impl Drop for SourceDisks {
 pub(super) type DirtyBlocks = Vec<Vec<u64>>;
 
 impl SourceDisks {
-    /// Opens `vm`'s disks for reading and starts logging what the guest writes to them.
+    /// Starts logging what the guest writes to `vm`'s writable disks, read through the files
+    /// the VM has open (not by path: the file there may have been replaced).
     pub(super) fn open(vm: &Vm) -> Result<Self, MigrationError> {
-        let logs = &vm.handles().disk_logs;
-        let mut disks = Vec::new();
-        for (disk, log) in vm.config().disks.iter().zip(logs) {
+        let handles = vm.handles();
+        // Built as it goes: a failure part way stops the logs already started (Drop).
+        let mut disks = Self(Vec::new());
+        let all = vm.config().disks.iter().zip(&handles.disk_logs).zip(&handles.disk_locks);
+        for ((disk, log), lock) in all {
+            if disk.readonly {
+                disks.0.push(None);
+                continue;
+            }
             let failed =
                 |e: std::io::Error| MigrationError::Vm(format!("reading disk {}: {e}", disk.path.display()));
-            let file = File::open(&disk.path).map_err(failed)?;
+            let file = lock.reader().map_err(failed)?;
             let size = file.metadata().map_err(failed)?.len();
             log.start();
-            disks.push(SourceDisk { file, size, log: log.clone() });
+            disks.0.push(Some(SourceDisk { file, size, log: log.clone() }));
         }
-        Ok(Self(disks))
+        Ok(disks)
     }
 
-    /// Each disk's size in bytes.
-    pub(super) fn sizes(&self) -> Vec<u64> {
-        self.0.iter().map(|d| d.size).collect()
+    /// Each disk's size in bytes (`None`: not copied).
+    pub(super) fn sizes(&self) -> Vec<Option<u64>> {
+        self.0.iter().map(|d| d.as_ref().map(|d| d.size)).collect()
+    }
+
+    /// An empty set of blocks to send, one bitmap per disk.
+    pub(super) fn no_blocks(&self) -> DirtyBlocks {
+        self.0.iter().map(|d| vec![0; d.as_ref().map_or(0, |d| d.log.words())]).collect()
     }
 
     /// Sends every disk whole: data where the file has data, zeros for its holes.
     pub(super) fn full_pass(&self, sender: &mut Sender<'_>) -> Result<(), MigrationError> {
         let mut buf = vec![0u8; CHUNK as usize];
         for (index, disk) in self.0.iter().enumerate() {
+            let Some(disk) = disk else { continue };
             let mut pos = 0;
             while pos < disk.size {
-                // No data after `pos` (ENXIO): the rest is a hole.
-                let data = seek(&disk.file, pos, libc::SEEK_DATA).unwrap_or(disk.size).min(disk.size);
+                // Where data starts, in whole sectors: ENXIO says there is none after `pos`;
+                // after any other error the rest is read as data.
+                let data = match seek(&disk.file, pos, libc::SEEK_DATA) {
+                    Ok(at) => (at / SECTOR * SECTOR).clamp(pos, disk.size),
+                    Err(e) if e.raw_os_error() == Some(libc::ENXIO) => disk.size,
+                    Err(_) => pos,
+                };
                 if data > pos {
                     zeros(sender, index, pos, data - pos)?;
                 }
@@ -80,6 +100,8 @@ impl SourceDisks {
                     break;
                 }
                 let hole = seek(&disk.file, data, libc::SEEK_HOLE)
+                    .ok()
+                    .map(|h| h.div_ceil(SECTOR) * SECTOR)
                     .filter(|&h| h > data)
                     .unwrap_or(disk.size)
                     .min(disk.size);
@@ -97,10 +119,8 @@ impl SourceDisks {
 
     /// Blocks written since the last take, ORed into `into`; returns how many bytes that is.
     pub(super) fn take_dirty(&self, into: &mut DirtyBlocks) -> u64 {
-        if into.len() != self.0.len() {
-            *into = self.0.iter().map(|d| vec![0; d.log.take().len()]).collect();
-        }
         for (disk, bits) in self.0.iter().zip(into.iter_mut()) {
+            let Some(disk) = disk else { continue };
             for (word, new) in bits.iter_mut().zip(disk.log.take()) {
                 *word |= new;
             }
@@ -116,6 +136,7 @@ impl SourceDisks {
     ) -> Result<(), MigrationError> {
         let mut buf = vec![0u8; CHUNK as usize];
         for (index, (disk, bits)) in self.0.iter().zip(dirty.iter_mut()).enumerate() {
+            let Some(disk) = disk else { continue };
             let blocks = disk.size.div_ceil(WriteLog::BLOCK);
             let set =
                 |bits: &[u64], b: u64| bits.get((b / 64) as usize).is_some_and(|w| w & (1 << (b % 64)) != 0);
@@ -147,7 +168,9 @@ impl SourceDisks {
         len: u64,
         buf: &mut [u8],
     ) -> Result<(), MigrationError> {
-        let disk = &self.0[index];
+        let Some(disk) = self.0.get(index).and_then(Option::as_ref) else {
+            return Ok(());
+        };
         let data = &mut buf[..len as usize];
         disk.file
             .read_exact_at(data, offset)
@@ -177,24 +200,32 @@ fn zeros(sender: &mut Sender<'_>, index: usize, offset: u64, len: u64) -> Result
     Ok(())
 }
 
-fn seek(file: &File, offset: u64, whence: i32) -> Option<u64> {
+fn seek(file: &File, offset: u64, whence: i32) -> std::io::Result<u64> {
     // SAFETY: lseek on a descriptor we own; no memory is involved.
     let at = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
-    (at >= 0).then_some(at as u64)
+    if at < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(at as u64)
 }
 
-/// The destination's copies of the disks, written as the blocks arrive.
-pub(super) struct DestinationDisks(Vec<(File, PathBuf, u64)>);
+/// The destination's copies of the disks (`None`: read-only, not copied), written as the
+/// blocks arrive.
+pub(super) struct DestinationDisks(Vec<Option<(File, PathBuf, u64)>>);
 
 impl DestinationDisks {
-    /// Opens this host's disks (`paths`) for the copy; each must be as large as the source's
-    /// (`sizes`). The error is the reason to refuse the migration.
-    pub(super) fn open(paths: &[PathBuf], sizes: &[u64]) -> Result<Self, String> {
+    /// Opens this host's disks (`paths`) for the copy; each copied one must be as large as the
+    /// source's (`sizes`). The error is the reason to refuse the migration.
+    pub(super) fn open(paths: &[PathBuf], sizes: &[Option<u64>]) -> Result<Self, String> {
         if paths.len() != sizes.len() {
             return Err(format!("the VM has {} disks; this VMM was given {}", sizes.len(), paths.len()));
         }
         let mut disks = Vec::new();
-        for (path, &size) in paths.iter().zip(sizes) {
+        for (path, size) in paths.iter().zip(sizes) {
+            let Some(size) = *size else {
+                disks.push(None);
+                continue;
+            };
             let file = std::fs::OpenOptions::new()
                 .write(true)
                 .open(path)
@@ -208,7 +239,7 @@ impl DestinationDisks {
                     path.display()
                 ));
             }
-            disks.push((file, path.clone(), size));
+            disks.push(Some((file, path.clone(), size)));
         }
         Ok(Self(disks))
     }
@@ -217,8 +248,8 @@ impl DestinationDisks {
     fn target(&self, payload: &[u8], len: u64) -> Result<(&File, &PathBuf, u64), MigrationError> {
         let index = u32::from_le_bytes(payload[..4].try_into().unwrap_or_default()) as usize;
         let offset = u64::from_le_bytes(payload[4..12].try_into().unwrap_or_default());
-        let (file, path, size) = self.0.get(index).ok_or_else(|| {
-            MigrationError::Protocol(format!("blocks for disk {index}, which is not there"))
+        let (file, path, size) = self.0.get(index).and_then(Option::as_ref).ok_or_else(|| {
+            MigrationError::Protocol(format!("blocks for disk {index}, which is not copied"))
         })?;
         if offset % SECTOR != 0 || offset.checked_add(len).is_none_or(|end| end > *size) {
             return Err(MigrationError::Protocol(format!("blocks {offset}+{len} outside disk {index}")));
@@ -267,7 +298,7 @@ impl DestinationDisks {
 
     /// Everything written is on stable storage (a full disk may only show here).
     pub(super) fn sync(&self) -> Result<(), MigrationError> {
-        for (file, path, _) in &self.0 {
+        for (file, path, _) in self.0.iter().flatten() {
             file.sync_data().map_err(|e| written(path, e))?;
         }
         Ok(())

@@ -34,7 +34,7 @@ use crate::vm::{Vm, VmConfig};
 use stream::{read_frame, write_frame, Kind, StreamError};
 
 /// The stream's first bytes: the protocol's name and version (the last byte).
-const MAGIC: &[u8; 16] = b"STRATUS-MIGRATE3";
+const MAGIC: &[u8; 16] = b"STRATUS-MIGRATE4";
 /// Pages per `Pages` frame.
 const BATCH: usize = 256;
 
@@ -140,8 +140,8 @@ pub struct Report {
 /// What `Hello` says besides the configuration.
 #[derive(Default, serde::Serialize, serde::Deserialize)]
 struct HelloExtra {
-    /// The disks are copied, and these are their sizes.
-    disk_sizes: Option<Vec<u64>>,
+    /// The disks are copied, and these are their sizes (`None`: a read-only disk, not copied).
+    disk_sizes: Option<Vec<Option<u64>>>,
 }
 
 /// A migration's progress, readable while it runs (`GET /migration`).
@@ -511,7 +511,7 @@ pub fn send(
 
     // 1. Hello: versions and configuration are checked before any page moves.
     let disk_copy = if options.with_disks { Some(disks::SourceDisks::open(vm)?) } else { None };
-    let mut disk_dirty = disks::DirtyBlocks::new();
+    let mut disk_dirty = disk_copy.as_ref().map(|d| d.no_blocks()).unwrap_or_default();
     let extra = HelloExtra { disk_sizes: disk_copy.as_ref().map(|d| d.sizes()) };
     let encoding = |e: postcard::Error| MigrationError::Vm(e.to_string());
     let extra = postcard::to_stdvec(&extra).map_err(encoding)?;
@@ -638,7 +638,12 @@ pub fn send(
                     // Post-copy need not wait for a round to fail: one that would take as long as
                     // the pass that dirtied its pages will not shrink them either.
                     let hopeless = estimate >= pass_secs * 0.9;
-                    if options.postcopy && (stuck || hopeless || sender.report.rounds >= options.max_rounds) {
+                    // Post-copy moves memory only: the disk blocks left must fit the pause.
+                    let disks_fit = disk_left as f64 / bandwidth <= target;
+                    if options.postcopy
+                        && disks_fit
+                        && (stuck || hopeless || sender.report.rounds >= options.max_rounds)
+                    {
                         return Ok(true);
                     }
                     if sender.report.rounds >= options.max_rounds {
@@ -739,6 +744,13 @@ pub fn send(
         sender.out.flush().map_err(StreamError::Io)?;
         let answer = read_frame(&mut input, &mut payload);
         sender.report.destination_ms = ms_since(t);
+        if let (Err(e), Some(_)) = (&answer, &disk_copy) {
+            // With its own copy of the disks, a destination that went quiet after `Done` may
+            // run the guest: no lock keeps two copies apart, so this one stays paused.
+            return Err(MigrationError::Stranded(format!(
+                "{e} after the last of the VM was sent: the destination may be running the guest on                  its copy of the disks, so it stays paused here (resume it only if the destination                  does not run it)"
+            )));
+        }
         match answer? {
             Kind::Running => Ok(()),
             Kind::Refuse => Err(MigrationError::Refused(String::from_utf8_lossy(&payload).into_owned())),
@@ -825,6 +837,17 @@ pub struct Arrival<P> {
 
 fn refuse(conn: &mut dyn Connection, reason: String) -> MigrationError {
     let _ = write_frame(conn, Kind::Refuse, reason.as_bytes());
+    let _ = conn.flush();
+    // Closing with the source's frames unread would reset the connection, and the refusal
+    // with it: read on until the source has read the refusal and hung up (for a while).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut sink = [0u8; 64 << 10];
+    while Instant::now() < deadline {
+        match conn.read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
     MigrationError::Refused(reason)
 }
 
@@ -940,6 +963,11 @@ pub fn receive<P>(
                 state = Some(format::decode(&payload).map_err(|e| MigrationError::Protocol(e.to_string()))?)
             }
             Kind::Sync => {
+                // Copied disk blocks go to stable storage pass by pass: the last sync, before the
+                // guest runs here, is then short.
+                if let Some(Err(e)) = disk_copy.as_ref().map(|d| d.sync()) {
+                    return Err(refuse(conn.as_mut(), e.to_string()));
+                }
                 write_frame(&mut conn, Kind::Synced, &[])?;
                 conn.flush().map_err(StreamError::Io)?;
             }
