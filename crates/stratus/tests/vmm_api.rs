@@ -708,13 +708,21 @@ fn local_disks_are_copied_while_the_guest_writes_them() {
             .status()
             .unwrap();
         assert!(mounted.success());
+        // Unmounted however the test ends.
+        struct Unmount(std::path::PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(&self.0).status();
+            }
+        }
+        let mount = Unmount(full.clone());
         let cramped = full.join("disk.img");
         std::fs::File::create(&cramped).unwrap().set_len(32 << 20).unwrap();
         let to = format!("tcp:127.0.0.1:{}", free_port());
         let dst = VmmProcess::start_in(&dir, &["--incoming", &to, "--disk", cramped.to_str().unwrap()]);
         let e = src.fails("POST", "/vm/migrate", Some(migrate(&to)), 500);
         drop(dst);
-        let _ = std::process::Command::new("umount").arg(&full).status();
+        drop(mount);
         assert!(e.contains("No space left on device") && e.contains("runs here still"), "{e}");
         assert_eq!(src.state(), "running");
         let pos = src.console.output().len();
