@@ -748,7 +748,9 @@ pub fn send(
             // With its own copy of the disks, a destination that went quiet after `Done` may
             // run the guest: no lock keeps two copies apart, so this one stays paused.
             return Err(MigrationError::Stranded(format!(
-                "{e} after the last of the VM was sent: the destination may be running the guest on                  its copy of the disks, so it stays paused here (resume it only if the destination                  does not run it)"
+                "{e} after the last of the VM was sent: the destination may be running the guest on \
+                 its copy of the disks, so it stays paused here (resume it only if the destination \
+                 does not run it)"
             )));
         }
         match answer? {
