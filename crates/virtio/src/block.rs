@@ -192,9 +192,10 @@ impl DiskLock {
         &self.path
     }
 
-    /// The open disk file, to read (a migration copying the disk).
+    /// The open disk file, opened again to read (a migration copying the disk): a description
+    /// of its own, so that seeking it never moves the offset the device's I/O goes through.
     pub fn reader(&self) -> std::io::Result<File> {
-        self.file.try_clone()
+        File::open(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
     }
 }
 
