@@ -929,36 +929,26 @@ pub fn receive<P>(
             Kind::Pages | Kind::Zeros if stale.is_some() => {
                 return Err(MigrationError::Protocol("pages after post-copy began".into()));
             }
-            Kind::Pages => {
-                if payload.len() < 8 || (payload.len() - 8) % PAGE != 0 {
-                    return Err(MigrationError::Protocol("a Pages frame that is not whole pages".into()));
-                }
-                let first = u64::from_le_bytes(payload[..8].try_into().unwrap_or_default());
-                let n = ((payload.len() - 8) / PAGE) as u64;
+            Kind::Pages | Kind::Zeros => {
+                let (first, n, data) = page_frame(kind, &payload)?;
                 let addr = locate(first, n).ok_or_else(|| {
                     MigrationError::Protocol(format!("pages {first}+{n} beyond guest memory"))
                 })?;
-                vm_memory::Bytes::write_slice(&memory, &payload[8..], vm_memory::GuestAddress(addr))
-                    .map_err(|e| MigrationError::Protocol(format!("writing pages: {e}")))?;
-            }
-            Kind::Zeros => {
-                if payload.len() != 12 {
-                    return Err(MigrationError::Protocol("a malformed Zeros frame".into()));
-                }
-                let first = u64::from_le_bytes(payload[..8].try_into().unwrap_or_default());
-                let n = u64::from(u32::from_le_bytes(payload[8..12].try_into().unwrap_or_default()));
-                let addr = locate(first, n).ok_or_else(|| {
-                    MigrationError::Protocol(format!("zero pages {first}+{n} beyond guest memory"))
-                })?;
-                // A page at a time: a huge count must not become a huge allocation.
-                let zero = [0u8; PAGE];
-                for i in 0..n {
-                    vm_memory::Bytes::write_slice(
-                        &memory,
-                        &zero,
-                        vm_memory::GuestAddress(addr + i * PAGE as u64),
-                    )
-                    .map_err(|e| MigrationError::Protocol(format!("clearing pages: {e}")))?;
+                match data {
+                    Some(data) => vm_memory::Bytes::write_slice(&memory, data, vm_memory::GuestAddress(addr))
+                        .map_err(|e| MigrationError::Protocol(format!("writing pages: {e}")))?,
+                    // A page at a time: a huge count must not become a huge allocation.
+                    None => {
+                        let zero = [0u8; PAGE];
+                        for i in 0..n {
+                            vm_memory::Bytes::write_slice(
+                                &memory,
+                                &zero,
+                                vm_memory::GuestAddress(addr + i * PAGE as u64),
+                            )
+                            .map_err(|e| MigrationError::Protocol(format!("clearing pages: {e}")))?;
+                        }
+                    }
                 }
             }
             Kind::State => {
@@ -987,8 +977,7 @@ pub fn receive<P>(
                 }
                 let incoming = stale.as_ref().ok_or_else(|| MigrationError::Vm("no post-copy".into()))?;
                 for range in payload.chunks_exact(12) {
-                    let first = u64::from_le_bytes(range[..8].try_into().unwrap_or_default());
-                    let n = u64::from(u32::from_le_bytes(range[8..].try_into().unwrap_or_default()));
+                    let (first, n) = page_range(range);
                     incoming.discard(&layout, first, n)?;
                 }
             }
@@ -1027,6 +1016,28 @@ pub fn receive<P>(
         _ => None,
     };
     Ok(Arrival { state, prepared, conn, postcopy })
+}
+
+/// A (first page u64, count u32) range, as `Zeros` and `Discard` carry them: 12 bytes.
+fn page_range(bytes: &[u8]) -> (u64, u64) {
+    let first = u64::from_le_bytes(bytes[..8].try_into().unwrap_or_default());
+    (first, u64::from(u32::from_le_bytes(bytes[8..12].try_into().unwrap_or_default())))
+}
+
+/// A `Pages` or `Zeros` frame: its first page, how many, and their bytes (`None`: zeros).
+fn page_frame(kind: Kind, payload: &[u8]) -> Result<(u64, u64, Option<&[u8]>), MigrationError> {
+    match kind {
+        Kind::Pages if payload.len() >= 8 && (payload.len() - 8).is_multiple_of(PAGE) => {
+            let first = u64::from_le_bytes(payload[..8].try_into().unwrap_or_default());
+            Ok((first, ((payload.len() - 8) / PAGE) as u64, Some(&payload[8..])))
+        }
+        Kind::Zeros if payload.len() == 12 => {
+            let (first, n) = page_range(payload);
+            Ok((first, n, None))
+        }
+        Kind::Pages => Err(MigrationError::Protocol("a Pages frame that is not whole pages".into())),
+        other => Err(MigrationError::Protocol(format!("a malformed {other:?} frame"))),
+    }
 }
 
 /// Tells the source that the VM runs here.

@@ -22,7 +22,8 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use super::stream::{read_frame, write_frame, Kind, StreamError, MAX_PAYLOAD};
 use super::uffd::Uffd;
 use super::{
-    count, is_set, ms_since, regions, Connection, MigrationError, Progress, Replies, Sender, TIMEOUT,
+    answer, count, is_set, ms_since, page_frame, regions, Connection, MigrationError, Progress, Replies,
+    Sender, TIMEOUT,
 };
 use crate::snapshot::memory::{is_zero, region_bytes, DirtyPages, PAGE};
 
@@ -537,9 +538,7 @@ fn serve_faults(
         wanted.dedup();
         faults += wanted.len() as u64;
         let payload: Vec<u8> = wanted.iter().flat_map(|p| p.to_le_bytes()).collect();
-        let mut conn = replies.lock().unwrap_or_else(|p| p.into_inner());
-        write_frame(&mut *conn, Kind::Request, &payload).map_err(|e| e.to_string())?;
-        conn.flush().map_err(|e| format!("asking for pages: {e}"))?;
+        answer(replies, Kind::Request, &payload).map_err(|e| format!("asking for pages: {e}"))?;
     }
     Ok(faults)
 }
@@ -557,22 +556,14 @@ fn place_pages(
     loop {
         let kind = read_frame(&mut input, &mut payload).map_err(|e| e.to_string())?;
         let (first, n, data) = match kind {
-            Kind::Pages if payload.len() >= 8 && (payload.len() - 8) % PAGE == 0 => {
-                let first = u64::from_le_bytes(payload[..8].try_into().unwrap_or_default());
-                (first, ((payload.len() - 8) / PAGE) as u64, Some(&payload[8..]))
-            }
-            Kind::Zeros if payload.len() == 12 => {
-                let first = u64::from_le_bytes(payload[..8].try_into().unwrap_or_default());
-                (first, u64::from(u32::from_le_bytes(payload[8..12].try_into().unwrap_or_default())), None)
-            }
+            Kind::Pages | Kind::Zeros => page_frame(kind, &payload).map_err(|e| e.to_string())?,
             Kind::Complete if stale.left() == 0 => {
-                let mut conn = replies.lock().unwrap_or_else(|p| p.into_inner());
-                write_frame(&mut *conn, Kind::Complete, &[]).map_err(|e| e.to_string())?;
-                conn.flush().map_err(|e| format!("confirming the last pages: {e}"))?;
+                answer(replies, Kind::Complete, &[])
+                    .map_err(|e| format!("confirming the last pages: {e}"))?;
                 return Ok(placed);
             }
             Kind::Complete => return Err("the source finished post-copy early".into()),
-            other => return Err(format!("a malformed or unexpected {other:?} frame during post-copy")),
+            other => return Err(format!("an unexpected {other:?} frame during post-copy")),
         };
         let (_, host) =
             layout.locate(first, n).ok_or_else(|| format!("pages {first}+{n} beyond guest memory"))?;
