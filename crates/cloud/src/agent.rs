@@ -259,7 +259,7 @@ impl LocalAgent {
             ),
             ("/vm/drives/vda", json!({"path": dir.join("disk.raw")})),
             ("/vm/nets/eth0", json!({"tap": spec.tap, "mac": spec.mac})),
-            ("/vm/vsock", json!({"cid": GUEST_CID, "socket": dir.join("vsock.sock")})),
+            ("/vm/vsock", json!({"cid": spec.cid, "socket": dir.join("vsock.sock")})),
             ("/vm/rng", json!({"enabled": true})),
             ("/vm/console", json!({"kind": "socket", "path": dir.join("console.sock")})),
         ];
@@ -350,6 +350,7 @@ impl LocalAgent {
             cmdline: format!("{} root=/dev/vda rw", image.cmdline),
             tap: tap.clone(),
             mac: "52:54:00:00:00:01".into(),
+            cid: GUEST_CID,
         };
         let started = Instant::now();
         let result = self.spawn_vmm(dir).and_then(|pid| {
@@ -407,7 +408,7 @@ impl LocalAgent {
                 "memory_files": [warm.memory],
                 "drives": [{"path": dir.join("disk.raw")}],
                 "nets": [{"tap": network::tap_name(&instance.id), "mac": instance.status.mac}],
-                "vsock": {"cid": GUEST_CID, "socket": dir.join("vsock.sock")},
+                "vsock": {"cid": guest_cid(instance), "socket": dir.join("vsock.sock")},
             });
             let report = vmm_call(&dir, "POST", "/vm/restore", Some(body.to_string()))?;
             let restore_ms = report.get("duration_ms").and_then(|d| d.as_f64()).unwrap_or(0.0);
@@ -422,9 +423,11 @@ impl LocalAgent {
                 gateway: Some(network.gateway.clone()),
                 interface: None,
             };
-            Client::new(dir.join("vsock.sock"), Duration::from_secs(120))
+            let client = Client::new(dir.join("vsock.sock"), Duration::from_secs(120));
+            client
                 .configure(&identity)
                 .map_err(|e| AgentError::Guest(format!("giving the clone its identity: {e}")))?;
+            check_cid(&client, guest_cid(instance))?;
             Ok(format!(
                 "VMM up and restored in {} ms (restore itself {restore_ms:.1} ms), agent answered at {} ms, identity set at {} ms",
                 spawned.as_millis(),
@@ -439,6 +442,26 @@ impl LocalAgent {
                 quit_vmm(&dir, pid);
                 Err(e)
             }
+        }
+    }
+}
+
+/// Checks that a clone took its new vsock CID: the guest re-reads it when the restored device
+/// resets its transport, which the guest handles on its own time, so it may take a moment.
+fn check_cid(client: &Client, wanted: u32) -> Result<(), AgentError> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let info = client.info().map_err(|e| AgentError::Guest(format!("asking the clone its CID: {e}")))?;
+        match info.cid {
+            // An agent that cannot read its CID (no /dev/vsock node) is not held against the clone.
+            None => return Ok(()),
+            Some(cid) if cid == wanted => return Ok(()),
+            Some(cid) if Instant::now() >= deadline => {
+                return Err(AgentError::Guest(format!(
+                    "the clone kept vsock CID {cid} (it was given {wanted}): its kernel did not take the transport reset"
+                )))
+            }
+            Some(_) => std::thread::sleep(Duration::from_millis(20)),
         }
     }
 }
@@ -476,14 +499,25 @@ struct BootSpec<'a> {
     cmdline: String,
     tap: String,
     mac: String,
+    cid: u32,
 }
 
 /// The longest a VMM API call may take (a snapshot of a large VM writes its memory).
 const VMM_CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// The guest's vsock CID. Every VM may have the same one: each VMM's vsock device is its own
-/// Unix socket, not the host kernel's vsock, so CIDs never meet.
+/// The vsock CID of the warm template and of instances recorded without one. Each VMM's vsock
+/// device is a Unix socket of its own, not the host kernel's vsock, so CIDs never meet; still
+/// every instance gets its own (its address as a number), as a guest may report or log it.
 const GUEST_CID: u32 = 3;
+
+/// The instance's vsock CID.
+fn guest_cid(instance: &Instance) -> u32 {
+    if instance.status.cid >= 3 {
+        instance.status.cid
+    } else {
+        GUEST_CID
+    }
+}
 
 /// FNV-1a: a short, stable hash for device names.
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -656,7 +690,13 @@ impl HostAgent for LocalAgent {
         }
         network::ensure_tap(&network::tap_name(id), &network.bridge)?;
         let disk_path = dir.join("disk.raw");
-        let fresh = !disk_path.exists();
+        // The disk of an instance that never ran holds nothing of its user's: a first start cut
+        // short (the server killed mid-launch, a failed boot) begins again from a fresh clone,
+        // so it can still restore the warm snapshot.
+        let fresh = instance.status.started_at == 0 || !disk_path.exists();
+        if fresh {
+            let _ = std::fs::remove_file(&disk_path);
+        }
         // A first start of the warm snapshot's size restores it instead of booting.
         if let Some(warm) = image.warm.as_ref().filter(|w| fresh && w.fits(&instance.spec)) {
             let started = Instant::now();
@@ -700,6 +740,7 @@ impl HostAgent for LocalAgent {
             ),
             tap: network::tap_name(id),
             mac: instance.status.mac.clone(),
+            cid: guest_cid(instance),
         };
         let started = Instant::now();
         let pid = self.spawn_vmm(&dir)?;

@@ -476,6 +476,7 @@ async fn launch(
             host: String::new(),
             ip: ip.to_string(),
             mac: network::mac_for(&id),
+            cid: u32::from(ip),
             pid: 0,
             started_at: 0,
             failures: 0,

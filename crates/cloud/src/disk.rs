@@ -154,4 +154,78 @@ mod tests {
         assert!(!dir.join("small").exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// A data directory on XFS (a loop-mounted file here): instance disks share the image's
+    /// blocks, and grow with their ext4 filesystem all the same.
+    #[test]
+    fn clones_on_xfs_are_reflinks() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            println!("SKIPPED: not root (an XFS loop mount needs it)");
+            return;
+        }
+        let have = |program: &str| {
+            std::process::Command::new("sh")
+                .args(["-c", &format!("command -v {program}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        if !have("mkfs.xfs") {
+            let _ = std::process::Command::new("apt-get").args(["update", "-q"]).status();
+            let installed = std::process::Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends", "xfsprogs"])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(installed, "installing xfsprogs failed");
+        }
+        let run = |program: &str, args: &[&str]| {
+            let out = std::process::Command::new(program).args(args).output().unwrap();
+            assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let dir = std::env::temp_dir().join(format!("stratus-reflink-test-{}", std::process::id()));
+        let mnt = dir.join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let backing = dir.join("xfs.img");
+        File::create(&backing).unwrap().set_len(512 << 20).unwrap();
+        run("mkfs.xfs", &["-q", "-m", "reflink=1", backing.to_str().unwrap()]);
+        run("mount", &["-o", "loop", backing.to_str().unwrap(), mnt.to_str().unwrap()]);
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(self.0).status();
+            }
+        }
+        let mounted = Unmount(&mnt);
+        // An image: a small ext4 filesystem with a file in it.
+        let image = mnt.join("rootfs.ext4");
+        let content = dir.join("hello");
+        std::fs::write(&content, "from the image\n").unwrap();
+        File::create(&image).unwrap().set_len(16 << 20).unwrap();
+        run("mkfs.ext4", &["-q", "-F", image.to_str().unwrap()]);
+        run("debugfs", &["-w", "-R", &format!("write {} hello", content.display()), image.to_str().unwrap()]);
+        let disk = mnt.join("disk.raw");
+        assert_eq!(clone_image(&image, &disk, 64).unwrap(), CloneKind::Reflink);
+        assert_eq!(std::fs::metadata(&disk).unwrap().len(), 64 << 20);
+        // The image's extents are shared, not copied; the filesystem inside is grown and whole.
+        let extents = run("filefrag", &["-v", disk.to_str().unwrap()]);
+        assert!(extents.contains("shared"), "no shared extent in the clone:\n{extents}");
+        let blocks = run("dumpe2fs", &["-h", disk.to_str().unwrap()]);
+        let count: u64 = blocks
+            .lines()
+            .find_map(|l| l.strip_prefix("Block count:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap();
+        let block_size: u64 = blocks
+            .lines()
+            .find_map(|l| l.strip_prefix("Block size:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap();
+        assert_eq!(count * block_size, 64 << 20, "{blocks}");
+        run("e2fsck", &["-fn", disk.to_str().unwrap()]);
+        assert_eq!(run("debugfs", &["-R", "cat hello", disk.to_str().unwrap()]), "from the image\n");
+        drop(mounted);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -125,6 +125,10 @@ pub struct InstanceStatus {
     /// Its MAC address.
     #[serde(default)]
     pub mac: String,
+    /// Its vsock context id: its IPv4 address as a number, so no two instances on a host
+    /// share one (0 in records from before it was kept: the agent then uses 3).
+    #[serde(default)]
+    pub cid: u32,
     /// The VMM's process id while it runs.
     #[serde(default)]
     pub pid: u32,

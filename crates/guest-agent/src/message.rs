@@ -39,6 +39,9 @@ pub struct GuestInfo {
     pub uptime_secs: f64,
     /// The agent's version (its crate version).
     pub agent_version: String,
+    /// The guest's vsock context id as its kernel sees it (absent when it cannot be read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cid: Option<u32>,
 }
 
 /// A program to run in the guest.

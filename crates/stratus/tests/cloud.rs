@@ -375,6 +375,20 @@ fn one_machine_cloud_lifecycle() {
     let (code, out, err) = cloud.cli_with_input(&["console", "web1"], b"echo console-$((3 + 4))\r");
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("console-7"), "{out}");
+    // In a terminal (`script` gives the CLI one), Ctrl-A then x detaches: what was typed before
+    // reaches the guest, what comes after does not, and the command ends cleanly.
+    let console = format!("{} --url {URL} --token {token} console web1", env!("CARGO_BIN_EXE_stratus"));
+    let typing = "sleep 3; printf 'touch /root/typed-before\\r'; sleep 2; printf '\\001x'; sleep 1; \
+                  printf 'touch /root/typed-after\\r'; sleep 2";
+    let detached = Command::new("ip")
+        .args(["netns", "exec", &cloud.net.netns, "sh", "-c"])
+        .arg(format!("({typing}) | script -qec '{console}' /dev/null"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&detached.stdout);
+    assert!(detached.status.success() && text.contains("Detached from web1"), "{detached:?}");
+    let files = cloud.ok(&["exec", "web1", "--", "ls", "/root"]);
+    assert!(files.contains("typed-before") && !files.contains("typed-after"), "{files}\n{text}");
     assert!(cloud.ping(&ip), "the guest does not answer ping at {ip}");
     let (code, _, err) = cloud.cli(&["exec", "web1", "--", "no-such-program"]);
     assert_ne!(code, 0);
@@ -472,7 +486,11 @@ fn one_machine_cloud_lifecycle() {
     // Warm launch: the server saved the default image booted; launches of its size restore
     // clones of it, each with its own name, MAC, address and disk.
     cloud.wait_for_warm_image();
+    // The server dies right after accepting a launch: nothing it acknowledged is lost, and the
+    // launch it had begun (if any) starts over from a clean clone, still warm.
     cloud.ok(&["launch", "warm1", "--no-wait"]);
+    cloud.kill_server();
+    cloud.start_server();
     cloud.ok(&["launch", "warm2", "--no-wait", "--restart", "never"]);
     for name in ["warm1", "warm2"] {
         wait_for("the warm launch", Duration::from_secs(120), || {
@@ -482,6 +500,16 @@ fn one_machine_cloud_lifecycle() {
     let (a, b) = (cloud.instance("warm1"), cloud.instance("warm2"));
     assert_eq!((a["status"]["boot"].as_str(), b["status"]["boot"].as_str()), (Some("warm"), Some("warm")));
     assert_ne!(a["status"]["ip"], b["status"]["ip"]);
+    assert_eq!(cloud.vmm_pids(a["id"].as_str().unwrap()).len(), 1, "the interrupted launch left a VMM");
+    // Each clone has its own vsock CID (its address as a number; the agent checked the guest
+    // took it) and its own random numbers: the snapshot's RNG state was reseeded.
+    for clone in [&a, &b] {
+        let ip: std::net::Ipv4Addr = clone["status"]["ip"].as_str().unwrap().parse().unwrap();
+        assert_eq!(clone["status"]["cid"].as_u64(), Some(u64::from(u32::from(ip))), "{clone}");
+    }
+    let random =
+        |name: &str| cloud.ok(&["exec", name, "--", "sh", "-c", "head -c 16 /dev/urandom | od -An -tx1"]);
+    assert_ne!(random("warm1"), random("warm2"), "two clones drew the same random numbers");
     for clone in [&a, &b] {
         let name = clone["name"].as_str().unwrap();
         let ip = clone["status"]["ip"].as_str().unwrap();
@@ -558,7 +586,8 @@ fn playwright() -> PathBuf {
 }
 
 /// The dashboard in headless Chromium: log in with the token, launch an instance, see it turn
-/// running, type a command in its console and see the answer, delete it.
+/// running, type a command in its console and see the answer, see its CPU and memory graphs,
+/// stop it, delete it.
 #[test]
 fn dashboard_in_a_browser() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
@@ -641,8 +670,9 @@ fn api_survives_schemathesis() {
 }
 
 /// A Debian 12 image made through the API (`stratus image create debian`: the recipe, the
-/// install and its warm snapshot), and an instance of it that is Debian inside; then an image
-/// imported from a bare root filesystem tarball, booted.
+/// install and its warm snapshot), and an instance of it that is Debian inside; then images
+/// imported from a bare root filesystem tarball and from kernel, initrd and root filesystem
+/// files, booted; and a start that fails, retried with backoff until it succeeds.
 #[test]
 fn debian_image_through_the_api() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
@@ -681,10 +711,72 @@ fn debian_image_through_the_api() {
     assert!(packed.success());
     let out = cloud.ok(&["image", "import", "tiny", "--tarball", tarball.to_str().unwrap()]);
     assert!(out.contains("image tiny imported"), "{out}");
-    let out = cloud.ok(&["launch", "tiny1", "--image", "tiny", "--memory", "128M"]);
-    assert!(out.contains("tiny1 is running"), "{out}");
+    // An image from a kernel, an initrd and a root filesystem: the default image's, with a file
+    // of its own put in the root filesystem. Its warm snapshot is its first boot.
+    let image_file = |name: &str, file: &str| {
+        let images: Value = serde_json::from_str(&cloud.ok(&["image", "list", "-o", "json"])).unwrap();
+        let image = images.as_array().unwrap().iter().find(|i| i["name"] == name).cloned();
+        PathBuf::from(image.unwrap_or_default()[file].as_str().unwrap_or_default())
+    };
+    let rootfs = cloud.data.join("files-rootfs.ext4");
+    std::fs::copy(image_file("default", "rootfs"), &rootfs).unwrap();
+    let marker = cloud.data.join("marker");
+    std::fs::write(&marker, "yes, from the files\n").unwrap();
+    let commands = cloud.data.join("debugfs-commands");
+    std::fs::write(&commands, format!("cd /etc\nwrite {} from-files\n", marker.display())).unwrap();
+    let written = Command::new("debugfs").arg("-w").arg("-f").arg(&commands).arg(&rootfs).output().unwrap();
+    assert!(written.status.success(), "{written:?}");
+    let kernel = image_file("default", "kernel");
+    // An initrd with no /init in it: the kernel unpacks it, then mounts the root disk.
+    let initrd = cloud.data.join("initrd.cpio");
+    std::fs::write(&initrd, newc_cpio(&[("etc", None), ("etc/initrd-was-here", Some(b"yes\n"))])).unwrap();
+    let out = cloud.ok(&[
+        "image",
+        "import",
+        "files",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+    ]);
+    assert!(out.contains("image files imported"), "{out}");
+
+    // A start that fails is retried after a growing delay and succeeds once the cause is gone:
+    // here the tiny image's root filesystem is away for a moment (once its own warm boot has
+    // cloned it).
+    wait_for("the tiny image's template VM", Duration::from_secs(120), || {
+        cloud.ok(&["events"]).contains("image tiny: template VM booting")
+    });
+    let tiny_rootfs = image_file("tiny", "rootfs");
+    let away = tiny_rootfs.with_extension("away");
+    std::fs::rename(&tiny_rootfs, &away).unwrap();
+    cloud.ok(&["launch", "tiny1", "--image", "tiny", "--memory", "128M", "--no-wait"]);
+    wait_for("a failed start to be retried", Duration::from_secs(60), || {
+        cloud.ok(&["events", "tiny1"]).contains("retrying in 2 s (attempt 2/3)")
+    });
+    std::fs::rename(&away, &tiny_rootfs).unwrap();
+    wait_for("tiny1 to run after its retry", Duration::from_secs(300), || {
+        cloud.instance("tiny1")["status"]["state"] == "running"
+    });
+    let events = cloud.ok(&["events", "tiny1"]);
+    let cause = format!("opening {}: No such file", tiny_rootfs.display());
+    assert!(events.contains("start failed: ") && events.contains(&cause), "{events}");
     assert_eq!(cloud.ok(&["exec", "tiny1", "--", "cat", "/etc/from-a-tarball"]), "yes, from the tarball\n");
     cloud.ok(&["delete", "tiny1"]);
+
+    // The image from files booted (through its initrd) and is launched from its snapshot.
+    wait_for("the files image's warm snapshot", Duration::from_secs(300), || {
+        let images: Value = serde_json::from_str(&cloud.ok(&["image", "list", "-o", "json"])).unwrap();
+        images.as_array().unwrap().iter().any(|i| i["name"] == "files" && i["warm"].is_object())
+    });
+    let out = cloud.ok(&["launch", "files1", "--image", "files"]);
+    assert!(out.contains("files1 is running"), "{out}");
+    assert_eq!(cloud.ok(&["exec", "files1", "--", "cat", "/etc/from-files"]), "yes, from the files\n");
+    let dmesg = cloud.ok(&["exec", "files1", "--", "dmesg"]);
+    assert!(dmesg.contains("Freeing initrd memory"), "the kernel did not load the initrd:\n{dmesg}");
+    cloud.ok(&["delete", "files1"]);
     let (code, _, err) = cloud.cli(&["image", "import", "bad", "--tarball", "/nonexistent.tar"]);
     assert_ne!(code, 0);
     assert!(err.contains("/nonexistent.tar"), "{err}");
@@ -702,4 +794,35 @@ fn debian_image_through_the_api() {
     assert!(std::fs::read_dir(&uploads).map_or(0, |d| d.count()) == 0, "the used uploads are removed");
     let images: Value = serde_json::from_str(&cloud.ok(&["image", "list", "-o", "json"])).unwrap();
     assert!(images.as_array().unwrap().iter().all(|i| i["name"] != "debian"), "{images}");
+}
+
+/// A cpio archive in the kernel's initramfs format ("newc"): directories (no contents) and
+/// files.
+fn newc_cpio(entries: &[(&str, Option<&[u8]>)]) -> Vec<u8> {
+    fn pad(out: &mut Vec<u8>) {
+        while !out.len().is_multiple_of(4) {
+            out.push(0);
+        }
+    }
+    let mut out = Vec::new();
+    let trailer = [("TRAILER!!!", None)];
+    for (ino, (name, data)) in entries.iter().chain(trailer.iter()).enumerate() {
+        let mode = match data {
+            _ if *name == "TRAILER!!!" => 0,
+            Some(_) => 0o100644,
+            None => 0o040755,
+        };
+        let size = data.map_or(0, <[u8]>::len);
+        let fields = [ino + 1, mode, 0, 0, 1, 0, size, 0, 0, 0, 0, name.len() + 1, 0];
+        out.extend_from_slice(b"070701");
+        for field in fields {
+            out.extend_from_slice(format!("{field:08X}").as_bytes());
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        pad(&mut out);
+        out.extend_from_slice(data.unwrap_or_default());
+        pad(&mut out);
+    }
+    out
 }

@@ -27,7 +27,20 @@ pub(super) fn gather() -> Result<GuestInfo, String> {
         kernel: c_string(&uts.release),
         uptime_secs,
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        cid: local_cid(),
     })
+}
+
+/// The guest's own vsock CID (IOCTL_VM_SOCKETS_GET_LOCAL_CID on /dev/vsock). A clone restored
+/// from a snapshot re-reads it from its device when the host resets the transport.
+fn local_cid() -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    const IOCTL_VM_SOCKETS_GET_LOCAL_CID: u32 = 0x7b9; // _IO(7, 0xb9)
+    let vsock = std::fs::File::open("/dev/vsock").ok()?;
+    let mut cid: u32 = 0;
+    // SAFETY: the ioctl writes one u32 to the pointer it is given, which lives for the call.
+    let rc = unsafe { libc::ioctl(vsock.as_raw_fd(), IOCTL_VM_SOCKETS_GET_LOCAL_CID as _, &mut cid) };
+    (rc == 0).then_some(cid)
 }
 
 /// A NUL-terminated `char` array (from uname) as a string.

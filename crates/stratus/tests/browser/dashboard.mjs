@@ -1,5 +1,6 @@
 // The dashboard in headless Chromium, as a user would use it: log in with the token, launch an
-// instance, see it turn running, open its console and type a command, delete it.
+// instance, see it turn running, open its console and type a command, see its CPU and memory
+// graphs, stop it, delete it.
 // Usage: node dashboard.mjs URL TOKEN NAME     (playwright-core on NODE_PATH; Debian's chromium)
 import { createRequire } from "node:module";
 const require = createRequire(import.meta.url);
@@ -61,6 +62,35 @@ try {
   }
   if (!seen) throw new Error("the command's output never appeared in the console");
   await page.click("#console-close");
+
+  step("metrics graphs");
+  await page.click(`tr[data-instance="${name}"] td.name`); // a click on the row graphs it
+  await page.waitForFunction(
+    () => /\d %$/.test(document.querySelector("#cpu-value").textContent.trim())
+      && /\d MiB$/.test(document.querySelector("#mem-value").textContent.trim()),
+    null,
+    { timeout: 30000, polling: 500 },
+  );
+  // Each canvas holds a line in its colour (not only the grid and labels).
+  const lines = await page.evaluate(() => [["cpu-graph", [37, 99, 235]], ["mem-graph", [22, 163, 74]]].map(([id, rgb]) => {
+    const canvas = document.getElementById(id);
+    const pixels = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+    let near = 0;
+    for (let i = 0; i < pixels.length; i += 4) {
+      const d = Math.abs(pixels[i] - rgb[0]) + Math.abs(pixels[i + 1] - rgb[1]) + Math.abs(pixels[i + 2] - rgb[2]);
+      if (pixels[i + 3] > 200 && d < 60) near += 1;
+    }
+    return near;
+  }));
+  if (!(lines[0] > 0 && lines[1] > 0)) throw new Error(`graphs without lines (pixels of their colour: ${lines})`);
+
+  step(`stop ${name}`);
+  await page.click(`tr[data-instance="${name}"] button.stop`);
+  await page.waitForFunction(
+    (sel) => document.querySelector(sel)?.textContent.trim() === "stopped",
+    state,
+    { timeout: 120000, polling: 500 },
+  );
 
   step(`delete ${name}`);
   const del = `tr[data-instance="${name}"] button.delete`;
