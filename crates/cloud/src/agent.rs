@@ -502,6 +502,9 @@ struct BootSpec<'a> {
     cid: u32,
 }
 
+/// How long exec waits for the guest agent to start the program.
+const EXEC_START_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The longest a VMM API call may take (a snapshot of a large VM writes its memory).
 const VMM_CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -844,7 +847,9 @@ impl HostAgent for LocalAgent {
         if !is_vmm_of(instance.status.pid, &self.instance_dir(&instance.id)) {
             return Err(AgentError::NotRunning);
         }
-        let client = Client::new(self.instance_dir(&instance.id).join("vsock.sock"), Duration::from_secs(10));
+        // Patience for the program to start: a guest on a busy host (or an emulating one, PVM)
+        // may take seconds to fork and exec; once it runs, only `limit` bounds it.
+        let client = Client::new(self.instance_dir(&instance.id).join("vsock.sock"), EXEC_START_TIMEOUT);
         let timeout_ms = Some(limit.as_millis().try_into().unwrap_or(u64::MAX));
         let request = ExecRequest { argv, timeout_ms, ..Default::default() };
         let (mut stdout, mut stderr) = (Capped::default(), Capped::default());

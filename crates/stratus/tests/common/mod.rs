@@ -320,6 +320,10 @@ pub fn interactive_in(net: &TestNet, args: &[&str]) -> Interactive {
 /// Installs the Debian packages a test needs when they are missing (a fresh machine has
 /// neither the C library headers nor the kernel's uapi headers guaranteed).
 pub fn ensure_packages(packages: &[&str]) {
+    // Tests of one binary run in parallel: one apt at a time (another process's apt is waited
+    // for through dpkg's lock timeout).
+    static APT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _apt = APT.lock().unwrap_or_else(|p| p.into_inner());
     let missing: Vec<&str> = packages
         .iter()
         .copied()
@@ -336,7 +340,7 @@ pub fn ensure_packages(packages: &[&str]) {
     println!("installing {missing:?} for the tests");
     let _ = Command::new("apt-get").args(["update", "-q"]).status();
     let status = Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(["install", "-y", "-q", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=600"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive")
         .status()
