@@ -698,7 +698,8 @@ impl Vmm {
         &mut self,
         arrival: crate::migration::Arrival<(VmConfig, crate::vm::Shell)>,
     ) -> Result<Option<crate::migration::postcopy::Arriving>, ApiError> {
-        let crate::migration::Arrival { state, prepared: (config, shell), conn, postcopy } = arrival;
+        let crate::migration::Arrival { state, prepared: (config, shell), conn, postcopy, arrived_at } =
+            arrival;
         self.arriving = postcopy.as_ref().map(|p| p.pending());
         let started = shell
             .finish(crate::vm::Start::Arrive(&state))
@@ -712,7 +713,7 @@ impl Vmm {
                 return Err(e);
             }
         };
-        crate::migration::confirm(&conn).map_err(|e| ApiError::Failed(e.to_string()))?;
+        crate::migration::confirm(&conn, arrived_at).map_err(|e| ApiError::Failed(e.to_string()))?;
         vm.announce();
         self.take_config(config);
         self.adopt(vm);

@@ -123,8 +123,11 @@ pub struct Report {
     pub last_pages_ms: f64,
     /// saving and encoding the VM's state,
     pub state_ms: f64,
-    /// and from the end of the stream to the destination's `Running` (transfer, build, run).
+    /// and from the end of the stream to the destination's `Running` (transfer, build, run),
     pub destination_ms: f64,
+    /// of which the destination's own work once it had read the stream's end (flushing copied
+    /// disks, restoring the state, starting the vCPUs), as it measured it.
+    pub destination_work_ms: f64,
     /// Whether the guest moved before all of its memory (post-copy).
     pub postcopy: bool,
     /// Pages sent after the guest moved.
@@ -489,6 +492,9 @@ fn is_set(dirty: &DirtyPages, region: usize, page: usize) -> bool {
     dirty.get(region).and_then(|bits| bits.get(page / 64)).is_some_and(|w| w & (1 << (page % 64)) != 0)
 }
 
+/// Seconds of stop-and-copy not worth another dirty round to save.
+const NEGLIGIBLE_PAUSE: f64 = 0.000_25;
+
 /// Migrates the running `vm` over `conn`. On success the guest runs at the destination and
 /// `vm` is left paused; on any failure it runs again here.
 pub fn send(
@@ -625,12 +631,13 @@ pub fn send(
                     let left = count(&dirty) * PAGE as u64 + disk_left;
                     let estimate = left as f64 / bandwidth;
                     // Once the rest fits the target, rounds go on while they still shrink it
-                    // (each costs little when little is left) unless it is already a tenth of the
-                    // target: the pause is as short as the guest's dirtying allows, not merely
-                    // short enough.
+                    // (each costs little when little is left) unless it is already next to
+                    // nothing (a tenth of the target, at most a quarter of a millisecond): the
+                    // pause is as short as the guest's dirtying allows, not merely short enough.
                     let target = options.max_downtime.as_secs_f64();
                     let shrinking = left.saturating_mul(4) < previous.saturating_mul(3);
-                    let fits = estimate <= target && (estimate <= target / 10.0 || !shrinking);
+                    let negligible = (target / 10.0).min(NEGLIGIBLE_PAUSE);
+                    let fits = estimate <= target && (estimate <= negligible || !shrinking);
                     if fits {
                         return Ok(false);
                     }
@@ -754,7 +761,12 @@ pub fn send(
             )));
         }
         match answer? {
-            Kind::Running => Ok(()),
+            Kind::Running => {
+                if let Ok(micros) = <[u8; 8]>::try_from(payload.as_slice()) {
+                    sender.report.destination_work_ms = u64::from_le_bytes(micros) as f64 / 1e3;
+                }
+                Ok(())
+            }
             Kind::Refuse => Err(MigrationError::Refused(String::from_utf8_lossy(&payload).into_owned())),
             other => Err(MigrationError::Protocol(format!("{other:?} instead of Running"))),
         }
@@ -835,6 +847,8 @@ pub struct Arrival<P> {
     pub conn: Replies,
     /// In post-copy, the pages still coming: the guest may run, but this must be waited on.
     pub postcopy: Option<postcopy::Arriving>,
+    /// When the stream's last frame (`Done` or `Postcopy`) was read.
+    pub arrived_at: Instant,
 }
 
 fn refuse(conn: &mut dyn Connection, reason: String) -> MigrationError {
@@ -999,6 +1013,7 @@ pub fn receive<P>(
             other => return Err(MigrationError::Protocol(format!("unexpected {other:?} frame"))),
         }
     };
+    let arrived_at = Instant::now();
     let state = state.ok_or_else(|| MigrationError::Protocol("Done before any State".into()))?;
     if let Some(Err(e)) = disk_copy.as_ref().map(|d| d.sync()) {
         return Err(refuse(conn.as_mut(), e.to_string()));
@@ -1015,7 +1030,7 @@ pub fn receive<P>(
         },
         _ => None,
     };
-    Ok(Arrival { state, prepared, conn, postcopy })
+    Ok(Arrival { state, prepared, conn, postcopy, arrived_at })
 }
 
 /// A (first page u64, count u32) range, as `Zeros` and `Discard` carry them: 12 bytes.
@@ -1040,9 +1055,11 @@ fn page_frame(kind: Kind, payload: &[u8]) -> Result<(u64, u64, Option<&[u8]>), M
     }
 }
 
-/// Tells the source that the VM runs here.
-pub fn confirm(replies: &Replies) -> Result<(), MigrationError> {
-    answer(replies, Kind::Running, &[])
+/// Tells the source that the VM runs here, and how long it took since the stream ended
+/// (microseconds, for the source's report).
+pub fn confirm(replies: &Replies, arrived_at: Instant) -> Result<(), MigrationError> {
+    let micros = arrived_at.elapsed().as_micros() as u64;
+    answer(replies, Kind::Running, &micros.to_le_bytes())
 }
 
 /// Tells the source that the VM cannot run here after all (it resumes its copy).
