@@ -125,8 +125,8 @@ pub struct Report {
     pub state_ms: f64,
     /// and from the end of the stream to the destination's `Running` (transfer, build, run),
     pub destination_ms: f64,
-    /// of which the destination's own work once it had read the stream's end (flushing copied
-    /// disks, restoring the state, starting the vCPUs), as it measured it.
+    /// of which the destination's own work once it had read the VM's state (decoding it,
+    /// flushing copied disks, restoring the state, starting the vCPUs), as it measured it.
     pub destination_work_ms: f64,
     /// Whether the guest moved before all of its memory (post-copy).
     pub postcopy: bool,
@@ -696,6 +696,13 @@ pub fn send(
     // The throttler may have stopped between a pause and its resume.
     vm.resume();
     let postcopy = rounds?;
+    // A throttled guest may have just been held for a while: let it run a slice before the
+    // final pause, or the two would add up to one long stall (the few pages it dirties
+    // meanwhile are in the last pages).
+    let held = throttle.load(std::sync::atomic::Ordering::Relaxed);
+    if held > 0 && !postcopy {
+        std::thread::sleep(THROTTLE_PERIOD * (100 - held) / 100);
+    }
 
     // 4. Stop and copy (or post-copy); the guest comes back here on any failure before the
     // destination runs it.
@@ -847,7 +854,7 @@ pub struct Arrival<P> {
     pub conn: Replies,
     /// In post-copy, the pages still coming: the guest may run, but this must be waited on.
     pub postcopy: Option<postcopy::Arriving>,
-    /// When the stream's last frame (`Done` or `Postcopy`) was read.
+    /// When the VM's state was read (the last large frame: `Done` or `Postcopy` follows).
     pub arrived_at: Instant,
 }
 
@@ -933,6 +940,7 @@ pub fn receive<P>(
     let layout = postcopy::Layout::new(&memory);
     // Where pages `first..first + n` are: their guest address, if they lie in one region.
     let locate = |first: u64, n: u64| layout.locate(first, n).map(|(guest, _)| guest);
+    // The VM's state, and when it was read: the destination's part of the downtime starts there.
     let mut state = None;
     // Post-copy's userfaultfd and stale pages, from the first `Discard` on.
     let mut stale: Option<postcopy::Incoming> = None;
@@ -966,7 +974,10 @@ pub fn receive<P>(
                 }
             }
             Kind::State => {
-                state = Some(format::decode(&payload).map_err(|e| MigrationError::Protocol(e.to_string()))?)
+                let read_at = Instant::now();
+                let decoded =
+                    format::decode(&payload).map_err(|e| MigrationError::Protocol(e.to_string()))?;
+                state = Some((read_at, decoded));
             }
             Kind::Sync => {
                 // Copied disk blocks go to stable storage pass by pass: the last sync, before the
@@ -1013,8 +1024,8 @@ pub fn receive<P>(
             other => return Err(MigrationError::Protocol(format!("unexpected {other:?} frame"))),
         }
     };
-    let arrived_at = Instant::now();
-    let state = state.ok_or_else(|| MigrationError::Protocol("Done before any State".into()))?;
+    let (arrived_at, state) =
+        state.ok_or_else(|| MigrationError::Protocol("Done before any State".into()))?;
     if let Some(Err(e)) = disk_copy.as_ref().map(|d| d.sync()) {
         return Err(refuse(conn.as_mut(), e.to_string()));
     }
@@ -1055,7 +1066,7 @@ fn page_frame(kind: Kind, payload: &[u8]) -> Result<(u64, u64, Option<&[u8]>), M
     }
 }
 
-/// Tells the source that the VM runs here, and how long it took since the stream ended
+/// Tells the source that the VM runs here, and how long it took since its state was read
 /// (microseconds, for the source's report).
 pub fn confirm(replies: &Replies, arrived_at: Instant) -> Result<(), MigrationError> {
     let micros = arrived_at.elapsed().as_micros() as u64;

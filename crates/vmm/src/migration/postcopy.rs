@@ -150,7 +150,8 @@ pub(super) fn discard(
 
 /// What the destination says during post-copy (read on a thread of its own).
 enum Heard {
-    Running,
+    /// With the destination's own part of the downtime, in microseconds, when it says.
+    Running(Option<u64>),
     Requests(Vec<u64>),
     Complete,
     Refused(String),
@@ -162,7 +163,9 @@ fn listen(mut input: BufReader<Box<dyn Connection>>, tx: mpsc::Sender<Heard>) ->
         let mut payload = Vec::new();
         loop {
             let heard = match read_frame(&mut input, &mut payload) {
-                Ok(Kind::Running) => Heard::Running,
+                Ok(Kind::Running) => {
+                    Heard::Running(<[u8; 8]>::try_from(payload.as_slice()).ok().map(u64::from_le_bytes))
+                }
                 Ok(Kind::Complete) => Heard::Complete,
                 // An empty request: the destination is there, nothing is missing.
                 Ok(Kind::Request) if payload.len() % 8 == 0 => Heard::Requests(
@@ -234,8 +237,11 @@ impl Source<'_, '_> {
     /// Acts on what the destination said; `Ok(true)` once it has every page.
     fn heard(&mut self, heard: Heard) -> Result<bool, MigrationError> {
         match heard {
-            Heard::Running => {
+            Heard::Running(micros) => {
                 self.running = Some(Instant::now());
+                if let Some(micros) = micros {
+                    self.sender.report.destination_work_ms = micros as f64 / 1e3;
+                }
                 self.sender.report.downtime_ms = ms_since(self.paused_at);
                 self.progress.update(|p| p.phase = "post-copy (running at the destination)");
                 Ok(false)
