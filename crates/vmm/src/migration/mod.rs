@@ -710,6 +710,8 @@ pub fn send(
     let paused_at = Instant::now();
     vm.pause();
     sender.report.pause_ms = ms_since(paused_at);
+    // The bandwidth cap is for the guest's sake while it runs: the pause is not stretched by it.
+    let limit = sender.bandwidth.take();
     let mut disks_released = false;
     let result = (|| -> Result<(), MigrationError> {
         let t = Instant::now();
@@ -745,6 +747,8 @@ pub fn send(
         if postcopy {
             write_frame(&mut sender.out, Kind::Postcopy, &[])?;
             sender.out.flush().map_err(StreamError::Io)?;
+            // The guest runs at the destination from here: the background stream is capped again.
+            sender.bandwidth = limit;
             let input =
                 std::mem::replace(&mut input, BufReader::new(Box::new(Closed) as Box<dyn Connection>));
             let served = postcopy::serve(&mut sender, input, vm.memory(), merged, paused_at, progress);
