@@ -183,10 +183,11 @@ impl Cloud {
             .success()
     }
 
-    fn wait_for_warm_image(&self) {
-        wait_for("the image's warm snapshot", Duration::from_secs(300), || {
+    /// Waits until image `name` has its warm snapshot (made by booting it once).
+    fn wait_for_warm_image(&self, name: &str) {
+        wait_for(&format!("image {name}'s warm snapshot"), Duration::from_secs(300), || {
             let images: Value = serde_json::from_str(&self.ok(&["image", "list", "-o", "json"])).unwrap();
-            images[0]["warm"].is_object()
+            images.as_array().unwrap().iter().any(|i| i["name"] == name && i["warm"].is_object())
         });
     }
 
@@ -485,7 +486,7 @@ fn cloud_lifecycle_on_one_machine() {
 
     // Warm launch: the server saved the default image booted; launches of its size restore
     // clones of it, each with its own name, MAC, address and disk.
-    cloud.wait_for_warm_image();
+    cloud.wait_for_warm_image("default");
     // The server dies right after accepting a launch: nothing it acknowledged is lost, and the
     // launch it had begun (if any) starts over from a clean clone, still warm.
     cloud.ok(&["launch", "warm1", "--no-wait"]);
@@ -599,7 +600,7 @@ fn dashboard_in_a_browser() {
     }
     let modules = playwright();
     // Launched from the page once the image's warm snapshot exists: a restore, not a boot.
-    cloud.wait_for_warm_image();
+    cloud.wait_for_warm_image("default");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/dashboard.mjs");
     let out = Command::new("ip")
         .args(["netns", "exec", &cloud.net.netns, "node"])
@@ -766,10 +767,7 @@ fn debian_image_through_the_api() {
     assert!(out.contains("image files imported"), "{out}");
 
     // It booted (through its initrd) for its warm snapshot, and launches from that.
-    wait_for("the files image's warm snapshot", Duration::from_secs(300), || {
-        let images: Value = serde_json::from_str(&cloud.ok(&["image", "list", "-o", "json"])).unwrap();
-        images.as_array().unwrap().iter().any(|i| i["name"] == "files" && i["warm"].is_object())
-    });
+    cloud.wait_for_warm_image("files");
     let out = cloud.ok(&["launch", "files1", "--image", "files"]);
     assert!(out.contains("files1 is running"), "{out}");
     assert_eq!(cloud.ok(&["exec", "files1", "--", "cat", "/etc/from-files"]), "yes, from the files\n");

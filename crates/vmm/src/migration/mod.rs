@@ -773,8 +773,8 @@ pub fn send(
         }
         match answer? {
             Kind::Running => {
-                if let Ok(micros) = <[u8; 8]>::try_from(payload.as_slice()) {
-                    sender.report.destination_work_ms = u64::from_le_bytes(micros) as f64 / 1e3;
+                if let Some(ms) = destination_work_ms(&payload) {
+                    sender.report.destination_work_ms = ms;
                 }
                 Ok(())
             }
@@ -1075,6 +1075,12 @@ fn page_frame(kind: Kind, payload: &[u8]) -> Result<(u64, u64, Option<&[u8]>), M
 pub fn confirm(replies: &Replies, arrived_at: Instant) -> Result<(), MigrationError> {
     let micros = arrived_at.elapsed().as_micros() as u64;
     answer(replies, Kind::Running, &micros.to_le_bytes())
+}
+
+/// The destination's own part of the downtime, in milliseconds, from a `Running` frame's
+/// payload (see `confirm`); `None` when it does not say.
+fn destination_work_ms(payload: &[u8]) -> Option<f64> {
+    <[u8; 8]>::try_from(payload).ok().map(|micros| u64::from_le_bytes(micros) as f64 / 1e3)
 }
 
 /// Tells the source that the VM cannot run here after all (it resumes its copy).

@@ -22,8 +22,8 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use super::stream::{read_frame, write_frame, Kind, StreamError, MAX_PAYLOAD};
 use super::uffd::Uffd;
 use super::{
-    answer, count, is_set, ms_since, page_frame, regions, Connection, MigrationError, Progress, Replies,
-    Sender, TIMEOUT,
+    answer, count, destination_work_ms, is_set, ms_since, page_frame, regions, Connection, MigrationError,
+    Progress, Replies, Sender, TIMEOUT,
 };
 use crate::snapshot::memory::{is_zero, region_bytes, DirtyPages, PAGE};
 
@@ -150,8 +150,8 @@ pub(super) fn discard(
 
 /// What the destination says during post-copy (read on a thread of its own).
 enum Heard {
-    /// With the destination's own part of the downtime, in microseconds, when it says.
-    Running(Option<u64>),
+    /// With the destination's own part of the downtime, in milliseconds, when it says.
+    Running(Option<f64>),
     Requests(Vec<u64>),
     Complete,
     Refused(String),
@@ -163,9 +163,7 @@ fn listen(mut input: BufReader<Box<dyn Connection>>, tx: mpsc::Sender<Heard>) ->
         let mut payload = Vec::new();
         loop {
             let heard = match read_frame(&mut input, &mut payload) {
-                Ok(Kind::Running) => {
-                    Heard::Running(<[u8; 8]>::try_from(payload.as_slice()).ok().map(u64::from_le_bytes))
-                }
+                Ok(Kind::Running) => Heard::Running(destination_work_ms(&payload)),
                 Ok(Kind::Complete) => Heard::Complete,
                 // An empty request: the destination is there, nothing is missing.
                 Ok(Kind::Request) if payload.len() % 8 == 0 => Heard::Requests(
@@ -237,10 +235,10 @@ impl Source<'_, '_> {
     /// Acts on what the destination said; `Ok(true)` once it has every page.
     fn heard(&mut self, heard: Heard) -> Result<bool, MigrationError> {
         match heard {
-            Heard::Running(micros) => {
+            Heard::Running(work_ms) => {
                 self.running = Some(Instant::now());
-                if let Some(micros) = micros {
-                    self.sender.report.destination_work_ms = micros as f64 / 1e3;
+                if let Some(ms) = work_ms {
+                    self.sender.report.destination_work_ms = ms;
                 }
                 self.sender.report.downtime_ms = ms_since(self.paused_at);
                 self.progress.update(|p| p.phase = "post-copy (running at the destination)");
