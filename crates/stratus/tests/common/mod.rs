@@ -466,20 +466,23 @@ impl VmmProcess {
     }
 }
 
-/// An ext4 disk image holding the guest-side vsock tool (tests/guest-tools/vsock-tool.c).
+/// An ext4 disk image holding the guest-side tools (tests/guest-tools/*.c: `vsock-tool`,
+/// `fpu-check`), built static.
 pub fn tools_disk() -> PathBuf {
     ensure_packages(&["libc6-dev", "linux-libc-dev", "e2fsprogs"]);
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("guest-tools-{}", std::process::id()));
     let root = dir.join("root");
     std::fs::create_dir_all(&root).unwrap();
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/guest-tools/vsock-tool.c");
-    let status = Command::new("gcc")
-        .args(["-static", "-O2", "-o"])
-        .arg(root.join("vsock-tool"))
-        .arg(&src)
-        .status()
-        .unwrap();
-    assert!(status.success(), "building vsock-tool");
+    for tool in ["vsock-tool", "fpu-check"] {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../tests/guest-tools/{tool}.c"));
+        let status = Command::new("gcc")
+            .args(["-static", "-O2", "-o"])
+            .arg(root.join(tool))
+            .arg(&src)
+            .status()
+            .unwrap();
+        assert!(status.success(), "building {tool}");
+    }
     let image = dir.join("tools.ext4");
     let _ = std::fs::remove_file(&image);
     std::fs::File::create(&image).unwrap().set_len(16 << 20).unwrap();
