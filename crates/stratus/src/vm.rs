@@ -48,6 +48,12 @@ pub enum VmCommand {
     /// Move the running VM to a VMM started with --incoming (live: the guest keeps running
     /// until the last, short stop-and-copy).
     Migrate(MigrateArgs),
+    /// Call off the migration under way, before the guest pauses for the move: the guest
+    /// runs on here and the destination VMM gives up. (Ctrl-C in `vm migrate` does the same.)
+    MigrateCancel(ApiSock),
+    /// Move the guest of a migration started with --postcopy now, and send the rest of its
+    /// memory after it, instead of waiting for the dirty rounds to converge.
+    MigratePostcopy(ApiSock),
     /// End the VMM process.
     Quit(ApiSock),
 }
@@ -600,8 +606,17 @@ pub fn run(command: VmCommand) -> anyhow::Result<i32> {
             let sock = ApiSock { api_sock: args.sock.api_sock.clone() };
             let migration = std::thread::spawn(move || call(&sock, "POST", "/vm/migrate", Some(body)));
             let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let interrupted = on_first_interrupt();
+            let mut cancelling = false;
             while !migration.is_finished() {
                 std::thread::sleep(Duration::from_millis(250));
+                if !cancelling && interrupted.load(std::sync::atomic::Ordering::SeqCst) {
+                    cancelling = true;
+                    match call(&args.sock, "DELETE", "/migration", None) {
+                        Ok(_) => eprintln!("\nstratus: calling the migration off; the guest stays here"),
+                        Err(e) => eprintln!("\nstratus: {e}"),
+                    }
+                }
                 if let Ok(p) = call(&args.sock, "GET", "/migration", None) {
                     let line = format!(
                         "{:<14} round {:>3}  sent {:>8.1} MiB  left {:>7.1} MiB  {:>7.1} MiB/s  dirtying {:>7.1} MiB/s  throttle {:>2}%",
@@ -625,6 +640,14 @@ pub fn run(command: VmCommand) -> anyhow::Result<i32> {
             }
             let report = migration.join().map_err(|_| anyhow::anyhow!("the migration call panicked"))??;
             print_json(&report);
+        }
+        VmCommand::MigrateCancel(sock) => {
+            call(&sock, "DELETE", "/migration", None)?;
+            eprintln!("stratus: the migration is being called off; the guest stays here");
+        }
+        VmCommand::MigratePostcopy(sock) => {
+            call(&sock, "POST", "/migration/postcopy", None)?;
+            eprintln!("stratus: the guest moves now; the rest of its memory follows it");
         }
         VmCommand::Balloon(args) => {
             if let Some(target) = args.target {
@@ -694,4 +717,23 @@ pub fn run(command: VmCommand) -> anyhow::Result<i32> {
 /// Paths go to the VMM as absolute paths: it may run in another directory.
 fn absolute(path: &std::path::Path) -> anyhow::Result<PathBuf> {
     std::path::absolute(path).with_context(|| format!("{}", path.display()))
+}
+
+/// The flag the first Ctrl-C (SIGINT) raises; a second one ends the process as usual.
+fn on_first_interrupt() -> &'static std::sync::atomic::AtomicBool {
+    static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    extern "C" fn raise(_: libc::c_int) {
+        INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    // SAFETY: the handler only stores to an atomic (async-signal-safe); SA_RESTART keeps the
+    // API calls of other threads going; SA_RESETHAND puts the default action back for the
+    // next SIGINT.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = raise as extern "C" fn(libc::c_int) as usize;
+        action.sa_flags = libc::SA_RESETHAND | libc::SA_RESTART;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(libc::SIGINT, &action, std::ptr::null_mut());
+    }
+    &INTERRUPTED
 }

@@ -574,6 +574,112 @@ fn a_guest_that_dirties_faster_than_the_link_converges_by_throttling() {
     dst.quit();
 }
 
+/// Waits until `src`'s migration has begun to send the guest's memory.
+fn wait_until_sending(src: &VmmProcess, migration: &mut std::process::Child) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let p = src.ok("GET", "/migration", None);
+        if (p["phase"] == "full pass" || p["phase"] == "dirty rounds") && p["bytes_sent"].as_u64() > Some(0) {
+            return p;
+        }
+        assert!(migration.try_wait().unwrap().is_none(), "the migration ended early: {p}");
+        assert!(std::time::Instant::now() < deadline, "the migration never began to send: {p}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `stratus vm migrate` of `src` to `to` with `extra` arguments, in the background.
+fn migrate_in_background(src: &VmmProcess, to: &str, extra: &[&str]) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_stratus"))
+        .args(["vm", "migrate", "--api-sock", src.sock.to_str().unwrap(), "--to", to])
+        .args(extra)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn a_migration_called_off_with_ctrl_c_leaves_the_guest_running_here() {
+    if !kvm_available("a_migration_called_off_with_ctrl_c_leaves_the_guest_running_here") {
+        return;
+    }
+    // A link of 2 MiB/s: the first pass over the guest's 16 MiB takes seconds.
+    let (mut src, dst, to) = running_pair("cancel", "test=dirty rate_mib=1 dirty_mib=16 exit=poweroff");
+    let mut migration = migrate_in_background(&src, &to, &["--bandwidth", "2M", "--no-auto-converge"]);
+    let p = wait_until_sending(&src, &mut migration);
+    // Meanwhile the VMM's other requests are refused at once, saying why; post-copy was not
+    // asked for, so it cannot be switched to.
+    let e = src.fails("GET", "/vm", None, 409);
+    assert!(
+        e.contains(&format!("a migration to {to} is under way")) && e.contains("DELETE /migration"),
+        "{e}"
+    );
+    let e = src.fails("POST", "/migration/postcopy", None, 409);
+    assert!(e.contains("without post-copy"), "{e}");
+    // Ctrl-C calls it off.
+    // SAFETY: kill(2) on a child of this test.
+    unsafe { libc::kill(migration.id() as i32, libc::SIGINT) };
+    let out = migration.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("calling the migration off"), "{stderr}");
+    assert!(
+        stderr.contains("called off at the source") && stderr.contains("the VM runs here still"),
+        "{stderr}"
+    );
+    let last = src.ok("GET", "/migration", None);
+    assert_eq!(last["phase"], "failed", "{last}");
+    assert!(last["bytes_sent"].as_u64() >= p["bytes_sent"].as_u64(), "{last}");
+    let e = src.fails("DELETE", "/migration", None, 409);
+    assert!(e.contains("no migration is under way"), "{e}");
+    // The guest runs on here; the destination gave up, saying why.
+    assert_eq!(src.state(), "running");
+    let ticks = last_tick(&src.console.output());
+    src.console.expect(&format!("tick {}", ticks + 1), 0, Duration::from_secs(10));
+    let out = dst.console.finish(Duration::from_secs(10));
+    assert!(out.stderr.contains("the source called the migration off"), "{}", out.stderr);
+    // And it can still move, whole.
+    let to = format!("tcp:127.0.0.1:{}", free_port());
+    let mut dst = VmmProcess::start_in(&src.dir.clone(), &["--incoming", &to]);
+    src.ok("POST", "/vm/migrate", Some(json!({"to": to})));
+    goes_on_intact(&src, &mut dst);
+    src.quit();
+    dst.quit();
+}
+
+#[test]
+fn a_migration_moves_by_post_copy_when_asked() {
+    if !kvm_available("a_migration_moves_by_post_copy_when_asked") {
+        return;
+    }
+    // A guest slow to dirty (1 MiB/s) on a 2 MiB/s link would converge by dirty rounds; asked
+    // during the first pass, it moves at once and the rest follows it.
+    let (src, mut dst, to) = running_pair("switch", "test=dirty rate_mib=1 dirty_mib=16 exit=poweroff");
+    let e = src.fails("POST", "/migration/postcopy", None, 409);
+    assert!(e.contains("no migration is under way"), "{e}");
+    let mut migration = migrate_in_background(&src, &to, &["--bandwidth", "2M", "--postcopy"]);
+    wait_until_sending(&src, &mut migration);
+    let out = common::stratus(
+        &["vm", "migrate-postcopy", "--api-sock", src.sock.to_str().unwrap()],
+        b"",
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stderr.contains("the guest moves now"), "{}", out.stderr);
+    let out = migration.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    println!("migration switched to post-copy: {report}");
+    assert_eq!(report["postcopy"], true, "{report}");
+    assert!(report["postcopy_pages"].as_u64().unwrap() > 0, "{report}");
+    goes_on_intact(&src, &mut dst);
+    src.quit();
+    let out = dst.quit();
+    assert!(out.stderr.contains("post-copy complete"), "{}", out.stderr);
+}
+
 #[test]
 fn a_guest_that_dirties_faster_than_the_link_moves_by_post_copy() {
     if !kvm_available("a_guest_that_dirties_faster_than_the_link_moves_by_post_copy") {

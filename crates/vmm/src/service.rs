@@ -654,7 +654,7 @@ impl Vmm {
         let Some(vm) = self.vm.as_mut().filter(|_| phase == Phase::Running) else {
             return Err(conflict("migrate", phase));
         };
-        self.migration.begin(to);
+        self.migration.begin(to, options.postcopy);
         // Migration takes the dirty log: a diff snapshot after it would miss pages.
         self.has_base_snapshot = false;
         let result = crate::migration::connect(to)
@@ -664,6 +664,9 @@ impl Vmm {
         let report = result.map_err(|e| match e {
             crate::migration::MigrationError::Stranded(why) => {
                 ApiError::Failed(format!("migration failed: {why}"))
+            }
+            crate::migration::MigrationError::Cancelled(why) => {
+                ApiError::Conflict(format!("migration {why}"))
             }
             e => ApiError::Failed(format!("migration failed; the VM runs here still: {e}")),
         })?;

@@ -24,6 +24,8 @@
 //! | POST | /vm/restore | `{"state_file": P, "memory_files": [P, ...], "drives": [...], "nets": [...], "vsock": {...}, "paused": false, "track_dirty_pages": false}` | instead of start |
 //! | POST | /vm/migrate | `{"to": "tcp:HOST:PORT", "max_downtime_ms": 20, "bandwidth": BYTES_PER_S, "auto_converge": true, "postcopy": false, "with_disks": false}` | live migration to a `--incoming` VMM |
 //! | GET | /migration | | the current or last migration: phase, round, bytes sent, remaining, dirty rate, result |
+//! | DELETE | /migration | | call the migration off before the guest pauses (202; 409 once it is moving) |
+//! | POST | /migration/postcopy | | move the guest now, the rest after it (a migration started with `postcopy`) |
 //! | GET | /metrics | | counters per vCPU and device |
 //! | POST | /vmm/quit | | the VMM process exits |
 
@@ -301,6 +303,36 @@ pub fn handle(vmm: &Mutex<Vmm>, request: &Request) -> (Response, After) {
     (response, After::Continue)
 }
 
+/// The requests answered without the VMM, which a migration holds while it runs: its
+/// progress, calling it off, switching it to post-copy; anything else during a migration is
+/// refused at once rather than left waiting for it.
+fn migration_request(progress: &crate::migration::Progress, request: &http::Request) -> Option<Response> {
+    let path = request.path.trim_end_matches('/');
+    let refused = |e: String| Response::error(409, e);
+    Some(match (request.method.as_str(), path) {
+        ("GET", "/migration") => Response::json(200, &progress.get()),
+        ("DELETE", "/migration") => match progress.cancel() {
+            Ok(()) => Response::json(202, &progress.get()),
+            Err(e) => refused(e),
+        },
+        ("POST", "/migration/postcopy") => match progress.start_postcopy() {
+            Ok(()) => Response::json(202, &progress.get()),
+            Err(e) => refused(e),
+        },
+        (_, "/migration" | "/migration/postcopy") => {
+            Response::error(405, format!("{} is not allowed on {}", request.method, request.path))
+        }
+        _ if progress.active() => {
+            let p = progress.get();
+            refused(format!(
+                "a migration to {} is under way ({}): GET /migration follows it, DELETE /migration calls it off",
+                p.to, p.phase
+            ))
+        }
+        _ => return None,
+    })
+}
+
 /// Binds the API socket at `path` (replacing a stale one nobody listens on).
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     match stratus_unix::bind(path) {
@@ -345,12 +377,10 @@ pub fn serve(listener: UnixListener, path: &Path, vmm: Arc<Mutex<Vmm>>) {
         let (vmm, progress, quit, path) = (vmm.clone(), progress.clone(), quit.clone(), path.to_owned());
         let spawned = std::thread::Builder::new().name("api-request".into()).spawn(move || {
             let (response, after) = match http::read_request(&stream) {
-                Ok(request)
-                    if request.method == "GET" && request.path.trim_end_matches('/') == "/migration" =>
-                {
-                    (Response::json(200, &progress.get()), After::Continue)
-                }
-                Ok(request) => handle(&vmm, &request),
+                Ok(request) => match migration_request(&progress, &request) {
+                    Some(response) => (response, After::Continue),
+                    None => handle(&vmm, &request),
+                },
                 Err(response) => (response, After::Continue),
             };
             let _ = http::write_response(&stream, &response);

@@ -171,6 +171,7 @@ impl SourceDisks {
         let Some(disk) = self.0.get(index).and_then(Option::as_ref) else {
             return Ok(());
         };
+        sender.check_cancel()?;
         let data = &mut buf[..len as usize];
         disk.file
             .read_exact_at(data, offset)

@@ -57,6 +57,9 @@ pub enum MigrationError {
     /// back: the guest may be running at the destination, so it is left paused here.
     #[error("{0}")]
     Stranded(String),
+    /// Called off before the guest paused (`DELETE /migration`, or the source said so).
+    #[error("{0}")]
+    Cancelled(String),
 }
 
 /// How to migrate.
@@ -147,9 +150,14 @@ struct HelloExtra {
     disk_sizes: Option<Vec<Option<u64>>>,
 }
 
-/// A migration's progress, readable while it runs (`GET /migration`).
+/// A migration's progress, readable while it runs (`GET /migration`), and the two requests
+/// that reach it while it runs: call it off, or switch to post-copy now.
 #[derive(Debug, Default)]
-pub struct Progress(std::sync::Mutex<ProgressState>);
+pub struct Progress {
+    state: std::sync::Mutex<ProgressState>,
+    cancel: std::sync::atomic::AtomicBool,
+    switch: std::sync::atomic::AtomicBool,
+}
 
 /// What `Progress` holds.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -172,25 +180,97 @@ pub struct ProgressState {
     pub estimated_remaining_s: f64,
     /// The vCPU throttle in force, in percent.
     pub throttle_percent: u32,
+    /// Whether it may switch to post-copy.
+    pub postcopy_allowed: bool,
     /// The result, once completed.
     pub report: Option<Report>,
     /// Why it failed, if it did.
     pub error: Option<String>,
 }
 
+/// Phases in which the guest still runs only here: a migration may be called off, or switched
+/// to post-copy.
+const BEFORE_THE_MOVE: [&str; 4] = ["connecting", "disks", "full pass", "dirty rounds"];
+
 impl Progress {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ProgressState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn update(&self, f: impl FnOnce(&mut ProgressState)) {
-        f(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()));
+        f(&mut self.lock());
     }
 
     /// The progress now.
     pub fn get(&self) -> ProgressState {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.lock().clone()
     }
 
-    /// A new migration to `to` begins.
-    pub fn begin(&self, to: &str) {
-        self.update(|p| *p = ProgressState { phase: "connecting", to: to.to_owned(), ..Default::default() });
+    /// Whether a migration is under way.
+    pub fn active(&self) -> bool {
+        !matches!(self.lock().phase, "" | "completed" | "failed")
+    }
+
+    /// A new migration to `to` begins (`postcopy`: it may switch to post-copy).
+    pub fn begin(&self, to: &str, postcopy: bool) {
+        let mut p = self.lock();
+        *p = ProgressState {
+            phase: "connecting",
+            to: to.to_owned(),
+            postcopy_allowed: postcopy,
+            ..Default::default()
+        };
+        self.cancel.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.switch.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Calls the migration off, if the guest has not begun to move: it runs on here.
+    pub fn cancel(&self) -> Result<(), String> {
+        let p = self.lock();
+        if !BEFORE_THE_MOVE.contains(&p.phase) {
+            return Err(match p.phase {
+                "" | "completed" | "failed" => "no migration is under way".to_owned(),
+                phase => format!("too late to call the migration off: the guest is moving ({phase})"),
+            });
+        }
+        self.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Moves the guest at once and sends the rest after it (like QEMU's
+    /// migrate-start-postcopy), if the migration was started with post-copy allowed.
+    pub fn start_postcopy(&self) -> Result<(), String> {
+        let p = self.lock();
+        if !BEFORE_THE_MOVE.contains(&p.phase) {
+            return Err(match p.phase {
+                "" | "completed" | "failed" => "no migration is under way".to_owned(),
+                phase => format!("the guest is already moving ({phase})"),
+            });
+        }
+        if !p.postcopy_allowed {
+            return Err("this migration was started without post-copy (`postcopy: true`)".to_owned());
+        }
+        self.switch.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn switch_requested(&self) -> bool {
+        self.switch.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The guest is about to pause for the move: from here on it cannot be called off. Fails
+    /// if it was called off just before.
+    fn enter_move(&self, phase: &'static str) -> Result<(), ()> {
+        let mut p = self.lock();
+        if self.cancelled() {
+            return Err(());
+        }
+        p.phase = phase;
+        Ok(())
     }
 
     /// It ended: completed with a report, or failed.
@@ -314,6 +394,7 @@ fn regions(mem: &GuestRam) -> Vec<(u64, &vm_memory::GuestRegionMmap<vm_memory::b
 struct Sender<'a> {
     out: BufWriter<Box<dyn Connection>>,
     report: &'a mut Report,
+    progress: &'a Progress,
     frame: Vec<u8>,
     /// Pacing: bytes per second, and when sending began.
     bandwidth: Option<u64>,
@@ -321,6 +402,23 @@ struct Sender<'a> {
 }
 
 impl Sender<'_> {
+    /// Fails once the migration is called off, telling the destination (best effort: it may
+    /// be gone already).
+    fn check_cancel(&mut self) -> Result<(), MigrationError> {
+        if !self.progress.cancelled() {
+            return Ok(());
+        }
+        Err(self.cancelled())
+    }
+
+    /// Tells the destination the migration is off; the error to return.
+    fn cancelled(&mut self) -> MigrationError {
+        let why = "called off at the source (DELETE /migration) before the guest paused";
+        let _ = write_frame(&mut self.out, Kind::Cancel, why.as_bytes());
+        let _ = self.out.flush();
+        MigrationError::Cancelled(format!("{why}; the VM runs here still"))
+    }
+
     /// Waits until the destination has everything sent so far in guest memory, so that a
     /// pass's time is the whole path's and no backlog is left for the guest's pause.
     fn sync(&mut self, input: &mut impl Read) -> Result<(), MigrationError> {
@@ -355,7 +453,7 @@ impl Sender<'_> {
         mem: &GuestRam,
         mut wanted: impl FnMut(usize, usize) -> bool,
         skip_zero: bool,
-    ) -> Result<u64, StreamError> {
+    ) -> Result<u64, MigrationError> {
         let mut sent = 0;
         for (k, (first, region)) in regions(mem).into_iter().enumerate() {
             let bytes = region_bytes(region);
@@ -387,6 +485,7 @@ impl Sender<'_> {
                 self.run(first + start as u64, &bytes[start * PAGE..i * PAGE])?;
                 sent += (i - start) as u64;
                 self.pace();
+                self.check_cancel()?;
             }
         }
         Ok(sent)
@@ -453,8 +552,10 @@ impl Watch {
         }
     }
 
-    /// Whether page `i` of region `k`, which the pass wants to send, goes now.
-    fn before_send(&mut self, vm: &Vm, k: usize, i: usize) -> bool {
+    /// Whether page `i` of region `k`, which the pass wants to send, goes now (`switch`: the
+    /// user asked for post-copy now).
+    fn before_send(&mut self, vm: &Vm, k: usize, i: usize, switch: bool) -> bool {
+        self.switched |= switch;
         if self.switched {
             if let Some(word) = self.held_back.get_mut(k).and_then(|bits| bits.get_mut(i / 64)) {
                 *word |= 1 << (i % 64);
@@ -510,6 +611,7 @@ pub fn send(
     let mut sender = Sender {
         out,
         report: &mut report,
+        progress,
         frame: Vec::with_capacity(8 + BATCH * PAGE),
         bandwidth: options.bandwidth,
         started: Instant::now(),
@@ -568,7 +670,7 @@ pub fn send(
             |k, i| {
                 let wanted = touched[k].as_ref().is_none_or(|t| t.get(i).copied().unwrap_or(true));
                 match watch.as_mut() {
-                    Some(watch) if wanted => watch.before_send(vm, k, i),
+                    Some(watch) if wanted => watch.before_send(vm, k, i, progress.switch_requested()),
                     _ => wanted,
                 }
             },
@@ -627,6 +729,7 @@ pub fn send(
             let result = (|| {
                 let mut previous = u64::MAX;
                 loop {
+                    sender.check_cancel()?;
                     let disk_left = disk_copy.as_ref().map_or(0, |d| d.take_dirty(&mut disk_dirty));
                     let left = count(&dirty) * PAGE as u64 + disk_left;
                     let estimate = left as f64 / bandwidth;
@@ -647,9 +750,10 @@ pub fn send(
                     let hopeless = estimate >= pass_secs * 0.9;
                     // Post-copy moves memory only: the disk blocks left must fit the pause.
                     let disks_fit = disk_left as f64 / bandwidth <= target;
+                    let asked = progress.switch_requested();
                     if options.postcopy
                         && disks_fit
-                        && (stuck || hopeless || sender.report.rounds >= options.max_rounds)
+                        && (asked || stuck || hopeless || sender.report.rounds >= options.max_rounds)
                     {
                         return Ok(true);
                     }
@@ -706,7 +810,9 @@ pub fn send(
 
     // 4. Stop and copy (or post-copy); the guest comes back here on any failure before the
     // destination runs it.
-    progress.update(|p| p.phase = if postcopy { "post-copy" } else { "stop and copy" });
+    if progress.enter_move(if postcopy { "post-copy" } else { "stop and copy" }).is_err() {
+        return Err(sender.cancelled());
+    }
     let paused_at = Instant::now();
     vm.pause();
     sender.report.pause_ms = ms_since(paused_at);
@@ -1021,6 +1127,12 @@ pub fn receive<P>(
                     // A full disk here is the source's to hear about: it resumes the guest.
                     return Err(refuse(conn.as_mut(), e.to_string()));
                 }
+            }
+            Kind::Cancel => {
+                return Err(MigrationError::Cancelled(format!(
+                    "the source called the migration off: {}",
+                    String::from_utf8_lossy(&payload)
+                )))
             }
             Kind::Postcopy if state.is_some() && stale.is_some() => break true,
             // Dropped pages are only ever refilled by post-copy.

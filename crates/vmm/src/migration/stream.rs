@@ -52,6 +52,9 @@ pub enum Kind {
     Blocks = 15,
     /// Disk bytes that read as zeros: disk index u32, byte offset u64, length u64.
     BlockZeros = 16,
+    /// Source, before the guest pauses: the migration is called off (why, as text); the
+    /// guest runs on at the source.
+    Cancel = 17,
 }
 
 impl Kind {
@@ -73,6 +76,7 @@ impl Kind {
             14 => Kind::Complete,
             15 => Kind::Blocks,
             16 => Kind::BlockZeros,
+            17 => Kind::Cancel,
             _ => return None,
         })
     }
