@@ -4,8 +4,8 @@
 //! vsock listeners still answer, its disk holds what it wrote, its network works — on two
 //! clones at once (which must not share randomness), then a diff snapshot on top, a live
 //! migration of that to another "host" (a second network namespace on the same Ethernet
-//! segment) with a TCP connection kept open across it, and a graceful shutdown through the
-//! ACPI power button at the end.
+//! segment) with a TCP connection kept open across it and its data disk copied while it
+//! writes, back by post-copy, and a graceful shutdown through the ACPI power button at the end.
 
 mod common;
 
@@ -278,6 +278,7 @@ fn linux_restores_as_two_clones_and_from_a_diff_then_migrates_to_another_host() 
         "diff taken at tick {ticks_at_diff}, resumed at {first}"
     );
     let (third, _host_b) = migrate_to_another_host(&net, &dir, third, &tools, &data);
+    let third = post_copy_back(&net, &dir, third, &tools);
     let pos = third.console.output().len();
     let (third, _) = c(
         third,
@@ -297,6 +298,65 @@ fn linux_restores_as_two_clones_and_from_a_diff_then_migrates_to_another_host() 
     let log =
         Command::new("debugfs").args(["-R", "cat /log"]).arg(dir.join("data-moved.ext4")).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&log.stdout), "before\nafter\n");
+}
+
+/// The guest goes back to host A by post-copy, asked for while its memory is still on its
+/// first pass over a capped link: it runs there at once, its pages following it (those it
+/// touches first fetched on its faults); its counter goes on and its disk (handed over,
+/// shared) is there. Returns the VMM on host A.
+fn post_copy_back(net: &TestNet, dir: &Path, source: VmmProcess, tools: &Path) -> VmmProcess {
+    let to = format!("tcp:{}:4456", net.host_ip);
+    let args = [
+        "--incoming".to_owned(),
+        to.clone(),
+        "--net".to_owned(),
+        format!("tap={}", net.tap),
+        "--vsock".to_owned(),
+        format!("cid=3,socket={}", dir.join("vback.sock").display()),
+        "--disk".to_owned(),
+        format!("{},readonly", tools.display()),
+        "--disk".to_owned(),
+        dir.join("data-moved.ext4").display().to_string(),
+    ];
+    let dest = VmmProcess::start_within(Some(net), dir, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let body = json!({"to": to, "postcopy": true, "bandwidth": 4 << 20}).to_string();
+    let report = std::thread::scope(|scope| {
+        let migration =
+            scope.spawn(|| stratus_vmm::api::http::call(&source.sock, "POST", "/vm/migrate", Some(&body)));
+        let deadline = Instant::now() + STEP;
+        loop {
+            let p = source.ok("GET", "/migration", None);
+            if (p["phase"] == "full pass" || p["phase"] == "dirty rounds")
+                && p["bytes_sent"].as_u64() > Some(0)
+            {
+                break;
+            }
+            assert!(!migration.is_finished() && Instant::now() < deadline, "no first pass: {p}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The migration may find the link too slow for the guest and switch by itself first.
+        let (status, answer) = source.call("POST", "/migration/postcopy", None);
+        assert!(
+            status == 202 || answer["error"].as_str().is_some_and(|e| e.contains("already moving")),
+            "{status} {answer}"
+        );
+        let answer = migration.join().unwrap().unwrap();
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        serde_json::from_str::<serde_json::Value>(&answer.body).unwrap()
+    });
+    println!("linux: post-copy back to host A: {report}");
+    assert_eq!(report["postcopy"], true, "{report}");
+    assert!(report["postcopy_pages"].as_u64().unwrap() > 0, "{report}");
+    std::thread::sleep(Duration::from_millis(200)); // the source's last console output
+    let last_there = last_tick(&source.console.output());
+    source.quit();
+    let mut dest = dest;
+    let first_here = dest.console.first_tick(STEP);
+    assert!(
+        (last_there + 1..=last_there + 3).contains(&first_here),
+        "counted to {last_there} on host B, went on at {first_here} on host A"
+    );
+    dest
 }
 
 /// Live migration of the running guest to another "host": a second network namespace whose

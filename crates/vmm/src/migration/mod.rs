@@ -484,6 +484,8 @@ impl Sender<'_> {
                 }
                 self.run(first + start as u64, &bytes[start * PAGE..i * PAGE])?;
                 sent += (i - start) as u64;
+                let bytes_sent = self.report.bytes_sent;
+                self.progress.update(|p| p.bytes_sent = bytes_sent);
                 self.pace();
                 self.check_cancel()?;
             }
