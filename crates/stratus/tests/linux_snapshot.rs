@@ -359,6 +359,13 @@ fn post_copy_back(net: &TestNet, dir: &Path, source: VmmProcess, tools: &Path) -
     dest
 }
 
+/// Prints `sum-2:` and the md5 of the guest's /tmp/pattern. On this PVM host a busy Linux
+/// guest now and then gets 16 bytes of an SSE register back from an older state, moved or not
+/// (tests/guest_fpu.rs reproduces it without any migration), which has turned half of md5sum's
+/// output into NULs or newlines; such a sum is not 32 hex digits and is taken again (three
+/// times at most). A pattern that changed gives a well-formed, different sum every time.
+const SUM_PATTERN: &str = "for t in 1 2 3; do s=$(md5sum < /tmp/pattern | cut -c1-32); case \"$s\" in *[!0-9a-f]*) continue ;; esac; [ ${#s} -eq 32 ] && break; done; echo \"sum-$((1 + 1)):$s\"";
+
 /// Live migration of the running guest to another "host": a second network namespace whose
 /// bridge shares the guest's Ethernet segment over a veth pair (the wire between two hosts),
 /// with a tap of its own. A TCP connection from host A stays open across the move (the
@@ -399,8 +406,9 @@ fn migrate_to_another_host(
     // tmpfs: every system call is slow on PVM hosts) with its sum.
     let mut source = source;
     let pos = source.console.output().len();
-    source.console.send(
-        "nc -l -p 5002 -e cat &\n/mnt/vsock-tool listen 1235 &\nhead -c 65536 /dev/urandom > /tmp/pattern; echo \"sum-$((1 + 1)):$(md5sum < /tmp/pattern | cut -c1-32)\"\n",
+    source.console.send(&format!(
+        "nc -l -p 5002 -e cat &\n/mnt/vsock-tool listen 1235 &\nhead -c 65536 /dev/urandom > /tmp/pattern; {SUM_PATTERN}\n"
+        ),
     );
     source.console.expect("vsock-tool: listening on 1235", pos, STEP);
     // The marker is computed by the shell: the echo of the typed line cannot match it.
@@ -492,14 +500,9 @@ fn migrate_to_another_host(
     let lines = dest.console.output()[at..].lines().next().unwrap().to_owned();
     let all: String = (0..10).map(|j| format!("{j},")).collect();
     assert_eq!(lines.trim(), all, "lines written around the move are missing");
-    // The pattern, summed once the writer is done: on this PVM host a Linux guest busy on
-    // both vCPUs loses SSE register contents now and then, moved or not (tests/guest_fpu.rs),
-    // which once turned 16 bytes of md5sum's output into newlines here.
     let pos = dest.console.output().len();
-    dest.console.send(&format!(
-        "echo \"sum-$((1 + 1)):$(md5sum < /tmp/pattern | cut -c1-32)\"; ping -c 2 {} >/dev/null && echo reached-$((1 + 1))\n",
-        net.host_ip
-    ));
+    dest.console
+        .send(&format!("{SUM_PATTERN}; ping -c 2 {} >/dev/null && echo reached-$((1 + 1))\n", net.host_ip));
     dest.console.expect("reached-2", pos, STEP);
     let after = dest.console.output()[pos..].to_owned();
     assert!(after.contains(&format!("sum-2:{sum}")), "the pattern changed in the move (sum {sum}):\n{after}");
