@@ -26,19 +26,12 @@ fn a_busy_guest_keeps_its_sse_registers() {
         return;
     }
     ensure_default_image();
-    let image = Path::new("/var/cache/stratus/images/default");
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("guest-fpu-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let tools = tools_disk();
     let mut vmm = VmmProcess::start_in(&dir, &[]);
-    vmm.ok("PUT", "/vm/machine", Some(json!({"vcpus": 2, "memory_mib": 128})));
-    let cmdline = std::fs::read_to_string(image.join("cmdline")).unwrap();
-    vmm.ok(
-        "PUT",
-        "/vm/boot",
-        Some(json!({"kernel": image.join("vmlinux"), "initrd": image.join("initramfs.cpio"), "cmdline": cmdline.trim()})),
-    );
+    vmm.configure_default_linux(2, 128);
     vmm.ok("PUT", "/vm/drives/tools", Some(json!({"path": tools, "readonly": true})));
     vmm.ok("POST", "/vm/start", None);
     let pos = vmm.console.expect("stratus# ", 0, STEP);

@@ -53,7 +53,6 @@ fn linux_restores_as_two_clones_and_from_a_diff_then_migrates_to_another_host() 
         return;
     };
     net.add_tap("stclone3");
-    let image = Path::new("/var/cache/stratus/images/default");
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("linux-snapshot-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -67,13 +66,7 @@ fn linux_restores_as_two_clones_and_from_a_diff_then_migrates_to_another_host() 
     let vmm = VmmProcess::start_within(Some(&net), &dir, &[]);
     // 64 MiB: small enough that a balloon of 36 MiB must take pages the guest has used (see
     // below), and a snapshot of it is quick to write.
-    vmm.ok("PUT", "/vm/machine", Some(json!({"vcpus": 2, "memory_mib": 64})));
-    let cmdline = std::fs::read_to_string(image.join("cmdline")).unwrap();
-    vmm.ok(
-        "PUT",
-        "/vm/boot",
-        Some(json!({"kernel": image.join("vmlinux"), "initrd": image.join("initramfs.cpio"), "cmdline": cmdline.trim()})),
-    );
+    vmm.configure_default_linux(2, 64);
     vmm.ok("PUT", "/vm/drives/tools", Some(json!({"path": tools, "readonly": true})));
     vmm.ok("PUT", "/vm/drives/data", Some(json!({"path": data})));
     vmm.ok("PUT", "/vm/nets/eth0", Some(json!({"tap": net.tap})));

@@ -435,6 +435,21 @@ impl VmmProcess {
         );
     }
 
+    /// Sets the machine up to boot the default image's Linux (its kernel, initramfs and
+    /// command line) with `vcpus` and `memory_mib`.
+    pub fn configure_default_linux(&self, vcpus: u32, memory_mib: u64) {
+        let image = Path::new("/var/cache/stratus/images/default");
+        self.ok("PUT", "/vm/machine", Some(serde_json::json!({ "vcpus": vcpus, "memory_mib": memory_mib })));
+        let cmdline = std::fs::read_to_string(image.join("cmdline")).unwrap();
+        self.ok(
+            "PUT",
+            "/vm/boot",
+            Some(serde_json::json!({
+                "kernel": image.join("vmlinux"), "initrd": image.join("initramfs.cpio"), "cmdline": cmdline.trim()
+            })),
+        );
+    }
+
     /// Waits until the VM is in `state`.
     pub fn wait_state(&self, state: &str, limit: Duration) {
         let deadline = Instant::now() + limit;

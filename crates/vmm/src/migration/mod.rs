@@ -224,15 +224,25 @@ impl Progress {
         self.switch.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// The progress, if the guest has not begun to move; otherwise why not (`moving` says it
+    /// for a migration past that point).
+    fn before_the_move(
+        &self,
+        moving: impl FnOnce(&str) -> String,
+    ) -> Result<std::sync::MutexGuard<'_, ProgressState>, String> {
+        let p = self.lock();
+        match p.phase {
+            phase if BEFORE_THE_MOVE.contains(&phase) => Ok(p),
+            "" | "completed" | "failed" => Err("no migration is under way".to_owned()),
+            phase => Err(moving(phase)),
+        }
+    }
+
     /// Calls the migration off, if the guest has not begun to move: it runs on here.
     pub fn cancel(&self) -> Result<(), String> {
-        let p = self.lock();
-        if !BEFORE_THE_MOVE.contains(&p.phase) {
-            return Err(match p.phase {
-                "" | "completed" | "failed" => "no migration is under way".to_owned(),
-                phase => format!("too late to call the migration off: the guest is moving ({phase})"),
-            });
-        }
+        let _p = self.before_the_move(|phase| {
+            format!("too late to call the migration off: the guest is moving ({phase})")
+        })?;
         self.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
@@ -240,13 +250,7 @@ impl Progress {
     /// Moves the guest at once and sends the rest after it (like QEMU's
     /// migrate-start-postcopy), if the migration was started with post-copy allowed.
     pub fn start_postcopy(&self) -> Result<(), String> {
-        let p = self.lock();
-        if !BEFORE_THE_MOVE.contains(&p.phase) {
-            return Err(match p.phase {
-                "" | "completed" | "failed" => "no migration is under way".to_owned(),
-                phase => format!("the guest is already moving ({phase})"),
-            });
-        }
+        let p = self.before_the_move(|phase| format!("the guest is already moving ({phase})"))?;
         if !p.postcopy_allowed {
             return Err("this migration was started without post-copy (`postcopy: true`)".to_owned());
         }
@@ -466,10 +470,15 @@ impl Sender<'_> {
                 }
                 let page = &bytes[i * PAGE..(i + 1) * PAGE];
                 if is_zero(page) {
-                    if !skip_zero {
-                        self.zeros(first + i as u64, 1)?;
-                    }
+                    // A run of wanted zero pages goes as one `Zeros`.
+                    let start = i;
                     i += 1;
+                    while i < pages && wanted(k, i) && is_zero(&bytes[i * PAGE..(i + 1) * PAGE]) {
+                        i += 1;
+                    }
+                    if !skip_zero {
+                        self.zeros(first + start as u64, (i - start) as u32)?;
+                    }
                     continue;
                 }
                 // A run of wanted, non-zero pages (this one first), up to a batch.
