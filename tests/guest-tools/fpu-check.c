@@ -4,7 +4,12 @@
  * starts PROCS processes; each fills xmm0-xmm15 with bytes of its own, then over and over
  * spins, yields the CPU (sched_yield) and reads the registers back, all in one asm block so
  * that no compiled code touches them in between. A register that came back different is
- * printed ("fpu-check: CORRUPT ...") and the run fails; otherwise "fpu-check: ok N rounds". */
+ * printed ("fpu-check: CORRUPT ...") and the run fails; otherwise "fpu-check: ok N rounds".
+ *   fpu-check fresh PAGES            stores two registers to pages never touched (they fault)
+ *   fpu-check hexout FILE STRADDLE [READ_FIRST]
+ *                                    what md5sum does at its end: 32 hex digits and "  -"
+ *                                    through stdio (from a buffer across a page boundary when
+ *                                    STRADDLE is 1, after reading READ_FIRST whole), checked. */
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -118,8 +123,49 @@ static int fresh(int pages) {
     return 0;
 }
 
+static char page_buf[8192] __attribute__((aligned(4096)));
+
+/* Writes 32 hex digits and "  -" to FILE through stdio from a static buffer (across a page
+ * boundary when STRADDLE is 1), reads the file back and compares. */
+static int hexout(const char *path, int straddle, const char *first_read) {
+    static const char digits[] = "0123456789abcdef";
+    if (first_read) {
+        static char big[65536];
+        FILE *in = fopen(first_read, "r");
+        if (!in) { perror(first_read); return 2; }
+        while (fread(big, 1, sizeof big, in) > 0) {}
+        fclose(in);
+    }
+    unsigned seed = (unsigned)getpid() * 2654435761u ^ (unsigned)time(NULL);
+    char *hex = page_buf + (straddle ? 4096 - 16 : 0), want[40], got[64];
+    for (int i = 0; i < 16; i++) {
+        seed = seed * 1103515245u + 12345u;
+        unsigned b = (seed >> 16) & 0xff;
+        hex[2 * i] = digits[b >> 4];
+        hex[2 * i + 1] = digits[b & 15];
+        want[2 * i] = digits[b >> 4];
+        want[2 * i + 1] = digits[b & 15];
+    }
+    hex[32] = 0;
+    memcpy(want + 32, "  -\n", 5);
+    FILE *f = fopen(path, "w");
+    if (!f) { perror(path); return 2; }
+    fprintf(f, "%s  -\n", hex);
+    fclose(f);
+    f = fopen(path, "r");
+    size_t n = fread(got, 1, sizeof got, f);
+    fclose(f);
+    if (n == 36 && memcmp(got, want, 36) == 0) return 0;
+    printf("fpu-check: CORRUPT hexout (%zu bytes):", n);
+    for (size_t i = 0; i < n; i++) printf(" %02x", (unsigned char)got[i]);
+    printf("\n");
+    return 1;
+}
+
 int main(int argc, char **argv) {
     if (argc == 3 && strcmp(argv[1], "fresh") == 0) return fresh(atoi(argv[2]));
+    if ((argc == 4 || argc == 5) && strcmp(argv[1], "hexout") == 0)
+        return hexout(argv[2], atoi(argv[3]), argc == 5 ? argv[4] : NULL);
     if (argc < 3) {
         fprintf(stderr, "usage: fpu-check SECONDS PROCS\n");
         return 2;
