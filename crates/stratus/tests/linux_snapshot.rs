@@ -316,17 +316,7 @@ fn post_copy_back(net: &TestNet, dir: &Path, source: VmmProcess, tools: &Path) -
     let report = std::thread::scope(|scope| {
         let migration =
             scope.spawn(|| stratus_vmm::api::http::call(&source.sock, "POST", "/vm/migrate", Some(&body)));
-        let deadline = Instant::now() + STEP;
-        loop {
-            let p = source.ok("GET", "/migration", None);
-            if (p["phase"] == "full pass" || p["phase"] == "dirty rounds")
-                && p["bytes_sent"].as_u64() > Some(0)
-            {
-                break;
-            }
-            assert!(!migration.is_finished() && Instant::now() < deadline, "no first pass: {p}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        source.wait_until_migration_sends(STEP, || migration.is_finished());
         // The migration may find the link too slow for the guest and switch by itself first.
         let (status, answer) = source.call("POST", "/migration/postcopy", None);
         assert!(
@@ -340,16 +330,22 @@ fn post_copy_back(net: &TestNet, dir: &Path, source: VmmProcess, tools: &Path) -
     println!("linux: post-copy back to host A: {report}");
     assert_eq!(report["postcopy"], true, "{report}");
     assert!(report["postcopy_pages"].as_u64().unwrap() > 0, "{report}");
+    let mut dest = dest;
+    counts_on(source, &mut dest, "host B", "host A");
+    dest
+}
+
+/// After a migration from `source` (on host `there`) to `dest` (on `here`): the guest's counter
+/// goes on at the destination from where it stopped; the source VMM is quit.
+fn counts_on(source: VmmProcess, dest: &mut VmmProcess, there: &str, here: &str) {
     std::thread::sleep(Duration::from_millis(200)); // the source's last console output
     let last_there = last_tick(&source.console.output());
     source.quit();
-    let mut dest = dest;
     let first_here = dest.console.first_tick(STEP);
     assert!(
         (last_there + 1..=last_there + 3).contains(&first_here),
-        "counted to {last_there} on host B, went on at {first_here} on host A"
+        "counted to {last_there} on {there}, went on at {first_here} on {here}"
     );
-    dest
 }
 
 /// Prints `sum-2:` and the md5 of the guest's /tmp/pattern. On this PVM host a busy Linux
@@ -470,16 +466,8 @@ fn migrate_to_another_host(
     assert!(report["disk_bytes_sent"].as_u64().unwrap_or(0) > 0, "no disk was copied: {report}");
     assert_eq!(dest.state(), "running");
     assert!(source.ok("GET", "/vm", None)["exit_reason"].as_str().unwrap().starts_with("migrated to"));
-    std::thread::sleep(Duration::from_millis(200)); // the source's last console output
-    let last_there = last_tick(&source.console.output());
-    source.quit();
-
     // The counter goes on; the connection still echoes; memory, vsock and the way out work.
-    let first_here = dest.console.first_tick(STEP);
-    assert!(
-        (last_there + 1..=last_there + 3).contains(&first_here),
-        "counted to {last_there} on host A, went on at {first_here} on host B"
-    );
+    counts_on(source, &mut dest, "host A", "host B");
     assert_eq!(echo("after the move"), "after the move\n", "the TCP connection did not survive");
     assert_eq!(vsock_round_trip(&vsock_b, 1235, "on host B"), "echo: on host B\n");
     // Every line written before, during and after the move is on host B's disk: read back

@@ -574,18 +574,10 @@ fn a_guest_that_dirties_faster_than_the_link_converges_by_throttling() {
     dst.quit();
 }
 
-/// Waits until `src`'s migration has begun to send the guest's memory.
+/// Waits until `src`'s migration, run by the `stratus vm migrate` child `migration`, has
+/// begun to send the guest's memory; returns its progress then.
 fn wait_until_sending(src: &VmmProcess, migration: &mut std::process::Child) -> serde_json::Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let p = src.ok("GET", "/migration", None);
-        if (p["phase"] == "full pass" || p["phase"] == "dirty rounds") && p["bytes_sent"].as_u64() > Some(0) {
-            return p;
-        }
-        assert!(migration.try_wait().unwrap().is_none(), "the migration ended early: {p}");
-        assert!(std::time::Instant::now() < deadline, "the migration never began to send: {p}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    src.wait_until_migration_sends(Duration::from_secs(30), || migration.try_wait().unwrap().is_some())
 }
 
 /// `stratus vm migrate` of `src` to `to` with `extra` arguments, in the background.

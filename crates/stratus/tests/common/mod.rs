@@ -450,6 +450,28 @@ impl VmmProcess {
         );
     }
 
+    /// Waits until this VMM's migration has begun to send the guest's memory (first pass or
+    /// dirty rounds, bytes out) and returns its progress then; `ended` says whether the call
+    /// that runs the migration has returned (too early, then).
+    pub fn wait_until_migration_sends(
+        &self,
+        limit: Duration,
+        mut ended: impl FnMut() -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let p = self.ok("GET", "/migration", None);
+            if (p["phase"] == "full pass" || p["phase"] == "dirty rounds")
+                && p["bytes_sent"].as_u64() > Some(0)
+            {
+                return p;
+            }
+            assert!(!ended(), "the migration ended before it was seen sending: {p}");
+            assert!(Instant::now() < deadline, "the migration never began to send: {p}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Waits until the VM is in `state`.
     pub fn wait_state(&self, state: &str, limit: Duration) {
         let deadline = Instant::now() + limit;

@@ -192,6 +192,9 @@ pub struct ProgressState {
 /// to post-copy.
 const BEFORE_THE_MOVE: [&str; 4] = ["connecting", "disks", "full pass", "dirty rounds"];
 
+/// Phases with no migration under way: none yet, or the last one over.
+const AT_REST: [&str; 3] = ["", "completed", "failed"];
+
 impl Progress {
     fn lock(&self) -> std::sync::MutexGuard<'_, ProgressState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -208,7 +211,7 @@ impl Progress {
 
     /// Whether a migration is under way.
     pub fn active(&self) -> bool {
-        !matches!(self.lock().phase, "" | "completed" | "failed")
+        !AT_REST.contains(&self.lock().phase)
     }
 
     /// A new migration to `to` begins (`postcopy`: it may switch to post-copy).
@@ -233,7 +236,7 @@ impl Progress {
         let p = self.lock();
         match p.phase {
             phase if BEFORE_THE_MOVE.contains(&phase) => Ok(p),
-            "" | "completed" | "failed" => Err("no migration is under way".to_owned()),
+            phase if AT_REST.contains(&phase) => Err("no migration is under way".to_owned()),
             phase => Err(moving(phase)),
         }
     }
