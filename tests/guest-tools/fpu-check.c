@@ -162,7 +162,41 @@ static int hexout(const char *path, int straddle, const char *first_read) {
     return 1;
 }
 
+/* Forks short-lived processes one after another until SECONDS pass: each goes through a few
+ * rounds of check()'s yields with registers of its own and exits; a new process each time
+ * puts its saved FPU state somewhere new in the kernel's memory. */
+static int churn(int seconds) {
+    time_t until = time(NULL) + seconds;
+    long children = 0, corrupt = 0;
+    while (time(NULL) < until) {
+        pid_t pid = fork();
+        if (pid < 0) { perror("fork"); return 1; }
+        if (pid == 0) {
+            uint8_t want[16][16], got[16][16];
+            for (long round = 0; round < 4; round++) {
+                fill(want, getpid() & 7, round);
+                round_trip(want, got, 20000);
+                for (int r = 0; r < 16; r++) {
+                    if (memcmp(want[r], got[r], 16) == 0) continue;
+                    printf("fpu-check: CORRUPT child %d round %ld xmm%d:", (int)getpid(), round, r);
+                    for (int b = 0; b < 16; b++) printf(" %02x", got[r][b]);
+                    printf("\n");
+                }
+                if (memcmp(want, got, sizeof want) != 0) { fflush(stdout); _exit(1); }
+            }
+            _exit(0);
+        }
+        int status = 0;
+        waitpid(pid, &status, 0);
+        children++;
+        if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) corrupt++;
+    }
+    printf("fpu-check: churn %ld children, %ld corrupt\n", children, corrupt);
+    return corrupt != 0;
+}
+
 int main(int argc, char **argv) {
+    if (argc == 3 && strcmp(argv[1], "churn") == 0) return churn(atoi(argv[2]));
     if (argc == 3 && strcmp(argv[1], "fresh") == 0) return fresh(atoi(argv[2]));
     if ((argc == 4 || argc == 5) && strcmp(argv[1], "hexout") == 0)
         return hexout(argv[2], atoi(argv[3]), argc == 5 ? argv[4] : NULL);

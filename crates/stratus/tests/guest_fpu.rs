@@ -40,7 +40,7 @@ fn a_busy_guest_keeps_its_sse_registers() {
     );
     let pos = vmm.console.expect("ready-2", pos, STEP);
     vmm.console.send(
-        "(n=0; while :; do n=$((n + 1)); echo $n > /tmp/runs; md5sum < /tmp/pattern > /tmp/o; [ \"$(cat /tmp/o)\" = \"$S\" ] || { echo \"differ$((1 + 1)): $(cat /tmp/o)\"; od -An -tx1 /tmp/o; }; done) & M=$!; /mnt/fpu-check 30 4; kill $M; echo \"runs-$((1 + 1)): $(cat /tmp/runs)\"\n",
+        &std::env::var("FPU_CMD").unwrap_or_else(|_| "(n=0; while :; do n=$((n + 1)); echo $n > /tmp/runs; md5sum < /tmp/pattern > /tmp/o; [ \"$(cat /tmp/o)\" = \"$S\" ] || { echo \"differ$((1 + 1)): $(cat /tmp/o)\"; od -An -tx1 /tmp/o; }; done) & M=$!; /mnt/fpu-check 30 4; kill $M; echo \"runs-$((1 + 1)): $(cat /tmp/runs)\"\n".into()),
     );
     let at = vmm.console.expect("runs-2:", pos, STEP);
     vmm.console.expect("\n", at, STEP);
