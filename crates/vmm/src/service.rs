@@ -701,8 +701,14 @@ impl Vmm {
         &mut self,
         arrival: crate::migration::Arrival<(VmConfig, crate::vm::Shell)>,
     ) -> Result<Option<crate::migration::postcopy::Arriving>, ApiError> {
-        let crate::migration::Arrival { state, prepared: (config, shell), conn, postcopy, arrived_at } =
-            arrival;
+        let crate::migration::Arrival {
+            state,
+            prepared: (config, shell),
+            conn,
+            postcopy,
+            arrived_at,
+            buffers,
+        } = arrival;
         self.arriving = postcopy.as_ref().map(|p| p.pending());
         let started = shell
             .finish(crate::vm::Start::Arrive(&state))
@@ -718,6 +724,7 @@ impl Vmm {
         };
         crate::migration::confirm(&conn, arrived_at).map_err(|e| ApiError::Failed(e.to_string()))?;
         vm.announce();
+        drop(buffers);
         self.take_config(config);
         self.adopt(vm);
         Ok(postcopy)

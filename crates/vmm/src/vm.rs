@@ -217,7 +217,7 @@ pub struct Vm {
     control: Arc<RunControl>,
     vcpu_threads: Vec<JoinHandle<()>>,
     device_thread: Option<crate::event_loop::DeviceThread>,
-    /// MSRs worth saving, found at the first snapshot.
+    /// MSRs worth saving, found at the first save (`savable_msrs`).
     savable_msrs: Mutex<Option<Vec<u32>>>,
     /// Guest run time before this process (a restored VM).
     uptime_before: Duration,
@@ -838,15 +838,7 @@ impl Vm {
             pit: self.vm.get_pit2().map_err(kvm_call("reading the PIT"))?,
             clock: self.vm.get_clock().map_err(kvm_call("reading kvmclock"))?,
         };
-        let msrs = {
-            let mut cached = lock(&self.savable_msrs);
-            if cached.is_none() {
-                let kvm = crate::kvm::open()?;
-                let list = kvm.get_msr_index_list().map_err(kvm_call("listing MSRs"))?;
-                *cached = Some(lock(&self.vcpus[0]).savable_msrs(list.as_slice()));
-            }
-            cached.clone().unwrap_or_default()
-        };
+        let msrs = self.savable_msrs()?;
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for vcpu in &self.vcpus {
             vcpus.push(lock(vcpu).save_state(&msrs)?);
@@ -861,6 +853,17 @@ impl Vm {
             memory,
             generation_id: self.generation_id,
         })
+    }
+
+    /// The MSRs worth saving, learnt at the first save.
+    fn savable_msrs(&self) -> Result<Vec<u32>, VmError> {
+        let mut cached = lock(&self.savable_msrs);
+        if cached.is_none() {
+            let kvm = crate::kvm::open()?;
+            let list = kvm.get_msr_index_list().map_err(kvm_call("listing MSRs"))?;
+            *cached = Some(lock(&self.vcpus[0]).savable_msrs(list.as_slice()));
+        }
+        Ok(cached.clone().unwrap_or_default())
     }
 
     /// Starts logging the pages the guest (KVM's dirty log) and the VMM's devices (the
