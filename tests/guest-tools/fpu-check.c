@@ -9,7 +9,9 @@
  *   fpu-check hexout FILE STRADDLE [READ_FIRST]
  *                                    what md5sum does at its end: 32 hex digits and "  -"
  *                                    through stdio (from a buffer across a page boundary when
- *                                    STRADDLE is 1, after reading READ_FIRST whole), checked. */
+ *                                    STRADDLE is 1, after reading READ_FIRST whole), checked.
+ *   fpu-check churn SECONDS          short-lived processes one after another, each checking its
+ *                                    registers across a few yields (a fresh task each time). */
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>

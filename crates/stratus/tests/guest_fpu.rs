@@ -8,6 +8,8 @@
 //! checking its own registers across yields, faulting stores and signals (those have never
 //! failed), while a loop runs busybox's md5sum over a fixed file and compares each result with
 //! the first (that is where it shows: 16 bytes of the hash's text come out wrong).
+//! `FPU_CMD` replaces that loop with a shell line of one's own (it must print `runs-2:`), to
+//! try other loads in the same booted guest.
 
 mod common;
 
