@@ -601,9 +601,13 @@ fn a_migration_called_off_with_ctrl_c_leaves_the_guest_running_here() {
     let (mut src, dst, to) = running_pair("cancel", "test=dirty rate_mib=1 dirty_mib=16 exit=poweroff");
     let mut migration = migrate_in_background(&src, &to, &["--bandwidth", "2M", "--no-auto-converge"]);
     let p = wait_until_sending(&src, &mut migration);
-    // Meanwhile the VMM's other requests are refused at once, saying why; post-copy was not
-    // asked for, so it cannot be switched to.
-    let e = src.fails("GET", "/vm", None, 409);
+    // Meanwhile GET /vm answers with the migration's progress, the VMM's other requests are
+    // refused at once, saying why; post-copy was not asked for, so it cannot be switched to.
+    let info = src.ok("GET", "/vm", None);
+    assert_eq!(info["state"], "running", "{info}");
+    assert_eq!(info["migration"]["to"], to.as_str(), "{info}");
+    assert!(info["uptime_ms"].as_u64() > Some(0), "{info}");
+    let e = src.fails("POST", "/vm/pause", None, 409);
     assert!(
         e.contains(&format!("a migration to {to} is under way")) && e.contains("DELETE /migration"),
         "{e}"

@@ -651,10 +651,11 @@ impl Vmm {
     ) -> Result<crate::migration::Report, ApiError> {
         self.memory_complete("migrate")?;
         let phase = self.phase();
+        let info = self.info();
         let Some(vm) = self.vm.as_mut().filter(|_| phase == Phase::Running) else {
             return Err(conflict("migrate", phase));
         };
-        self.migration.begin(to, options.postcopy);
+        self.migration.begin(to, options.postcopy, info);
         // Migration takes the dirty log: a diff snapshot after it would miss pages.
         self.has_base_snapshot = false;
         let result = crate::migration::connect(to)

@@ -304,11 +304,17 @@ pub fn handle(vmm: &Mutex<Vmm>, request: &Request) -> (Response, After) {
 }
 
 /// The requests answered without the VMM, which a migration holds while it runs: its
-/// progress, calling it off, switching it to post-copy; anything else during a migration is
-/// refused at once rather than left waiting for it.
+/// progress, calling it off, switching it to post-copy, and `GET /vm` (the VM as the
+/// migration began, with its progress); anything else during a migration is refused at once
+/// rather than left waiting for it.
 fn migration_request(progress: &crate::migration::Progress, request: &http::Request) -> Option<Response> {
     let path = request.path.trim_end_matches('/');
     let refused = |e: String| Response::error(409, e);
+    if (request.method.as_str(), path) == ("GET", "/vm") {
+        if let Some(info) = progress.vm_info() {
+            return Some(Response::json(200, &info));
+        }
+    }
     Some(match (request.method.as_str(), path) {
         ("GET", "/migration") => Response::json(200, &progress.get()),
         ("DELETE", "/migration") => match progress.cancel() {

@@ -157,6 +157,9 @@ pub struct Progress {
     state: std::sync::Mutex<ProgressState>,
     cancel: std::sync::atomic::AtomicBool,
     switch: std::sync::atomic::AtomicBool,
+    /// `GET /vm`'s answer as the migration began, and when: the VMM is the migration's until
+    /// it ends, so `GET /vm` is answered from this meanwhile.
+    vm_info: std::sync::Mutex<Option<(serde_json::Value, Instant)>>,
 }
 
 /// What `Progress` holds.
@@ -214,8 +217,10 @@ impl Progress {
         !AT_REST.contains(&self.lock().phase)
     }
 
-    /// A new migration to `to` begins (`postcopy`: it may switch to post-copy).
-    pub fn begin(&self, to: &str, postcopy: bool) {
+    /// A new migration to `to` begins (`postcopy`: it may switch to post-copy) of the VM
+    /// that `GET /vm` describes as `vm_info`.
+    pub fn begin(&self, to: &str, postcopy: bool, vm_info: serde_json::Value) {
+        *self.vm_info.lock().unwrap_or_else(|p| p.into_inner()) = Some((vm_info, Instant::now()));
         let mut p = self.lock();
         *p = ProgressState {
             phase: "connecting",
@@ -225,6 +230,21 @@ impl Progress {
         };
         self.cancel.store(false, std::sync::atomic::Ordering::SeqCst);
         self.switch.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// `GET /vm` while a migration runs: the VM as it began, its uptime brought up to date,
+    /// and the migration's progress under `migration`; `None` with no migration under way.
+    pub fn vm_info(&self) -> Option<serde_json::Value> {
+        let progress = self.get();
+        if AT_REST.contains(&progress.phase) {
+            return None;
+        }
+        let (mut info, began) = self.vm_info.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
+        if let Some(uptime) = info.get("uptime_ms").and_then(|u| u.as_u64()) {
+            info["uptime_ms"] = (uptime + began.elapsed().as_millis() as u64).into();
+        }
+        info["migration"] = serde_json::to_value(progress).ok()?;
+        Some(info)
     }
 
     /// The progress, if the guest has not begun to move; otherwise why not (`moving` says it
