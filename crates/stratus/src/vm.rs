@@ -508,15 +508,12 @@ fn forward_stdin(input: stratus_vmm::console::ConsoleInput) {
             }
             let mut pending = &buf[..n];
             while !pending.is_empty() {
-                let serial = input.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                let taken = match serial {
-                    Some(serial) => serial.lock().unwrap_or_else(|p| p.into_inner()).enqueue_input(pending),
-                    None => 0,
-                };
+                // Input typed before the VM exists (a migration arriving) waits for it.
+                let Some(serial) = input.wait_serial(Duration::from_secs(3600)) else { continue };
+                let taken = serial.lock().unwrap_or_else(|p| p.into_inner()).enqueue_input(pending);
                 pending = &pending[taken..];
                 if taken == 0 {
-                    // No VM yet, or its receive FIFO is full: look again soon (input typed
-                    // during a migration reaches the guest within a millisecond of its arrival).
+                    // The UART's receive FIFO is full: look again soon.
                     std::thread::sleep(Duration::from_millis(1));
                 }
             }

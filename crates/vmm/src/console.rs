@@ -123,7 +123,36 @@ pub fn run(exit: &ExitSignal, serial: &Mutex<Serial>, escape: bool) -> ConsoleEn
 
 /// Where console input goes: the guest's UART, once the VM exists (it is filled in after the
 /// console's output was opened).
-pub type ConsoleInput = std::sync::Arc<Mutex<Option<std::sync::Arc<Mutex<Serial>>>>>;
+pub type ConsoleInput = std::sync::Arc<ConsoleSlot>;
+
+/// The guest's UART once the VM exists; input typed before can wait for it.
+#[derive(Default)]
+pub struct ConsoleSlot {
+    serial: Mutex<Option<std::sync::Arc<Mutex<Serial>>>>,
+    filled: std::sync::Condvar,
+}
+
+impl ConsoleSlot {
+    /// The VM's UART is `serial` from now on.
+    pub fn fill(&self, serial: std::sync::Arc<Mutex<Serial>>) {
+        *lock(&self.serial) = Some(serial);
+        self.filled.notify_all();
+    }
+
+    /// The UART, if the VM exists.
+    pub fn serial(&self) -> Option<std::sync::Arc<Mutex<Serial>>> {
+        lock(&self.serial).clone()
+    }
+
+    /// The UART, waiting at most `timeout` for the VM to exist (input typed while a
+    /// migration arrives reaches the guest as soon as it runs).
+    pub fn wait_serial(&self, timeout: std::time::Duration) -> Option<std::sync::Arc<Mutex<Serial>>> {
+        let slot = lock(&self.serial);
+        let (slot, _) =
+            self.filled.wait_timeout_while(slot, timeout, |s| s.is_none()).unwrap_or_else(|p| p.into_inner());
+        slot.clone()
+    }
+}
 
 /// Where the guest's serial console goes.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -204,7 +233,7 @@ impl SocketConsole {
                     };
                     let mut pending = &buf[..n];
                     while !pending.is_empty() {
-                        let serial = lock(&input).clone();
+                        let serial = input.serial();
                         let taken = serial.map(|s| lock(&s).enqueue_input(pending)).unwrap_or(pending.len());
                         pending = &pending[taken..];
                         if taken == 0 {

@@ -515,7 +515,7 @@ impl Vmm {
     }
 
     fn adopt(&mut self, vm: Vm) {
-        *lock(&self.console_input) = Some(vm.serial.clone());
+        self.console_input.fill(vm.serial.clone());
         self.vm = Some(vm);
     }
 
