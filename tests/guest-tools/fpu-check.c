@@ -63,6 +63,19 @@ static void round_trip(uint8_t in[16][16], uint8_t out[16][16], long spin) {
 
 static void on_alarm(int sig) { (void)sig; }
 
+/* Prints each register of `who` `id` that came back from round `round` different. */
+static void report(const char *who, int id, long round, uint8_t want[16][16], uint8_t got[16][16]) {
+    for (int r = 0; r < 16; r++) {
+        if (memcmp(want[r], got[r], 16) == 0) continue;
+        printf("fpu-check: CORRUPT %s %d round %ld xmm%d:", who, id, round, r);
+        for (int b = 0; b < 16; b++) printf(" %02x", got[r][b]);
+        printf(" (want");
+        for (int b = 0; b < 16; b++) printf(" %02x", want[r][b]);
+        printf(")\n");
+    }
+    fflush(stdout);
+}
+
 static int check(int proc, time_t until) {
     /* Processes 2 and 3 take a signal every 20 ms: its frame saves and restores the
      * registers too. */
@@ -88,15 +101,7 @@ static int check(int proc, time_t until) {
         rounds++;
         if (memcmp(want, got, sizeof want) != 0) {
             printf("fpu-check: process %d (%s)\n", proc, proc % 2 ? "faulting stores" : "yields");
-            for (int r = 0; r < 16; r++) {
-                if (memcmp(want[r], got[r], 16) == 0) continue;
-                printf("fpu-check: CORRUPT process %d round %ld xmm%d:", proc, rounds, r);
-                for (int b = 0; b < 16; b++) printf(" %02x", got[r][b]);
-                printf(" (want");
-                for (int b = 0; b < 16; b++) printf(" %02x", want[r][b]);
-                printf(")\n");
-            }
-            fflush(stdout);
+            report("process", proc, rounds, want, got);
             return 1;
         }
     }
@@ -145,10 +150,9 @@ static int hexout(const char *path, int straddle, const char *first_read) {
         unsigned b = (seed >> 16) & 0xff;
         hex[2 * i] = digits[b >> 4];
         hex[2 * i + 1] = digits[b & 15];
-        want[2 * i] = digits[b >> 4];
-        want[2 * i + 1] = digits[b & 15];
     }
     hex[32] = 0;
+    memcpy(want, hex, 32);
     memcpy(want + 32, "  -\n", 5);
     FILE *f = fopen(path, "w");
     if (!f) { perror(path); return 2; }
@@ -178,13 +182,10 @@ static int churn(int seconds) {
             for (long round = 0; round < 4; round++) {
                 fill(want, getpid() & 7, round);
                 round_trip(want, got, 20000);
-                for (int r = 0; r < 16; r++) {
-                    if (memcmp(want[r], got[r], 16) == 0) continue;
-                    printf("fpu-check: CORRUPT child %d round %ld xmm%d:", (int)getpid(), round, r);
-                    for (int b = 0; b < 16; b++) printf(" %02x", got[r][b]);
-                    printf("\n");
+                if (memcmp(want, got, sizeof want) != 0) {
+                    report("child", (int)getpid(), round, want, got);
+                    _exit(1);
                 }
-                if (memcmp(want, got, sizeof want) != 0) { fflush(stdout); _exit(1); }
             }
             _exit(0);
         }

@@ -528,6 +528,11 @@ impl Sender<'_> {
         Ok(sent)
     }
 
+    /// Sends the pages of `mem` set in `dirty`, zero ones as `Zeros`.
+    fn dirty_pages(&mut self, mem: &GuestRam, dirty: &DirtyPages) -> Result<u64, MigrationError> {
+        self.pages(mem, |k, i| is_set(dirty, k, i), |k, i| next_set(dirty, k, i), false)
+    }
+
     /// Sends whole pages `data` as pages `first..`.
     fn run(&mut self, first: u64, data: &[u8]) -> Result<(), StreamError> {
         self.frame.clear();
@@ -828,12 +833,7 @@ pub fn send(
                     if let Some(disks) = &disk_copy {
                         disks.send_dirty(&mut sender, &mut disk_dirty)?;
                     }
-                    sender.pages(
-                        vm.memory(),
-                        |k, i| is_set(&dirty, k, i),
-                        |k, i| next_set(&dirty, k, i),
-                        false,
-                    )?;
+                    sender.dirty_pages(vm.memory(), &dirty)?;
                     sender.sync(&mut input)?;
                     let secs = t.elapsed().as_secs_f64().max(1e-6);
                     pass_secs = secs;
@@ -887,7 +887,7 @@ pub fn send(
         if postcopy {
             postcopy::discard(&mut sender, vm.memory(), &merged)?;
         } else {
-            sender.pages(vm.memory(), |k, i| is_set(&merged, k, i), |k, i| next_set(&merged, k, i), false)?;
+            sender.dirty_pages(vm.memory(), &merged)?;
         }
         sender.report.last_pages_ms = ms_since(t);
         let t = Instant::now();
