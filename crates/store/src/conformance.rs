@@ -3,11 +3,13 @@
 //! Backends call [`run_all`] from their own tests. The suite only uses the public trait, and it
 //! never assumes that watch events arrive before a write returns (an etcd watch is
 //! asynchronous): absence of an event is always checked by ordering, never by a short wait.
+//! Revisions are checked relative to where a fresh store starts (0 for SQLite, wherever the
+//! shared cluster is for etcd), which holds as long as nothing else writes during a case.
 
 use std::fmt::Debug;
 use std::time::Duration;
 
-use crate::{Entry, Event, Revision, Store, StoreError, Watch};
+use crate::{Entry, Event, Revision, Store, StoreError, Txn, Watch};
 
 /// How long to wait for an event that must arrive; generous because CI machines are slow.
 const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -15,7 +17,7 @@ const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// One named check; it gets a fresh empty store.
 type Case = fn(&dyn Store);
 
-/// The shared test suite every backend must pass (a future etcd backend will call it too).
+/// The shared test suite every backend must pass.
 /// `make` returns a fresh empty store each call. Panics (assert) on the first failure with a clear message.
 pub fn run_all<S: Store>(make: &mut dyn FnMut() -> S) {
     let cases: &[(&str, Case)] = &[
@@ -33,6 +35,13 @@ pub fn run_all<S: Store>(make: &mut dyn FnMut() -> S) {
         ("watch_everything", watch_everything),
         ("watch_many", watch_many),
         ("invalid_keys", invalid_keys),
+        ("range_reports_its_revision", range_reports_its_revision),
+        ("watch_from_replays_then_follows", watch_from_replays_then_follows),
+        ("watch_from_compacted_history", watch_from_compacted_history),
+        ("txn_is_all_or_nothing", txn_is_all_or_nothing),
+        ("txn_refuses_bad_requests", txn_refuses_bad_requests),
+        ("lease_expiry_deletes_keys", lease_expiry_deletes_keys),
+        ("lease_kept_alive_then_revoked", lease_kept_alive_then_revoked),
     ];
     for (name, case) in cases {
         let store = make();
@@ -77,7 +86,8 @@ fn assert_conflict<T: Debug>(
 /// Receives the next event, failing if none arrives in time.
 fn next_event(watch: &Watch, waiting_for: &str) -> Event {
     match watch.recv_timeout(EVENT_TIMEOUT) {
-        Some(event) => event,
+        Some(Ok(event)) => event,
+        Some(Err(error)) => panic!("the watch broke while waiting for {waiting_for}: {error}"),
         None => panic!("no event within {EVENT_TIMEOUT:?} while waiting for {waiting_for}"),
     }
 }
@@ -98,7 +108,6 @@ fn keys(entries: &[Entry]) -> Vec<&str> {
 }
 
 fn empty_store(store: &dyn Store) {
-    assert_eq!(ok(store.revision(), "revision"), 0, "a new store is at revision 0");
     assert_eq!(ok(store.get("missing"), "get missing"), None, "get of a missing key");
     assert_eq!(ok(store.list(""), "list all"), vec![], "a new store lists nothing");
 }
@@ -124,16 +133,17 @@ fn put_then_get(store: &dyn Store) {
 }
 
 fn revisions_are_store_wide(store: &dyn Store) {
-    assert_eq!(ok(store.put("a", b"1"), "put a"), 1, "first write is revision 1");
-    assert_eq!(ok(store.put("b", b"1"), "put b"), 2, "each write adds one");
-    assert_eq!(ok(store.put("a", b"2"), "put a again"), 3, "each write adds one");
-    assert_eq!(ok(store.revision(), "revision"), 3);
-    assert_eq!(ok(store.get("b"), "get b").map(|e| e.revision), Some(2));
+    let base = ok(store.revision(), "revision");
+    assert_eq!(ok(store.put("a", b"1"), "put a"), base + 1, "a write adds one");
+    assert_eq!(ok(store.put("b", b"1"), "put b"), base + 2, "each write adds one");
+    assert_eq!(ok(store.put("a", b"2"), "put a again"), base + 3, "each write adds one");
+    assert_eq!(ok(store.revision(), "revision"), base + 3);
+    assert_eq!(ok(store.get("b"), "get b").map(|e| e.revision), Some(base + 2));
     assert!(ok(store.delete("a"), "delete a"), "a existed");
-    assert_eq!(ok(store.revision(), "revision"), 4, "a delete is a write");
+    assert_eq!(ok(store.revision(), "revision"), base + 4, "a delete is a write");
     assert!(!ok(store.delete("a"), "delete a again"), "a is gone");
-    assert_eq!(ok(store.revision(), "revision"), 4, "deleting a missing key writes nothing");
-    assert_eq!(ok(store.put("c", b"1"), "put c"), 5, "revisions never repeat after a delete");
+    assert_eq!(ok(store.revision(), "revision"), base + 4, "deleting a missing key writes nothing");
+    assert_eq!(ok(store.put("c", b"1"), "put c"), base + 5, "revisions never repeat after a delete");
 }
 
 fn overwrite_changes_revision(store: &dyn Store) {
@@ -346,6 +356,7 @@ fn watch_many(store: &dyn Store) {
 }
 
 fn invalid_keys(store: &dyn Store) {
+    let base = ok(store.revision(), "revision");
     for key in ["", "a\0b", "\0"] {
         let is_invalid = |result: Result<(), StoreError>, op: &str| {
             assert!(
@@ -359,6 +370,181 @@ fn invalid_keys(store: &dyn Store) {
         is_invalid(store.compare_and_swap(key, None, Some(b"v")).map(drop), "CAS");
         is_invalid(store.compare_and_swap(key, None, None).map(drop), "CAS delete");
     }
-    assert_eq!(ok(store.revision(), "revision"), 0, "rejected writes change nothing");
+    assert_eq!(ok(store.revision(), "revision"), base, "rejected writes change nothing");
     assert_eq!(ok(store.list(""), "list"), vec![], "rejected writes store nothing");
+}
+
+fn range_reports_its_revision(store: &dyn Store) {
+    ok(store.put("r/1", b"1"), "put r/1");
+    let last = ok(store.put("r/2", b"2"), "put r/2");
+    ok(store.put("s/1", b"x"), "put outside the prefix");
+    let listing = ok(store.range("r/"), "range r/");
+    assert_eq!(keys(&listing.entries), ["r/1", "r/2"], "range lists the prefix");
+    assert_eq!(listing.revision, ok(store.revision(), "revision"), "range reads at the current revision");
+    assert!(listing.revision > last, "the revision counts writes outside the prefix too");
+}
+
+fn watch_from_replays_then_follows(store: &dyn Store) {
+    let first = ok(store.put("w/1", b"1"), "put w/1");
+    let second = ok(store.put("w/2", b"2"), "put w/2");
+    ok(store.put("v/1", b"x"), "put outside the prefix");
+    let deleted = ok(store.compare_and_swap("w/1", Some(first), None), "delete w/1");
+
+    // From the first write on: the history after it, then live changes, in order, once each.
+    let watch = ok(store.watch_from("w/", first), "watch from the first write");
+    let live = ok(store.put("w/3", b"3"), "put w/3");
+    assert_eq!(next_event(&watch, "replayed put of w/2"), put_event("w/2", b"2", second));
+    assert_eq!(next_event(&watch, "replayed delete of w/1"), delete_event("w/1", deleted));
+    assert_eq!(next_event(&watch, "live put of w/3"), put_event("w/3", b"3", live));
+
+    // A listing and a watch from its revision together miss nothing and repeat nothing.
+    let listing = ok(store.range("w/"), "range w/");
+    assert_eq!(keys(&listing.entries), ["w/2", "w/3"]);
+    let informer = ok(store.watch_from("w/", listing.revision), "watch from the listing");
+    let after = ok(store.put("w/4", b"4"), "put w/4");
+    assert_eq!(
+        next_event(&informer, "put of w/4"),
+        put_event("w/4", b"4", after),
+        "only changes after the listing"
+    );
+}
+
+fn watch_from_compacted_history(store: &dyn Store) {
+    let first = ok(store.put("c/k", b"1"), "put c/k");
+    ok(store.put("c/k", b"2"), "put c/k again");
+    let third = ok(store.put("c/k", b"3"), "put c/k a third time");
+    ok(store.compact(third), "compact to the third write");
+
+    match store.watch_from("c/", first) {
+        Err(StoreError::Compacted { compacted, .. }) => {
+            assert!(compacted > first && compacted <= third, "history starts at {compacted}, after {first}")
+        }
+        other => panic!("a watch from compacted history must fail with Compacted, got {other:?}"),
+    }
+    // History from the compaction point on is kept.
+    let watch = ok(store.watch_from("c/", third - 1), "watch from the compaction point");
+    assert_eq!(next_event(&watch, "the third write"), put_event("c/k", b"3", third));
+    assert_eq!(
+        ok(store.get("c/k"), "get c/k").map(|e| e.value),
+        Some(b"3".to_vec()),
+        "compaction keeps live keys"
+    );
+
+    let future = ok(store.revision(), "revision") + 10;
+    assert!(
+        matches!(store.compact(future), Err(StoreError::Invalid(_))),
+        "compacting a revision not reached yet is refused"
+    );
+}
+
+fn txn_is_all_or_nothing(store: &dyn Store) {
+    let one = ok(store.put("t/1", b"old"), "put t/1");
+    ok(store.put("t/gone", b"x"), "put t/gone");
+    let watch = ok(store.watch("t/"), "watch t/");
+
+    let stale = Txn::new().expect("t/1", Some(one + 100)).put("t/1", b"new").put("t/2", b"new");
+    assert_conflict(store.txn(&stale), "t/1", Some(one + 100), Some(one), "txn with a stale compare");
+    let absent = Txn::new().expect("t/1", Some(one)).expect("t/2", Some(1)).put("t/2", b"new");
+    assert_conflict(store.txn(&absent), "t/2", Some(1), None, "txn expecting an absent key at a revision");
+    assert_eq!(ok(store.get("t/2"), "get t/2"), None, "a failed txn writes nothing");
+
+    let txn = Txn::new()
+        .expect("t/1", Some(one))
+        .expect("t/2", None)
+        .put("t/1", b"new")
+        .put("t/2", b"two")
+        .delete("t/gone");
+    let revision = ok(store.txn(&txn), "txn");
+    assert_eq!(ok(store.revision(), "revision"), revision, "a txn is one write");
+    for (key, value) in [("t/1", b"new"), ("t/2", b"two")] {
+        assert_eq!(
+            ok(store.get(key), "get").map(|e| (e.value, e.revision)),
+            Some((value.to_vec(), revision))
+        );
+    }
+    assert_eq!(ok(store.get("t/gone"), "get t/gone"), None);
+    // Events of one txn share its revision and come in key order.
+    assert_eq!(next_event(&watch, "txn put t/1"), put_event("t/1", b"new", revision));
+    assert_eq!(next_event(&watch, "txn put t/2"), put_event("t/2", b"two", revision));
+    assert_eq!(next_event(&watch, "txn delete t/gone"), delete_event("t/gone", revision));
+
+    let nothing = Txn::new().delete("t/never").delete("t/gone");
+    assert_eq!(
+        ok(store.txn(&nothing), "txn deleting absent keys"),
+        revision,
+        "a txn that changes nothing writes nothing"
+    );
+}
+
+fn txn_refuses_bad_requests(store: &dyn Store) {
+    let base = ok(store.revision(), "revision");
+    let twice = Txn::new().put("d/k", b"1").delete("d/k");
+    assert!(matches!(store.txn(&twice), Err(StoreError::Invalid(_))), "a key written twice is refused");
+    let bad_key = Txn::new().expect("", None).put("d/k", b"1");
+    assert!(
+        matches!(store.txn(&bad_key), Err(StoreError::InvalidKey(_))),
+        "an empty compared key is refused"
+    );
+    assert!(
+        matches!(
+            store.txn(&Txn::new().put_leased("d/k", b"1", 0x7eadbeef)),
+            Err(StoreError::LeaseExpired(0x7eadbeef))
+        ),
+        "a put with an unknown lease is refused, naming the lease"
+    );
+    assert!(
+        matches!(store.grant_lease(Duration::ZERO), Err(StoreError::Invalid(_))),
+        "a zero TTL is refused"
+    );
+    assert_eq!(ok(store.revision(), "revision"), base, "refused requests write nothing");
+}
+
+/// Long enough for etcd's minimum TTL with the fastest election settings tests use.
+const LEASE_TTL: Duration = Duration::from_secs(2);
+
+fn lease_expiry_deletes_keys(store: &dyn Store) {
+    let lease = ok(store.grant_lease(LEASE_TTL), "grant");
+    let put =
+        ok(store.txn(&Txn::new().put_leased("l/agent", b"alive", lease).put("l/kept", b"x")), "leased put");
+    assert_eq!(ok(store.get("l/agent"), "get").map(|e| e.revision), Some(put));
+    let watch = ok(store.watch_from("l/", put), "watch l/");
+
+    // Nobody renews: the key goes when the lease does, as a delete event.
+    match next_event(&watch, "the lease's expiry") {
+        Event::Delete { key, revision } => {
+            assert_eq!(key, "l/agent");
+            assert!(revision > put);
+        }
+        other => panic!("expected the leased key's deletion, got {other:?}"),
+    }
+    assert_eq!(ok(store.get("l/agent"), "get after expiry"), None);
+    assert!(ok(store.get("l/kept"), "get the unleased key").is_some(), "keys without the lease stay");
+    assert!(
+        matches!(store.keep_alive(lease), Err(StoreError::LeaseExpired(id)) if id == lease),
+        "an expired lease cannot be renewed"
+    );
+}
+
+fn lease_kept_alive_then_revoked(store: &dyn Store) {
+    let lease = ok(store.grant_lease(LEASE_TTL), "grant");
+    ok(store.txn(&Txn::new().put_leased("k/agent", b"alive", lease)), "leased put");
+    let until = std::time::Instant::now() + LEASE_TTL * 2;
+    while std::time::Instant::now() < until {
+        ok(store.keep_alive(lease), "keep alive");
+        std::thread::sleep(LEASE_TTL / 4);
+    }
+    assert!(ok(store.get("k/agent"), "get").is_some(), "a renewed lease keeps its keys past its TTL");
+
+    let watch = ok(store.watch("k/"), "watch k/");
+    ok(store.revoke_lease(lease), "revoke");
+    assert!(matches!(next_event(&watch, "the revoke"), Event::Delete { key, .. } if key == "k/agent"));
+    assert!(matches!(store.keep_alive(lease), Err(StoreError::LeaseExpired(_))), "a revoked lease is gone");
+    assert!(
+        matches!(
+            store.txn(&Txn::new().put_leased("k/agent", b"again", lease)),
+            Err(StoreError::LeaseExpired(_))
+        ),
+        "a revoked lease takes no keys"
+    );
+    ok(store.revoke_lease(lease), "revoking twice is not an error");
 }
