@@ -1,0 +1,338 @@
+//! The protocol between the control plane and the host agents.
+//!
+//! It is level-triggered and idempotent, like Kubernetes' kubelet or Oxide's sled-agent: the
+//! control plane says what one instance should look like ([`InstanceOrder`], with a
+//! generation that only grows) and asks what it looks like now ([`Observed`], carrying the
+//! generation it reflects). Sending the same order twice changes nothing; an older order
+//! than the one held is ignored. "The agent cannot be reached" is an answer
+//! ([`AgentError::Unreachable`]) the reconcilers handle, not an error string.
+//!
+//! Three implementations of [`Agent`]: the real host agent (in `stratus-cloud`), [`HttpAgent`]
+//! (this protocol over HTTP/JSON, [`server::router`] on the agent's side) and [`SimAgent`]
+//! (in memory, no KVM: for tests and the scheduler benchmark).
+
+pub mod client;
+pub mod server;
+pub mod sim;
+
+use serde::{Deserialize, Serialize};
+
+pub use client::HttpAgent;
+pub use sim::SimAgent;
+
+/// The protocol version this build speaks. Both sides send it (`Stratus-Protocol` header);
+/// a request of another version is refused with both versions named.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The header carrying [`PROTOCOL_VERSION`].
+pub const VERSION_HEADER: &str = "stratus-protocol";
+
+/// A host as its agent reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostInfo {
+    /// The host's name in the cluster.
+    pub name: String,
+    /// Where the agent's API listens (`HOST:PORT`; empty for an in-process agent).
+    pub address: String,
+    /// CPU threads.
+    pub cpus: u32,
+    /// Physical memory, MiB.
+    pub memory_mib: u64,
+    /// Memory instances may use, MiB (physical minus the host's reserve).
+    pub allocatable_mib: u64,
+    /// `/dev/kvm` flavour: "kvm" or "pvm".
+    pub hypervisor: String,
+    /// The agent's build version.
+    pub version: String,
+}
+
+/// What the control plane wants of an instance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Wanted {
+    /// Running, its guest agent answering.
+    Running,
+    /// Not running; disk kept.
+    Stopped,
+    /// Gone from the host: VMM, tap, disk, directory.
+    Absent,
+}
+
+/// An image's files on the host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageFiles {
+    /// Image name.
+    pub name: String,
+    /// Kernel (ELF vmlinux or bzImage).
+    pub kernel: String,
+    /// Initial ramdisk, if any.
+    #[serde(default)]
+    pub initrd: Option<String>,
+    /// Root filesystem (raw ext4), cloned per instance.
+    pub rootfs: String,
+    /// Kernel command line; the instance's root, address and hostname are appended.
+    pub cmdline: String,
+    /// Root filesystem size in bytes.
+    pub rootfs_bytes: u64,
+    /// The image's warm snapshot, which first starts of its size restore.
+    #[serde(default)]
+    pub warm: Option<WarmFiles>,
+}
+
+/// A warm snapshot's files and the size it was made at.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmFiles {
+    /// VMM state file.
+    pub state: String,
+    /// Memory file.
+    pub memory: String,
+    /// The disk as it was.
+    pub disk: String,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Memory, MiB.
+    pub memory_mib: u64,
+    /// Disk, MiB.
+    pub disk_mib: u64,
+    /// The VMM version that wrote it.
+    pub vmm_version: String,
+    /// How long the boot it saves took, ms.
+    pub boot_ms: u64,
+    /// Unix seconds.
+    pub created_at: u64,
+}
+
+/// A network as each host builds it: a bridge with the gateway address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Network name.
+    pub name: String,
+    /// The bridge device.
+    pub bridge: String,
+    /// Subnet, e.g. `10.210.0.0/24`.
+    pub cidr: String,
+    /// The bridge's own address, the guests' gateway.
+    pub gateway: String,
+    /// Whether guests reach the outside through this host (masquerade).
+    pub nat: bool,
+}
+
+/// The whole of what the control plane wants of one instance on this host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceOrder {
+    /// Stable id (hex).
+    pub id: String,
+    /// Name (its guest's hostname).
+    pub name: String,
+    /// Grows with every change of what is wanted; an order older than the one held is ignored.
+    pub generation: u64,
+    /// The state wanted.
+    pub wanted: Wanted,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Memory, MiB.
+    pub memory_mib: u64,
+    /// Root disk, MiB.
+    pub disk_mib: u64,
+    /// What it boots.
+    pub image: ImageFiles,
+    /// Where it is plugged in.
+    pub network: NetworkConfig,
+    /// Its IPv4 address.
+    pub ip: String,
+    /// Its MAC address.
+    pub mac: String,
+    /// Its vsock context id.
+    pub cid: u32,
+    /// It never ran: its disk holds nothing of its user's, so a start may begin from a fresh
+    /// clone (or the warm snapshot).
+    pub first_start: bool,
+}
+
+/// Where an instance is, as the agent sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Nothing of it is on this host.
+    Absent,
+    /// Disk, tap and VMM being set up, guest booting.
+    Starting,
+    /// The guest agent answered.
+    Running,
+    /// Being stopped or removed.
+    Stopping,
+    /// Not running; disk kept.
+    Stopped,
+    /// It was running and went down without being asked (`message`, `clean`).
+    Down,
+    /// The last order could not be carried out (`message`).
+    Failed,
+}
+
+/// How the last start went.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootReport {
+    /// VMM start to the guest agent answering, ms.
+    pub ms: u64,
+    /// "cold" or "warm".
+    pub kind: String,
+    /// Where the time went.
+    pub detail: String,
+}
+
+/// One step of the agent's work on an instance, for its event log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentEvent {
+    /// Grows with every event of this agent (across its restarts).
+    pub seq: u64,
+    /// "info" or "error".
+    pub level: String,
+    /// What happened.
+    pub message: String,
+}
+
+/// What the agent knows of an instance now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Observed {
+    /// The instance's id.
+    pub id: String,
+    /// The generation of the order this reflects (0: no order held).
+    pub generation: u64,
+    /// The state wanted by that order.
+    pub wanted: Option<Wanted>,
+    /// Where the instance is.
+    pub phase: Phase,
+    /// Why (for `Down` and `Failed`).
+    #[serde(default)]
+    pub message: String,
+    /// For `Down`: the guest's own doing (a power-off), not a failure.
+    #[serde(default)]
+    pub clean: bool,
+    /// The VMM's pid while it runs.
+    #[serde(default)]
+    pub pid: u32,
+    /// How the last start went.
+    #[serde(default)]
+    pub boot: Option<BootReport>,
+    /// Events after the `after` the caller gave, oldest first.
+    #[serde(default)]
+    pub events: Vec<AgentEvent>,
+}
+
+impl Observed {
+    /// An instance the agent holds nothing of.
+    pub fn absent(id: &str) -> Observed {
+        Observed {
+            id: id.to_string(),
+            generation: 0,
+            wanted: None,
+            phase: Phase::Absent,
+            message: String::new(),
+            clean: false,
+            pid: 0,
+            boot: None,
+            events: Vec::new(),
+        }
+    }
+
+    /// Whether this reflects `generation` and has settled (no work under way).
+    pub fn settled_at(&self, generation: u64) -> bool {
+        self.generation == generation && !matches!(self.phase, Phase::Starting | Phase::Stopping)
+    }
+}
+
+/// A command to run in a guest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Standard input.
+    #[serde(default)]
+    pub stdin: Vec<u8>,
+    /// Killed (exit 137) past this, ms.
+    pub timeout_ms: u64,
+}
+
+/// What a command run in a guest did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecOutput {
+    /// Exit code (128 + signal when killed).
+    pub code: i32,
+    /// Its standard output.
+    pub stdout: Vec<u8>,
+    /// Its standard error.
+    pub stderr: Vec<u8>,
+}
+
+/// Why a call to an agent did not get its answer.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum AgentError {
+    /// The agent could not be reached (down, partitioned, not answering in time): nothing is
+    /// known of the host, which is not the same as nothing running there.
+    #[error("host agent unreachable: {0}")]
+    Unreachable(String),
+    /// The agent refused the request (bad credential, protocol version, malformed order).
+    #[error("the host agent refused: {0}")]
+    Refused(String),
+    /// The instance is not running there (for exec and metrics).
+    #[error("instance is not running")]
+    NotRunning,
+    /// The agent tried and failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// A host agent, as the control plane drives it.
+pub trait Agent: Send + Sync {
+    /// The host and its capacity.
+    fn host(&self) -> Result<HostInfo, AgentError>;
+    /// Makes the host's networks exactly `networks` (bridges, gateway addresses, NAT).
+    fn set_networks(&self, networks: &[NetworkConfig]) -> Result<(), AgentError>;
+    /// Takes `order` (unless an order of a later generation is held) and works towards it in
+    /// the background; answers at once with what is observed.
+    fn ensure(&self, order: &InstanceOrder) -> Result<Observed, AgentError>;
+    /// What is observed of instance `id`, with the events after sequence number `after`.
+    fn observe(&self, id: &str, after: u64) -> Result<Observed, AgentError>;
+    /// Every instance the agent holds an order for (after a restart: the ones it re-adopted).
+    fn instances(&self) -> Result<Vec<Observed>, AgentError>;
+    /// Runs a command in a running instance's guest.
+    fn exec(&self, id: &str, request: &ExecRequest) -> Result<ExecOutput, AgentError>;
+    /// A running instance's usage (`cpu_seconds`, `memory_bytes`, the VMM's own `vmm` metrics).
+    fn metrics(&self, id: &str) -> Result<serde_json::Value, AgentError>;
+}
+
+/// Checks an instance id from a request: 1-64 hex digits (it names a directory and a tap).
+pub fn check_id(id: &str) -> Result<(), AgentError> {
+    if (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(())
+    } else {
+        Err(AgentError::Refused(format!("'{}' is not an instance id", id.escape_default())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_hex() {
+        assert!(check_id("0123abcd").is_ok());
+        for bad in ["", "../etc", "g1", &"a".repeat(65)] {
+            assert!(check_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn orders_refuse_unknown_fields() {
+        let order = sim::tests::order("ab", 1, Wanted::Running);
+        let mut value = serde_json::to_value(&order).unwrap();
+        value["surprise"] = serde_json::json!(1);
+        assert!(serde_json::from_value::<InstanceOrder>(value).is_err());
+    }
+}

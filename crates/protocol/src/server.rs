@@ -1,0 +1,141 @@
+//! The agent's side of the protocol over HTTP: a router that checks the credential and the
+//! protocol version, then hands each request to an [`Agent`] on a blocking thread.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::Deserialize;
+
+use crate::{Agent, AgentError, ExecRequest, InstanceOrder, NetworkConfig, PROTOCOL_VERSION, VERSION_HEADER};
+
+struct Served {
+    agent: Arc<dyn Agent>,
+    credential: String,
+}
+
+type Shared = Arc<Served>;
+
+/// The agent API under `/v1`, answering only callers with `credential`.
+pub fn router(agent: Arc<dyn Agent>, credential: String) -> Router {
+    let state = Arc::new(Served { agent, credential });
+    let v1 = Router::new()
+        .route("/host", get(host))
+        .route("/networks", put(set_networks))
+        .route("/instances", get(instances))
+        .route("/instances/{id}", get(observe).put(ensure))
+        .route("/instances/{id}/exec", post(exec))
+        .route("/instances/{id}/metrics", get(metrics))
+        .fallback(|| async { failure(AgentError::Refused("no such agent route".into())) })
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), check_caller));
+    Router::new().nest("/v1", v1).with_state(state)
+}
+
+/// An error answer: status, one line, and its kind for the client to rebuild the error.
+fn failure(error: AgentError) -> Response {
+    let (status, kind) = match &error {
+        AgentError::Refused(_) => (StatusCode::BAD_REQUEST, "refused"),
+        AgentError::NotRunning => (StatusCode::CONFLICT, "not_running"),
+        AgentError::Failed(_) | AgentError::Unreachable(_) => (StatusCode::INTERNAL_SERVER_ERROR, "failed"),
+    };
+    (status, Json(serde_json::json!({ "error": error.to_string(), "kind": kind }))).into_response()
+}
+
+async fn check_caller(State(state): State<Shared>, headers: HeaderMap, request: Request, next: Next) -> Response {
+    let token = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let right = token.is_some_and(|token| {
+        token.len() == state.credential.len()
+            && token.bytes().zip(state.credential.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    });
+    if !right {
+        let mut response = failure(AgentError::Refused("wrong or missing host credential".into()));
+        *response.status_mut() = StatusCode::UNAUTHORIZED;
+        return response;
+    }
+    let version = headers.get(VERSION_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("none");
+    if version != PROTOCOL_VERSION.to_string() {
+        return failure(AgentError::Refused(format!(
+            "protocol version {version} asked, this agent speaks {PROTOCOL_VERSION}: upgrade the older side"
+        )));
+    }
+    next.run(request).await
+}
+
+/// Runs `work` against the agent on a blocking thread and answers with its JSON.
+async fn blocking<T: serde::Serialize + Send + 'static>(
+    state: Shared,
+    work: impl FnOnce(&dyn Agent) -> Result<T, AgentError> + Send + 'static,
+) -> Response {
+    match tokio::task::spawn_blocking(move || work(state.agent.as_ref())).await {
+        Ok(Ok(value)) => Json(value).into_response(),
+        Ok(Err(error)) => failure(error),
+        Err(panic) => failure(AgentError::Failed(format!("the agent's worker failed: {panic}"))),
+    }
+}
+
+async fn host(State(state): State<Shared>) -> Response {
+    blocking(state, |agent| agent.host()).await
+}
+
+async fn set_networks(State(state): State<Shared>, body: axum::body::Bytes) -> Response {
+    match serde_json::from_slice::<Vec<NetworkConfig>>(&body) {
+        Ok(networks) => blocking(state, move |agent| agent.set_networks(&networks)).await,
+        Err(e) => failure(AgentError::Refused(format!("bad network list: {e}"))),
+    }
+}
+
+async fn instances(State(state): State<Shared>) -> Response {
+    blocking(state, |agent| agent.instances()).await
+}
+
+#[derive(Deserialize)]
+struct After {
+    #[serde(default)]
+    after: u64,
+}
+
+async fn observe(State(state): State<Shared>, Path(id): Path<String>, Query(after): Query<After>) -> Response {
+    blocking(state, move |agent| {
+        crate::check_id(&id)?;
+        agent.observe(&id, after.after)
+    })
+    .await
+}
+
+async fn ensure(State(state): State<Shared>, Path(id): Path<String>, body: axum::body::Bytes) -> Response {
+    let order = match serde_json::from_slice::<InstanceOrder>(&body) {
+        Ok(order) if order.id == id => order,
+        Ok(_) => return failure(AgentError::Refused("the order's id is not the one in the path".into())),
+        Err(e) => return failure(AgentError::Refused(format!("bad order: {e}"))),
+    };
+    blocking(state, move |agent| {
+        crate::check_id(&order.id)?;
+        agent.ensure(&order)
+    })
+    .await
+}
+
+async fn exec(State(state): State<Shared>, Path(id): Path<String>, body: axum::body::Bytes) -> Response {
+    match serde_json::from_slice::<ExecRequest>(&body) {
+        Ok(request) => {
+            blocking(state, move |agent| {
+                crate::check_id(&id)?;
+                agent.exec(&id, &request)
+            })
+            .await
+        }
+        Err(e) => failure(AgentError::Refused(format!("bad exec request: {e}"))),
+    }
+}
+
+async fn metrics(State(state): State<Shared>, Path(id): Path<String>) -> Response {
+    blocking(state, move |agent| {
+        crate::check_id(&id)?;
+        agent.metrics(&id)
+    })
+    .await
+}

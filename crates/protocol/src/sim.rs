@@ -1,0 +1,357 @@
+//! [`SimAgent`]: a host agent in memory, with no KVM, VMM or root: it keeps orders and plays
+//! the phases a real host goes through, so that the scheduler, reconcilers and policies can be
+//! tested in milliseconds and benchmarked at thousands of hosts. Faults are injected by hand:
+//! an unreachable host, failing starts, a VMM that dies, a guest that powers off.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::{
+    Agent, AgentError, AgentEvent, BootReport, ExecOutput, ExecRequest, HostInfo, InstanceOrder, NetworkConfig,
+    Observed, Phase, Wanted,
+};
+
+/// A simulated host.
+pub struct SimAgent {
+    info: HostInfo,
+    state: Mutex<SimState>,
+}
+
+#[derive(Default)]
+struct SimState {
+    instances: HashMap<String, SimInstance>,
+    networks: Vec<NetworkConfig>,
+    unreachable: bool,
+    /// Starts that fail (with this message) before any succeeds again.
+    failing_starts: Vec<String>,
+    boot_delay: Duration,
+    next_seq: u64,
+    next_pid: u32,
+}
+
+struct SimInstance {
+    order: InstanceOrder,
+    phase: Phase,
+    message: String,
+    clean: bool,
+    pid: u32,
+    ready_at: Option<Instant>,
+    boot: Option<BootReport>,
+    events: Vec<AgentEvent>,
+}
+
+impl SimAgent {
+    /// A host named `name` with `cpus` CPUs and `memory_mib` of memory, 1 GiB of it reserved.
+    pub fn new(name: &str, cpus: u32, memory_mib: u64) -> SimAgent {
+        SimAgent {
+            info: HostInfo {
+                name: name.to_string(),
+                address: format!("sim:{name}"),
+                cpus,
+                memory_mib,
+                allocatable_mib: memory_mib.saturating_sub(1024),
+                hypervisor: "sim".to_string(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            },
+            state: Mutex::new(SimState { next_pid: 1000, ..SimState::default() }),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, SimState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes every call fail as unreachable (or answer again).
+    pub fn set_unreachable(&self, unreachable: bool) {
+        self.state().unreachable = unreachable;
+    }
+
+    /// Starts from now on take `delay` before the guest answers.
+    pub fn set_boot_delay(&self, delay: Duration) {
+        self.state().boot_delay = delay;
+    }
+
+    /// The next `count` starts fail with `message`.
+    pub fn fail_starts(&self, count: usize, message: &str) {
+        self.state().failing_starts = vec![message.to_string(); count];
+    }
+
+    /// The instance's VMM dies (as `kill -9` would).
+    pub fn kill(&self, id: &str) {
+        self.go_down(id, "the VMM process is gone", false);
+    }
+
+    /// The instance's guest powers itself off.
+    pub fn power_off(&self, id: &str) {
+        self.go_down(id, "guest powered off", true);
+    }
+
+    fn go_down(&self, id: &str, message: &str, clean: bool) {
+        let mut state = self.state();
+        let seq = state.seq();
+        if let Some(instance) = state.instances.get_mut(id) {
+            if instance.phase == Phase::Running {
+                instance.phase = Phase::Down;
+                instance.message = message.to_string();
+                instance.clean = clean;
+                instance.pid = 0;
+                instance.event(seq, "error", message);
+            }
+        }
+    }
+
+    /// How many instances run here now.
+    pub fn running(&self) -> usize {
+        let mut state = self.state();
+        state.advance();
+        state.instances.values().filter(|i| i.phase == Phase::Running).count()
+    }
+
+    /// The networks last set.
+    pub fn networks(&self) -> Vec<NetworkConfig> {
+        self.state().networks.clone()
+    }
+
+    fn reachable(&self) -> Result<MutexGuard<'_, SimState>, AgentError> {
+        let mut state = self.state();
+        if state.unreachable {
+            return Err(AgentError::Unreachable(format!("{}: connection refused (simulated)", self.info.name)));
+        }
+        state.advance();
+        Ok(state)
+    }
+}
+
+impl SimState {
+    fn seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq
+    }
+
+    /// Finishes the boots whose time has come.
+    fn advance(&mut self) {
+        let now = Instant::now();
+        let mut seqs = Vec::new();
+        for instance in self.instances.values_mut() {
+            if instance.phase == Phase::Starting && instance.ready_at.is_some_and(|at| at <= now) {
+                seqs.push(instance.order.id.clone());
+            }
+        }
+        for id in seqs {
+            let seq = self.seq();
+            let pid = self.next_pid;
+            self.next_pid += 1;
+            let instance = self.instances.get_mut(&id).expect("listed above");
+            instance.phase = Phase::Running;
+            instance.pid = pid;
+            instance.ready_at = None;
+            instance.boot = Some(BootReport { ms: 1, kind: "cold".into(), detail: String::new() });
+            instance.event(seq, "info", "booted (simulated)");
+        }
+    }
+}
+
+impl SimInstance {
+    fn event(&mut self, seq: u64, level: &str, message: &str) {
+        self.events.push(AgentEvent { seq, level: level.to_string(), message: message.to_string() });
+    }
+
+    fn observed(&self, after: u64) -> Observed {
+        Observed {
+            id: self.order.id.clone(),
+            generation: self.order.generation,
+            wanted: Some(self.order.wanted),
+            phase: self.phase,
+            message: self.message.clone(),
+            clean: self.clean,
+            pid: self.pid,
+            boot: self.boot.clone(),
+            events: self.events.iter().filter(|e| e.seq > after).cloned().collect(),
+        }
+    }
+}
+
+impl Agent for SimAgent {
+    fn host(&self) -> Result<HostInfo, AgentError> {
+        let _reachable = self.reachable()?;
+        Ok(self.info.clone())
+    }
+
+    fn set_networks(&self, networks: &[NetworkConfig]) -> Result<(), AgentError> {
+        self.reachable()?.networks = networks.to_vec();
+        Ok(())
+    }
+
+    fn ensure(&self, order: &InstanceOrder) -> Result<Observed, AgentError> {
+        let mut state = self.reachable()?;
+        if let Some(held) = state.instances.get(&order.id) {
+            if held.order.generation >= order.generation {
+                return Ok(held.observed(u64::MAX));
+            }
+        }
+        let seq = state.seq();
+        let delay = state.boot_delay;
+        let failure = if order.wanted == Wanted::Running
+            && state.instances.get(&order.id).is_none_or(|i| i.phase != Phase::Running)
+        {
+            state.failing_starts.pop()
+        } else {
+            None
+        };
+        let instance = state.instances.entry(order.id.clone()).or_insert_with(|| SimInstance {
+            order: order.clone(),
+            phase: Phase::Absent,
+            message: String::new(),
+            clean: false,
+            pid: 0,
+            ready_at: None,
+            boot: None,
+            events: Vec::new(),
+        });
+        instance.order = order.clone();
+        match (order.wanted, instance.phase) {
+            (Wanted::Running, Phase::Running) => {}
+            (Wanted::Running, _) => match failure {
+                Some(message) => {
+                    instance.phase = Phase::Failed;
+                    instance.message = message.clone();
+                    instance.event(seq, "error", &message);
+                }
+                None => {
+                    instance.phase = Phase::Starting;
+                    instance.message.clear();
+                    instance.ready_at = Some(Instant::now() + delay);
+                    instance.event(seq, "info", "VMM started (simulated), booting");
+                }
+            },
+            (Wanted::Stopped, _) => {
+                instance.phase = Phase::Stopped;
+                instance.pid = 0;
+                instance.ready_at = None;
+            }
+            (Wanted::Absent, _) => {
+                state.instances.remove(&order.id);
+                let mut gone = Observed::absent(&order.id);
+                gone.generation = order.generation;
+                gone.wanted = Some(Wanted::Absent);
+                return Ok(gone);
+            }
+        }
+        state.advance();
+        Ok(state.instances[&order.id].observed(u64::MAX))
+    }
+
+    fn observe(&self, id: &str, after: u64) -> Result<Observed, AgentError> {
+        let state = self.reachable()?;
+        Ok(state.instances.get(id).map_or_else(|| Observed::absent(id), |i| i.observed(after)))
+    }
+
+    fn instances(&self) -> Result<Vec<Observed>, AgentError> {
+        let state = self.reachable()?;
+        Ok(state.instances.values().map(|i| i.observed(u64::MAX)).collect())
+    }
+
+    fn exec(&self, id: &str, request: &ExecRequest) -> Result<ExecOutput, AgentError> {
+        let state = self.reachable()?;
+        match state.instances.get(id) {
+            Some(instance) if instance.phase == Phase::Running => Ok(ExecOutput {
+                code: 0,
+                stdout: format!("{} on {}\n", request.argv.join(" "), self.info.name).into_bytes(),
+                stderr: Vec::new(),
+            }),
+            _ => Err(AgentError::NotRunning),
+        }
+    }
+
+    fn metrics(&self, id: &str) -> Result<serde_json::Value, AgentError> {
+        let state = self.reachable()?;
+        match state.instances.get(id) {
+            Some(instance) if instance.phase == Phase::Running => Ok(serde_json::json!({
+                "cpu_seconds": 0.0,
+                "memory_bytes": instance.order.memory_mib << 20,
+                "guest_memory_bytes": instance.order.memory_mib << 20,
+            })),
+            _ => Err(AgentError::NotRunning),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::{ImageFiles, NetworkConfig};
+
+    pub(crate) fn order(id: &str, generation: u64, wanted: Wanted) -> InstanceOrder {
+        InstanceOrder {
+            id: id.to_string(),
+            name: format!("vm-{id}"),
+            generation,
+            wanted,
+            cpus: 1,
+            memory_mib: 256,
+            disk_mib: 1024,
+            image: ImageFiles {
+                name: "default".into(),
+                kernel: "/k".into(),
+                initrd: None,
+                rootfs: "/r".into(),
+                cmdline: String::new(),
+                rootfs_bytes: 1,
+                warm: None,
+            },
+            network: NetworkConfig {
+                name: "default".into(),
+                bridge: "br0".into(),
+                cidr: "10.0.0.0/24".into(),
+                gateway: "10.0.0.1".into(),
+                nat: true,
+            },
+            ip: "10.0.0.2".into(),
+            mac: "52:54:00:00:00:02".into(),
+            cid: 3,
+            first_start: true,
+        }
+    }
+
+    #[test]
+    fn orders_are_level_triggered_and_generations_only_grow() {
+        let host = SimAgent::new("h1", 2, 4096);
+        let started = host.ensure(&order("a1", 5, Wanted::Running)).unwrap();
+        assert_eq!((started.generation, started.phase), (5, Phase::Running));
+        // The same order again, and an older one, change nothing.
+        assert_eq!(host.ensure(&order("a1", 5, Wanted::Running)).unwrap().pid, started.pid);
+        let stale = host.ensure(&order("a1", 4, Wanted::Stopped)).unwrap();
+        assert_eq!((stale.generation, stale.phase), (5, Phase::Running));
+        let stopped = host.ensure(&order("a1", 6, Wanted::Stopped)).unwrap();
+        assert_eq!(stopped.phase, Phase::Stopped);
+        let gone = host.ensure(&order("a1", 7, Wanted::Absent)).unwrap();
+        assert_eq!(gone.phase, Phase::Absent);
+        assert!(host.instances().unwrap().is_empty());
+    }
+
+    #[test]
+    fn faults_are_answers() {
+        let host = SimAgent::new("h1", 2, 4096);
+        host.fail_starts(1, "disk: no space");
+        let failed = host.ensure(&order("a1", 1, Wanted::Running)).unwrap();
+        assert_eq!((failed.phase, failed.message.as_str()), (Phase::Failed, "disk: no space"));
+        host.ensure(&order("a1", 2, Wanted::Running)).unwrap();
+        host.kill("a1");
+        let down = host.observe("a1", 0).unwrap();
+        assert_eq!((down.phase, down.clean), (Phase::Down, false));
+        assert!(down.events.iter().any(|e| e.message.contains("VMM process is gone")));
+        host.set_unreachable(true);
+        assert!(matches!(host.observe("a1", 0), Err(AgentError::Unreachable(_))));
+    }
+
+    #[test]
+    fn boots_take_their_time() {
+        let host = SimAgent::new("h1", 2, 4096);
+        host.set_boot_delay(Duration::from_millis(30));
+        assert_eq!(host.ensure(&order("a1", 1, Wanted::Running)).unwrap().phase, Phase::Starting);
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(host.observe("a1", 0).unwrap().phase, Phase::Running);
+        assert_eq!(host.running(), 1);
+    }
+}
