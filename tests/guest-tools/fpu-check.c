@@ -11,7 +11,16 @@
  *                                    through stdio (from a buffer across a page boundary when
  *                                    STRADDLE is 1, after reading READ_FIRST whole), checked.
  *   fpu-check churn SECONDS          short-lived processes one after another, each checking its
- *                                    registers across a few yields (a fresh task each time). */
+ *                                    registers across a few yields (a fresh task each time).
+ *   fpu-check stale KIND ITERS [FORKS]
+ *                                    new values in all sixteen registers before EVERY kernel entry,
+ *                                    the entry right after the load (KIND: fault = an SSE store to a
+ *                                    page never touched, cow = an SSE store to a page shared with the
+ *                                    parent, syscall = getppid, spin = a busy loop the timer
+ *                                    preempts, mix = each in turn), then all sixteen read back; a
+ *                                    register from an older iteration says how many iterations old
+ *                                    it is. With FORKS, that many children one after another (fork
+ *                                    without exec, like busybox's NOEXEC applets) each do ITERS. */
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -198,7 +207,128 @@ static int churn(int seconds) {
     return corrupt != 0;
 }
 
+/* The value of register r in iteration `it` of `stale`: every byte differs between iterations
+ * and registers, and never zero. */
+static void stale_fill(uint8_t regs[16][16], uint32_t it) {
+    for (int r = 0; r < 16; r++) {
+        uint32_t w = it * 16 + r + 1;
+        memcpy(&regs[r][0], &w, 4);
+        memcpy(&regs[r][4], &w, 4);
+        memcpy(&regs[r][8], &w, 4);
+        memcpy(&regs[r][12], &w, 4);
+        regs[r][15] = 0xa5;
+    }
+}
+
+/* Loads the sixteen registers from `in`, stores xmm0 to `target` (the store that may fault),
+ * runs `kind`'s kernel entry, then stores all sixteen to `out`. */
+static void stale_trip(uint8_t in[16][16], uint8_t out[16][16], uint8_t *target, int kind) {
+    long scratch = 0;
+    __asm__ volatile(
+        "movdqu 0x00(%[in]), %%xmm0\n movdqu 0x10(%[in]), %%xmm1\n"
+        "movdqu 0x20(%[in]), %%xmm2\n movdqu 0x30(%[in]), %%xmm3\n"
+        "movdqu 0x40(%[in]), %%xmm4\n movdqu 0x50(%[in]), %%xmm5\n"
+        "movdqu 0x60(%[in]), %%xmm6\n movdqu 0x70(%[in]), %%xmm7\n"
+        "movdqu 0x80(%[in]), %%xmm8\n movdqu 0x90(%[in]), %%xmm9\n"
+        "movdqu 0xa0(%[in]), %%xmm10\n movdqu 0xb0(%[in]), %%xmm11\n"
+        "movdqu 0xc0(%[in]), %%xmm12\n movdqu 0xd0(%[in]), %%xmm13\n"
+        "movdqu 0xe0(%[in]), %%xmm14\n movdqu 0xf0(%[in]), %%xmm15\n"
+        "movdqu %%xmm0, (%[target])\n" /* fault / cow: this store enters the kernel */
+        "cmp $2, %[kind]\n jne 1f\n"
+        "mov $110, %%eax\n syscall\n" /* getppid */
+        "jmp 3f\n"
+        "1: cmp $3, %[kind]\n jne 3f\n"
+        "mov $200000, %[scratch]\n"
+        "2: dec %[scratch]\n jnz 2b\n"
+        "3:\n"
+        "movdqu %%xmm0, 0x00(%[out])\n movdqu %%xmm1, 0x10(%[out])\n"
+        "movdqu %%xmm2, 0x20(%[out])\n movdqu %%xmm3, 0x30(%[out])\n"
+        "movdqu %%xmm4, 0x40(%[out])\n movdqu %%xmm5, 0x50(%[out])\n"
+        "movdqu %%xmm6, 0x60(%[out])\n movdqu %%xmm7, 0x70(%[out])\n"
+        "movdqu %%xmm8, 0x80(%[out])\n movdqu %%xmm9, 0x90(%[out])\n"
+        "movdqu %%xmm10, 0xa0(%[out])\n movdqu %%xmm11, 0xb0(%[out])\n"
+        "movdqu %%xmm12, 0xc0(%[out])\n movdqu %%xmm13, 0xd0(%[out])\n"
+        "movdqu %%xmm14, 0xe0(%[out])\n movdqu %%xmm15, 0xf0(%[out])\n"
+        : [scratch] "+&r"(scratch)
+        : [in] "r"(in), [out] "r"(out), [target] "r"(target), [kind] "r"((long)kind)
+        : "rax", "rcx", "r11", "memory", "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6",
+          "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
+}
+
+#define STALE_PAGES 256
+
+/* ITERS iterations of stale_trip; returns the number of iterations with a changed register. */
+static long stale_run(const char *kind_name, long iters, uint8_t *cow) {
+    static const char *kinds[] = {"fault", "cow", "syscall", "spin"};
+    int mix = strcmp(kind_name, "mix") == 0, kind = -1;
+    for (int k = 0; k < 4; k++)
+        if (strcmp(kind_name, kinds[k]) == 0) kind = k;
+    if (kind < 0 && !mix) { fprintf(stderr, "fpu-check: unknown kind %s\n", kind_name); exit(2); }
+    uint8_t *fresh = mmap(NULL, 4096 * STALE_PAGES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (fresh == MAP_FAILED) { perror("mmap"); exit(1); }
+    static uint8_t scratch[64];
+    uint8_t want[16][16], got[16][16];
+    long bad = 0;
+    uint32_t seed = (uint32_t)getpid() << 12;
+    for (long i = 0; i < iters; i++) {
+        int k = mix ? (int)(i % 4) : kind;
+        uint8_t *target = scratch;
+        if (k == 0) {
+            if (i % STALE_PAGES == 0) madvise(fresh, 4096 * STALE_PAGES, MADV_DONTNEED);
+            target = fresh + 4096 * (i % STALE_PAGES) + 16 * (i % 200);
+        } else if (k == 1 && cow) {
+            target = cow + 4096 * (i % STALE_PAGES);
+        }
+        uint32_t it = seed + (uint32_t)i;
+        stale_fill(want, it);
+        memset(got, 0, sizeof got);
+        stale_trip(want, got, target, k);
+        if (memcmp(want, got, sizeof want) == 0 && memcmp(target, want[0], 16) == 0) continue;
+        bad++;
+        printf("fpu-check: STALE pid %d iteration %ld kind %s:", (int)getpid(), i, kinds[k]);
+        for (int r = 0; r < 16; r++) {
+            if (memcmp(want[r], got[r], 16) == 0) continue;
+            uint32_t w;
+            memcpy(&w, got[r], 4);
+            long age = (long)it * 16 + r + 1 - (long)w;
+            printf(" xmm%d=", r);
+            for (int b = 0; b < 16; b++) printf("%02x", got[r][b]);
+            if (got[r][15] == 0xa5 && age % 16 == 0) printf("(%ld iterations old)", age / 16);
+        }
+        if (memcmp(target, want[0], 16) != 0) printf(" stored xmm0 differs");
+        printf("\n");
+        fflush(stdout);
+    }
+    munmap(fresh, 4096 * STALE_PAGES);
+    return bad;
+}
+
+static int stale(const char *kind, long iters, int forks) {
+    if (forks <= 0) {
+        long bad = stale_run(kind, iters, NULL);
+        printf("fpu-check: stale %s %ld iterations, %ld bad\n", kind, iters, bad);
+        return bad != 0;
+    }
+    /* Pages the children write first (copy on write), touched here first. */
+    uint8_t *cow = mmap(NULL, 4096 * STALE_PAGES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (cow == MAP_FAILED) { perror("mmap"); return 1; }
+    memset(cow, 1, 4096 * STALE_PAGES);
+    long bad = 0;
+    for (int f = 0; f < forks; f++) {
+        pid_t pid = fork();
+        if (pid < 0) { perror("fork"); return 1; }
+        if (pid == 0) _exit(stale_run(kind, iters, cow) != 0);
+        int status = 0;
+        waitpid(pid, &status, 0);
+        if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) bad++;
+    }
+    printf("fpu-check: stale %s %d children x %ld iterations, %ld bad children\n", kind, forks, iters, bad);
+    return bad != 0;
+}
+
 int main(int argc, char **argv) {
+    if ((argc == 4 || argc == 5) && strcmp(argv[1], "stale") == 0)
+        return stale(argv[2], atol(argv[3]), argc == 5 ? atoi(argv[4]) : 0);
     if (argc == 3 && strcmp(argv[1], "churn") == 0) return churn(atoi(argv[2]));
     if (argc == 3 && strcmp(argv[1], "fresh") == 0) return fresh(atoi(argv[2]));
     if ((argc == 4 || argc == 5) && strcmp(argv[1], "hexout") == 0)
