@@ -101,7 +101,10 @@ fn main() {
             0
         }),
         Command::Image(ImageCommand::Api(command)) => cloud::image(&cli.connection, command),
-        Command::Serve(args) => cloud::serve(args),
+        Command::Serve(args) => {
+            stratus_vmm::pvm::warn_about_guest_faults();
+            cloud::serve(args)
+        }
         Command::Launch(args) => cloud::launch(&cli.connection, args),
         Command::List => cloud::list(&cli.connection),
         Command::Show { name } => cloud::show(&cli.connection, &name),

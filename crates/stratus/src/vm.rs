@@ -317,6 +317,7 @@ fn parse_vsock(text: &str) -> Result<VsockConfig, String> {
 }
 
 fn vm_run(args: RunArgs) -> anyhow::Result<i32> {
+    stratus_vmm::pvm::warn_about_guest_faults();
     let boot = match args.kernel {
         Some(kernel) => BootSource {
             kernel,

@@ -30,7 +30,8 @@
 //!     an SSE store to a fresh page, to a copy-on-write page, getppid, a preempted spin) under
 //!     four busy loops: 15,000 iterations in one process, 40 forked children x 400, 40 fresh
 //!     processes x 400: no register ever came back older (load average 1.7-2.3).
-//!   So the lead's hypothesis (the guest kernel restoring a stale saved FPU state: the lazy
+//!
+//! So the lead's hypothesis (the guest kernel restoring a stale saved FPU state: the lazy
 //!   restore or TIF_NEED_FPU_LOAD mishandled on PVM) does not show on this host: the same guest
 //!   kernel, patches and VMM that lost registers on the AMD host keep them here. What differs
 //!   is the host: its CPU (and whatever its `kvm_pvm` does per vendor). See

@@ -24,6 +24,42 @@ pub fn host_is_pvm() -> bool {
     std::path::Path::new("/sys/module/kvm_pvm").exists()
 }
 
+/// The warning `stratus vm run` and `stratus serve` print on hosts where Linux guests are known
+/// to compute wrong results now and then: PVM on an AMD CPU, where a busy guest was measured to
+/// get SSE registers back with older contents (docs/pvm-sse-fault.md). On the Intel PVM host of
+/// 2026-12-07 the same guest, kernel and VMM kept their registers in every run.
+pub fn guest_fault_warning() -> Option<String> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    fault_warning_for(host_is_pvm(), &cpuinfo)
+}
+
+/// Prints [`guest_fault_warning`] to stderr, if there is one.
+pub fn warn_about_guest_faults() {
+    if let Some(warning) = guest_fault_warning() {
+        eprintln!("{warning}");
+    }
+}
+
+fn fault_warning_for(pvm: bool, cpuinfo: &str) -> Option<String> {
+    let field = |name: &str| {
+        cpuinfo.lines().find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            (key.trim() == name).then(|| value.trim().to_owned())
+        })
+    };
+    let vendor = field("vendor_id")?;
+    if !pvm || !matches!(vendor.as_str(), "AuthenticAMD" | "HygonGenuine") {
+        return None;
+    }
+    let family = field("cpu family").and_then(|f| f.parse::<u32>().ok()).unwrap_or(0);
+    let model = field("model").and_then(|m| m.parse::<u32>().ok()).unwrap_or(0);
+    Some(format!(
+        "warning: this host's KVM is PVM on an AMD CPU (family {family:#x} model {model:#x}): there, busy Linux \
+         guests were measured to get SSE registers back with older contents now and then (9 of 14 md5sum \
+         runs wrong under load), so guests may compute wrong results silently; see docs/pvm-sse-fault.md"
+    ))
+}
+
 /// The instructions the VMM completes for PVM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -623,6 +659,18 @@ mod tests {
             let _ = decode(&bytes, &LONG, &regs);
             let _ = decode(&bytes, &Mode { long: false, fs_base: 0, gs_base: 0 }, &regs);
         }
+    }
+
+    #[test]
+    fn the_guest_fault_warning_is_for_pvm_on_amd_only() {
+        let amd = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 23\nmodel\t\t: 49\nmodel name\t: AMD EPYC\n";
+        let intel = "processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 167\n";
+        let warning = fault_warning_for(true, amd).unwrap();
+        assert!(warning.contains("family 0x17 model 0x31"), "{warning}");
+        assert!(warning.contains("docs/pvm-sse-fault.md"), "{warning}");
+        assert_eq!(fault_warning_for(false, amd), None, "hardware KVM");
+        assert_eq!(fault_warning_for(true, intel), None, "PVM on Intel");
+        assert_eq!(fault_warning_for(true, ""), None, "no /proc/cpuinfo");
     }
 
     #[test]
