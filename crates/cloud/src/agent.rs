@@ -201,6 +201,13 @@ impl LocalAgent {
         });
     }
 
+    /// The same agent, reporting its host as `name` (a cluster's name for it) instead of the
+    /// machine's hostname.
+    pub fn named(mut self, name: &str) -> Self {
+        self.hostname = name.to_string();
+        self
+    }
+
     /// The directory of instance `id`.
     pub fn instance_dir(&self, id: &str) -> PathBuf {
         self.data_dir.join("instances").join(id)
@@ -657,6 +664,9 @@ impl HostAgent for LocalAgent {
             instances: 0,
             hypervisor: hypervisor.into(),
             seen_at: crate::model::now(),
+            address: String::new(),
+            state: String::new(),
+            maintenance: false,
         }
     }
 

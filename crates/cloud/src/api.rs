@@ -19,12 +19,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::agent::HostAgent;
 use crate::db::{image_key, instance_key, network_key, operation_key, Db, DbError};
+use crate::hosts::Hosts;
 use crate::model::{
     check_name, now, Desired, Host, Image, Instance, InstanceSpec, InstanceState, InstanceStatus, Network,
     Operation, OperationState, RestartPolicy, DEFAULT_PROJECT,
 };
 use crate::network::{self, Subnet};
 use crate::reconciler::Reconciler;
+use crate::scheduler::{self, Candidate, Policy};
 
 /// Everything a request handler needs.
 pub struct AppState {
@@ -34,8 +36,10 @@ pub struct AppState {
     pub builder: Option<crate::image::ImageBuilder>,
     /// The store.
     pub db: Db,
-    /// This host's agent.
-    pub agent: Arc<dyn HostAgent>,
+    /// The hosts and their agents.
+    pub hosts: Arc<Hosts>,
+    /// Credentials agents present and joins (hosts in the cluster).
+    pub cluster: crate::cluster::Cluster,
     /// The reconciler, woken after each change.
     pub reconciler: Arc<Reconciler>,
     /// The bearer token.
@@ -47,6 +51,32 @@ pub struct AppState {
     /// Held while a request checks the host's free memory and claims some of it, so that two
     /// launches (or starts) at once cannot both take the last of it.
     pub admission: std::sync::Mutex<()>,
+}
+
+impl AppState {
+    /// The API's state over `db`, driving `hosts` (with `cluster` for membership) through
+    /// `reconciler`, answering callers with `token`; no image builder.
+    pub fn new(
+        data_dir: std::path::PathBuf,
+        db: Db,
+        hosts: Arc<Hosts>,
+        cluster: crate::cluster::Cluster,
+        reconciler: Arc<Reconciler>,
+        token: String,
+    ) -> AppState {
+        AppState {
+            data_dir,
+            builder: None,
+            db,
+            hosts,
+            cluster,
+            reconciler,
+            token,
+            stats: ApiStats::default(),
+            execs: Arc::new(tokio::sync::Semaphore::new(MAX_EXECS)),
+            admission: std::sync::Mutex::default(),
+        }
+    }
 }
 
 /// API request counters.
@@ -199,7 +229,8 @@ pub fn router(state: Shared) -> Router {
         .route("/uploads/{name}", axum::routing::put(upload).delete(delete_upload))
         .route("/networks", get(list_networks).post(create_network))
         .route("/networks/{name}", get(get_network).delete(delete_network))
-        .route("/hosts", get(list_hosts))
+        .route("/hosts", get(list_hosts).post(add_host))
+        .route("/hosts/{name}", get(get_host).delete(remove_host))
         .route("/operations/{id}", get(get_operation))
         .route("/operations/{id}/wait", get(wait_operation))
         .route("/events", get(list_events))
@@ -207,6 +238,8 @@ pub fn router(state: Shared) -> Router {
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), authenticate));
     Router::new()
         .nest("/v1", v1)
+        .route("/agent/v1/join", post(agent_join))
+        .route("/agent/v1/heartbeat", post(agent_heartbeat))
         .route("/openapi.json", get(|| async { Json(crate::openapi::document()) }))
         .route("/metrics", get(crate::metrics::prometheus))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -313,6 +346,12 @@ struct LaunchRequest {
     network: String,
     #[serde(default)]
     restart: RestartPolicy,
+    /// The host to run on; the scheduler picks one when absent.
+    #[serde(default)]
+    host: Option<String>,
+    /// How the scheduler ranks hosts: spread (default) or pack.
+    #[serde(default)]
+    placement: Policy,
 }
 
 fn default_image() -> String {
@@ -365,14 +404,64 @@ pub fn allocation(instances: &[Instance]) -> (u64, u32, u32) {
         .fold((0, 0, 0), |(m, c, n), i| (m + i.spec.memory_mib, c + i.spec.cpus, n + 1))
 }
 
+/// The name of the host `instance` is placed on ("" in records from before hosts were named:
+/// this machine's own host).
+fn placed_on<'a>(state: &'a AppState, instance: &'a Instance) -> &'a str {
+    match instance.status.host.as_str() {
+        "" => state.hosts.local_name().unwrap_or(""),
+        host => host,
+    }
+}
+
+/// The agent of the host `instance` is placed on.
+fn agent_of(state: &AppState, instance: &Instance) -> ApiResult<Arc<dyn HostAgent>> {
+    state.hosts.get(&instance.status.host).ok_or_else(|| {
+        ApiError::conflict(format!(
+            "instance '{}' is on host '{}', which is not part of the cluster",
+            instance.name, instance.status.host
+        ))
+    })
+}
+
+/// Every host as the API shows it and the scheduler weighs it: its record, whether it is
+/// online, and the memory and vCPUs of the instances meant to run there.
+pub fn host_views(state: &AppState) -> ApiResult<Vec<Host>> {
+    let instances = state.db.instances()?;
+    let mut hosts: Vec<Host> = state.db.list("/hosts/")?;
+    if let (Some(name), Some(agent)) = (state.hosts.local_name(), state.hosts.local()) {
+        // This machine's host is asked directly: its capacity is always current.
+        let fresh = agent.host();
+        match hosts.iter_mut().find(|h| h.name == name) {
+            Some(host) => *host = Host { maintenance: host.maintenance, ..fresh },
+            None => hosts.push(fresh),
+        }
+    }
+    for host in &mut hosts {
+        let placed: Vec<Instance> =
+            instances.iter().filter(|i| placed_on(state, i) == host.name).cloned().collect();
+        let (memory, cpus, count) = allocation(&placed);
+        host.allocated_mib = memory;
+        host.allocated_cpus = cpus;
+        host.instances = count;
+        host.state = if state.hosts.is_local(&host.name) || state.cluster.is_online(&host.name) {
+            "online".into()
+        } else if host.seen_at == 0 {
+            "joining".into()
+        } else {
+            "offline".into()
+        };
+    }
+    hosts.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(hosts)
+}
+
 /// Refuses (409, with the reason) `memory_mib` more for instances than `host` has free.
-fn check_free_memory(instances: &[Instance], host: &Host, memory_mib: u64) -> ApiResult<()> {
-    let (allocated, _, _) = allocation(instances);
-    if allocated + memory_mib > host.allocatable_mib {
+fn check_free_memory(host: &Host, memory_mib: u64) -> ApiResult<()> {
+    if host.allocated_mib + memory_mib > host.allocatable_mib {
         return Err(ApiError::conflict(format!(
             "not enough memory: host {} has {} MiB free for instances, {} MiB asked",
             host.name,
-            host.allocatable_mib.saturating_sub(allocated),
+            host.allocatable_mib.saturating_sub(host.allocated_mib),
             memory_mib
         )));
     }
@@ -380,7 +469,7 @@ fn check_free_memory(instances: &[Instance], host: &Host, memory_mib: u64) -> Ap
 }
 
 /// Runs `request_change` for a change that makes `name` wanted running: under the admission
-/// lock, and refused when an instance not wanted running yet does not fit the free memory.
+/// lock, and refused when an instance not wanted running yet does not fit its host's free memory.
 fn request_running(
     state: &AppState,
     name: &str,
@@ -393,9 +482,37 @@ fn request_running(
         .iter()
         .find(|i| i.project == DEFAULT_PROJECT && i.name == name && i.desired != Desired::Running)
     {
-        check_free_memory(&instances, &state.agent.host(), i.spec.memory_mib)?;
+        let hosts = host_views(state)?;
+        if let Some(host) = hosts.iter().find(|h| h.name == placed_on(state, i)) {
+            check_free_memory(host, i.spec.memory_mib)?;
+        }
     }
     request_change(state, name, kind, change)
+}
+
+/// Chooses the host for a new instance of `memory_mib` (on `only`, if given), with the reasons.
+fn place(
+    state: &AppState,
+    memory_mib: u64,
+    policy: Policy,
+    only: Option<&str>,
+) -> ApiResult<scheduler::Decision> {
+    let hosts = host_views(state)?;
+    if let ([host], None) = (hosts.as_slice(), only) {
+        // One host: the refusal says what is free there, as it always has.
+        check_free_memory(host, memory_mib)?;
+    }
+    let candidates: Vec<Candidate> = hosts
+        .iter()
+        .map(|h| Candidate {
+            name: h.name.clone(),
+            online: h.state == "online",
+            maintenance: h.maintenance,
+            allocatable_mib: h.allocatable_mib,
+            allocated_mib: h.allocated_mib,
+        })
+        .collect();
+    scheduler::place(&candidates, memory_mib, policy, only).map_err(ApiError::conflict)
 }
 
 async fn launch(
@@ -432,16 +549,19 @@ async fn launch(
         .db
         .network(DEFAULT_PROJECT, &req.network)?
         .ok_or_else(|| ApiError::unprocessable(format!("network '{}' not found", req.network)))?;
-    let host = state.agent.host();
-    if req.memory_mib > host.memory_mib {
+    let largest = host_views(&state)?.into_iter().max_by_key(|h| h.memory_mib);
+    if let Some(host) = largest.filter(|h| req.memory_mib > h.memory_mib) {
         return Err(ApiError::unprocessable(format!(
             "memory of {} MiB is more than host {} has ({} MiB)",
             req.memory_mib, host.name, host.memory_mib
         )));
     }
+    if let Some(host) = &req.host {
+        check_name("host", host).map_err(ApiError::bad_request)?;
+    }
     // From the check of free memory to the record that claims it, no other claim runs.
     let _admitted = state.admission.lock().unwrap_or_else(|p| p.into_inner());
-    check_free_memory(&state.db.instances()?, &host, req.memory_mib)?;
+    let placement = place(&state, req.memory_mib, req.placement, req.host.as_deref())?;
     if state.db.instance(DEFAULT_PROJECT, &req.name)?.is_some() {
         return Err(ApiError::conflict(format!("instance '{}' already exists", req.name)));
     }
@@ -473,7 +593,7 @@ async fn launch(
         status: InstanceStatus {
             state: InstanceState::Pending,
             message: String::new(),
-            host: String::new(),
+            host: placement.host.clone(),
             ip: ip.to_string(),
             mac: network::mac_for(&id),
             cid: u32::from(ip),
@@ -504,6 +624,7 @@ async fn launch(
         "info",
         format!("created ({} MiB, {} vCPU, address {ip})", instance.spec.memory_mib, instance.spec.cpus),
     );
+    state.db.event(DEFAULT_PROJECT, &instance.name, "info", placement.explanation);
     state.reconciler.wake();
     Ok((StatusCode::ACCEPTED, Json(Accepted { operation: op, instance })))
 }
@@ -720,7 +841,7 @@ async fn exec(
             format!("{MAX_EXECS} commands are running already; try again when one has finished"),
         )
     })?;
-    let agent = Arc::clone(&state.agent);
+    let agent = agent_of(&state, &instance)?;
     let limit = Duration::from_secs(body.timeout_secs);
     let started = Instant::now();
     let output = tokio::task::spawn_blocking(move || {
@@ -743,7 +864,7 @@ async fn instance_metrics(
     Name(name): Name,
 ) -> ApiResult<Json<serde_json::Value>> {
     let instance = find_instance(&state, &name)?;
-    let agent = Arc::clone(&state.agent);
+    let agent = agent_of(&state, &instance)?;
     let metrics = tokio::task::spawn_blocking(move || agent.metrics(&instance))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
@@ -817,7 +938,7 @@ async fn import_image(
     };
     let cmdline = req.cmdline.clone().or_else(|| base.as_ref().map(|b| b.cmdline.clone()));
     let (db, data, name, agent) =
-        (state.db.clone(), state.data_dir.clone(), req.name.clone(), Arc::clone(&state.agent));
+        (state.db.clone(), state.data_dir.clone(), req.name.clone(), state.hosts.local());
     let image = tokio::task::spawn_blocking(move || {
         let work = data.join("images").join(format!(".{name}-{}.import", new_id()));
         let rootfs = match (rootfs, &tarball, &base) {
@@ -845,9 +966,11 @@ async fn import_image(
         }
         // Its warm snapshot comes in the background; launches boot cold until then.
         let (db2, image2) = (db.clone(), image.clone());
-        let _ = std::thread::Builder::new()
-            .name(format!("warm-{name}"))
-            .spawn(move || crate::image::warm(&db2, agent.as_ref(), &image2));
+        if let Some(agent) = agent {
+            let _ = std::thread::Builder::new()
+                .name(format!("warm-{name}"))
+                .spawn(move || crate::image::warm(&db2, agent.as_ref(), &image2));
+        }
         Ok(image)
     })
     .await
@@ -895,7 +1018,7 @@ async fn build_image(
     };
     state.db.put(&operation_key(&op.id), &op)?;
     let (db, data, agent, op_id) =
-        (state.db.clone(), state.data_dir.clone(), Arc::clone(&state.agent), op.id.clone());
+        (state.db.clone(), state.data_dir.clone(), state.hosts.local(), op.id.clone());
     let recipe = req.recipe;
     std::thread::Builder::new()
         .name(format!("build-{name}"))
@@ -911,7 +1034,10 @@ async fn build_image(
                 .map_err(|e| format!("{e:#}"))
                 .and_then(|dir| crate::image::ImageFiles::of_build(&dir).map_err(|e| e.to_string()))
                 .and_then(|files| crate::image::install(&db, &data, &name, &files).map_err(|e| e.to_string()))
-                .and_then(|image| crate::image::warm(&db, agent.as_ref(), &image));
+                .and_then(|image| match &agent {
+                    Some(agent) => crate::image::warm(&db, agent.as_ref(), &image),
+                    None => Ok(()),
+                });
             if let Err(e) = &result {
                 db.event(DEFAULT_PROJECT, "", "error", format!("image {name}: {e}"));
             }
@@ -1097,8 +1223,13 @@ async fn create_network(
     state.db.create(&network_key(DEFAULT_PROJECT, &network.name), &network)?;
     let mut all = existing;
     all.push(network.clone());
-    let agent = Arc::clone(&state.agent);
-    let prepared = tokio::task::spawn_blocking(move || agent.prepare_networks(&all)).await;
+    let hosts = state.hosts.all();
+    let prepared = tokio::task::spawn_blocking(move || {
+        hosts.iter().try_for_each(|(name, agent)| {
+            agent.prepare_networks(&all).map_err(|e| format!("on host {name}: {e}"))
+        })
+    })
+    .await;
     if let Err(e) = prepared.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
         let _ = state.db.delete(&network_key(DEFAULT_PROJECT, &network.name));
         return Err(ApiError::new(
@@ -1132,8 +1263,13 @@ async fn delete_network(State(state): State<Shared>, Name(name): Name) -> ApiRes
     state.db.delete(&network_key(DEFAULT_PROJECT, &name))?;
     if let Some(network) = network {
         let remaining: Vec<Network> = state.db.list("/networks/")?;
-        let agent = Arc::clone(&state.agent);
-        let removed = tokio::task::spawn_blocking(move || agent.remove_network(&network, &remaining)).await;
+        let hosts = state.hosts.all();
+        let removed = tokio::task::spawn_blocking(move || {
+            hosts.iter().try_for_each(|(host, agent)| {
+                agent.remove_network(&network, &remaining).map_err(|e| format!("on host {host}: {e}"))
+            })
+        })
+        .await;
         if let Err(e) = removed.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
             state.db.event(DEFAULT_PROJECT, "", "error", format!("network {name}: removing its bridge: {e}"));
         }
@@ -1141,18 +1277,152 @@ async fn delete_network(State(state): State<Shared>, Name(name): Name) -> ApiRes
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// This host with its allocation filled in.
-pub fn host_view(state: &AppState) -> ApiResult<Host> {
-    let mut host = state.agent.host();
-    let (memory, cpus, count) = allocation(&state.db.instances()?);
-    host.allocated_mib = memory;
-    host.allocated_cpus = cpus;
-    host.instances = count;
-    Ok(host)
+async fn list_hosts(State(state): State<Shared>) -> ApiResult<Json<Vec<Host>>> {
+    Ok(Json(host_views(&state)?))
 }
 
-async fn list_hosts(State(state): State<Shared>) -> ApiResult<Json<Vec<Host>>> {
-    Ok(Json(vec![host_view(&state)?]))
+async fn get_host(State(state): State<Shared>, Name(name): Name) -> ApiResult<Json<Host>> {
+    host_views(&state)?
+        .into_iter()
+        .find(|h| h.name == name)
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("host '{name}' not found")))
+}
+
+/// `POST /v1/hosts`: a join token for a new host.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddHostRequest {
+    name: String,
+    /// How long the token is good for (default an hour, at most a day).
+    #[serde(default)]
+    ttl_secs: Option<u64>,
+}
+
+/// A join token and how to use it.
+#[derive(Serialize)]
+struct AddHostAnswer {
+    #[serde(flatten)]
+    invitation: crate::cluster::Invitation,
+    /// The command that joins the host, to run there (address and URL to check).
+    command: String,
+}
+
+impl From<crate::cluster::ClusterError> for ApiError {
+    fn from(e: crate::cluster::ClusterError) -> Self {
+        use crate::cluster::ClusterError;
+        match e {
+            ClusterError::Refused(why) => ApiError::new(StatusCode::FORBIDDEN, why),
+            ClusterError::Conflict(why) => ApiError::conflict(why),
+            ClusterError::Store(e) => e.into(),
+        }
+    }
+}
+
+async fn add_host(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Body(req): Body<AddHostRequest>,
+) -> ApiResult<(StatusCode, Json<AddHostAnswer>)> {
+    check_name("host", &req.name).map_err(ApiError::bad_request)?;
+    let ttl = match req.ttl_secs {
+        None => crate::cluster::JOIN_TOKEN_TTL,
+        Some(secs @ 1..=86_400) => Duration::from_secs(secs),
+        Some(secs) => {
+            return Err(ApiError::unprocessable(format!("ttl_secs must be 1 to 86400, not {secs}")))
+        }
+    };
+    let invitation = state.cluster.invite(&req.name, ttl)?;
+    let url = headers
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .map_or_else(|| "http://CONTROL:7440".to_string(), |h| format!("http://{h}"));
+    let command = format!(
+        "stratus agent --control {url} --join-token {} --name {} --address ADDRESS",
+        invitation.token, invitation.host
+    );
+    state.db.event(DEFAULT_PROJECT, "", "info", format!("host {}: join token issued", invitation.host));
+    Ok((StatusCode::CREATED, Json(AddHostAnswer { invitation, command })))
+}
+
+async fn remove_host(State(state): State<Shared>, Name(name): Name) -> ApiResult<StatusCode> {
+    let cluster_state = Arc::clone(&state);
+    let name2 = name.clone();
+    tokio::task::spawn_blocking(move || cluster_state.cluster.remove(&name2))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    state.db.event(DEFAULT_PROJECT, "", "info", format!("host {name}: removed from the cluster"));
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /agent/v1/join`: an agent trades its join token for its host's credential.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JoinRequest {
+    token: String,
+    host: stratus_protocol::HostInfo,
+}
+
+#[derive(Serialize)]
+struct JoinAnswer {
+    credential: String,
+    protocol: u32,
+}
+
+async fn agent_join(
+    State(state): State<Shared>,
+    Body(req): Body<JoinRequest>,
+) -> ApiResult<Json<JoinAnswer>> {
+    check_name("host", &req.host.name).map_err(ApiError::bad_request)?;
+    let joining = Arc::clone(&state);
+    let host = req.host.clone();
+    let credential = tokio::task::spawn_blocking(move || joining.cluster.join(&req.token, &host))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    state.db.event(
+        DEFAULT_PROJECT,
+        "",
+        "info",
+        format!(
+            "host {} joined from {} ({} CPUs, {} MiB)",
+            req.host.name, req.host.address, req.host.cpus, req.host.memory_mib
+        ),
+    );
+    // Its networks: the same as every host's.
+    let networks: Vec<Network> = state.db.list("/networks/")?;
+    if let Some(agent) = state.hosts.get(&req.host.name) {
+        let name = req.host.name.clone();
+        let db = state.db.clone();
+        let _ = std::thread::Builder::new().name(format!("networks-{name}")).spawn(move || {
+            if let Err(e) = agent.prepare_networks(&networks) {
+                db.event(DEFAULT_PROJECT, "", "error", format!("host {name}: setting up its networks: {e}"));
+            }
+        });
+    }
+    state.reconciler.wake();
+    Ok(Json(JoinAnswer { credential, protocol: stratus_protocol::PROTOCOL_VERSION }))
+}
+
+/// `POST /agent/v1/heartbeat`, with the host's credential as the bearer token.
+async fn agent_heartbeat(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Body(info): Body<stratus_protocol::HostInfo>,
+) -> ApiResult<StatusCode> {
+    let secret = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default()
+        .to_owned();
+    let beating = Arc::clone(&state);
+    tokio::task::spawn_blocking(move || {
+        beating.cluster.authenticate(&info.name, &secret)?;
+        beating.cluster.heartbeat(&info)
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 // ---- operations and events ---------------------------------------------------------

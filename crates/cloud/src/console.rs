@@ -34,7 +34,16 @@ pub async fn console(
             format!("instance '{name}' is {}, not running", instance.status.state.as_str()),
         );
     }
-    let path = state.agent.console_socket(&instance);
+    let Some(agent) = state.hosts.get(&instance.status.host) else {
+        return crate::api::error(
+            axum::http::StatusCode::CONFLICT,
+            format!(
+                "instance '{name}' is on host '{}', which is not part of the cluster",
+                instance.status.host
+            ),
+        );
+    };
+    let path = agent.console_socket(&instance);
     let stream = match stratus_unix::connect(&path)
         .and_then(|s| s.set_nonblocking(true).map(|()| s))
         .and_then(tokio::net::UnixStream::from_std)

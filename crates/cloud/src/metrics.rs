@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::response::IntoResponse;
 
-use crate::api::{host_view, AppState};
+use crate::api::{host_views, AppState};
 use crate::model::InstanceState;
 
 /// Renders the metrics.
@@ -31,21 +31,34 @@ pub async fn prometheus(State(state): State<Arc<AppState>>) -> impl IntoResponse
         let n = instances.iter().filter(|i| i.status.state == s).count();
         let _ = writeln!(out, "stratus_instances{{state=\"{}\"}} {n}", s.as_str());
     }
-    if let Ok(host) = host_view(&state) {
-        let h = &host.name;
-        for (name, help, value) in [
-            ("stratus_host_cpus", "CPU threads of the host.", u64::from(host.cpus)),
-            ("stratus_host_memory_bytes", "Physical memory of the host.", host.memory_mib << 20),
-            (
-                "stratus_host_allocatable_memory_bytes",
-                "Memory instances may use.",
-                host.allocatable_mib << 20,
-            ),
-            ("stratus_host_allocated_memory_bytes", "Memory given to instances.", host.allocated_mib << 20),
-            ("stratus_host_allocated_vcpus", "vCPUs given to instances.", u64::from(host.allocated_cpus)),
-        ] {
-            let _ =
-                writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{host=\"{h}\"}} {value}");
+    if let Ok(hosts) = host_views(&state) {
+        type Gauge = fn(&crate::model::Host) -> u64;
+        let gauges: [(&str, &str, Gauge); 5] = [
+            ("stratus_host_cpus", "CPU threads of the host.", |h| u64::from(h.cpus)),
+            ("stratus_host_memory_bytes", "Physical memory of the host.", |h| h.memory_mib << 20),
+            ("stratus_host_allocatable_memory_bytes", "Memory instances may use.", |h| {
+                h.allocatable_mib << 20
+            }),
+            ("stratus_host_allocated_memory_bytes", "Memory given to instances.", |h| h.allocated_mib << 20),
+            ("stratus_host_allocated_vcpus", "vCPUs given to instances.", |h| u64::from(h.allocated_cpus)),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for host in &hosts {
+                let _ = writeln!(out, "{name}{{host=\"{}\"}} {}", host.name, value(host));
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP stratus_host_online Whether the host's agent answers.\n# TYPE stratus_host_online gauge"
+        );
+        for host in &hosts {
+            let _ = writeln!(
+                out,
+                "stratus_host_online{{host=\"{}\"}} {}",
+                host.name,
+                u8::from(host.state == "online")
+            );
         }
     }
     let stats = &state.stats;

@@ -279,6 +279,15 @@ pub struct Host {
     pub hypervisor: String,
     /// Last heartbeat, Unix seconds.
     pub seen_at: u64,
+    /// Where its agent listens (`HOST:PORT`); empty for the control plane's own host.
+    #[serde(default)]
+    pub address: String,
+    /// "online", "offline" (its heartbeat lease expired) or "joining" (never heard from).
+    #[serde(default)]
+    pub state: String,
+    /// Kept free of new instances (drained for maintenance).
+    #[serde(default)]
+    pub maintenance: bool,
 }
 
 /// The progress of an asynchronous request.

@@ -66,7 +66,15 @@ pub fn document() -> Value {
                 "get": {"summary": "Show a network", "parameters": name, "responses": errors(json!({"200": ok(json!({"$ref": "#/components/schemas/Network"}))}))},
                 "delete": {"summary": "Delete an unused network", "parameters": name, "responses": errors(json!({"204": {"description": "deleted"}}))}
             },
-            "/v1/hosts": {"get": {"summary": "Hosts with capacity and allocation", "responses": errors(json!({"200": ok(json!({"type": "array", "items": {"$ref": "#/components/schemas/Host"}}))}))}},
+            "/v1/hosts": {
+                "get": {"summary": "Hosts with their state, capacity and allocation", "responses": errors(json!({"200": ok(json!({"type": "array", "items": {"$ref": "#/components/schemas/Host"}}))}))},
+                "post": {"summary": "Invite a host: a single-use, expiring join token for `stratus agent`", "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/AddHostRequest"}}}},
+                         "responses": errors(json!({"201": ok(json!({"$ref": "#/components/schemas/Invitation"}))}))}
+            },
+            "/v1/hosts/{name}": {
+                "get": {"summary": "Show a host", "parameters": name, "responses": errors(json!({"200": ok(json!({"$ref": "#/components/schemas/Host"}))}))},
+                "delete": {"summary": "Remove a host from the cluster (refused while instances are placed there)", "parameters": name, "responses": errors(json!({"204": {"description": "removed"}}))}
+            },
             "/v1/operations/{id}": {"get": {"summary": "An operation", "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}],
                 "responses": errors(json!({"200": ok(json!({"$ref": "#/components/schemas/Operation"}))}))}},
             "/v1/operations/{id}/wait": {"get": {"summary": "Wait for an operation to finish", "parameters": [
@@ -89,7 +97,13 @@ pub fn document() -> Value {
                     "memory_mib": {"type": "integer", "minimum": 32, "default": 256},
                     "disk_mib": {"type": "integer", "minimum": 1, "default": 1024},
                     "network": {"type": "string", "default": "default"},
-                    "restart": {"type": "string", "enum": ["always", "on-failure", "never"]}}},
+                    "restart": {"type": "string", "enum": ["always", "on-failure", "never"]},
+                    "host": {"type": "string", "nullable": true},
+                    "placement": {"type": "string", "enum": ["spread", "pack"], "default": "spread"}}},
+                "AddHostRequest": {"type": "object", "required": ["name"], "additionalProperties": false, "properties": {
+                    "name": {"type": "string", "pattern": "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$"},
+                    "ttl_secs": {"type": "integer", "minimum": 1, "maximum": 86400, "nullable": true}}},
+                "Invitation": {"type": "object", "properties": {"host": {"type": "string"}, "token": {"type": "string"}, "expires_at": {"type": "integer"}, "command": {"type": "string"}}},
                 "ImportRequest": {"type": "object", "required": ["name"], "additionalProperties": false, "properties": {
                     "name": {"type": "string"}, "kernel": {"type": "string", "nullable": true}, "rootfs": {"type": "string", "nullable": true},
                     "tarball": {"type": "string", "nullable": true},
@@ -110,7 +124,8 @@ pub fn document() -> Value {
                     "created_at": {"type": "integer"}, "operation": {"type": "string", "nullable": true}}},
                 "Image": {"type": "object", "properties": {"name": {"type": "string"}, "kernel": {"type": "string"}, "rootfs": {"type": "string"}, "cmdline": {"type": "string"}, "rootfs_bytes": {"type": "integer"}}},
                 "Network": {"type": "object", "properties": {"name": {"type": "string"}, "bridge": {"type": "string"}, "cidr": {"type": "string"}, "gateway": {"type": "string"}, "nat": {"type": "boolean"}}},
-                "Host": {"type": "object", "properties": {"name": {"type": "string"}, "cpus": {"type": "integer"}, "memory_mib": {"type": "integer"}, "allocatable_mib": {"type": "integer"}, "allocated_mib": {"type": "integer"}}},
+                "Host": {"type": "object", "properties": {"name": {"type": "string"}, "address": {"type": "string"}, "state": {"type": "string", "enum": ["online", "offline", "joining"]},
+                    "seen_at": {"type": "integer"}, "maintenance": {"type": "boolean"}, "cpus": {"type": "integer"}, "memory_mib": {"type": "integer"}, "allocatable_mib": {"type": "integer"}, "allocated_mib": {"type": "integer"}}},
                 "Operation": {"type": "object", "properties": {"id": {"type": "string"}, "kind": {"type": "string"}, "instance": {"type": "string"},
                     "state": {"type": "string", "enum": ["running", "succeeded", "failed"]}, "error": {"type": "string"}}},
                 "Event": {"type": "object", "properties": {"time_ms": {"type": "integer"}, "instance": {"type": "string"}, "level": {"type": "string"}, "message": {"type": "string"}}},

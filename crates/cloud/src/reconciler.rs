@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::agent::{AgentError, HostAgent, Probe};
 use crate::db::{instance_key, operation_key, Db};
+use crate::hosts::Hosts;
 use crate::model::{now, Desired, Instance, InstanceState, Operation, OperationState, RestartPolicy};
 use crate::network;
 
@@ -69,7 +70,7 @@ const PERIOD: Duration = Duration::from_secs(2);
 /// The reconciliation loop and its workers.
 pub struct Reconciler {
     db: Db,
-    agent: Arc<dyn HostAgent>,
+    hosts: Arc<Hosts>,
     /// Instances a worker is busy with.
     busy: Mutex<HashSet<String>>,
     starts: Slots,
@@ -87,11 +88,11 @@ enum Step {
 }
 
 impl Reconciler {
-    /// A reconciler over `db`, acting through `agent`.
-    pub fn new(db: Db, agent: Arc<dyn HostAgent>) -> Arc<Self> {
+    /// A reconciler over `db`, acting on each instance through its host's agent in `hosts`.
+    pub fn new(db: Db, hosts: Arc<Hosts>) -> Arc<Self> {
         Arc::new(Reconciler {
             db,
-            agent,
+            hosts,
             busy: Mutex::default(),
             starts: Slots { free: Mutex::new(start_slots()), freed: Condvar::new() },
             wake: (Mutex::new(false), Condvar::new()),
@@ -170,6 +171,13 @@ impl Reconciler {
         }
     }
 
+    /// The agent of the host `instance` is placed on.
+    fn agent(&self, instance: &Instance) -> Result<Arc<dyn HostAgent>, AgentError> {
+        self.hosts.get(&instance.status.host).ok_or_else(|| {
+            AgentError::Io(format!("host '{}' is not part of the cluster", instance.status.host))
+        })
+    }
+
     fn event(&self, instance: &Instance, level: &str, message: impl Into<String>) {
         self.db.event(&instance.project, &instance.name, level, message);
     }
@@ -181,7 +189,10 @@ impl Reconciler {
 
     fn start(&self, instance: Instance) {
         let first = instance.status.state == InstanceState::Pending;
-        let host = self.agent.host().name;
+        let host = match instance.status.host.as_str() {
+            "" => self.hosts.local_name().unwrap_or_default().to_owned(),
+            placed => placed.to_owned(),
+        };
         let mut wanted = false;
         let Some(instance) = self.update(&instance, |i| {
             // A stop or delete that came after this work was handed out wins.
@@ -225,10 +236,11 @@ impl Reconciler {
                     format!("waiting for a start slot ({} start at once here)", start_slots()),
                 )
             };
+            let agent = self.agent(&instance)?;
             let Some(_slot) = self.starts.take(&cancelled, waiting) else {
                 return Err(AgentError::Cancelled);
             };
-            self.agent.start(&instance, &image, &network, &mut progress, &cancelled)
+            agent.start(&instance, &image, &network, &mut progress, &cancelled)
         })();
         match result {
             Err(AgentError::Cancelled) => {
@@ -299,7 +311,7 @@ impl Reconciler {
         }) else {
             return;
         };
-        let result = self.agent.stop(&instance);
+        let result = self.agent(&instance).and_then(|agent| agent.stop(&instance));
         if let Err(e) = &result {
             self.count_error();
             self.event(&instance, "error", format!("stop failed: {e}"));
@@ -325,7 +337,7 @@ impl Reconciler {
         }) else {
             return;
         };
-        if let Err(e) = self.agent.remove(&instance) {
+        if let Err(e) = self.agent(&instance).and_then(|agent| agent.remove(&instance)) {
             self.count_error();
             // A delete is never given up, but its retries back off: 2 s doubling to 5 minutes
             // (a new delete request retries at once).
@@ -353,7 +365,8 @@ impl Reconciler {
     }
 
     fn check(&self, instance: Instance) {
-        let Probe::Down { cause, clean } = self.agent.probe(&instance) else { return };
+        let Ok(agent) = self.agent(&instance) else { return };
+        let Probe::Down { cause, clean } = agent.probe(&instance) else { return };
         let policy = instance.spec.restart;
         let restart = match policy {
             RestartPolicy::Always => true,
@@ -366,7 +379,7 @@ impl Reconciler {
             format!("{cause}{}", if restart { "; restarting it" } else { "" }),
         );
         // The VMM of a guest that stopped on its own is still there, serving its API.
-        let _ = self.agent.stop(&instance);
+        let _ = agent.stop(&instance);
         let updated = self.update(&instance, |i| {
             i.status.pid = 0;
             i.status.message = cause.clone();

@@ -14,7 +14,9 @@ use stratus_store::SqliteStore;
 
 use crate::agent::{HostAgent, LocalAgent};
 use crate::api::{self, AppState};
+use crate::cluster::Cluster;
 use crate::db::{host_key, network_key, Db};
+use crate::hosts::Hosts;
 use crate::model::{now, Image, Network, DEFAULT_PROJECT};
 use crate::network::Subnet;
 use crate::reconciler::Reconciler;
@@ -76,14 +78,18 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
     prepare_networks(agent.as_ref(), &networks)?;
     let host = agent.host();
     db.put(&host_key(&host.name), &host)?;
-    let reconciler = Reconciler::new(db.clone(), Arc::clone(&agent));
+    let hosts = Arc::new(Hosts::with_local(&host.name, Arc::clone(&agent)));
+    let cluster = Cluster::new(db.clone(), Arc::clone(&hosts));
+    cluster.load()?;
+    let reconciler = Reconciler::new(db.clone(), Arc::clone(&hosts));
     let on_ready = config.on_ready.take();
     let token_for_ready = token.clone();
     let state = Arc::new(AppState {
         data_dir: data.clone(),
         builder: config.image_builder.take(),
         db,
-        agent,
+        hosts,
+        cluster,
         reconciler: Arc::clone(&reconciler),
         token,
         stats: Default::default(),
@@ -91,7 +97,7 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
         admission: Default::default(),
     });
     reconciler.spawn();
-    spawn_warming(state.db.clone(), Arc::clone(&state.agent));
+    spawn_warming(state.db.clone(), agent);
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
@@ -113,7 +119,7 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
     })
 }
 
-async fn stop_signal() {
+pub(crate) async fn stop_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
     else {
@@ -126,12 +132,14 @@ async fn stop_signal() {
 }
 
 /// One server per data directory: a second would run every instance twice.
-fn lock_data_dir(data: &Path) -> Result<std::fs::File> {
+/// Holds `DATA/serve.lock` for as long as the returned file is open: one server or agent per
+/// data directory.
+pub(crate) fn lock_data_dir(data: &Path) -> Result<std::fs::File> {
     let path = data.join("serve.lock");
     let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        bail!("another `stratus serve` is using {}", data.display());
+        bail!("another `stratus serve` or `stratus agent` is using {}", data.display());
     }
     Ok(file)
 }
@@ -149,7 +157,7 @@ fn load_or_create_token(path: &Path) -> Result<String> {
 }
 
 /// Writes a file only its owner may read (it holds the API token), synced.
-fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(true)

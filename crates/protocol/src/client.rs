@@ -25,10 +25,8 @@ pub struct HttpAgent {
 impl HttpAgent {
     /// An agent listening at `address` (`HOST:PORT`), called with `credential`.
     pub fn new(address: &str, credential: &str) -> HttpAgent {
-        let agent = ureq::AgentBuilder::new()
-            .timeout_connect(Duration::from_secs(2))
-            .timeout(CALL_TIMEOUT)
-            .build();
+        let agent =
+            ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(2)).timeout(CALL_TIMEOUT).build();
         HttpAgent {
             base: format!("http://{address}/v1"),
             credential: credential.to_string(),
@@ -86,7 +84,8 @@ impl Agent for HttpAgent {
 
     fn set_networks(&self, networks: &[NetworkConfig]) -> Result<(), AgentError> {
         // Bridges and NAT rules take a moment; nft may be installed at first use.
-        self.call::<serde_json::Value>("PUT", "/networks", Some(&networks), Duration::from_secs(300)).map(drop)
+        self.call::<serde_json::Value>("PUT", "/networks", Some(&networks), Duration::from_secs(300))
+            .map(drop)
     }
 
     fn ensure(&self, order: &InstanceOrder) -> Result<Observed, AgentError> {

@@ -222,6 +222,9 @@ pub struct Observed {
     /// Events after the `after` the caller gave, oldest first.
     #[serde(default)]
     pub events: Vec<AgentEvent>,
+    /// The sequence number of the agent's latest event (to ask for only newer ones later).
+    #[serde(default)]
+    pub last_seq: u64,
 }
 
 impl Observed {
@@ -237,6 +240,7 @@ impl Observed {
             pid: 0,
             boot: None,
             events: Vec::new(),
+            last_seq: 0,
         }
     }
 

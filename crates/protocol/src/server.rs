@@ -45,8 +45,14 @@ fn failure(error: AgentError) -> Response {
     (status, Json(serde_json::json!({ "error": error.to_string(), "kind": kind }))).into_response()
 }
 
-async fn check_caller(State(state): State<Shared>, headers: HeaderMap, request: Request, next: Next) -> Response {
-    let token = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+async fn check_caller(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    let token =
+        headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     let right = token.is_some_and(|token| {
         token.len() == state.credential.len()
             && token.bytes().zip(state.credential.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
@@ -98,7 +104,11 @@ struct After {
     after: u64,
 }
 
-async fn observe(State(state): State<Shared>, Path(id): Path<String>, Query(after): Query<After>) -> Response {
+async fn observe(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    Query(after): Query<After>,
+) -> Response {
     blocking(state, move |agent| {
         crate::check_id(&id)?;
         agent.observe(&id, after.after)

@@ -8,8 +8,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::{
-    Agent, AgentError, AgentEvent, BootReport, ExecOutput, ExecRequest, HostInfo, InstanceOrder, NetworkConfig,
-    Observed, Phase, Wanted,
+    Agent, AgentError, AgentEvent, BootReport, ExecOutput, ExecRequest, HostInfo, InstanceOrder,
+    NetworkConfig, Observed, Phase, Wanted,
 };
 
 /// A simulated host.
@@ -116,7 +116,10 @@ impl SimAgent {
     fn reachable(&self) -> Result<MutexGuard<'_, SimState>, AgentError> {
         let mut state = self.state();
         if state.unreachable {
-            return Err(AgentError::Unreachable(format!("{}: connection refused (simulated)", self.info.name)));
+            return Err(AgentError::Unreachable(format!(
+                "{}: connection refused (simulated)",
+                self.info.name
+            )));
         }
         state.advance();
         Ok(state)
@@ -168,6 +171,7 @@ impl SimInstance {
             pid: self.pid,
             boot: self.boot.clone(),
             events: self.events.iter().filter(|e| e.seq > after).cloned().collect(),
+            last_seq: self.events.last().map_or(0, |e| e.seq),
         }
     }
 }

@@ -151,6 +151,12 @@ pub struct LaunchArgs {
     /// Restart policy when the VMM exits on its own.
     #[arg(long, default_value = "on-failure", value_parser = ["always", "on-failure", "never"])]
     restart: String,
+    /// Run on this host (see `stratus host list`) instead of where the scheduler places it.
+    #[arg(long)]
+    host: Option<String>,
+    /// How the scheduler picks a host: spread (most memory free) or pack (fill hosts up).
+    #[arg(long, default_value = "spread", value_parser = ["spread", "pack"])]
+    placement: String,
     /// Return once the request is accepted instead of waiting for the guest.
     #[arg(long)]
     no_wait: bool,
@@ -251,8 +257,65 @@ pub enum NetworkCommand {
 /// `stratus host ...`.
 #[derive(Subcommand, Debug)]
 pub enum HostCommand {
-    /// Hosts with their capacity and allocation.
+    /// Hosts with their state, capacity and allocation.
     List,
+    /// One host in detail.
+    Show {
+        /// Host name.
+        name: String,
+    },
+    /// Invite a host into the cluster: prints a one-time join token and the command that
+    /// joins (run it on the new host, with the address the control plane reaches it at).
+    Add {
+        /// The new host's name (lowercase letters, digits, '-').
+        name: String,
+        /// How long the token is good for, in seconds (default an hour, at most a day).
+        #[arg(long, value_name = "SECONDS")]
+        ttl: Option<u64>,
+    },
+    /// Take a host out of the cluster (refused while instances are placed there).
+    #[command(alias = "rm")]
+    Remove {
+        /// Host name.
+        name: String,
+    },
+}
+
+/// `stratus agent`.
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// The control plane's URL, as `stratus serve` or `stratus control` listens.
+    #[arg(long, value_name = "URL")]
+    control: String,
+    /// The token from `stratus host add NAME` (needed once; the credential is kept).
+    #[arg(long, value_name = "TOKEN")]
+    join_token: Option<String>,
+    /// This host's name in the cluster (as given to `stratus host add`).
+    #[arg(long)]
+    name: String,
+    /// The address the control plane reaches this agent at: IP or IP:PORT (port 7441 if none).
+    #[arg(long)]
+    address: String,
+    /// Listen here instead of on the address (e.g. 0.0.0.0:7441).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Where instances, their disks and the host's credential live.
+    #[arg(long, default_value = "/var/lib/stratus-agent")]
+    data_dir: PathBuf,
+}
+
+/// Runs the host agent until Ctrl-C; instances keep running after it stops.
+pub fn agent(args: AgentArgs) -> Result<i32> {
+    stratus_cloud::hostd::run_agent(stratus_cloud::hostd::AgentConfig {
+        control: args.control,
+        join_token: args.join_token,
+        name: args.name,
+        address: args.address,
+        listen: args.listen,
+        data_dir: args.data_dir,
+        vmm_binary: std::env::current_exe().context("finding the stratus binary")?,
+    })?;
+    Ok(0)
 }
 
 fn mib(text: &str, what: &str) -> Result<u64> {
@@ -377,12 +440,14 @@ pub fn launch(conn: &Connection, args: LaunchArgs) -> Result<i32> {
         "disk_mib": mib(&args.disk, "disk")?,
         "network": args.network,
         "restart": args.restart,
+        "host": args.host,
+        "placement": args.placement,
     });
     let since = now_ms().saturating_sub(1);
     let accepted: Accepted = client.post("/v1/instances", &body)?;
     eprintln!(
-        "Launching {} ({} vCPU, {}, address {})",
-        args.name, args.cpus, args.memory, accepted.instance.status.ip
+        "Launching {} ({} vCPU, {}, address {}) on host {}",
+        args.name, args.cpus, args.memory, accepted.instance.status.ip, accepted.instance.status.host
     );
     finish(&client, accepted, since, args.no_wait, |i| {
         format!(
@@ -669,27 +734,56 @@ pub fn network(conn: &Connection, command: NetworkCommand) -> Result<i32> {
     Ok(0)
 }
 
-/// `stratus host list`.
+/// `stratus host list|show|add|remove`.
 pub fn host(conn: &Connection, command: HostCommand) -> Result<i32> {
-    let HostCommand::List = command;
-    let hosts: Vec<Host> = conn.client()?.get("/v1/hosts")?;
-    if conn.output == Output::Json {
-        print_json(&hosts)?;
-        return Ok(0);
+    let client = conn.client()?;
+    match command {
+        HostCommand::List => {
+            let hosts: Vec<Host> = client.get("/v1/hosts")?;
+            if conn.output == Output::Json {
+                print_json(&hosts)?;
+                return Ok(0);
+            }
+            let rows: Vec<Vec<String>> = hosts
+                .iter()
+                .map(|h| {
+                    vec![
+                        h.name.clone(),
+                        if h.address.is_empty() { "(local)".into() } else { h.address.clone() },
+                        if h.maintenance { format!("{} (maintenance)", h.state) } else { h.state.clone() },
+                        if h.seen_at == 0 { "never".into() } else { format!("{} ago", age(h.seen_at)) },
+                        h.hypervisor.clone(),
+                        format!("{}/{}", h.allocated_cpus, h.cpus),
+                        format!("{}M/{}M", h.allocated_mib, h.allocatable_mib),
+                        h.instances.to_string(),
+                    ]
+                })
+                .collect();
+            print_table(&["NAME", "ADDRESS", "STATE", "SEEN", "KVM", "VCPUS", "MEMORY", "INSTANCES"], &rows);
+        }
+        HostCommand::Show { name } => {
+            let host: Host = client.get(&format!("/v1/hosts/{name}"))?;
+            print_json(&host)?;
+        }
+        HostCommand::Add { name, ttl } => {
+            let answer: serde_json::Value =
+                client.post("/v1/hosts", &json!({ "name": name, "ttl_secs": ttl }))?;
+            if conn.output == Output::Json {
+                print_json(&answer)?;
+                return Ok(0);
+            }
+            let expires =
+                answer["expires_at"].as_u64().unwrap_or(0).saturating_sub(stratus_cloud::model::now());
+            println!("Join token for host {name} (single use, expires in {} s):", expires);
+            println!("    {}", answer["token"].as_str().unwrap_or_default());
+            println!("On {name}, run (with the address this control plane reaches it at):");
+            println!("    {}", answer["command"].as_str().unwrap_or_default());
+        }
+        HostCommand::Remove { name } => {
+            client.delete(&format!("/v1/hosts/{name}"))?;
+            println!("host {name} removed");
+        }
     }
-    let rows: Vec<Vec<String>> = hosts
-        .iter()
-        .map(|h| {
-            vec![
-                h.name.clone(),
-                h.hypervisor.clone(),
-                format!("{}/{}", h.allocated_cpus, h.cpus),
-                format!("{}M/{}M", h.allocated_mib, h.allocatable_mib),
-                h.instances.to_string(),
-            ]
-        })
-        .collect();
-    print_table(&["NAME", "KVM", "VCPUS", "MEMORY", "INSTANCES"], &rows);
     Ok(0)
 }
 

@@ -28,6 +28,12 @@ enum Command {
     /// ~/.config/stratus/config.toml for the CLI), the default network and the default image.
     /// Instances keep running when the server stops and are adopted when it starts again.
     Serve(cloud::ServeArgs),
+    /// Run the host agent of one machine of a cluster (join it with `stratus host add`).
+    ///
+    /// It serves the agent protocol on its address, runs one VMM per instance placed here,
+    /// and sends heartbeats to the control plane. Instances keep running when it stops and are
+    /// re-adopted when it starts again.
+    Agent(cloud::AgentArgs),
     /// Create and boot an instance, and wait until its guest agent answers.
     Launch(cloud::LaunchArgs),
     /// List instances.
@@ -105,6 +111,7 @@ fn main() {
             stratus_vmm::pvm::warn_about_guest_faults();
             cloud::serve(args)
         }
+        Command::Agent(args) => cloud::agent(args),
         Command::Launch(args) => cloud::launch(&cli.connection, args),
         Command::List => cloud::list(&cli.connection),
         Command::Show { name } => cloud::show(&cli.connection, &name),

@@ -1,0 +1,165 @@
+//! `stratus agent`: the host agent of one machine of a cluster. It joins the control plane
+//! (trading its join token for the host's credential, kept in `DATA/agent.json`), serves the
+//! agent protocol on its address, works on the orders it gets through [`AgentRuntime`] and
+//! [`LocalAgent`], and sends a heartbeat every [`HEARTBEAT_EVERY`]. Its VMMs run in their own
+//! sessions: stopping or killing the agent stops no guest, and a restarted agent re-adopts them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use stratus_protocol::{Agent, HostInfo};
+
+use crate::agent::LocalAgent;
+use crate::cluster::HEARTBEAT_EVERY;
+use crate::runtime::{AgentRuntime, RuntimeAgent};
+
+/// The port an agent listens on unless told otherwise.
+pub const AGENT_PORT: u16 = 7441;
+
+/// How `stratus agent` runs.
+pub struct AgentConfig {
+    /// The control plane's URL, `http://HOST:PORT`.
+    pub control: String,
+    /// The join token from `stratus host add`; not needed once joined.
+    pub join_token: Option<String>,
+    /// This host's name in the cluster.
+    pub name: String,
+    /// Where the control plane reaches this agent: `HOST` or `HOST:PORT`.
+    pub address: String,
+    /// Where to listen (default: the address).
+    pub listen: Option<SocketAddr>,
+    /// Instances, orders and the credential live here.
+    pub data_dir: PathBuf,
+    /// The `stratus` binary that runs `stratus vmm`.
+    pub vmm_binary: PathBuf,
+}
+
+/// What the agent keeps of its membership.
+#[derive(Serialize, Deserialize)]
+struct Membership {
+    control: String,
+    name: String,
+    credential: String,
+}
+
+/// Runs the agent until SIGINT or SIGTERM; instances keep running after it stops.
+pub fn run_agent(config: AgentConfig) -> Result<()> {
+    let data = &config.data_dir;
+    std::fs::create_dir_all(data.join("instances"))
+        .with_context(|| format!("creating {}", data.display()))?;
+    let _lock = crate::server::lock_data_dir(data)?;
+    let address = if config.address.contains(':') {
+        config.address.clone()
+    } else {
+        format!("{}:{AGENT_PORT}", config.address)
+    };
+    let listen: SocketAddr = match config.listen {
+        Some(listen) => listen,
+        None => address.parse().with_context(|| format!("--address {address}: give it as IP or IP:PORT"))?,
+    };
+    let driver = Arc::new(LocalAgent::new(data, config.vmm_binary.clone()).named(&config.name));
+    let runtime = AgentRuntime::new(driver, &data.join("orders"), &address).map_err(anyhow::Error::msg)?;
+    let agent = Arc::new(RuntimeAgent(runtime));
+    let info = agent.host().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let control = config.control.trim_end_matches('/').to_string();
+    let credential = membership(data, &control, &config, &info)?;
+    // Bridges recorded before a restart come back (they are gone after a reboot).
+    if let Ok(bytes) = std::fs::read(data.join("orders").join("networks.json")) {
+        if let Ok(networks) = serde_json::from_slice::<Vec<stratus_protocol::NetworkConfig>>(&bytes) {
+            if let Err(e) = agent.set_networks(&networks) {
+                eprintln!("stratus agent: restoring networks: {e}");
+            }
+        }
+    }
+    spawn_heartbeats(control.clone(), credential.clone(), Arc::clone(&agent));
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let listener =
+            tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
+        eprintln!("stratus agent: host {} serving at {address}, control plane {control}", config.name);
+        let router = stratus_protocol::server::router(agent, credential);
+        axum::serve(listener, router).with_graceful_shutdown(crate::server::stop_signal()).await?;
+        eprintln!("stratus agent: stopped; instances keep running and are adopted at the next start");
+        Ok(())
+    })
+}
+
+/// The host's credential: the one kept from an earlier join with this control plane, or a
+/// new one traded for the join token.
+fn membership(data: &Path, control: &str, config: &AgentConfig, info: &HostInfo) -> Result<String> {
+    let path = data.join("agent.json");
+    if let Ok(bytes) = std::fs::read(&path) {
+        let kept: Membership =
+            serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))?;
+        if kept.control == control && kept.name == config.name {
+            return Ok(kept.credential);
+        }
+    }
+    let Some(token) = &config.join_token else {
+        bail!(
+            "host {} has not joined {control} yet: give --join-token (from `stratus host add {}`)",
+            config.name,
+            config.name
+        );
+    };
+    let body = serde_json::json!({ "token": token, "host": info });
+    let answer =
+        ureq::post(&format!("{control}/agent/v1/join")).timeout(Duration::from_secs(30)).send_json(body);
+    let answer: serde_json::Value = match answer {
+        Ok(response) => response.into_json().context("reading the control plane's answer")?,
+        Err(ureq::Error::Status(_, response)) => {
+            let text = response.into_string().unwrap_or_default();
+            let message = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_owned))
+                .unwrap_or(text);
+            bail!("{message}");
+        }
+        Err(e) => bail!("cannot reach the control plane at {control}: {e}"),
+    };
+    let credential =
+        answer["credential"].as_str().context("the control plane sent no credential")?.to_string();
+    let kept = Membership {
+        control: control.to_string(),
+        name: config.name.clone(),
+        credential: credential.clone(),
+    };
+    crate::server::write_private(&path, &serde_json::to_vec(&kept)?)?;
+    eprintln!("stratus agent: host {} joined {control}", config.name);
+    Ok(credential)
+}
+
+/// Sends this host's report to the control plane every [`HEARTBEAT_EVERY`], saying so once
+/// when the control plane stops taking them, and once when it takes them again.
+fn spawn_heartbeats(control: String, credential: String, agent: Arc<RuntimeAgent>) {
+    let _ = std::thread::Builder::new().name("heartbeat".into()).spawn(move || {
+        let mut failing = false;
+        loop {
+            let sent = agent.host().map_err(|e| e.to_string()).and_then(|info| {
+                ureq::post(&format!("{control}/agent/v1/heartbeat"))
+                    .timeout(HEARTBEAT_EVERY * 2)
+                    .set("authorization", &format!("Bearer {credential}"))
+                    .send_json(&info)
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            });
+            match sent {
+                Err(e) if !failing => {
+                    eprintln!("stratus agent: heartbeat failed: {e}");
+                    failing = true;
+                }
+                Ok(()) if failing => {
+                    eprintln!("stratus agent: heartbeats go through again");
+                    failing = false;
+                }
+                _ => {}
+            }
+            std::thread::sleep(HEARTBEAT_EVERY);
+        }
+    });
+}

@@ -1,0 +1,167 @@
+//! Placement: which host an instance runs on. Filters first (the host is online, not being
+//! drained, has the memory the instance needs), then a weigher ranks the hosts left: `spread`
+//! prefers the host with the largest share of its memory free after the placement, `pack` the
+//! smallest (fewer hosts busy, the others free for large instances or power-off). Every
+//! decision is explained, the refused hosts with their reason, for the instance's events.
+
+use serde::{Deserialize, Serialize};
+
+/// How the weigher ranks hosts that fit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// Most memory free (share of the host's) after the placement first.
+    #[default]
+    Spread,
+    /// Least memory free after the placement first.
+    Pack,
+}
+
+/// A host as the scheduler sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    /// Host name.
+    pub name: String,
+    /// Whether its agent answers (its heartbeat lease is alive).
+    pub online: bool,
+    /// Whether it is being drained or kept free for maintenance.
+    pub maintenance: bool,
+    /// Memory instances may use, MiB.
+    pub allocatable_mib: u64,
+    /// Memory given to instances meant to run there, MiB.
+    pub allocated_mib: u64,
+}
+
+/// Where an instance goes, and why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    /// The chosen host.
+    pub host: String,
+    /// "placed on h2: 3.1 GiB free, spread weight 0.72; h1 refused: 120 MiB free".
+    pub explanation: String,
+}
+
+/// Picks a host for an instance of `memory_mib` among `candidates` (`only`: that host or none).
+/// `Err` explains why no host fits, one reason per host.
+pub fn place(
+    candidates: &[Candidate],
+    memory_mib: u64,
+    policy: Policy,
+    only: Option<&str>,
+) -> Result<Decision, String> {
+    let mut refused = Vec::new();
+    let mut fitting = Vec::new();
+    for host in candidates {
+        if only.is_some_and(|only| only != host.name) {
+            continue;
+        }
+        let free = host.allocatable_mib.saturating_sub(host.allocated_mib);
+        if !host.online {
+            refused.push(format!("{} refused: offline", host.name));
+        } else if host.maintenance {
+            refused.push(format!("{} refused: in maintenance", host.name));
+        } else if free < memory_mib {
+            refused.push(format!("{} refused: {} free", host.name, mib(free)));
+        } else {
+            let left = (free - memory_mib) as f64 / host.allocatable_mib.max(1) as f64;
+            let weight = match policy {
+                Policy::Spread => left,
+                Policy::Pack => 1.0 - left,
+            };
+            fitting.push((host, free, weight));
+        }
+    }
+    if let Some(only) = only {
+        if !candidates.iter().any(|host| host.name == only) {
+            return Err(format!("host '{only}' is not part of the cluster (see `stratus host list`)"));
+        }
+    }
+    // Highest weight first; ties go to the name, so equal hosts fill in a stable order.
+    fitting.sort_by(|a, b| b.2.total_cmp(&a.2).then_with(|| a.0.name.cmp(&b.0.name)));
+    let Some((chosen, free, weight)) = fitting.first() else {
+        return Err(format!("no host can take {} more: {}", mib(memory_mib), refused.join("; ")));
+    };
+    let policy = match policy {
+        Policy::Spread => "spread",
+        Policy::Pack => "pack",
+    };
+    let mut explanation =
+        format!("placed on {}: {} free, {policy} weight {weight:.2}", chosen.name, mib(*free));
+    for (other, free, weight) in &fitting[1..] {
+        explanation.push_str(&format!(
+            "; {} ranked lower: {} free, weight {weight:.2}",
+            other.name,
+            mib(*free)
+        ));
+    }
+    for reason in refused {
+        explanation.push_str("; ");
+        explanation.push_str(&reason);
+    }
+    Ok(Decision { host: chosen.name.clone(), explanation })
+}
+
+/// MiB for people: "120 MiB", "3.1 GiB".
+fn mib(value: u64) -> String {
+    if value >= 1024 {
+        format!("{:.1} GiB", value as f64 / 1024.0)
+    } else {
+        format!("{value} MiB")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(name: &str, allocatable_mib: u64, allocated_mib: u64) -> Candidate {
+        Candidate { name: name.into(), online: true, maintenance: false, allocatable_mib, allocated_mib }
+    }
+
+    #[test]
+    fn spread_takes_the_emptiest_and_pack_the_fullest() {
+        let hosts = [host("h1", 4096, 3000), host("h2", 4096, 0), host("h3", 8192, 4096)];
+        assert_eq!(place(&hosts, 512, Policy::Spread, None).unwrap().host, "h2");
+        assert_eq!(place(&hosts, 512, Policy::Pack, None).unwrap().host, "h1");
+        // h1 has 1096 MiB free: not enough for 2 GiB, so pack goes to the next fullest.
+        assert_eq!(place(&hosts, 2048, Policy::Pack, None).unwrap().host, "h3");
+    }
+
+    #[test]
+    fn decisions_and_refusals_say_why() {
+        let mut offline = host("h3", 4096, 0);
+        offline.online = false;
+        let hosts = [host("h1", 4096, 3976), host("h2", 4096, 1024), offline];
+        let decision = place(&hosts, 256, Policy::Spread, None).unwrap();
+        assert_eq!(decision.host, "h2");
+        assert_eq!(
+            decision.explanation,
+            "placed on h2: 3.0 GiB free, spread weight 0.69; h1 refused: 120 MiB free; h3 refused: offline"
+        );
+        let refusal = place(&hosts, 4000, Policy::Spread, None).unwrap_err();
+        assert_eq!(
+            refusal,
+            "no host can take 3.9 GiB more: h1 refused: 120 MiB free; h2 refused: 3.0 GiB free; h3 refused: offline"
+        );
+    }
+
+    #[test]
+    fn a_named_host_is_the_only_choice() {
+        let hosts = [host("h1", 4096, 0), host("h2", 4096, 4000)];
+        assert_eq!(place(&hosts, 64, Policy::Spread, Some("h2")).unwrap().host, "h2");
+        assert!(place(&hosts, 512, Policy::Spread, Some("h2"))
+            .unwrap_err()
+            .contains("h2 refused: 96 MiB free"));
+        assert!(place(&hosts, 64, Policy::Spread, Some("h9"))
+            .unwrap_err()
+            .contains("not part of the cluster"));
+    }
+
+    #[test]
+    fn maintenance_hosts_take_nothing() {
+        let mut drained = host("h1", 4096, 0);
+        drained.maintenance = true;
+        let refusal = place(&[drained], 64, Policy::Spread, None).unwrap_err();
+        assert!(refusal.contains("h1 refused: in maintenance"), "{refusal}");
+    }
+}

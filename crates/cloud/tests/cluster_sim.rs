@@ -1,0 +1,321 @@
+//! The control plane of a cluster on simulated hosts: the real REST API, scheduler,
+//! reconciler, membership (join tokens, credentials, liveness leases) and agent protocol
+//! adapter, over [`SimAgent`]s instead of machines, on a real SQLite store. No KVM, no root:
+//! these run in milliseconds to seconds on any machine.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use stratus_cloud::api::{self, AppState};
+use stratus_cloud::client::{ApiClient, ClientError};
+use stratus_cloud::cluster::Cluster;
+use stratus_cloud::db::{image_key, network_key, Db};
+use stratus_cloud::hosts::Hosts;
+use stratus_cloud::model::{Host, Image, Instance, Network, DEFAULT_PROJECT};
+use stratus_cloud::reconciler::Reconciler;
+use stratus_protocol::{Agent, HostInfo, SimAgent};
+use stratus_store::SqliteStore;
+
+/// How fast a silent host goes offline here.
+const LIVENESS: Duration = Duration::from_secs(2);
+
+/// A control plane serving its API on a loopback port, with simulated hosts joined.
+struct SimCloud {
+    client: ApiClient,
+    hosts: Vec<(String, Arc<SimAgent>)>,
+    state: Arc<AppState>,
+    _dir: TempDir,
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl SimCloud {
+    /// A control plane with no host of its own and `hosts` (name, MiB) joined.
+    fn new(test: &str, hosts: &[(&str, u64)]) -> SimCloud {
+        let dir = std::env::temp_dir().join(format!("stratus-sim-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = Db::new(Arc::new(SqliteStore::open(&dir.join("store.db")).unwrap()));
+        let network = Network {
+            name: "default".into(),
+            project: DEFAULT_PROJECT.into(),
+            bridge: "stratus0".into(),
+            cidr: "10.210.0.0/24".into(),
+            gateway: "10.210.0.1".into(),
+            nat: true,
+            created_at: 0,
+        };
+        db.put(&network_key(DEFAULT_PROJECT, "default"), &network).unwrap();
+        let image = Image {
+            name: "default".into(),
+            project: DEFAULT_PROJECT.into(),
+            kernel: "/sim/vmlinux".into(),
+            initrd: None,
+            rootfs: "/sim/rootfs.ext4".into(),
+            cmdline: "console=ttyS0".into(),
+            rootfs_bytes: 64 << 20,
+            source: "sim".into(),
+            created_at: 0,
+            warm: None,
+        };
+        db.put(&image_key(DEFAULT_PROJECT, "default"), &image).unwrap();
+        let registry = Arc::new(Hosts::new());
+        let cluster = Cluster::new(db.clone(), Arc::clone(&registry)).with_liveness(LIVENESS);
+        let reconciler = Reconciler::new(db.clone(), Arc::clone(&registry));
+        let token = "test-token".to_string();
+        let state = Arc::new(AppState::new(
+            dir.clone(),
+            db,
+            registry,
+            cluster,
+            Arc::clone(&reconciler),
+            token.clone(),
+        ));
+        reconciler.spawn();
+        let router = api::router(Arc::clone(&state));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                listener.set_nonblocking(true).unwrap();
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                axum::serve(listener, router).await.unwrap();
+            });
+        });
+        let mut cloud =
+            SimCloud { client: ApiClient::new(&url, &token), hosts: Vec::new(), state, _dir: TempDir(dir) };
+        for (name, memory_mib) in hosts {
+            cloud.join(name, *memory_mib);
+        }
+        cloud
+    }
+
+    /// Invites and joins simulated host `name`, then keeps its heartbeats going.
+    fn join(&mut self, name: &str, memory_mib: u64) {
+        let sim = Arc::new(SimAgent::new(name, 2, memory_mib));
+        let invitation: Value = self.client.post("/v1/hosts", &json!({ "name": name })).unwrap();
+        let info = sim.host().unwrap();
+        self.state.cluster.join(invitation["token"].as_str().unwrap(), &info).unwrap();
+        // Joining connects over HTTP to the address it gave; this host answers in memory.
+        self.state.cluster.attach(name, Arc::clone(&sim) as Arc<dyn Agent>);
+        let (state, beating) = (Arc::clone(&self.state), Arc::clone(&sim));
+        std::thread::spawn(move || loop {
+            if let Ok(info) = beating.host() {
+                let _ = state.cluster.heartbeat(&info);
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        });
+        self.hosts.push((name.to_string(), sim));
+    }
+
+    fn sim(&self, name: &str) -> &SimAgent {
+        &self.hosts.iter().find(|(n, _)| n == name).unwrap().1
+    }
+
+    fn launch(&self, body: Value) -> Result<Instance, ClientError> {
+        let accepted: Value = self.client.post("/v1/instances", &body)?;
+        Ok(serde_json::from_value(accepted["instance"].clone()).unwrap())
+    }
+
+    fn instance(&self, name: &str) -> Instance {
+        self.client.get(&format!("/v1/instances/{name}")).unwrap()
+    }
+
+    fn wait_state(&self, name: &str, state: &str) -> Instance {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let instance = self.instance(name);
+            if instance.status.state.as_str() == state {
+                return instance;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} never got {state}: {instance:?}\n{}",
+                self.events(name)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn events(&self, name: &str) -> String {
+        let events: Vec<Value> = self.client.get(&format!("/v1/events?instance={name}")).unwrap();
+        events.iter().map(|e| e["message"].as_str().unwrap_or_default().to_owned() + "\n").collect()
+    }
+
+    fn hosts(&self) -> Vec<Host> {
+        self.client.get("/v1/hosts").unwrap()
+    }
+}
+
+fn refused(result: Result<Value, ClientError>) -> String {
+    match result {
+        Err(ClientError::Api { message, .. }) => message,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn join_tokens_are_single_use_expiring_and_for_one_host() {
+    let cloud = SimCloud::new("join", &[]);
+    let info = |name: &str| HostInfo {
+        name: name.into(),
+        address: "192.0.2.1:7441".into(),
+        cpus: 2,
+        memory_mib: 4096,
+        allocatable_mib: 3072,
+        hypervisor: "sim".into(),
+        version: "test".into(),
+    };
+    let join =
+        |token: &str, name: &str| cloud.state.cluster.join(token, &info(name)).map_err(|e| e.to_string());
+
+    let invitation: Value = cloud.client.post("/v1/hosts", &json!({ "name": "h1" })).unwrap();
+    let token = invitation["token"].as_str().unwrap();
+    assert!(invitation["command"].as_str().unwrap().contains(&format!("--join-token {token} --name h1")));
+    assert!(join("deadbeef.not-the-secret", "h1").unwrap_err().contains("unknown or already used"));
+    let (id, _) = token.split_once('.').unwrap();
+    assert!(join(&format!("{id}.wrong"), "h1").unwrap_err().contains("unknown or already used"));
+    assert!(join(token, "h2").unwrap_err().contains("the token is for host 'h1', not 'h2'"));
+    let credential = join(token, "h1").expect("a good token joins");
+    assert!(join(token, "h1").unwrap_err().contains("unknown or already used"), "a token joins once");
+    cloud.state.cluster.authenticate("h1", &credential).unwrap();
+    assert!(cloud.state.cluster.authenticate("h1", "forged").is_err());
+    assert!(refused(cloud.client.post("/v1/hosts", &json!({ "name": "h1" }))).contains("has joined already"));
+
+    let short: Value = cloud.client.post("/v1/hosts", &json!({ "name": "h3", "ttl_secs": 1 })).unwrap();
+    std::thread::sleep(Duration::from_millis(2100));
+    assert!(join(short["token"].as_str().unwrap(), "h3").unwrap_err().contains("expired"));
+    for bad in [
+        json!({ "name": "Bad_Name" }),
+        json!({ "name": "h4", "ttl_secs": 0 }),
+        json!({ "name": "h4", "x": 1 }),
+    ] {
+        refused(cloud.client.post("/v1/hosts", &bad));
+    }
+}
+
+#[test]
+fn launches_spread_over_hosts_and_say_why() {
+    let cloud = SimCloud::new("spread", &[("h1", 4096), ("h2", 4096), ("h3", 8192)]);
+    for n in 0..6 {
+        cloud.launch(json!({ "name": format!("web{n}") })).unwrap();
+    }
+    let mut placed = std::collections::BTreeMap::<String, usize>::new();
+    for n in 0..6 {
+        let instance = cloud.wait_state(&format!("web{n}"), "running");
+        *placed.entry(instance.status.host.clone()).or_default() += 1;
+    }
+    // Spread by the share of memory left: the 8 GiB host takes more, every host takes some.
+    assert_eq!(placed.len(), 3, "{placed:?}");
+    assert!(placed["h3"] >= placed["h1"] && placed["h3"] >= placed["h2"], "{placed:?}");
+    let running: usize = ["h1", "h2", "h3"].iter().map(|h| cloud.sim(h).running()).sum();
+    assert_eq!(running, 6, "each instance runs once, on its host");
+    assert!(
+        cloud.events("web0").contains("placed on h3: 7.0 GiB free, spread weight"),
+        "{}",
+        cloud.events("web0")
+    );
+
+    // Named host, and pack: the fullest host that fits.
+    assert_eq!(cloud.launch(json!({ "name": "pinned", "host": "h1" })).unwrap().status.host, "h1");
+    let packed = cloud.launch(json!({ "name": "packed", "placement": "pack" })).unwrap();
+    let hosts = cloud.hosts();
+    let fullest = hosts.iter().filter(|h| h.name != packed.status.host).all(|h| {
+        let chosen = hosts.iter().find(|c| c.name == packed.status.host).unwrap();
+        (chosen.allocatable_mib - chosen.allocated_mib) <= (h.allocatable_mib - h.allocated_mib)
+    });
+    assert!(fullest, "pack chose {} among {hosts:?}", packed.status.host);
+    let message = refused(cloud.client.post("/v1/instances", &json!({ "name": "huge", "memory_mib": 7000 })));
+    assert!(message.contains("no host can take") && message.contains("h1 refused"), "{message}");
+    let message = refused(cloud.client.post("/v1/instances", &json!({ "name": "lost", "host": "h9" })));
+    assert!(message.contains("not part of the cluster"), "{message}");
+}
+
+#[test]
+fn a_silent_host_goes_offline_and_takes_no_launches() {
+    let cloud = SimCloud::new("offline", &[("h1", 4096), ("h2", 4096)]);
+    let web = cloud.launch(json!({ "name": "web", "host": "h2" })).unwrap();
+    cloud.wait_state("web", "running");
+    assert!(cloud.hosts().iter().all(|h| h.state == "online"), "{:?}", cloud.hosts());
+
+    cloud.sim("h2").set_unreachable(true);
+    let deadline = Instant::now() + LIVENESS * 5;
+    while cloud.hosts().iter().find(|h| h.name == "h2").unwrap().state != "offline" {
+        assert!(Instant::now() < deadline, "h2 stayed online: {:?}", cloud.hosts());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Unreachable is not down: the instance is not restarted anywhere, nor marked failed.
+    std::thread::sleep(Duration::from_secs(3));
+    let instance = cloud.instance("web");
+    assert_eq!((instance.status.state.as_str(), instance.status.host.as_str()), ("running", "h2"));
+    for n in 0..3 {
+        assert_eq!(cloud.launch(json!({ "name": format!("new{n}") })).unwrap().status.host, "h1");
+    }
+    assert!(cloud.events("new0").contains("h2 refused: offline"), "{}", cloud.events("new0"));
+
+    cloud.sim("h2").set_unreachable(false);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cloud.hosts().iter().find(|h| h.name == "h2").unwrap().state != "online" {
+        assert!(Instant::now() < deadline, "h2 never came back: {:?}", cloud.hosts());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(cloud.sim("h2").running(), 1, "nothing was duplicated meanwhile: {web:?}");
+}
+
+#[test]
+fn failures_on_a_host_are_retried_and_crashes_restarted() {
+    let cloud = SimCloud::new("faults", &[("h1", 4096)]);
+    cloud.sim("h1").fail_starts(1, "disk: no space left on device");
+    cloud.launch(json!({ "name": "web" })).unwrap();
+    let running = cloud.wait_state("web", "running");
+    let events = cloud.events("web");
+    assert!(
+        events.contains("start failed: disk: no space left on device; retrying in 2 s (attempt 2/3)"),
+        "{events}"
+    );
+
+    cloud.sim("h1").kill(&running.id);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cloud.events("web").contains("VMM process is gone; restarting it") {
+        assert!(Instant::now() < deadline, "{}", cloud.events("web"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cloud.wait_state("web", "running");
+    assert_eq!(cloud.sim("h1").running(), 1);
+
+    // A guest that powers itself off stays off (the default policy restarts failures only).
+    cloud.sim("h1").power_off(&running.id);
+    let stopped = cloud.wait_state("web", "stopped");
+    assert!(stopped.status.message.contains("guest powered off"), "{stopped:?}");
+}
+
+#[test]
+fn hosts_with_instances_cannot_be_removed() {
+    let cloud = SimCloud::new("remove", &[("h1", 4096), ("h2", 4096)]);
+    cloud.launch(json!({ "name": "web", "host": "h2" })).unwrap();
+    cloud.wait_state("web", "running");
+    let message = match cloud.client.delete("/v1/hosts/h2") {
+        Err(ClientError::Api { message, .. }) => message,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    assert!(message.contains("still has instances: web"), "{message}");
+
+    cloud.client.delete("/v1/instances/web").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cloud.client.get::<Instance>("/v1/instances/web").is_ok() {
+        assert!(Instant::now() < deadline, "web was never deleted: {}", cloud.events("web"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(cloud.sim("h2").instances().unwrap().is_empty(), "the host holds nothing of it");
+    cloud.client.delete("/v1/hosts/h2").unwrap();
+    assert_eq!(cloud.hosts().iter().map(|h| h.name.as_str()).collect::<Vec<_>>(), ["h1"]);
+}
