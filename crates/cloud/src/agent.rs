@@ -99,6 +99,26 @@ pub struct ExecOutput {
     pub stderr: Vec<u8>,
 }
 
+/// A VMM waiting for a live migration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Incoming {
+    /// Where the source sends the migration: `tcp:IP:PORT`.
+    pub to: String,
+    /// The waiting VMM's pid.
+    pub pid: u32,
+}
+
+/// How a live migration went, as the source VMM measured it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Moved {
+    /// Start to the destination running the guest, ms.
+    pub total_ms: f64,
+    /// The source's pause to the destination running the guest, ms.
+    pub downtime_ms: f64,
+    /// Bytes sent (memory, disks, state).
+    pub bytes: u64,
+}
+
 /// The seam between the control plane and a host.
 pub trait HostAgent: Send + Sync {
     /// The host's name and capacity (allocation is filled in by the control plane).
@@ -148,6 +168,15 @@ pub trait HostAgent: Send + Sync {
     fn metrics(&self, instance: &Instance) -> Result<serde_json::Value, AgentError>;
     /// Whether the instance's files and devices are all gone (for delete's no-leftovers check).
     fn leftovers(&self, instance: &Instance) -> Vec<String>;
+    /// Readies this host to receive `instance` by live migration: an empty disk of its size,
+    /// its tap, and a VMM waiting for the stream on this host's address.
+    fn receive(&self, instance: &Instance, image: &Image, network: &Network) -> Result<Incoming, AgentError>;
+    /// Moves the running `instance` live to the VMM waiting at `to`, its disk copied in the same
+    /// session. On success its VMM here has stopped and its tap and files are gone; on failure
+    /// it runs on here.
+    fn send(&self, instance: &Instance, to: &str) -> Result<Moved, AgentError>;
+    /// Waits (up to `limit`) until a received instance runs here; its VMM's pid.
+    fn arrived(&self, instance: &Instance, limit: Duration) -> Result<u32, AgentError>;
 }
 
 /// The agent of the machine `serve` runs on.
@@ -155,6 +184,8 @@ pub struct LocalAgent {
     data_dir: PathBuf,
     vmm_binary: PathBuf,
     hostname: String,
+    /// This host's address on the network between hosts (VXLAN underlay, migrations).
+    address: Option<String>,
     /// VMMs this process started, to reap them; VMMs adopted after a restart are not our
     /// children (init reaps them).
     children: Arc<Mutex<HashMap<u32, Child>>>,
@@ -174,6 +205,7 @@ impl LocalAgent {
             data_dir: data_dir.to_owned(),
             vmm_binary,
             hostname,
+            address: None,
             children: Arc::default(),
             exits: Arc::default(),
             warming: Mutex::default(),
@@ -208,6 +240,13 @@ impl LocalAgent {
         self
     }
 
+    /// The same agent, reached by other hosts at `address` (an IP): its networks' VXLANs start
+    /// there and migrations arrive there.
+    pub fn with_address(mut self, address: &str) -> Self {
+        self.address = Some(address.to_string());
+        self
+    }
+
     /// The directory of instance `id`.
     pub fn instance_dir(&self, id: &str) -> PathBuf {
         self.data_dir.join("instances").join(id)
@@ -216,6 +255,11 @@ impl LocalAgent {
     /// Spawns `stratus vmm` for the VM kept in `dir` (its API socket, log, disk) and waits
     /// for its API socket.
     fn spawn_vmm(&self, dir: &Path) -> Result<u32, AgentError> {
+        self.spawn_vmm_with(dir, &[])
+    }
+
+    /// [`LocalAgent::spawn_vmm`] with more arguments for `stratus vmm`.
+    fn spawn_vmm_with(&self, dir: &Path, extra: &[String]) -> Result<u32, AgentError> {
         let log_path = dir.join("vmm.log");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -226,7 +270,14 @@ impl LocalAgent {
         let api = api_sock(dir);
         let _ = std::fs::remove_file(&api);
         let mut command = Command::new(&self.vmm_binary);
-        command.arg("vmm").arg("--api-sock").arg(&api).stdin(Stdio::null()).stdout(log).stderr(log2);
+        command
+            .arg("vmm")
+            .arg("--api-sock")
+            .arg(&api)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
         // SAFETY: setsid is async-signal-safe; it puts the VMM in its own session so that a
         // signal to the server's process group (Ctrl-C) does not reach the guests.
         unsafe {
@@ -664,7 +715,7 @@ impl HostAgent for LocalAgent {
             instances: 0,
             hypervisor: hypervisor.into(),
             seen_at: crate::model::now(),
-            address: String::new(),
+            address: self.address.clone().unwrap_or_default(),
             state: String::new(),
             maintenance: false,
         }
@@ -672,7 +723,7 @@ impl HostAgent for LocalAgent {
 
     fn prepare_networks(&self, networks: &[Network]) -> Result<(), AgentError> {
         for net in networks {
-            network::ensure_bridge(net)?;
+            network::ensure_bridge_on(net, self.address.as_deref())?;
         }
         network::apply_nat(networks)?;
         Ok(())
@@ -887,6 +938,100 @@ impl HostAgent for LocalAgent {
             "guest_memory_bytes": instance.spec.memory_mib << 20,
             "vmm": vmm,
         }))
+    }
+
+    fn receive(
+        &self,
+        instance: &Instance,
+        _image: &Image,
+        network: &Network,
+    ) -> Result<Incoming, AgentError> {
+        let Some(address) = self.address.clone() else {
+            return Err(AgentError::Io(format!(
+                "host {} has no address other hosts reach it at (serve --listen on a non-loopback address)",
+                self.hostname
+            )));
+        };
+        let dir = self.instance_dir(&instance.id);
+        if let Some(pid) = find_vmm(&dir, 0) {
+            return Err(AgentError::Io(format!(
+                "instance {} already has a VMM here (pid {pid})",
+                instance.name
+            )));
+        }
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| AgentError::Io(format!("creating {}: {e}", dir.display())))?;
+        // The source copies its disk into a file of the same size (holes stay holes).
+        let disk = dir.join("disk.raw");
+        let file = std::fs::File::create(&disk)
+            .map_err(|e| AgentError::Io(format!("creating {}: {e}", disk.display())))?;
+        file.set_len(instance.spec.disk_mib << 20)
+            .map_err(|e| AgentError::Io(format!("sizing {}: {e}", disk.display())))?;
+        let tap = network::tap_name(&instance.id);
+        network::ensure_tap(&tap, &network.bridge)?;
+        let port = std::net::TcpListener::bind((address.as_str(), 0))
+            .and_then(|l| l.local_addr())
+            .map_err(|e| AgentError::Io(format!("finding a port on {address}: {e}")))?
+            .port();
+        let to = format!("tcp:{address}:{port}");
+        let args = [
+            "--incoming".to_string(),
+            to.clone(),
+            "--console".into(),
+            format!("socket:{}", dir.join("console.sock").display()),
+            "--net".into(),
+            format!("tap={tap},mac={}", instance.status.mac),
+            "--disk".into(),
+            disk.display().to_string(),
+            "--vsock".into(),
+            format!("cid={},socket={}", guest_cid(instance), dir.join("vsock.sock").display()),
+        ];
+        let pid = self.spawn_vmm_with(&dir, &args)?;
+        Ok(Incoming { to, pid })
+    }
+
+    fn send(&self, instance: &Instance, to: &str) -> Result<Moved, AgentError> {
+        let dir = self.instance_dir(&instance.id);
+        let Some(pid) = find_vmm(&dir, instance.status.pid) else { return Err(AgentError::NotRunning) };
+        let body = json!({"to": to, "with_disks": true}).to_string();
+        // A migration's length is the guest's memory and disk over the link: minutes at worst.
+        let response =
+            http::call_within(&api_sock(&dir), "POST", "/vm/migrate", Some(&body), Duration::from_secs(1800))
+                .map_err(|e| AgentError::Vmm(format!("migrating to {to}: {e}")))?;
+        let report: serde_json::Value = serde_json::from_str(&response.body).unwrap_or_default();
+        if response.status >= 300 {
+            let message = report["error"].as_str().unwrap_or(response.body.trim()).to_owned();
+            return Err(AgentError::Vmm(format!("migrating to {to}: {message}")));
+        }
+        // The guest runs at the destination: this copy is done with.
+        quit_vmm(&dir, pid);
+        let _ = network::remove_tap(&network::tap_name(&instance.id));
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(Moved {
+            total_ms: report["total_ms"].as_f64().unwrap_or(0.0),
+            downtime_ms: report["downtime_ms"].as_f64().unwrap_or(0.0),
+            bytes: report["bytes_sent"].as_u64().unwrap_or(0),
+        })
+    }
+
+    fn arrived(&self, instance: &Instance, limit: Duration) -> Result<u32, AgentError> {
+        let dir = self.instance_dir(&instance.id);
+        let deadline = Instant::now() + limit;
+        loop {
+            let Some(pid) = find_vmm(&dir, instance.status.pid) else {
+                return Err(AgentError::Vmm(format!("the receiving VMM exited: {}", log_tail(&dir))));
+            };
+            if matches!(vmm_phase(&dir), Ok((phase, _)) if phase == "running") {
+                return Ok(pid);
+            }
+            if Instant::now() >= deadline {
+                return Err(AgentError::Vmm(format!(
+                    "the guest did not arrive within {} s",
+                    limit.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn leftovers(&self, instance: &Instance) -> Vec<String> {

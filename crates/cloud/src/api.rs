@@ -221,6 +221,7 @@ pub fn router(state: Shared) -> Router {
         .route("/instances/{name}/stop", post(stop_instance))
         .route("/instances/{name}/restart", post(restart_instance))
         .route("/instances/{name}/exec", post(exec))
+        .route("/instances/{name}/move", post(move_instance))
         .route("/instances/{name}/metrics", get(instance_metrics))
         .route("/instances/{name}/console", get(crate::console::console))
         .route("/images", get(list_images).post(import_image))
@@ -423,6 +424,41 @@ fn agent_of(state: &AppState, instance: &Instance) -> ApiResult<Arc<dyn HostAgen
     })
 }
 
+/// Every network, with the underlay addresses of the hosts its VXLAN joins (all hosts that
+/// have one, when there is more than one): what each host is to build.
+pub fn networks_with_peers(db: &Db) -> Result<Vec<Network>, DbError> {
+    let hosts: Vec<Host> = db.list("/hosts/")?;
+    let mut peers: Vec<String> =
+        hosts.iter().filter(|h| !h.address.is_empty()).map(|h| crate::hostd::listen_ip(&h.address)).collect();
+    peers.sort();
+    peers.dedup();
+    if peers.len() < 2 {
+        peers.clear();
+    }
+    let mut networks: Vec<Network> = db.list("/networks/")?;
+    for network in &mut networks {
+        network.peers = peers.clone();
+    }
+    Ok(networks)
+}
+
+/// Hands every host the networks as they are now (after a host joined or left, or a network
+/// came or went), each failure an event.
+pub fn push_networks(db: &Db, hosts: &Hosts) {
+    let networks = match networks_with_peers(db) {
+        Ok(networks) => networks,
+        Err(e) => {
+            db.event(DEFAULT_PROJECT, "", "error", format!("reading networks: {e}"));
+            return;
+        }
+    };
+    for (name, agent) in hosts.all() {
+        if let Err(e) = agent.prepare_networks(&networks) {
+            db.event(DEFAULT_PROJECT, "", "error", format!("host {name}: setting up its networks: {e}"));
+        }
+    }
+}
+
 /// Every host as the API shows it and the scheduler weighs it: its record, whether it is
 /// online, and the memory and vCPUs of the instances meant to run there.
 pub fn host_views(state: &AppState) -> ApiResult<Vec<Host>> {
@@ -603,6 +639,7 @@ async fn launch(
             retry_at: 0,
             boot_ms: 0,
             boot: String::new(),
+            moving: String::new(),
         },
         created_at: now(),
         operation: Some(op.id.clone()),
@@ -626,6 +663,90 @@ async fn launch(
     );
     state.db.event(DEFAULT_PROJECT, &instance.name, "info", placement.explanation);
     state.reconciler.wake();
+    Ok((StatusCode::ACCEPTED, Json(Accepted { operation: op, instance })))
+}
+
+/// `POST /v1/instances/{name}/move`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MoveRequest {
+    /// The destination; the scheduler picks one when absent.
+    #[serde(default)]
+    to: Option<String>,
+}
+
+async fn move_instance(
+    State(state): State<Shared>,
+    Name(name): Name,
+    Body(req): Body<MoveRequest>,
+) -> ApiResult<(StatusCode, Json<Accepted>)> {
+    if let Some(to) = &req.to {
+        check_name("host", to).map_err(ApiError::bad_request)?;
+    }
+    let _admitted = state.admission.lock().unwrap_or_else(|p| p.into_inner());
+    let instance = find_instance(&state, &name)?;
+    if instance.status.state != InstanceState::Running || instance.desired != Desired::Running {
+        return Err(ApiError::conflict(format!(
+            "instance '{name}' is {}: only a running instance moves live",
+            instance.status.state.as_str()
+        )));
+    }
+    if !instance.status.moving.is_empty() {
+        return Err(ApiError::conflict(format!(
+            "instance '{name}' is moving to {} already",
+            instance.status.moving
+        )));
+    }
+    let source = placed_on(&state, &instance).to_owned();
+    if req.to.as_deref() == Some(source.as_str()) {
+        return Err(ApiError::conflict(format!("instance '{name}' runs on {source} already")));
+    }
+    // The destination must have room, as for a launch; the source is no choice.
+    let hosts = host_views(&state)?;
+    let candidates: Vec<Candidate> = hosts
+        .iter()
+        .filter(|h| h.name != source)
+        .map(|h| Candidate {
+            name: h.name.clone(),
+            online: h.state == "online",
+            maintenance: h.maintenance,
+            allocatable_mib: h.allocatable_mib,
+            allocated_mib: h.allocated_mib,
+        })
+        .collect();
+    if candidates.is_empty() {
+        return Err(ApiError::conflict("there is no other host to move to (see `stratus host list`)"));
+    }
+    let decision = scheduler::place(&candidates, instance.spec.memory_mib, Policy::Spread, req.to.as_deref())
+        .map_err(ApiError::conflict)?;
+    let op = Operation {
+        id: new_id(),
+        kind: "move".into(),
+        instance: name.clone(),
+        project: DEFAULT_PROJECT.into(),
+        state: OperationState::Running,
+        error: String::new(),
+        created_at: now(),
+        finished_at: 0,
+    };
+    state.db.put(&operation_key(&op.id), &op)?;
+    let to = decision.host.clone();
+    let instance = state.db.update(&instance_key(DEFAULT_PROJECT, &name), |i: &mut Instance| {
+        i.status.moving = to.clone();
+        true
+    })?;
+    state.db.event(
+        DEFAULT_PROJECT,
+        &name,
+        "info",
+        format!("moving live from {source} to {to}: {}", decision.explanation),
+    );
+    let (db, hosts, op_id, moving) =
+        (state.db.clone(), Arc::clone(&state.hosts), op.id.clone(), instance.clone());
+    std::thread::Builder::new()
+        .name(format!("move-{name}"))
+        .spawn(move || crate::moves::run(&db, &hosts, moving, &to, &op_id))
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok((StatusCode::ACCEPTED, Json(Accepted { operation: op, instance })))
 }
 
@@ -1219,10 +1340,10 @@ async fn create_network(
         gateway: subnet.gateway().to_string(),
         nat: req.nat,
         created_at: now(),
+        peers: Vec::new(),
     };
     state.db.create(&network_key(DEFAULT_PROJECT, &network.name), &network)?;
-    let mut all = existing;
-    all.push(network.clone());
+    let all = networks_with_peers(&state.db)?;
     let hosts = state.hosts.all();
     let prepared = tokio::task::spawn_blocking(move || {
         hosts.iter().try_for_each(|(name, agent)| {
@@ -1262,7 +1383,7 @@ async fn delete_network(State(state): State<Shared>, Name(name): Name) -> ApiRes
     let network = state.db.network(DEFAULT_PROJECT, &name)?;
     state.db.delete(&network_key(DEFAULT_PROJECT, &name))?;
     if let Some(network) = network {
-        let remaining: Vec<Network> = state.db.list("/networks/")?;
+        let remaining = networks_with_peers(&state.db)?;
         let hosts = state.hosts.all();
         let removed = tokio::task::spawn_blocking(move || {
             hosts.iter().try_for_each(|(host, agent)| {
@@ -1348,9 +1469,13 @@ async fn add_host(
 async fn remove_host(State(state): State<Shared>, Name(name): Name) -> ApiResult<StatusCode> {
     let cluster_state = Arc::clone(&state);
     let name2 = name.clone();
-    tokio::task::spawn_blocking(move || cluster_state.cluster.remove(&name2))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    tokio::task::spawn_blocking(move || {
+        cluster_state.cluster.remove(&name2)?;
+        push_networks(&cluster_state.db, &cluster_state.hosts);
+        Ok::<(), crate::cluster::ClusterError>(())
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     state.db.event(DEFAULT_PROJECT, "", "info", format!("host {name}: removed from the cluster"));
     Ok(StatusCode::NO_CONTENT)
 }
@@ -1388,17 +1513,9 @@ async fn agent_join(
             req.host.name, req.host.address, req.host.cpus, req.host.memory_mib
         ),
     );
-    // Its networks: the same as every host's.
-    let networks: Vec<Network> = state.db.list("/networks/")?;
-    if let Some(agent) = state.hosts.get(&req.host.name) {
-        let name = req.host.name.clone();
-        let db = state.db.clone();
-        let _ = std::thread::Builder::new().name(format!("networks-{name}")).spawn(move || {
-            if let Err(e) = agent.prepare_networks(&networks) {
-                db.event(DEFAULT_PROJECT, "", "error", format!("host {name}: setting up its networks: {e}"));
-            }
-        });
-    }
+    // Its networks, and every other host's VXLANs to it.
+    let (db, hosts) = (state.db.clone(), Arc::clone(&state.hosts));
+    let _ = std::thread::Builder::new().name("networks".into()).spawn(move || push_networks(&db, &hosts));
     state.reconciler.wake();
     Ok(Json(JoinAnswer { credential, protocol: stratus_protocol::PROTOCOL_VERSION }))
 }

@@ -61,7 +61,9 @@ pub fn run_agent(config: AgentConfig) -> Result<()> {
         Some(listen) => listen,
         None => address.parse().with_context(|| format!("--address {address}: give it as IP or IP:PORT"))?,
     };
-    let driver = Arc::new(LocalAgent::new(data, config.vmm_binary.clone()).named(&config.name));
+    let ip = listen_ip(&address);
+    let driver =
+        Arc::new(LocalAgent::new(data, config.vmm_binary.clone()).named(&config.name).with_address(&ip));
     let runtime = AgentRuntime::new(driver, &data.join("orders"), &address).map_err(anyhow::Error::msg)?;
     let agent = Arc::new(RuntimeAgent(runtime));
     let info = agent.host().map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -87,6 +89,11 @@ pub fn run_agent(config: AgentConfig) -> Result<()> {
         eprintln!("stratus agent: stopped; instances keep running and are adopted at the next start");
         Ok(())
     })
+}
+
+/// The IP part of `HOST:PORT`.
+pub fn listen_ip(address: &str) -> String {
+    address.rsplit_once(':').map_or(address, |(ip, _)| ip).trim_matches(['[', ']']).to_string()
 }
 
 /// The host's credential: the one kept from an earlier join with this control plane, or a

@@ -16,6 +16,7 @@ pub mod hosts;
 pub mod image;
 pub mod metrics;
 pub mod model;
+pub mod moves;
 pub mod network;
 pub mod openapi;
 pub mod reconciler;

@@ -147,6 +147,9 @@ pub struct InstanceStatus {
     /// How the last boot was done: "cold" or "warm".
     #[serde(default)]
     pub boot: String,
+    /// The host it is being moved to (live); the reconciler leaves it alone meanwhile.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub moving: String,
 }
 
 /// An instance: a VM with its disk, address and VMM.
@@ -256,6 +259,11 @@ pub struct Network {
     pub nat: bool,
     /// Unix seconds.
     pub created_at: u64,
+    /// The underlay addresses of every host of the cluster, when it has more than one: each
+    /// host joins its bridge to the others' by a VXLAN (VNI from the name) to them. Worked out
+    /// when the networks are handed to hosts, never stored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<String>,
 }
 
 /// A host that runs instances, with its capacity.

@@ -155,11 +155,52 @@ fn link_exists(name: &str) -> bool {
     Path::new("/sys/class/net").join(name).exists()
 }
 
-/// Creates the network's bridge with its gateway address, up, and IP forwarding on.
+/// The VXLAN network identifier of a network: from its name, the same on every host.
+pub fn vni(network: &str) -> u32 {
+    let hash = network.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    // 24 bits, away from 0 and the small numbers people pick by hand.
+    (hash % 0x00ef_0000) + 0x0001_0000
+}
+
+/// The bridge's MAC: the same on every host for one network, so the gateway address answers
+/// with the same MAC wherever a guest runs (a moved guest's ARP cache stays right).
+pub fn gateway_mac(network: &str) -> String {
+    let v = vni(network);
+    format!("52:54:00:fe:{:02x}:{:02x}", (v >> 8) & 0xff, v & 0xff)
+}
+
+/// The VXLAN device that joins `bridge` to the other hosts (at most 15 bytes).
+fn vxlan_name(bridge: &str) -> String {
+    let mut name = format!("{bridge}vx");
+    name.truncate(15);
+    name
+}
+
+/// Creates the network's bridge with its gateway address, up, and IP forwarding on; with
+/// peers (a cluster), joins it to theirs by a VXLAN from `local` (this host's underlay address).
 pub fn ensure_bridge(network: &Network) -> Result<(), NetworkError> {
+    ensure_bridge_on(network, None)
+}
+
+/// [`ensure_bridge`], with this host's underlay address for the VXLAN to the peers.
+pub fn ensure_bridge_on(network: &Network, local: Option<&str>) -> Result<(), NetworkError> {
     let subnet = Subnet::parse(&network.cidr)?;
     if !link_exists(&network.bridge) {
         run(&["ip", "link", "add", &network.bridge, "type", "bridge"])?;
+    }
+    let peers: Vec<&str> =
+        network.peers.iter().map(String::as_str).filter(|peer| Some(*peer) != local).collect();
+    match local {
+        Some(local) if !peers.is_empty() => {
+            run(&["ip", "link", "set", &network.bridge, "address", &gateway_mac(&network.name)])?;
+            ensure_vxlan(network, local, &peers)?;
+        }
+        _ => {
+            let vxlan = vxlan_name(&network.bridge);
+            if link_exists(&vxlan) {
+                run(&["ip", "link", "del", &vxlan])?;
+            }
+        }
     }
     let address = format!("{}/{}", network.gateway, subnet.prefix);
     run(&["ip", "addr", "replace", &address, "dev", &network.bridge])?;
@@ -203,8 +244,57 @@ pub fn apply_nat(networks: &[Network]) -> Result<(), NetworkError> {
     Ok(())
 }
 
+/// The VXLAN of `network` from `local` to `peers`, on its bridge: flooded traffic goes to
+/// every peer (head-end replication), unicast to where the MAC was learnt. Its MTU leaves room
+/// for the 50 bytes of encapsulation; an underlay under 1550 bytes gives guests less than 1500.
+fn ensure_vxlan(network: &Network, local: &str, peers: &[&str]) -> Result<(), NetworkError> {
+    let vxlan = vxlan_name(&network.bridge);
+    let vni = vni(&network.name).to_string();
+    if !link_exists(&vxlan) {
+        run(&["ip", "link", "add", &vxlan, "type", "vxlan", "id", &vni, "local", local, "dstport", "4789"])?;
+    }
+    let underlay_mtu = underlay_mtu(local).unwrap_or(1500);
+    let mtu = underlay_mtu.saturating_sub(50).min(1500).to_string();
+    run(&["ip", "link", "set", &vxlan, "mtu", &mtu])?;
+    run(&["ip", "link", "set", &vxlan, "master", &network.bridge])?;
+    run(&["ip", "link", "set", &vxlan, "up"])?;
+    let zero = "00:00:00:00:00:00";
+    let present = Command::new("bridge")
+        .args(["fdb", "show", "dev", &vxlan])
+        .output()
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    let present = String::from_utf8_lossy(&present);
+    for line in present.lines().filter(|l| l.starts_with(zero)) {
+        // "00:00:00:00:00:00 dst 10.0.0.2 self permanent": drop peers that left.
+        let dst = line.split_whitespace().skip_while(|w| *w != "dst").nth(1).unwrap_or("");
+        if !dst.is_empty() && !peers.contains(&dst) {
+            run(&["bridge", "fdb", "del", zero, "dev", &vxlan, "dst", dst])?;
+        }
+    }
+    for peer in peers {
+        if !present.lines().any(|l| l.starts_with(zero) && l.split_whitespace().any(|w| w == *peer)) {
+            run(&["bridge", "fdb", "append", zero, "dev", &vxlan, "dst", peer])?;
+        }
+    }
+    Ok(())
+}
+
+/// The MTU of the device holding address `local`.
+fn underlay_mtu(local: &str) -> Option<usize> {
+    let output = Command::new("ip").args(["-o", "addr", "show"]).output().ok()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let device =
+        text.lines().find(|l| l.contains(&format!(" {local}/")))?.split_whitespace().nth(1)?.to_owned();
+    std::fs::read_to_string(format!("/sys/class/net/{device}/mtu")).ok()?.trim().parse().ok()
+}
+
 /// Removes a network's bridge (its taps must be gone: instances are deleted first).
 pub fn remove_bridge(network: &Network) -> Result<(), NetworkError> {
+    let vxlan = vxlan_name(&network.bridge);
+    if link_exists(&vxlan) {
+        run(&["ip", "link", "del", &vxlan])?;
+    }
     if link_exists(&network.bridge) {
         run(&["ip", "link", "del", &network.bridge])?;
     }

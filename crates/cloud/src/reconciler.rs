@@ -445,6 +445,10 @@ impl Reconciler {
 /// What `instance` needs next, if anything.
 fn next_step(instance: &Instance) -> Option<Step> {
     use InstanceState as S;
+    if !instance.status.moving.is_empty() {
+        // A move drives it until the destination runs it or the source is left running.
+        return None;
+    }
     let state = instance.status.state;
     match instance.desired {
         Desired::Deleted if instance.status.retry_at > now() => None,

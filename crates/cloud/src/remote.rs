@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use stratus_protocol::{Agent, AgentError as WireError, ExecRequest, HostInfo, Observed, Phase, Wanted};
 
-use crate::agent::{AgentError, ExecOutput, HostAgent, Probe, Started};
+use crate::agent::{AgentError, ExecOutput, HostAgent, Incoming, Moved, Probe, Started};
 use crate::model::{Host, Image, Instance, Network, WarmSnapshot};
 use crate::wire;
 
@@ -156,6 +156,7 @@ fn placeholder_network(name: &str) -> Network {
         gateway: String::new(),
         nat: false,
         created_at: 0,
+        peers: Vec::new(),
     }
 }
 
@@ -292,6 +293,43 @@ impl HostAgent for RemoteHost {
 
     fn metrics(&self, instance: &Instance) -> Result<serde_json::Value, AgentError> {
         self.agent.metrics(&instance.id).map_err(|e| self.error(e))
+    }
+
+    fn receive(&self, instance: &Instance, image: &Image, network: &Network) -> Result<Incoming, AgentError> {
+        let current = self.agent.observe(&instance.id, u64::MAX).map_err(|e| self.error(e))?;
+        let order = wire::order(instance, image, network, Wanted::Running, current.generation + 1);
+        let incoming = self.agent.receive(&order).map_err(|e| self.error(e))?;
+        Ok(Incoming { to: incoming.to, pid: incoming.pid })
+    }
+
+    fn send(&self, instance: &Instance, to: &str) -> Result<Moved, AgentError> {
+        let report = self.agent.send(&instance.id, to).map_err(|e| self.error(e))?;
+        Ok(Moved { total_ms: report.total_ms, downtime_ms: report.downtime_ms, bytes: report.bytes })
+    }
+
+    fn arrived(&self, instance: &Instance, limit: Duration) -> Result<u32, AgentError> {
+        let deadline = Instant::now() + limit;
+        loop {
+            match self.agent.observe(&instance.id, u64::MAX) {
+                Ok(observed) if observed.phase == Phase::Running => return Ok(observed.pid),
+                Ok(observed) if observed.phase == Phase::Failed => {
+                    return Err(AgentError::Io(observed.message))
+                }
+                Ok(observed) if observed.phase == Phase::Absent => {
+                    return Err(AgentError::Io(format!("host {} holds nothing of the instance", self.name)))
+                }
+                Ok(_) | Err(WireError::Unreachable(_)) => {}
+                Err(error) => return Err(self.error(error)),
+            }
+            if Instant::now() >= deadline {
+                return Err(AgentError::Io(format!(
+                    "the guest did not arrive on {} within {} s",
+                    self.name,
+                    limit.as_secs()
+                )));
+            }
+            std::thread::sleep(POLL);
+        }
     }
 
     fn leftovers(&self, instance: &Instance) -> Vec<String> {

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use stratus_protocol::{
-    Agent, AgentError as WireError, AgentEvent, BootReport, ExecOutput, ExecRequest, HostInfo, InstanceOrder,
-    NetworkConfig, Observed, Phase, Wanted,
+    Agent, AgentError as WireError, AgentEvent, BootReport, ExecOutput, ExecRequest, HostInfo, Incoming,
+    InstanceOrder, MoveReport, NetworkConfig, Observed, Phase, Wanted,
 };
 
 use crate::agent::{AgentError, HostAgent, Probe};
@@ -472,5 +472,106 @@ impl Agent for RuntimeAgent {
     fn metrics(&self, id: &str) -> Result<serde_json::Value, WireError> {
         let instance = self.0.running_instance(id)?;
         self.0.driver.metrics(&instance).map_err(wire_error)
+    }
+
+    fn receive(&self, order: &InstanceOrder) -> Result<Incoming, WireError> {
+        stratus_protocol::check_id(&order.id)?;
+        let runtime = &self.0;
+        {
+            let mut slots = runtime.slots();
+            if slots.get(&order.id).is_some_and(|slot| slot.record.phase != Phase::Absent) {
+                return Err(WireError::Failed(format!("instance {} is on this host already", order.name)));
+            }
+            // Busy: no worker and no probe touches it until it has arrived (or not).
+            slots.insert(
+                order.id.clone(),
+                Slot {
+                    record: Record {
+                        order: order.clone(),
+                        phase: Phase::Starting,
+                        message: String::new(),
+                        clean: false,
+                        pid: 0,
+                        started_at: 1,
+                        boot: None,
+                    },
+                    events: VecDeque::new(),
+                    busy: true,
+                },
+            );
+        }
+        let instance = wire::instance_record(order, 0, 1);
+        let image = wire::image_record(&order.image);
+        let network = wire::network_record(&order.network);
+        let incoming = match runtime.driver.receive(&instance, &image, &network) {
+            Ok(incoming) => incoming,
+            Err(error) => {
+                runtime.slots().remove(&order.id);
+                return Err(wire_error(error));
+            }
+        };
+        runtime.persist(&order.id);
+        runtime.event(&order.id, "info", format!("waiting for the migration on {}", incoming.to));
+        let (waiting, id, pid, order) = (Arc::clone(runtime), order.id.clone(), incoming.pid, order.clone());
+        let _ = std::thread::Builder::new().name("arrival".into()).spawn(move || {
+            let instance = wire::instance_record(&order, pid, 1);
+            let arrived = waiting.driver.arrived(&instance, Duration::from_secs(1800));
+            if let Some(slot) = waiting.slots().get_mut(&id) {
+                slot.busy = false;
+                match &arrived {
+                    Ok(pid) => {
+                        slot.record.phase = Phase::Running;
+                        slot.record.pid = *pid;
+                        slot.record.started_at = crate::model::now();
+                        slot.record.boot =
+                            Some(BootReport { ms: 0, kind: "moved".into(), detail: String::new() });
+                    }
+                    Err(error) => {
+                        slot.record.phase = Phase::Failed;
+                        slot.record.message = error.to_string();
+                    }
+                }
+            }
+            waiting.persist(&id);
+            match arrived {
+                Ok(_) => waiting.event(&id, "info", "arrived by live migration; running here"),
+                Err(error) => waiting.event(&id, "error", format!("the migration did not arrive: {error}")),
+            }
+        });
+        Ok(Incoming { to: incoming.to, pid: incoming.pid })
+    }
+
+    fn send(&self, id: &str, to: &str) -> Result<MoveReport, WireError> {
+        let runtime = &self.0;
+        let instance = {
+            let mut slots = runtime.slots();
+            match slots.get_mut(id) {
+                Some(slot) if slot.record.phase == Phase::Running && !slot.busy => {
+                    slot.busy = true;
+                    wire::instance_record(&slot.record.order, slot.record.pid, slot.record.started_at)
+                }
+                Some(_) => return Err(WireError::Failed("the instance is busy or not running here".into())),
+                None => return Err(WireError::NotRunning),
+            }
+        };
+        let moved = runtime.driver.send(&instance, to);
+        match moved {
+            Ok(moved) => {
+                // It runs at the destination now: this host holds nothing of it.
+                runtime.slots().remove(id);
+                let _ = std::fs::remove_file(runtime.dir.join(format!("{id}.json")));
+                Ok(MoveReport {
+                    total_ms: moved.total_ms,
+                    downtime_ms: moved.downtime_ms,
+                    bytes: moved.bytes,
+                })
+            }
+            Err(error) => {
+                if let Some(slot) = runtime.slots().get_mut(id) {
+                    slot.busy = false;
+                }
+                Err(wire_error(error))
+            }
+        }
     }
 }

@@ -25,6 +25,8 @@ use crate::reconciler::Reconciler;
 pub struct ServeConfig {
     /// Where the store, images and instances live.
     pub data_dir: PathBuf,
+    /// This machine's host name in the cluster (default: its hostname).
+    pub host_name: Option<String>,
     /// The API's address.
     pub listen: SocketAddr,
     /// The `stratus` binary that runs `stratus vmm`.
@@ -73,14 +75,24 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
         let files = crate::image::ImageFiles::of_build(dir)?;
         crate::image::install(&db, data, "default", &files)?;
     }
-    let agent: Arc<dyn HostAgent> = Arc::new(LocalAgent::new(data, config.vmm_binary.clone()));
-    let networks: Vec<Network> = db.list("/networks/")?;
-    prepare_networks(agent.as_ref(), &networks)?;
+    let mut local = LocalAgent::new(data, config.vmm_binary.clone());
+    if let Some(name) = &config.host_name {
+        local = local.named(name);
+    }
+    // Other hosts reach this one where the API listens (unless that is loopback only).
+    let ip = config.listen.ip();
+    if !ip.is_loopback() && !ip.is_unspecified() {
+        local = local.with_address(&ip.to_string());
+    }
+    let agent: Arc<dyn HostAgent> = Arc::new(local);
     let host = agent.host();
     db.put(&host_key(&host.name), &host)?;
     let hosts = Arc::new(Hosts::with_local(&host.name, Arc::clone(&agent)));
     let cluster = Cluster::new(db.clone(), Arc::clone(&hosts));
     cluster.load()?;
+    let networks = crate::api::networks_with_peers(&db)?;
+    prepare_networks(agent.as_ref(), &networks)?;
+    crate::moves::settle_interrupted(&db, &hosts);
     let reconciler = Reconciler::new(db.clone(), Arc::clone(&hosts));
     let on_ready = config.on_ready.take();
     let token_for_ready = token.clone();
@@ -203,6 +215,7 @@ fn ensure_default_network(db: &Db, config: &ServeConfig) -> Result<()> {
         gateway: subnet.gateway().to_string(),
         nat: true,
         created_at: now(),
+        peers: Vec::new(),
     };
     db.put(&network_key(DEFAULT_PROJECT, "default"), &network)?;
     eprintln!("stratus serve: created network 'default' ({subnet} on bridge {})", network.bridge);

@@ -17,6 +17,7 @@ pub fn network_config(network: &Network) -> NetworkConfig {
         cidr: network.cidr.clone(),
         gateway: network.gateway.clone(),
         nat: network.nat,
+        peers: network.peers.clone(),
     }
 }
 
@@ -30,6 +31,7 @@ pub fn network_record(config: &NetworkConfig) -> Network {
         gateway: config.gateway.clone(),
         nat: config.nat,
         created_at: 0,
+        peers: config.peers.clone(),
     }
 }
 
@@ -140,6 +142,7 @@ pub fn instance_record(order: &InstanceOrder, pid: u32, started_at: u64) -> Inst
             retry_at: 0,
             boot_ms: 0,
             boot: String::new(),
+            moving: String::new(),
         },
         created_at: 0,
         operation: None,

@@ -52,6 +52,7 @@ impl SimCloud {
             gateway: "10.210.0.1".into(),
             nat: true,
             created_at: 0,
+            peers: Vec::new(),
         };
         db.put(&network_key(DEFAULT_PROJECT, "default"), &network).unwrap();
         let image = Image {
@@ -318,4 +319,61 @@ fn hosts_with_instances_cannot_be_removed() {
     assert!(cloud.sim("h2").instances().unwrap().is_empty(), "the host holds nothing of it");
     cloud.client.delete("/v1/hosts/h2").unwrap();
     assert_eq!(cloud.hosts().iter().map(|h| h.name.as_str()).collect::<Vec<_>>(), ["h1"]);
+}
+
+#[test]
+fn moves_change_the_host_only_once_the_destination_runs_it() {
+    let cloud = SimCloud::new("move", &[("h1", 4096), ("h2", 4096), ("h3", 4096)]);
+    let web = cloud.launch(json!({ "name": "web", "host": "h1" })).unwrap();
+    cloud.wait_state("web", "running");
+    let wait_op = |accepted: &Value| {
+        let id = accepted["operation"]["id"].as_str().unwrap().to_owned();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let op: Value = cloud.client.get(&format!("/v1/operations/{id}")).unwrap();
+            if op["state"] != "running" {
+                return op;
+            }
+            assert!(Instant::now() < deadline, "{op}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    let accepted: Value = cloud.client.post("/v1/instances/web/move", &json!({ "to": "h2" })).unwrap();
+    assert_eq!(accepted["instance"]["status"]["moving"], "h2");
+    assert_eq!(wait_op(&accepted)["state"], "succeeded");
+    let moved = cloud.wait_state("web", "running");
+    assert_eq!((moved.status.host.as_str(), moved.status.ip.as_str()), ("h2", web.status.ip.as_str()));
+    assert_eq!((cloud.sim("h1").running(), cloud.sim("h2").running()), (0, 1), "one copy, on h2");
+    assert!(cloud.events("web").contains("moved to h2 live"), "{}", cloud.events("web"));
+
+    // A failed send leaves the guest where it was, the destination's copy removed.
+    cloud.sim("h2").fail_starts(1, "connection reset by peer");
+    let accepted: Value = cloud.client.post("/v1/instances/web/move", &json!({ "to": "h3" })).unwrap();
+    let op = wait_op(&accepted);
+    assert_eq!(op["state"], "failed", "{op}");
+    let stayed = cloud.instance("web");
+    assert_eq!((stayed.status.host.as_str(), stayed.status.state.as_str()), ("h2", "running"));
+    assert!(stayed.status.moving.is_empty());
+    assert!(
+        cloud.events("web").contains(
+            "move to h3 failed: migrating to tcp:h3:4000: connection reset by peer; still running on h2"
+        ),
+        "{}",
+        cloud.events("web")
+    );
+    assert!(cloud.sim("h3").instances().unwrap().is_empty(), "the half-made copy on h3 is gone");
+
+    // No move to where it is, to an unknown host, or of what does not run; the scheduler picks.
+    for (body, why) in [
+        (json!({ "to": "h2" }), "runs on h2 already"),
+        (json!({ "to": "h9" }), "not part of the cluster"),
+        (json!({ "to": "x", "y": 1 }), "unknown field"),
+    ] {
+        let message = refused(cloud.client.post("/v1/instances/web/move", &body));
+        assert!(message.contains(why), "{message}");
+    }
+    let accepted: Value = cloud.client.post("/v1/instances/web/move", &json!({})).unwrap();
+    assert_eq!(wait_op(&accepted)["state"], "succeeded");
+    assert_ne!(cloud.instance("web").status.host, "h2");
 }

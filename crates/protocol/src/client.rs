@@ -6,8 +6,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::{
-    check_id, Agent, AgentError, ExecOutput, ExecRequest, HostInfo, InstanceOrder, NetworkConfig, Observed,
-    PROTOCOL_VERSION, VERSION_HEADER,
+    check_id, Agent, AgentError, ExecOutput, ExecRequest, HostInfo, Incoming, InstanceOrder, MoveReport,
+    NetworkConfig, Observed, SendRequest, PROTOCOL_VERSION, VERSION_HEADER,
 };
 
 /// How long a quick call (observe, ensure) may take before the host counts as unreachable.
@@ -111,5 +111,17 @@ impl Agent for HttpAgent {
     fn metrics(&self, id: &str) -> Result<serde_json::Value, AgentError> {
         check_id(id)?;
         self.call("GET", &format!("/instances/{id}/metrics"), None::<&()>, CALL_TIMEOUT)
+    }
+
+    fn receive(&self, order: &InstanceOrder) -> Result<Incoming, AgentError> {
+        check_id(&order.id)?;
+        self.call("POST", &format!("/instances/{}/receive", order.id), Some(order), Duration::from_secs(60))
+    }
+
+    fn send(&self, id: &str, to: &str) -> Result<MoveReport, AgentError> {
+        check_id(id)?;
+        let request = SendRequest { to: to.to_string() };
+        // As long as the guest's memory and disk take over the link.
+        self.call("POST", &format!("/instances/{id}/send"), Some(&request), Duration::from_secs(1800))
     }
 }

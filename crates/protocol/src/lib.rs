@@ -119,6 +119,10 @@ pub struct NetworkConfig {
     pub gateway: String,
     /// Whether guests reach the outside through this host (masquerade).
     pub nat: bool,
+    /// The underlay addresses of every host of the cluster (this one's included, which each
+    /// host leaves out): the bridge joins theirs by a VXLAN, so the network is one segment.
+    #[serde(default)]
+    pub peers: Vec<String>,
 }
 
 /// The whole of what the control plane wants of one instance on this host.
@@ -274,6 +278,34 @@ pub struct ExecOutput {
     pub stderr: Vec<u8>,
 }
 
+/// A VMM waiting for an instance's live migration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Incoming {
+    /// Where the source sends the migration: `tcp:IP:PORT`.
+    pub to: String,
+    /// The waiting VMM's pid.
+    pub pid: u32,
+}
+
+/// Where to send an instance by live migration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendRequest {
+    /// `tcp:IP:PORT` of the waiting VMM ([`Incoming::to`]).
+    pub to: String,
+}
+
+/// How a live migration went, as the source measured it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MoveReport {
+    /// Start to the destination running the guest, ms.
+    pub total_ms: f64,
+    /// The source's pause to the destination running the guest, ms.
+    pub downtime_ms: f64,
+    /// Bytes sent (memory, disks, state).
+    pub bytes: u64,
+}
+
 /// Why a call to an agent did not get its answer.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum AgentError {
@@ -309,6 +341,12 @@ pub trait Agent: Send + Sync {
     fn exec(&self, id: &str, request: &ExecRequest) -> Result<ExecOutput, AgentError>;
     /// A running instance's usage (`cpu_seconds`, `memory_bytes`, the VMM's own `vmm` metrics).
     fn metrics(&self, id: &str) -> Result<serde_json::Value, AgentError>;
+    /// Readies this host to receive the instance of `order` (wanted running) by live
+    /// migration; once it has arrived, [`Agent::observe`] shows it running here.
+    fn receive(&self, order: &InstanceOrder) -> Result<Incoming, AgentError>;
+    /// Moves running instance `id` live to the VMM waiting at `to`, its disk copied in the same
+    /// session; on success the agent forgets it, on failure it runs on here.
+    fn send(&self, id: &str, to: &str) -> Result<MoveReport, AgentError>;
 }
 
 /// Checks an instance id from a request: 1-64 hex digits (it names a directory and a tap).

@@ -11,7 +11,10 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 
-use crate::{Agent, AgentError, ExecRequest, InstanceOrder, NetworkConfig, PROTOCOL_VERSION, VERSION_HEADER};
+use crate::{
+    Agent, AgentError, ExecRequest, InstanceOrder, NetworkConfig, SendRequest, PROTOCOL_VERSION,
+    VERSION_HEADER,
+};
 
 struct Served {
     agent: Arc<dyn Agent>,
@@ -30,6 +33,8 @@ pub fn router(agent: Arc<dyn Agent>, credential: String) -> Router {
         .route("/instances/{id}", get(observe).put(ensure))
         .route("/instances/{id}/exec", post(exec))
         .route("/instances/{id}/metrics", get(metrics))
+        .route("/instances/{id}/receive", post(receive))
+        .route("/instances/{id}/send", post(send))
         .fallback(|| async { failure(AgentError::Refused("no such agent route".into())) })
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), check_caller));
     Router::new().nest("/v1", v1).with_state(state)
@@ -148,4 +153,31 @@ async fn metrics(State(state): State<Shared>, Path(id): Path<String>) -> Respons
         agent.metrics(&id)
     })
     .await
+}
+
+async fn receive(State(state): State<Shared>, Path(id): Path<String>, body: axum::body::Bytes) -> Response {
+    let order = match serde_json::from_slice::<InstanceOrder>(&body) {
+        Ok(order) if order.id == id => order,
+        Ok(_) => return failure(AgentError::Refused("the order's id is not the one in the path".into())),
+        Err(e) => return failure(AgentError::Refused(format!("bad order: {e}"))),
+    };
+    blocking(state, move |agent| {
+        crate::check_id(&order.id)?;
+        agent.receive(&order)
+    })
+    .await
+}
+
+async fn send(State(state): State<Shared>, Path(id): Path<String>, body: axum::body::Bytes) -> Response {
+    match serde_json::from_slice::<SendRequest>(&body) {
+        Ok(request) if request.to.starts_with("tcp:") => {
+            blocking(state, move |agent| {
+                crate::check_id(&id)?;
+                agent.send(&id, &request.to)
+            })
+            .await
+        }
+        Ok(request) => failure(AgentError::Refused(format!("'{}' is not tcp:HOST:PORT", request.to))),
+        Err(e) => failure(AgentError::Refused(format!("bad send request: {e}"))),
+    }
 }

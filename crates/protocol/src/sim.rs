@@ -8,8 +8,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::{
-    Agent, AgentError, AgentEvent, BootReport, ExecOutput, ExecRequest, HostInfo, InstanceOrder,
-    NetworkConfig, Observed, Phase, Wanted,
+    Agent, AgentError, AgentEvent, BootReport, ExecOutput, ExecRequest, HostInfo, Incoming, InstanceOrder,
+    MoveReport, NetworkConfig, Observed, Phase, Wanted,
 };
 
 /// A simulated host.
@@ -268,6 +268,41 @@ impl Agent for SimAgent {
         }
     }
 
+    fn receive(&self, order: &InstanceOrder) -> Result<Incoming, AgentError> {
+        let mut state = self.reachable()?;
+        if state.instances.get(&order.id).is_some_and(|i| i.phase != Phase::Absent) {
+            return Err(AgentError::Failed(format!("instance {} is here already", order.name)));
+        }
+        let seq = state.seq();
+        let delay = state.boot_delay;
+        let mut instance = SimInstance {
+            order: order.clone(),
+            phase: Phase::Starting,
+            message: String::new(),
+            clean: false,
+            pid: 0,
+            ready_at: Some(Instant::now() + delay),
+            boot: None,
+            events: Vec::new(),
+        };
+        instance.event(seq, "info", "waiting for the migration (simulated)");
+        state.instances.insert(order.id.clone(), instance);
+        Ok(Incoming { to: format!("tcp:{}:4000", self.info.name), pid: 0 })
+    }
+
+    fn send(&self, id: &str, to: &str) -> Result<MoveReport, AgentError> {
+        let mut state = self.reachable()?;
+        match state.instances.get(id) {
+            Some(instance) if instance.phase == Phase::Running => {}
+            _ => return Err(AgentError::NotRunning),
+        }
+        if let Some(message) = state.failing_starts.pop() {
+            return Err(AgentError::Failed(format!("migrating to {to}: {message}")));
+        }
+        state.instances.remove(id);
+        Ok(MoveReport { total_ms: 1.0, downtime_ms: 0.1, bytes: 0 })
+    }
+
     fn metrics(&self, id: &str) -> Result<serde_json::Value, AgentError> {
         let state = self.reachable()?;
         match state.instances.get(id) {
@@ -310,6 +345,7 @@ pub(crate) mod tests {
                 cidr: "10.0.0.0/24".into(),
                 gateway: "10.0.0.1".into(),
                 nat: true,
+                peers: Vec::new(),
             },
             ip: "10.0.0.2".into(),
             mac: "52:54:00:00:00:02".into(),

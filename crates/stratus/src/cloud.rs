@@ -65,6 +65,12 @@ pub struct ServeArgs {
     /// how to reach it: the quickest way from a fresh machine to a running VM.
     #[arg(long, value_name = "NAME")]
     launch: Option<String>,
+    /// This machine's name as a host of the cluster (default: its hostname).
+    #[arg(long, value_name = "NAME")]
+    host_name: Option<String>,
+    /// Where to write the CLI's configuration (address and token).
+    #[arg(long, value_name = "PATH")]
+    client_config: Option<PathBuf>,
 }
 
 /// Runs the cloud on this machine until Ctrl-C.
@@ -77,12 +83,13 @@ pub fn serve(args: ServeArgs) -> Result<i32> {
     };
     let config = stratus_cloud::server::ServeConfig {
         data_dir: args.data_dir,
+        host_name: args.host_name,
         listen: args.listen,
         vmm_binary: std::env::current_exe().context("finding the stratus binary")?,
         default_image,
         default_cidr: args.network_cidr,
         default_bridge: args.bridge,
-        client_config: Some(stratus_cloud::client::config_path()),
+        client_config: Some(args.client_config.unwrap_or_else(stratus_cloud::client::config_path)),
         image_builder: (!args.no_default_image).then(|| -> stratus_cloud::image::ImageBuilder {
             std::sync::Arc::new(|recipe: &str, progress: &mut dyn FnMut(&str)| {
                 crate::image::build_with_progress(recipe, progress).map(|image| image.dir)
@@ -457,6 +464,34 @@ pub fn launch(conn: &Connection, args: LaunchArgs) -> Result<i32> {
             i.status.boot,
             i.status.boot_ms as f64 / 1e3
         )
+    })
+}
+
+/// `stratus move`.
+#[derive(Args, Debug)]
+pub struct MoveArgs {
+    /// Instance name.
+    name: String,
+    /// The host to move it to; the scheduler picks one when not given.
+    #[arg(long)]
+    to: Option<String>,
+    /// Return once the request is accepted.
+    #[arg(long)]
+    no_wait: bool,
+}
+
+/// `stratus move NAME [--to HOST]`: live migration to another host.
+pub fn move_instance(conn: &Connection, args: MoveArgs) -> Result<i32> {
+    let client = conn.client()?;
+    let since = now_ms().saturating_sub(1);
+    let accepted: Accepted =
+        client.post(&format!("/v1/instances/{}/move", args.name), &json!({ "to": args.to }))?;
+    eprintln!(
+        "Moving {} live from {} to {}",
+        args.name, accepted.instance.status.host, accepted.instance.status.moving
+    );
+    finish(&client, accepted, since, args.no_wait, |i| {
+        format!("{} runs on {} at {} (same address and disk)", i.name, i.status.host, i.status.ip)
     })
 }
 

@@ -5,6 +5,7 @@
 
 mod cloud;
 mod image;
+mod lab;
 mod size;
 mod trace;
 mod vm;
@@ -34,6 +35,9 @@ enum Command {
     /// and sends heartbeats to the control plane. Instances keep running when it stops and are
     /// re-adopted when it starts again.
     Agent(cloud::AgentArgs),
+    /// A cluster of hosts in network namespaces on this machine, to try one out.
+    #[command(subcommand)]
+    Lab(lab::LabCommand),
     /// Create and boot an instance, and wait until its guest agent answers.
     Launch(cloud::LaunchArgs),
     /// List instances.
@@ -57,6 +61,8 @@ enum Command {
     Stop(cloud::NameArg),
     /// Stop and start an instance.
     Restart(cloud::NameArg),
+    /// Move a running instance live to another host: same address, MAC and disk, no reboot.
+    Move(cloud::MoveArgs),
     /// Delete an instance with its disk, tap and address.
     #[command(alias = "rm")]
     Delete(cloud::NameArg),
@@ -112,6 +118,7 @@ fn main() {
             cloud::serve(args)
         }
         Command::Agent(args) => cloud::agent(args),
+        Command::Lab(command) => lab::run(command),
         Command::Launch(args) => cloud::launch(&cli.connection, args),
         Command::List => cloud::list(&cli.connection),
         Command::Show { name } => cloud::show(&cli.connection, &name),
@@ -121,6 +128,7 @@ fn main() {
         Command::Stop(args) => cloud::lifecycle(&cli.connection, "stop", args),
         Command::Restart(args) => cloud::lifecycle(&cli.connection, "restart", args),
         Command::Delete(args) => cloud::lifecycle(&cli.connection, "delete", args),
+        Command::Move(args) => cloud::move_instance(&cli.connection, args),
         Command::Network(command) => cloud::network(&cli.connection, command),
         Command::Host(command) => cloud::host(&cli.connection, command),
         Command::Events { name } => cloud::events(&cli.connection, name),

@@ -1,0 +1,161 @@
+//! `stratus move`: a running instance moved live to another host, driven by the control plane
+//! through the two hosts' agents. The destination readies a VMM waiting for the migration
+//! (with an empty disk of the instance's size and its tap); the source's VMM sends memory,
+//! disk and state in one session; the instance's host changes only once the destination runs
+//! the guest. Its address, MAC and disk contents stay: the network is one segment across the
+//! hosts, and the arriving VMM announces the MAC so switches learn its new port at once.
+//!
+//! Until the guest pauses for the move, any failure leaves it running on the source; the
+//! destination's half-made VMM is removed and the operation says why. While a move runs the
+//! instance is marked `moving` and the reconciler leaves it alone; a control plane that
+//! stopped mid-move settles it at its next start ([`settle_interrupted`]).
+
+use std::time::Duration;
+
+use crate::agent::HostAgent;
+use crate::db::{instance_key, operation_key, Db};
+use crate::hosts::Hosts;
+use crate::model::{now, Instance, InstanceState, Operation, OperationState, DEFAULT_PROJECT};
+
+/// How long the destination may take to run the guest once the source says it was sent.
+const ARRIVAL_LIMIT: Duration = Duration::from_secs(60);
+
+/// Carries out the move of `instance` to host `to` and finishes operation `op`.
+pub fn run(db: &Db, hosts: &Hosts, instance: Instance, to: &str, op: &str) {
+    let result = attempt(db, hosts, &instance, to);
+    let event = |level: &str, message: String| db.event(&instance.project, &instance.name, level, message);
+    let key = instance_key(&instance.project, &instance.name);
+    let error = match result {
+        Ok((pid, moved)) => {
+            let _ = db.update(&key, |i: &mut Instance| {
+                i.status.host = to.to_string();
+                i.status.pid = pid;
+                i.status.moving.clear();
+                i.status.state = InstanceState::Running;
+                true
+            });
+            event(
+                "info",
+                format!(
+                    "moved to {to} live in {:.0} ms (guest paused {:.1} ms, {} MiB sent); same address and disk",
+                    moved.total_ms,
+                    moved.downtime_ms,
+                    moved.bytes >> 20
+                ),
+            );
+            None
+        }
+        Err(Failure::SourceRuns(why)) => {
+            let _ = db.update(&key, |i: &mut Instance| {
+                i.status.moving.clear();
+                true
+            });
+            event("error", format!("move to {to} failed: {why}; still running on {}", instance.status.host));
+            Some(why)
+        }
+        Err(Failure::Lost(why)) => {
+            let _ = db.update(&key, |i: &mut Instance| {
+                i.status.moving.clear();
+                i.status.host = to.to_string();
+                i.status.state = InstanceState::Error;
+                i.status.pid = 0;
+                i.status.message = why.clone();
+                true
+            });
+            event(
+                "error",
+                format!("move to {to} failed after the guest left {}: {why}", instance.status.host),
+            );
+            Some(why)
+        }
+    };
+    let _ = db.update(&operation_key(op), |o: &mut Operation| {
+        o.state = if error.is_some() { OperationState::Failed } else { OperationState::Succeeded };
+        o.error = error.clone().unwrap_or_default();
+        o.finished_at = now();
+        true
+    });
+}
+
+/// How a move failed.
+enum Failure {
+    /// Before the guest left: it runs on at the source.
+    SourceRuns(String),
+    /// After the source sent it: the destination did not run it.
+    Lost(String),
+}
+
+fn attempt(
+    db: &Db,
+    hosts: &Hosts,
+    instance: &Instance,
+    to: &str,
+) -> Result<(u32, crate::agent::Moved), Failure> {
+    let agent = |name: &str| -> Result<std::sync::Arc<dyn HostAgent>, Failure> {
+        hosts
+            .get(name)
+            .ok_or_else(|| Failure::SourceRuns(format!("host '{name}' is not part of the cluster")))
+    };
+    let (source, destination) = (agent(&instance.status.host)?, agent(to)?);
+    let image = db
+        .image(&instance.project, &instance.spec.image)
+        .map_err(|e| Failure::SourceRuns(e.to_string()))?
+        .ok_or_else(|| Failure::SourceRuns(format!("image '{}' no longer exists", instance.spec.image)))?;
+    let network = crate::api::networks_with_peers(db)
+        .map_err(|e| Failure::SourceRuns(e.to_string()))?
+        .into_iter()
+        .find(|n| n.name == instance.spec.network)
+        .ok_or_else(|| {
+            Failure::SourceRuns(format!("network '{}' no longer exists", instance.spec.network))
+        })?;
+    let mut arriving = instance.clone();
+    arriving.status.host = to.to_string();
+    arriving.status.pid = 0;
+    let incoming = destination
+        .receive(&arriving, &image, &network)
+        .map_err(|e| Failure::SourceRuns(format!("{to} could not get ready: {e}")))?;
+    db.event(
+        &instance.project,
+        &instance.name,
+        "info",
+        format!("{to} waits for the migration on {}", incoming.to),
+    );
+    arriving.status.pid = incoming.pid;
+    let moved = match source.send(instance, &incoming.to) {
+        Ok(moved) => moved,
+        Err(e) => {
+            // Its half-made copy goes; the guest never left.
+            let _ = destination.remove(&arriving);
+            return Err(Failure::SourceRuns(e.to_string()));
+        }
+    };
+    let pid = destination.arrived(&arriving, ARRIVAL_LIMIT).map_err(|e| Failure::Lost(e.to_string()))?;
+    Ok((pid, moved))
+}
+
+/// Settles moves a stopped control plane left marked: the instance is where a VMM runs it
+/// (the destination if the guest arrived there, else the source).
+pub fn settle_interrupted(db: &Db, hosts: &Hosts) {
+    let Ok(instances) = db.instances() else { return };
+    for instance in instances.into_iter().filter(|i| !i.status.moving.is_empty()) {
+        let to = instance.status.moving.clone();
+        let mut there = instance.clone();
+        there.status.host = to.clone();
+        there.status.pid = 0;
+        let arrived = hosts.get(&to).is_some_and(|agent| agent.arrived(&there, Duration::ZERO).is_ok());
+        let _ = db.update(&instance_key(&instance.project, &instance.name), |i: &mut Instance| {
+            if arrived {
+                i.status.host = to.clone();
+            }
+            i.status.moving.clear();
+            true
+        });
+        let place = if arrived { to } else { instance.status.host.clone() };
+        db.event(
+            DEFAULT_PROJECT,
+            &instance.name,
+            "info",
+            format!("a move cut short by a restart: the instance is on {place}"),
+        );
+    }
+}
