@@ -80,20 +80,42 @@ fn run_in_guest(test: &str, load: &str) -> Option<String> {
     }
     vmm.ok("PUT", "/vm/drives/tools", Some(json!({"path": tools, "readonly": true})));
     vmm.ok("POST", "/vm/start", None);
-    let pos = vmm.console.expect("stratus# ", 0, STEP);
+    let start = vmm.console.expect("stratus# ", 0, STEP);
+    println!("{test}: host {}", host_cpu());
     vmm.console.send(
-        "mount -o ro /dev/vda /mnt; head -c 65536 /dev/urandom > /tmp/pattern; S=$(md5sum < /tmp/pattern); echo ready-$((1 + 1))\n",
+        "uname -v; grep -m3 -E '^(vendor_id|cpu family|bugs)' /proc/cpuinfo; mount -o ro /dev/vda /mnt; head -c 65536 /dev/urandom > /tmp/pattern; S=$(md5sum < /tmp/pattern); echo ready-$((1 + 1))\n",
     );
-    let pos = vmm.console.expect("ready-2", pos, STEP);
+    let pos = vmm.console.expect("ready-2", start, STEP);
     vmm.console.send(&format!("{load}\n"));
     let at = vmm.console.expect("runs-2:", pos, STEP);
     vmm.console.expect("\n", at, STEP);
+    println!("{}", &vmm.console.output()[start..]);
     let out = vmm.console.output()[pos..].to_owned();
-    println!("{out}");
     let wrong = out.matches("differ2:").count();
     let runs = out[out.rfind("runs-2:").unwrap()..].lines().next().unwrap_or_default().to_owned();
     println!("{test}: md5sum {runs} ({wrong} wrong; host load {})", host_load());
     Some(out)
+}
+
+/// The host CPU as the fault report needs it: vendor, family, model, microcode, and whether
+/// the host kernel uses XSAVES (AMD's erratum 1386 is in XSAVES on family 0x17).
+fn host_cpu() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        cpuinfo.lines().find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            (key.trim() == name).then(|| value.trim().to_owned())
+        })
+    };
+    let xsaves = field("flags").is_some_and(|flags| flags.split(' ').any(|f| f == "xsaves"));
+    format!(
+        "{} family {} model {} microcode {}, xsaves {}",
+        field("vendor_id").unwrap_or_default(),
+        field("cpu family").unwrap_or_default(),
+        field("model").unwrap_or_default(),
+        field("microcode").unwrap_or_default(),
+        if xsaves { "used" } else { "not used" }
+    )
 }
 
 fn host_load() -> String {
