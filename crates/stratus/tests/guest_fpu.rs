@@ -21,23 +21,36 @@
 //!   one vCPU, the VMM painting its own XMM registers, host processes painting theirs: still
 //!   failing, and never with the painted values. fpu-check's own checks never failed.
 //! - Intel Xeon PVM host (2026-12-07, `GenuineIntel` family 6 model 167, the same 6.18 host
-//!   kernel series, `kvm_pvm` with `pvm_native=Y`; guest kernel 6.1.192, same patches and VMM),
-//!   `cargo test -p stratus --test guest_fpu -- --ignored --nocapture`:
-//!   - the original load: 0 wrong of 22 md5sum runs (about 1.4 s each; load average 0.6-1.5);
-//!   - four shell busy loops, 120 s: 0 wrong of 78 (load average 1.0-3.0). At the AMD host's
-//!     rate (9 of 14) some 50 were due; even at a tenth of it, 0 of 78 has a chance under 1%;
+//!   kernel series, `kvm_pvm` with `pvm_native=Y`; guest kernel 6.1.192 with the same patches,
+//!   very likely the same source as on the AMD host: Debian's 6.1.192-3 is of 26 Nov), with
+//!   `cargo test -p stratus --test guest_fpu -- [--ignored] --nocapture`:
+//!   - this test (the original load), 6 runs: 0 wrong of 128 md5sum runs (about 1.4 s each, 3-4
+//!     times faster than on the AMD host; load average 0.6-2.1);
+//!   - four shell busy loops for 120 s (`FPU_CMD` once, then `a_busier_...` 5 runs in a row):
+//!     0 wrong of 78 + 287 (55, 41, 40, 72, 79); runs 2 and 3 beside a guest kernel build on
+//!     the host (load average 3.0-4.5). At the AMD host's rate under that load (9 of 14) some
+//!     230 were due, at a tenth of it over 20;
 //!   - `fpu-check stale` (new values in all sixteen registers right before every kernel entry:
 //!     an SSE store to a fresh page, to a copy-on-write page, getppid, a preempted spin) under
 //!     four busy loops: 15,000 iterations in one process, 40 forked children x 400, 40 fresh
-//!     processes x 400: no register ever came back older (load average 1.7-2.3).
+//!     processes x 400, then 2,000 + 20 children x 200 in each busier run: no register ever
+//!     came back older (load average 1.7-4.5);
+//!   - a debug guest kernel (`FPU_KERNEL`; `CONFIG_X86_DEBUG_FPU` and `CONFIG_DEBUG_ENTRY`,
+//!     built as guest/kernel/README.md says, console log level 8): this test's load (35
+//!     md5sum runs) and four busy loops for 60 s (62 runs) plus `fpu-check stale`: nothing
+//!     wrong, no kernel warning (`dmesg`), so the kernel's FPU ownership checks at every return
+//!     to user mode held throughout.
+//!
+//! The splits the issue lists (one vCPU, preemption model, host idle or loaded) need a failure
+//! to split; on this host there was none.
 //!
 //! So the lead's hypothesis (the guest kernel restoring a stale saved FPU state: the lazy
-//!   restore or TIF_NEED_FPU_LOAD mishandled on PVM) does not show on this host: the same guest
-//!   kernel, patches and VMM that lost registers on the AMD host keep them here. What differs
-//!   is the host: its CPU (and whatever its `kvm_pvm` does per vendor). See
-//!   docs/pvm-sse-fault.md for what the AMD symptom matches (AMD erratum 1386: XSAVES on Zen1/2
-//!   "may fail to save XMM registers", the registers coming back with older values) and what
-//!   is not proven.
+//! restore or TIF_NEED_FPU_LOAD mishandled on PVM) does not show on this host: the same guest
+//! kernel, patches and VMM that lost registers on the AMD host keep them here, and the debug
+//! kernel's checks hold. What differs is the host: its CPU (and whatever its `kvm_pvm` does per
+//! vendor). See docs/pvm-sse-fault.md for what the AMD symptom matches (AMD erratum 1386: XSAVES
+//! on Zen1/2 "may fail to save XMM registers", the registers coming back with older values),
+//! what is not proven, and what to run on the next AMD host.
 
 mod common;
 
