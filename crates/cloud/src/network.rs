@@ -193,6 +193,9 @@ pub fn ensure_bridge_on(network: &Network, local: Option<&str>) -> Result<(), Ne
     match local {
         Some(local) if !peers.is_empty() => {
             run(&["ip", "link", "set", &network.bridge, "address", &gateway_mac(&network.name)])?;
+            // The same MAC on every host would give every bridge the same IPv6 link-local
+            // address (duplicate address detection fails): the gateway is IPv4 only.
+            run(&["ip", "link", "set", &network.bridge, "addrgenmode", "none"])?;
             ensure_vxlan(network, local, &peers)?;
         }
         _ => {

@@ -437,6 +437,13 @@ impl Agent for RuntimeAgent {
                 slot.record.phase = Phase::Stopped;
                 slot.record.message.clear();
             }
+            // Work is under way from now on, as the answer and the next observation say.
+            if !settled(&slot.record, None) {
+                slot.record.phase = match order.wanted {
+                    Wanted::Running => Phase::Starting,
+                    Wanted::Stopped | Wanted::Absent => Phase::Stopping,
+                };
+            }
         }
         runtime.persist(&order.id);
         runtime.kick(&order.id);

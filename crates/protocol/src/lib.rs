@@ -248,9 +248,17 @@ impl Observed {
         }
     }
 
-    /// Whether this reflects `generation` and has settled (no work under way).
+    /// Whether this reflects `generation` and has settled: the order is carried out, or it
+    /// failed (no work under way, nothing left over from before the order).
     pub fn settled_at(&self, generation: u64) -> bool {
-        self.generation == generation && !matches!(self.phase, Phase::Starting | Phase::Stopping)
+        use Phase::*;
+        self.generation == generation
+            && match self.wanted {
+                Some(Wanted::Running) => matches!(self.phase, Running | Failed | Down | Stopped),
+                Some(Wanted::Stopped) => matches!(self.phase, Stopped | Absent | Failed),
+                Some(Wanted::Absent) => matches!(self.phase, Absent | Failed),
+                None => false,
+            }
     }
 }
 
