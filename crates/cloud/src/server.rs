@@ -27,6 +27,9 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     /// This machine's host name in the cluster (default: its hostname).
     pub host_name: Option<String>,
+    /// Where the state lives: `None` for `DATA/stratus.db` (SQLite), or
+    /// `etcd:http://A:2379,http://B:2379` for an etcd cluster.
+    pub store: Option<String>,
     /// The API's address.
     pub listen: SocketAddr,
     /// The `stratus` binary that runs `stratus vmm`.
@@ -63,8 +66,7 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
-    let store = SqliteStore::open(&data.join("stratus.db")).context("opening the store")?;
-    let db = Db::new(Arc::new(store));
+    let db = Db::new(open_store(config.store.as_deref(), data)?);
     let token = load_or_create_token(&data.join("token"))?;
     let url = format!("http://{}", config.listen);
     if let Some(path) = &config.client_config {
@@ -144,6 +146,25 @@ pub(crate) async fn stop_signal() {
 }
 
 /// One server per data directory: a second would run every instance twice.
+/// The store `spec` names: SQLite in `data` when none, or `etcd:ENDPOINTS`.
+pub fn open_store(spec: Option<&str>, data: &Path) -> Result<Arc<dyn stratus_store::Store>> {
+    match spec {
+        None | Some("sqlite") => {
+            let store = SqliteStore::open(&data.join("stratus.db")).context("opening the store")?;
+            Ok(Arc::new(store))
+        }
+        Some(spec) => {
+            let Some(endpoints) = spec.strip_prefix("etcd:") else {
+                bail!("--store {spec}: use sqlite or etcd:http://HOST:2379[,http://HOST:2379...]");
+            };
+            let config =
+                stratus_store::EtcdConfig::parse(endpoints).with_context(|| format!("--store {spec}"))?;
+            let store = stratus_store::EtcdStore::connect(config).context("connecting to etcd")?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
 /// Holds `DATA/serve.lock` for as long as the returned file is open: one server or agent per
 /// data directory.
 pub(crate) fn lock_data_dir(data: &Path) -> Result<std::fs::File> {

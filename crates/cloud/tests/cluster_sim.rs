@@ -1,7 +1,8 @@
 //! The control plane of a cluster on simulated hosts: the real REST API, scheduler,
 //! reconciler, membership (join tokens, credentials, liveness leases) and agent protocol
 //! adapter, over [`SimAgent`]s instead of machines, on a real SQLite store. No KVM, no root:
-//! these run in milliseconds to seconds on any machine.
+//! these run in milliseconds to seconds on any machine. Each runs on both stores: SQLite, and
+//! a real one-member etcd (skipped loudly where etcd cannot be installed).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,7 +17,40 @@ use stratus_cloud::hosts::Hosts;
 use stratus_cloud::model::{Host, Image, Instance, Network, DEFAULT_PROJECT};
 use stratus_cloud::reconciler::Reconciler;
 use stratus_protocol::{Agent, HostInfo, SimAgent};
-use stratus_store::SqliteStore;
+use stratus_store::etcd_server::{ensure_etcd, EtcdCluster};
+use stratus_store::{SqliteStore, Store};
+
+/// Which store the control plane keeps its state in.
+#[derive(Clone, Copy, Debug)]
+enum Backend {
+    Sqlite,
+    Etcd,
+}
+
+/// Each test on both stores.
+macro_rules! on_both_stores {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            #[test]
+            fn sqlite() {
+                super::$test(super::Backend::Sqlite)
+            }
+            #[test]
+            fn etcd() {
+                super::$test(super::Backend::Etcd)
+            }
+        }
+    )*};
+}
+
+on_both_stores!(
+    join_tokens_are_single_use_expiring_and_for_one_host,
+    launches_spread_over_hosts_and_say_why,
+    a_silent_host_goes_offline_and_takes_no_launches,
+    failures_on_a_host_are_retried_and_crashes_restarted,
+    hosts_with_instances_cannot_be_removed,
+    moves_change_the_host_only_once_the_destination_runs_it,
+);
 
 /// How fast a silent host goes offline here.
 const LIVENESS: Duration = Duration::from_secs(2);
@@ -27,6 +61,7 @@ struct SimCloud {
     hosts: Vec<(String, Arc<SimAgent>)>,
     state: Arc<AppState>,
     _dir: TempDir,
+    _etcd: Option<EtcdCluster>,
 }
 
 struct TempDir(PathBuf);
@@ -38,12 +73,24 @@ impl Drop for TempDir {
 }
 
 impl SimCloud {
-    /// A control plane with no host of its own and `hosts` (name, MiB) joined.
-    fn new(test: &str, hosts: &[(&str, u64)]) -> SimCloud {
-        let dir = std::env::temp_dir().join(format!("stratus-sim-{test}-{}", std::process::id()));
+    /// A control plane with no host of its own on `backend`, and `hosts` (name, MiB) joined;
+    /// `None` (said loudly) when the backend cannot run here.
+    fn new(test: &str, backend: Backend, hosts: &[(&str, u64)]) -> Option<SimCloud> {
+        let dir = std::env::temp_dir().join(format!("stratus-sim-{test}-{backend:?}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let db = Db::new(Arc::new(SqliteStore::open(&dir.join("store.db")).unwrap()));
+        let (store, etcd): (Arc<dyn Store>, _) = match backend {
+            Backend::Sqlite => (Arc::new(SqliteStore::open(&dir.join("store.db")).unwrap()), None),
+            Backend::Etcd => {
+                if let Err(why) = ensure_etcd() {
+                    println!("SKIPPED: {test} on etcd: {why}");
+                    return None;
+                }
+                let cluster = EtcdCluster::start(&dir.join("etcd"), 1).unwrap();
+                (Arc::new(cluster.store("/sim").unwrap()), Some(cluster))
+            }
+        };
+        let db = Db::new(store);
         let network = Network {
             name: "default".into(),
             project: DEFAULT_PROJECT.into(),
@@ -92,12 +139,17 @@ impl SimCloud {
                 axum::serve(listener, router).await.unwrap();
             });
         });
-        let mut cloud =
-            SimCloud { client: ApiClient::new(&url, &token), hosts: Vec::new(), state, _dir: TempDir(dir) };
+        let mut cloud = SimCloud {
+            client: ApiClient::new(&url, &token),
+            hosts: Vec::new(),
+            state,
+            _dir: TempDir(dir),
+            _etcd: etcd,
+        };
         for (name, memory_mib) in hosts {
             cloud.join(name, *memory_mib);
         }
-        cloud
+        Some(cloud)
     }
 
     /// Invites and joins simulated host `name`, then keeps its heartbeats going.
@@ -164,9 +216,8 @@ fn refused(result: Result<Value, ClientError>) -> String {
     }
 }
 
-#[test]
-fn join_tokens_are_single_use_expiring_and_for_one_host() {
-    let cloud = SimCloud::new("join", &[]);
+fn join_tokens_are_single_use_expiring_and_for_one_host(backend: Backend) {
+    let Some(cloud) = SimCloud::new("join", backend, &[]) else { return };
     let info = |name: &str| HostInfo {
         name: name.into(),
         address: "192.0.2.1:7441".into(),
@@ -204,9 +255,10 @@ fn join_tokens_are_single_use_expiring_and_for_one_host() {
     }
 }
 
-#[test]
-fn launches_spread_over_hosts_and_say_why() {
-    let cloud = SimCloud::new("spread", &[("h1", 4096), ("h2", 4096), ("h3", 8192)]);
+fn launches_spread_over_hosts_and_say_why(backend: Backend) {
+    let Some(cloud) = SimCloud::new("spread", backend, &[("h1", 4096), ("h2", 4096), ("h3", 8192)]) else {
+        return;
+    };
     for n in 0..6 {
         cloud.launch(json!({ "name": format!("web{n}") })).unwrap();
     }
@@ -241,9 +293,8 @@ fn launches_spread_over_hosts_and_say_why() {
     assert!(message.contains("not part of the cluster"), "{message}");
 }
 
-#[test]
-fn a_silent_host_goes_offline_and_takes_no_launches() {
-    let cloud = SimCloud::new("offline", &[("h1", 4096), ("h2", 4096)]);
+fn a_silent_host_goes_offline_and_takes_no_launches(backend: Backend) {
+    let Some(cloud) = SimCloud::new("offline", backend, &[("h1", 4096), ("h2", 4096)]) else { return };
     let web = cloud.launch(json!({ "name": "web", "host": "h2" })).unwrap();
     cloud.wait_state("web", "running");
     assert!(cloud.hosts().iter().all(|h| h.state == "online"), "{:?}", cloud.hosts());
@@ -272,9 +323,8 @@ fn a_silent_host_goes_offline_and_takes_no_launches() {
     assert_eq!(cloud.sim("h2").running(), 1, "nothing was duplicated meanwhile: {web:?}");
 }
 
-#[test]
-fn failures_on_a_host_are_retried_and_crashes_restarted() {
-    let cloud = SimCloud::new("faults", &[("h1", 4096)]);
+fn failures_on_a_host_are_retried_and_crashes_restarted(backend: Backend) {
+    let Some(cloud) = SimCloud::new("faults", backend, &[("h1", 4096)]) else { return };
     cloud.sim("h1").fail_starts(1, "disk: no space left on device");
     cloud.launch(json!({ "name": "web" })).unwrap();
     let running = cloud.wait_state("web", "running");
@@ -299,9 +349,8 @@ fn failures_on_a_host_are_retried_and_crashes_restarted() {
     assert!(stopped.status.message.contains("guest powered off"), "{stopped:?}");
 }
 
-#[test]
-fn hosts_with_instances_cannot_be_removed() {
-    let cloud = SimCloud::new("remove", &[("h1", 4096), ("h2", 4096)]);
+fn hosts_with_instances_cannot_be_removed(backend: Backend) {
+    let Some(cloud) = SimCloud::new("remove", backend, &[("h1", 4096), ("h2", 4096)]) else { return };
     cloud.launch(json!({ "name": "web", "host": "h2" })).unwrap();
     cloud.wait_state("web", "running");
     let message = match cloud.client.delete("/v1/hosts/h2") {
@@ -321,9 +370,10 @@ fn hosts_with_instances_cannot_be_removed() {
     assert_eq!(cloud.hosts().iter().map(|h| h.name.as_str()).collect::<Vec<_>>(), ["h1"]);
 }
 
-#[test]
-fn moves_change_the_host_only_once_the_destination_runs_it() {
-    let cloud = SimCloud::new("move", &[("h1", 4096), ("h2", 4096), ("h3", 4096)]);
+fn moves_change_the_host_only_once_the_destination_runs_it(backend: Backend) {
+    let Some(cloud) = SimCloud::new("move", backend, &[("h1", 4096), ("h2", 4096), ("h3", 4096)]) else {
+        return;
+    };
     let web = cloud.launch(json!({ "name": "web", "host": "h1" })).unwrap();
     cloud.wait_state("web", "running");
     let wait_op = |accepted: &Value| {

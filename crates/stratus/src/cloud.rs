@@ -71,6 +71,10 @@ pub struct ServeArgs {
     /// Where to write the CLI's configuration (address and token).
     #[arg(long, value_name = "PATH")]
     client_config: Option<PathBuf>,
+    /// Where the state lives: sqlite (DATA/stratus.db, the default) or
+    /// etcd:http://HOST:2379[,http://HOST:2379...].
+    #[arg(long, value_name = "STORE")]
+    store: Option<String>,
 }
 
 /// Runs the cloud on this machine until Ctrl-C.
@@ -84,6 +88,7 @@ pub fn serve(args: ServeArgs) -> Result<i32> {
     let config = stratus_cloud::server::ServeConfig {
         data_dir: args.data_dir,
         host_name: args.host_name,
+        store: args.store,
         listen: args.listen,
         vmm_binary: std::env::current_exe().context("finding the stratus binary")?,
         default_image,
