@@ -1569,15 +1569,33 @@ async fn wait_operation(
 ) -> ApiResult<Json<Operation>> {
     let _ = query.token;
     let deadline = Instant::now() + Duration::from_secs(query.timeout.unwrap_or(60).min(300));
+    // Woken by a watch on the operation's key from the revision read: the answer goes out as
+    // soon as the operation changes, with no polling delay.
+    let key = operation_key(&id);
     loop {
-        let op = state
+        let (op, revision) = state
             .db
-            .operation(&id)?
+            .get::<Operation>(&key)?
             .ok_or_else(|| ApiError::not_found(format!("operation '{id}' not found")))?;
-        if op.state != OperationState::Running || Instant::now() >= deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if op.state != OperationState::Running || left.is_zero() {
             return Ok(Json(op));
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let store = Arc::clone(state.db.store());
+        let key = key.clone();
+        let changed = tokio::task::spawn_blocking(move || match store.watch_from(&key, revision) {
+            Ok(watch) => watch.recv_timeout(left).is_some(),
+            // Compacted or broken: read again (a short pause keeps a broken store from spinning).
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(50));
+                true
+            }
+        })
+        .await
+        .unwrap_or(true);
+        if !changed {
+            return Ok(Json(op));
+        }
     }
 }
 

@@ -15,6 +15,8 @@ use crate::wire;
 
 /// How often an order's progress is asked for.
 const POLL: Duration = Duration::from_millis(200);
+/// How often a moved guest's arrival is asked for: the move's end waits on it.
+const ARRIVAL_POLL: Duration = Duration::from_millis(5);
 /// How long a start may take, the guest's boot included (the local agent gives the guest
 /// agent 300 s), and how long the host may stay unreachable meanwhile.
 const START_LIMIT: Duration = Duration::from_secs(360);
@@ -328,7 +330,7 @@ impl HostAgent for RemoteHost {
                     limit.as_secs()
                 )));
             }
-            std::thread::sleep(POLL);
+            std::thread::sleep(ARRIVAL_POLL);
         }
     }
 
