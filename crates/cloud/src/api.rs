@@ -538,17 +538,19 @@ fn place(
         // One host: the refusal says what is free there, as it always has.
         check_free_memory(host, memory_mib)?;
     }
-    let candidates: Vec<Candidate> = hosts
-        .iter()
-        .map(|h| Candidate {
-            name: h.name.clone(),
-            online: h.state == "online",
-            maintenance: h.maintenance,
-            allocatable_mib: h.allocatable_mib,
-            allocated_mib: h.allocated_mib,
-        })
-        .collect();
+    let candidates: Vec<Candidate> = hosts.iter().map(candidate).collect();
     scheduler::place(&candidates, memory_mib, policy, only).map_err(ApiError::conflict)
+}
+
+/// A host as the scheduler weighs it.
+fn candidate(host: &Host) -> Candidate {
+    Candidate {
+        name: host.name.clone(),
+        online: host.state == "online",
+        maintenance: host.maintenance,
+        allocatable_mib: host.allocatable_mib,
+        allocated_mib: host.allocated_mib,
+    }
 }
 
 async fn launch(
@@ -703,17 +705,7 @@ async fn move_instance(
     }
     // The destination must have room, as for a launch; the source is no choice.
     let hosts = host_views(&state)?;
-    let candidates: Vec<Candidate> = hosts
-        .iter()
-        .filter(|h| h.name != source)
-        .map(|h| Candidate {
-            name: h.name.clone(),
-            online: h.state == "online",
-            maintenance: h.maintenance,
-            allocatable_mib: h.allocatable_mib,
-            allocated_mib: h.allocated_mib,
-        })
-        .collect();
+    let candidates: Vec<Candidate> = hosts.iter().filter(|h| h.name != source).map(candidate).collect();
     if candidates.is_empty() {
         return Err(ApiError::conflict("there is no other host to move to (see `stratus host list`)"));
     }

@@ -121,17 +121,23 @@ async fn observe(
     .await
 }
 
+/// The order in a request's body, for the instance `id` of its path.
+fn order_for(id: &str, body: &[u8]) -> Result<InstanceOrder, Response> {
+    match serde_json::from_slice::<InstanceOrder>(body) {
+        Ok(order) if order.id == id => match crate::check_id(&order.id) {
+            Ok(()) => Ok(order),
+            Err(error) => Err(failure(error)),
+        },
+        Ok(_) => Err(failure(AgentError::Refused("the order's id is not the one in the path".into()))),
+        Err(e) => Err(failure(AgentError::Refused(format!("bad order: {e}")))),
+    }
+}
+
 async fn ensure(State(state): State<Shared>, Path(id): Path<String>, body: axum::body::Bytes) -> Response {
-    let order = match serde_json::from_slice::<InstanceOrder>(&body) {
-        Ok(order) if order.id == id => order,
-        Ok(_) => return failure(AgentError::Refused("the order's id is not the one in the path".into())),
-        Err(e) => return failure(AgentError::Refused(format!("bad order: {e}"))),
-    };
-    blocking(state, move |agent| {
-        crate::check_id(&order.id)?;
-        agent.ensure(&order)
-    })
-    .await
+    match order_for(&id, &body) {
+        Ok(order) => blocking(state, move |agent| agent.ensure(&order)).await,
+        Err(refused) => refused,
+    }
 }
 
 async fn exec(State(state): State<Shared>, Path(id): Path<String>, body: axum::body::Bytes) -> Response {
@@ -156,16 +162,10 @@ async fn metrics(State(state): State<Shared>, Path(id): Path<String>) -> Respons
 }
 
 async fn receive(State(state): State<Shared>, Path(id): Path<String>, body: axum::body::Bytes) -> Response {
-    let order = match serde_json::from_slice::<InstanceOrder>(&body) {
-        Ok(order) if order.id == id => order,
-        Ok(_) => return failure(AgentError::Refused("the order's id is not the one in the path".into())),
-        Err(e) => return failure(AgentError::Refused(format!("bad order: {e}"))),
-    };
-    blocking(state, move |agent| {
-        crate::check_id(&order.id)?;
-        agent.receive(&order)
-    })
-    .await
+    match order_for(&id, &body) {
+        Ok(order) => blocking(state, move |agent| agent.receive(&order)).await,
+        Err(refused) => refused,
+    }
 }
 
 async fn send(State(state): State<Shared>, Path(id): Path<String>, body: axum::body::Bytes) -> Response {
