@@ -176,6 +176,7 @@ pub trait HostAgent: Send + Sync {
     /// it runs on here.
     fn send(&self, instance: &Instance, to: &str) -> Result<Moved, AgentError>;
     /// Waits (up to `limit`) until a received instance runs here; its VMM's pid.
+    /// [`AgentError::NotRunning`] when it has not arrived (yet) and the VMM still waits.
     fn arrived(&self, instance: &Instance, limit: Duration) -> Result<u32, AgentError>;
 }
 
@@ -1025,10 +1026,8 @@ impl HostAgent for LocalAgent {
                 return Ok(pid);
             }
             if Instant::now() >= deadline {
-                return Err(AgentError::Vmm(format!(
-                    "the guest did not arrive within {} s",
-                    limit.as_secs()
-                )));
+                // Not (yet): the VMM still waits.
+                return Err(AgentError::NotRunning);
             }
             std::thread::sleep(Duration::from_millis(20));
         }

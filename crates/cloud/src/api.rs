@@ -48,6 +48,8 @@ pub struct AppState {
     pub stats: ApiStats,
     /// Slots for execs running at once ([`MAX_EXECS`]).
     pub execs: Arc<tokio::sync::Semaphore>,
+    /// Operation waits that hold a store watch (and a blocking thread) at once; more poll.
+    pub waits: Arc<tokio::sync::Semaphore>,
     /// Held while a request checks the host's free memory and claims some of it, so that two
     /// launches (or starts) at once cannot both take the last of it.
     pub admission: std::sync::Mutex<()>,
@@ -74,10 +76,17 @@ impl AppState {
             token,
             stats: ApiStats::default(),
             execs: Arc::new(tokio::sync::Semaphore::new(MAX_EXECS)),
+            waits: Arc::new(tokio::sync::Semaphore::new(MAX_WATCHED_WAITS)),
             admission: std::sync::Mutex::default(),
         }
     }
 }
+
+/// The largest JSON request body (axum's own limit for `Json`).
+const MAX_JSON_BODY: usize = 2 << 20;
+
+/// Operation waits answered through a store watch at once (see [`AppState::waits`]).
+pub const MAX_WATCHED_WAITS: usize = 128;
 
 /// API request counters.
 #[derive(Default)]
@@ -254,6 +263,23 @@ pub fn router(state: Shared) -> Router {
 async fn count(State(state): State<Shared>, request: Request, next: Next) -> Response {
     let t = Instant::now();
     let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    // A JSON body is read whole before routing: a request refused before its handler reads the
+    // body (a bad name in the path) otherwise leaves it unread, and the connection is closed
+    // under a client that may be sending its next request on it. Uploads stream.
+    let request = if request.method() != axum::http::Method::GET && !path.starts_with("/v1/uploads/") {
+        let (parts, body) = request.into_parts();
+        match axum::body::to_bytes(body, MAX_JSON_BODY).await {
+            Ok(bytes) => Request::from_parts(parts, axum::body::Body::from(bytes)),
+            Err(e) => {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body: {e} (at most {MAX_JSON_BODY} bytes)"),
+                )
+            }
+        }
+    } else {
+        request
+    };
     let mut response = next.run(request).await;
     let status = response.status();
     if (status.is_client_error() || status.is_server_error())
@@ -1561,17 +1587,27 @@ async fn wait_operation(
 ) -> ApiResult<Json<Operation>> {
     let _ = query.token;
     let deadline = Instant::now() + Duration::from_secs(query.timeout.unwrap_or(60).min(300));
-    // Woken by a watch on the operation's key from the revision read: the answer goes out as
-    // soon as the operation changes, with no polling delay.
+    // Woken by a watch on the operation's key from the store revision it was read at: the
+    // answer goes out as soon as the operation changes. Past MAX_WATCHED_WAITS waits at once,
+    // the others read it every 50 ms instead of holding a thread each.
     let key = operation_key(&id);
+    let watched = Arc::clone(&state.waits).try_acquire_owned().ok();
     loop {
-        let (op, revision) = state
-            .db
-            .get::<Operation>(&key)?
+        let listing = state.db.store().range(&key).map_err(DbError::from)?;
+        let op: Operation = listing
+            .entries
+            .iter()
+            .find(|e| e.key == key)
+            .and_then(|e| serde_json::from_slice(&e.value).ok())
             .ok_or_else(|| ApiError::not_found(format!("operation '{id}' not found")))?;
+        let revision = listing.revision;
         let left = deadline.saturating_duration_since(Instant::now());
         if op.state != OperationState::Running || left.is_zero() {
             return Ok(Json(op));
+        }
+        if watched.is_none() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
         }
         let store = Arc::clone(state.db.store());
         let key = key.clone();

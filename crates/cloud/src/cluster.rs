@@ -186,9 +186,7 @@ impl Cluster {
             let _ = self.db.delete(&token_key(id));
             return Err(refused("the token has expired; issue a new one with `stratus host add`"));
         }
-        if info.address.is_empty() {
-            return Err(refused("the agent gave no address to reach it at"));
-        }
+        check_address(&info.address).map_err(|_| refused("the agent's address is not IP:PORT"))?;
         let credential = format!(
             "{}{}{}{}",
             crate::api::new_id(),
@@ -231,6 +229,8 @@ impl Cluster {
     /// address are recorded and its liveness lease renewed.
     pub fn heartbeat(&self, info: &HostInfo) -> Result<(), ClusterError> {
         let name = info.name.clone();
+        check_address(&info.address)?;
+        let before = self.db.get::<Host>(&host_key(&name))?.map(|(host, _)| host.address);
         let updated = self.db.update(&host_key(&name), |host: &mut Host| {
             let maintenance = host.maintenance;
             *host = crate::wire::host_record(info);
@@ -244,7 +244,8 @@ impl Cluster {
             }
             Err(e) => return Err(e.into()),
         }
-        if self.hosts.get(&name).is_none() {
+        // Reached at a new address (or not registered on this replica yet): connect again.
+        if self.hosts.get(&name).is_none() || before.as_deref() != Some(info.address.as_str()) {
             if let Some((credential, _)) = self.db.get::<Credential>(&credential_key(&name))? {
                 self.connect(&name, &info.address, &credential.secret);
             }
@@ -258,7 +259,15 @@ impl Cluster {
         let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(lease) = leases.get(name) {
             match store.keep_alive(*lease) {
-                Ok(()) => return Ok(()),
+                // The key is put again with the lease: another replica's lease may hold it.
+                Ok(()) => {
+                    store.txn(&Txn::new().put_leased(
+                        &alive_key(name),
+                        now().to_string().as_bytes(),
+                        *lease,
+                    ))?;
+                    return Ok(());
+                }
                 Err(StoreError::LeaseExpired(_)) => {}
                 Err(e) => return Err(e.into()),
             }
@@ -312,6 +321,14 @@ impl Cluster {
         self.db.delete(&host_key(name))?;
         self.hosts.remove(name);
         Ok(())
+    }
+}
+
+/// Refuses an agent address that is not `IP:PORT` (it goes into every host's VXLAN peers).
+fn check_address(address: &str) -> Result<(), ClusterError> {
+    match address.parse::<std::net::SocketAddr>() {
+        Ok(_) => Ok(()),
+        Err(_) => Err(ClusterError::Refused(format!("'{}' is not IP:PORT", address.escape_default()))),
     }
 }
 

@@ -100,12 +100,14 @@ pub fn listen_ip(address: &str) -> String {
 /// new one traded for the join token.
 fn membership(data: &Path, control: &str, config: &AgentConfig, info: &HostInfo) -> Result<String> {
     let path = data.join("agent.json");
-    if let Ok(bytes) = std::fs::read(&path) {
-        let kept: Membership =
-            serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))?;
-        if kept.control == control && kept.name == config.name {
-            return Ok(kept.credential);
-        }
+    let kept = std::fs::read(&path)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<Membership>(&bytes).ok())
+        .filter(|kept| kept.control == control && kept.name == config.name);
+    // A token given wins (the host was removed and invited again); the kept credential is
+    // used without one.
+    if let (Some(kept), None) = (&kept, &config.join_token) {
+        return Ok(kept.credential.clone());
     }
     let Some(token) = &config.join_token else {
         bail!(

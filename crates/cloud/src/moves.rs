@@ -124,6 +124,13 @@ fn attempt(
     let moved = match source.send(instance, &incoming.to) {
         Ok(moved) => moved,
         Err(e) => {
+            // The answer may be what was lost (a dropped connection to the source's agent)
+            // while the migration went through: a guest the destination runs is not removed.
+            if let Ok(pid) = destination.arrived(&arriving, Duration::from_secs(2)) {
+                let note = format!("the source's answer was lost ({e}), but {to} runs the guest");
+                db.event(&instance.project, &instance.name, "info", note);
+                return Ok((pid, crate::agent::Moved { total_ms: 0.0, downtime_ms: 0.0, bytes: 0 }));
+            }
             // Its half-made copy goes; the guest never left.
             let _ = destination.remove(&arriving);
             return Err(Failure::SourceRuns(e.to_string()));
@@ -142,7 +149,14 @@ pub fn settle_interrupted(db: &Db, hosts: &Hosts) {
         let mut there = instance.clone();
         there.status.host = to.clone();
         there.status.pid = 0;
-        let arrived = hosts.get(&to).is_some_and(|agent| agent.arrived(&there, Duration::ZERO).is_ok());
+        let destination = hosts.get(&to);
+        let arrived = destination.as_ref().is_some_and(|agent| agent.arrived(&there, Duration::ZERO).is_ok());
+        if !arrived {
+            // A VMM left waiting there for a migration that will not come.
+            if let Some(agent) = &destination {
+                let _ = agent.remove(&there);
+            }
+        }
         let _ = db.update(&instance_key(&instance.project, &instance.name), |i: &mut Instance| {
             if arrived {
                 i.status.host = to.clone();

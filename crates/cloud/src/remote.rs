@@ -73,9 +73,11 @@ impl RemoteHost {
         loop {
             if !sent {
                 match self.agent.ensure(&order) {
-                    Ok(observed) if observed.generation > generation => {
-                        return Err(AgentError::Vmm(format!(
-                            "host {} holds a newer order for {} (generation {}): another control plane is driving it",
+                    // Another order took this generation first (a concurrent stop, another
+                    // replica): ours was ignored, and not carried out is not done.
+                    Ok(observed) if observed.generation > generation || observed.wanted != Some(wanted) => {
+                        return Err(AgentError::Io(format!(
+                            "host {} took another order for {} at generation {}; try again",
                             self.name, instance.name, observed.generation
                         )))
                     }
@@ -93,7 +95,8 @@ impl RemoteHost {
                         seen = seen.max(observed.last_seq);
                         // An agent forgets an instance once it is gone: absent is done.
                         let gone = wanted == Wanted::Absent && observed.phase == Phase::Absent;
-                        if gone || observed.settled_at(generation) {
+                        let ours = observed.wanted == Some(wanted);
+                        if gone || (ours && observed.settled_at(generation)) {
                             return Ok(observed);
                         }
                     }
@@ -324,11 +327,7 @@ impl HostAgent for RemoteHost {
                 Err(error) => return Err(self.error(error)),
             }
             if Instant::now() >= deadline {
-                return Err(AgentError::Io(format!(
-                    "the guest did not arrive on {} within {} s",
-                    self.name,
-                    limit.as_secs()
-                )));
+                return Err(AgentError::NotRunning);
             }
             std::thread::sleep(ARRIVAL_POLL);
         }

@@ -41,6 +41,9 @@ struct Record {
     started_at: u64,
     #[serde(default)]
     boot: Option<BootReport>,
+    /// A VMM waits here for the instance's migration (its disk is empty until it arrives).
+    #[serde(default)]
+    receiving: bool,
 }
 
 struct Slot {
@@ -58,6 +61,8 @@ pub struct AgentRuntime {
     slots: Mutex<HashMap<String, Slot>>,
     networks: Mutex<Vec<NetworkConfig>>,
     seq: AtomicU64,
+    /// Held across a record's snapshot, write and rename: writes never cross.
+    writing: Mutex<()>,
 }
 
 impl AgentRuntime {
@@ -77,6 +82,7 @@ impl AgentRuntime {
             slots: Mutex::default(),
             networks: Mutex::default(),
             seq: AtomicU64::new(start),
+            writing: Mutex::default(),
         });
         let networks: Vec<NetworkConfig> = std::fs::read(dir.join("networks.json"))
             .ok()
@@ -96,8 +102,22 @@ impl AgentRuntime {
                 eprintln!("stratus agent: ignoring unreadable record {}", path.display());
                 continue;
             };
-            // Work cut short by the restart is done again; a VMM that ran is looked for.
+            // Work cut short by the restart is done again; a VMM that ran is looked for. A
+            // migration that was arriving is not started from its empty disk: it arrived (its
+            // VMM runs the guest) or it failed.
             record.phase = match record.phase {
+                _ if record.receiving => {
+                    let instance = wire::instance_record(&record.order, record.pid, record.started_at);
+                    let arrived =
+                        record.pid != 0 && runtime.driver.arrived(&instance, Duration::ZERO).is_ok();
+                    record.receiving = false;
+                    if arrived {
+                        Phase::Running
+                    } else {
+                        record.message = "the migration was cut short by an agent restart".into();
+                        Phase::Failed
+                    }
+                }
                 Phase::Running | Phase::Starting if record.pid != 0 => {
                     let instance = wire::instance_record(&record.order, record.pid, record.started_at);
                     match runtime.driver.probe(&instance) {
@@ -143,6 +163,7 @@ impl AgentRuntime {
 
     /// Writes instance `id`'s record (or removes it once the instance is absent for good).
     fn persist(&self, id: &str) {
+        let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         let path = self.dir.join(format!("{id}.json"));
         let record = self.slots().get(id).map(|slot| slot.record.clone());
         match record {
@@ -197,10 +218,11 @@ impl AgentRuntime {
                     slot.busy = false;
                     let gone =
                         slot.record.phase == Phase::Absent && slot.record.order.wanted == Wanted::Absent;
-                    drop(slots);
                     if gone {
+                        // Forgotten under the same lock: a newer order cannot slip in between.
+                        slots.remove(id);
+                        drop(slots);
                         self.persist(id);
-                        self.slots().remove(id);
                     }
                     return;
                 }
@@ -426,6 +448,7 @@ impl Agent for RuntimeAgent {
                     pid: 0,
                     started_at: 0,
                     boot: None,
+                    receiving: false,
                 },
                 events: VecDeque::new(),
                 busy: false,
@@ -501,6 +524,7 @@ impl Agent for RuntimeAgent {
                         pid: 0,
                         started_at: 1,
                         boot: None,
+                        receiving: true,
                     },
                     events: VecDeque::new(),
                     busy: true,
@@ -517,15 +541,34 @@ impl Agent for RuntimeAgent {
                 return Err(wire_error(error));
             }
         };
+        if let Some(slot) = runtime.slots().get_mut(&order.id) {
+            slot.record.pid = incoming.pid;
+        }
         runtime.persist(&order.id);
         runtime.event(&order.id, "info", format!("waiting for the migration on {}", incoming.to));
         let (waiting, id, pid, order) = (Arc::clone(runtime), order.id.clone(), incoming.pid, order.clone());
         let _ = std::thread::Builder::new().name("arrival".into()).spawn(move || {
             let instance = wire::instance_record(&order, pid, 1);
-            let arrived = waiting.driver.arrived(&instance, Duration::from_secs(1800));
+            // Waited for in short steps: a newer order (a removal after a failed move) ends it.
+            let deadline = std::time::Instant::now() + Duration::from_secs(1800);
+            let current =
+                || waiting.slots().get(&id).is_some_and(|s| s.record.order.generation == order.generation);
+            let arrived = loop {
+                match waiting.driver.arrived(&instance, Duration::from_secs(1)) {
+                    Err(AgentError::NotRunning) if current() && std::time::Instant::now() < deadline => {}
+                    Err(AgentError::NotRunning) => {
+                        break Err(AgentError::Io("the migration never arrived".into()))
+                    }
+                    done => break done,
+                }
+            };
             if let Some(slot) = waiting.slots().get_mut(&id) {
                 slot.busy = false;
+                slot.record.receiving = false;
+                // A newer order (a removal after a failed move) is carried out instead.
+                let current = slot.record.order.generation == order.generation;
                 match &arrived {
+                    _ if !current => {}
                     Ok(pid) => {
                         slot.record.phase = Phase::Running;
                         slot.record.pid = *pid;
@@ -544,6 +587,8 @@ impl Agent for RuntimeAgent {
                 Ok(_) => waiting.event(&id, "info", "arrived by live migration; running here"),
                 Err(error) => waiting.event(&id, "error", format!("the migration did not arrive: {error}")),
             }
+            // Orders that came while it was busy are carried out now.
+            waiting.kick(&id);
         });
         Ok(Incoming { to: incoming.to, pid: incoming.pid })
     }
@@ -577,6 +622,7 @@ impl Agent for RuntimeAgent {
                 if let Some(slot) = runtime.slots().get_mut(id) {
                     slot.busy = false;
                 }
+                runtime.kick(id);
                 Err(wire_error(error))
             }
         }

@@ -89,6 +89,7 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
     let agent: Arc<dyn HostAgent> = Arc::new(local);
     let host = agent.host();
     db.put(&host_key(&host.name), &host)?;
+    adopt_renamed_host(&db, &host)?;
     let hosts = Arc::new(Hosts::with_local(&host.name, Arc::clone(&agent)));
     let cluster = Cluster::new(db.clone(), Arc::clone(&hosts));
     cluster.load()?;
@@ -98,18 +99,9 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
     let reconciler = Reconciler::new(db.clone(), Arc::clone(&hosts));
     let on_ready = config.on_ready.take();
     let token_for_ready = token.clone();
-    let state = Arc::new(AppState {
-        data_dir: data.clone(),
-        builder: config.image_builder.take(),
-        db,
-        hosts,
-        cluster,
-        reconciler: Arc::clone(&reconciler),
-        token,
-        stats: Default::default(),
-        execs: Arc::new(tokio::sync::Semaphore::new(crate::api::MAX_EXECS)),
-        admission: Default::default(),
-    });
+    let mut state = AppState::new(data.clone(), db, hosts, cluster, Arc::clone(&reconciler), token);
+    state.builder = config.image_builder.take();
+    let state = Arc::new(state);
     reconciler.spawn();
     spawn_warming(state.db.clone(), agent);
 
@@ -146,6 +138,34 @@ pub(crate) async fn stop_signal() {
 }
 
 /// One server per data directory: a second would run every instance twice.
+/// This machine's host recorded under another name (its hostname changed since): the
+/// instances placed there are this host's, under its name now. A host that joined (it has a
+/// credential) or never did (an invitation) is another machine and stays as it is.
+fn adopt_renamed_host(db: &Db, host: &crate::model::Host) -> Result<()> {
+    for old in db.list::<crate::model::Host>("/hosts/")? {
+        let joined = db.store().get(&format!("/host-credentials/{}", old.name))?.is_some();
+        let ours = old.address.is_empty() || old.address == host.address;
+        if old.name == host.name || joined || old.seen_at == 0 || !ours {
+            continue;
+        }
+        for instance in db.instances()?.into_iter().filter(|i| i.status.host == old.name) {
+            db.update(
+                &crate::db::instance_key(&instance.project, &instance.name),
+                |i: &mut crate::model::Instance| {
+                    i.status.host = host.name.clone();
+                    true
+                },
+            )?;
+        }
+        db.delete(&host_key(&old.name))?;
+        eprintln!(
+            "stratus serve: this host was called {} before; its instances are on {} now",
+            old.name, host.name
+        );
+    }
+    Ok(())
+}
+
 /// The store `spec` names: SQLite in `data` when none, or `etcd:ENDPOINTS`.
 pub fn open_store(spec: Option<&str>, data: &Path) -> Result<Arc<dyn stratus_store::Store>> {
     match spec {
@@ -198,6 +218,9 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("writing {}", path.display()))?;
+    // A file that was there already keeps its mode through open: tighten it too.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", path.display()))?;
     use std::io::Write;
     file.write_all(bytes)?;
     file.sync_all()?;

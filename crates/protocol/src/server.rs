@@ -122,21 +122,20 @@ async fn observe(
 }
 
 /// The order in a request's body, for the instance `id` of its path.
-fn order_for(id: &str, body: &[u8]) -> Result<InstanceOrder, Response> {
-    match serde_json::from_slice::<InstanceOrder>(body) {
-        Ok(order) if order.id == id => match crate::check_id(&order.id) {
-            Ok(()) => Ok(order),
-            Err(error) => Err(failure(error)),
-        },
-        Ok(_) => Err(failure(AgentError::Refused("the order's id is not the one in the path".into()))),
-        Err(e) => Err(failure(AgentError::Refused(format!("bad order: {e}")))),
+fn order_for(id: &str, body: &[u8]) -> Result<InstanceOrder, AgentError> {
+    let order = serde_json::from_slice::<InstanceOrder>(body)
+        .map_err(|e| AgentError::Refused(format!("bad order: {e}")))?;
+    if order.id != id {
+        return Err(AgentError::Refused("the order's id is not the one in the path".into()));
     }
+    crate::check_id(&order.id)?;
+    Ok(order)
 }
 
 async fn ensure(State(state): State<Shared>, Path(id): Path<String>, body: axum::body::Bytes) -> Response {
     match order_for(&id, &body) {
         Ok(order) => blocking(state, move |agent| agent.ensure(&order)).await,
-        Err(refused) => refused,
+        Err(refused) => failure(refused),
     }
 }
 
@@ -164,7 +163,7 @@ async fn metrics(State(state): State<Shared>, Path(id): Path<String>) -> Respons
 async fn receive(State(state): State<Shared>, Path(id): Path<String>, body: axum::body::Bytes) -> Response {
     match order_for(&id, &body) {
         Ok(order) => blocking(state, move |agent| agent.receive(&order)).await,
-        Err(refused) => refused,
+        Err(refused) => failure(refused),
     }
 }
 

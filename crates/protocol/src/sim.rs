@@ -30,7 +30,13 @@ struct SimState {
     next_pid: u32,
 }
 
+/// Migrations sent by one simulated host and not yet taken by the one waiting for them (by
+/// their `to`): a received instance runs only once its migration was sent.
+static DELIVERED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
 struct SimInstance {
+    /// For a received instance: where its migration is to arrive.
+    incoming: Option<String>,
     order: InstanceOrder,
     phase: Phase,
     message: String,
@@ -47,7 +53,8 @@ impl SimAgent {
         SimAgent {
             info: HostInfo {
                 name: name.to_string(),
-                address: format!("sim:{name}"),
+                // A documentation address (TEST-NET-1) of its own per name.
+                address: format!("192.0.2.{}:7441", 1 + name.bytes().map(u32::from).sum::<u32>() % 250),
                 cpus,
                 memory_mib,
                 allocatable_mib: memory_mib.saturating_sub(1024),
@@ -136,11 +143,20 @@ impl SimState {
     fn advance(&mut self) {
         let now = Instant::now();
         let mut seqs = Vec::new();
+        let mut delivered = DELIVERED.lock().unwrap_or_else(|p| p.into_inner());
         for instance in self.instances.values_mut() {
+            if let Some(to) = &instance.incoming {
+                if let Some(at) = delivered.iter().position(|d| d == to) {
+                    delivered.remove(at);
+                    instance.incoming = None;
+                    instance.ready_at = Some(now);
+                }
+            }
             if instance.phase == Phase::Starting && instance.ready_at.is_some_and(|at| at <= now) {
                 seqs.push(instance.order.id.clone());
             }
         }
+        drop(delivered);
         for id in seqs {
             let seq = self.seq();
             let pid = self.next_pid;
@@ -204,6 +220,7 @@ impl Agent for SimAgent {
             None
         };
         let instance = state.instances.entry(order.id.clone()).or_insert_with(|| SimInstance {
+            incoming: None,
             order: order.clone(),
             phase: Phase::Absent,
             message: String::new(),
@@ -274,20 +291,21 @@ impl Agent for SimAgent {
             return Err(AgentError::Failed(format!("instance {} is here already", order.name)));
         }
         let seq = state.seq();
-        let delay = state.boot_delay;
+        let to = format!("tcp:{}:4000", self.info.name);
         let mut instance = SimInstance {
+            incoming: Some(format!("{to}/{}", order.id)),
             order: order.clone(),
             phase: Phase::Starting,
             message: String::new(),
             clean: false,
             pid: 0,
-            ready_at: Some(Instant::now() + delay),
+            ready_at: None,
             boot: None,
             events: Vec::new(),
         };
         instance.event(seq, "info", "waiting for the migration (simulated)");
         state.instances.insert(order.id.clone(), instance);
-        Ok(Incoming { to: format!("tcp:{}:4000", self.info.name), pid: 0 })
+        Ok(Incoming { to, pid: 0 })
     }
 
     fn send(&self, id: &str, to: &str) -> Result<MoveReport, AgentError> {
@@ -300,6 +318,7 @@ impl Agent for SimAgent {
             return Err(AgentError::Failed(format!("migrating to {to}: {message}")));
         }
         state.instances.remove(id);
+        DELIVERED.lock().unwrap_or_else(|p| p.into_inner()).push(format!("{to}/{id}"));
         Ok(MoveReport { total_ms: 1.0, downtime_ms: 0.1, bytes: 0 })
     }
 

@@ -146,7 +146,15 @@ impl Client {
             let endpoint = &self.config.endpoints[index];
             let body = body.to_string();
             let failure = match Exchange::post(endpoint, path, &body, self.config.connect_timeout) {
-                Err(error) => Failure::Retry(format!("{endpoint}: {error}")),
+                // Nothing reached etcd: any request may go to the next member.
+                Err(PostError::Connect(error)) => Failure::Retry(format!("{endpoint}: {error}")),
+                Err(PostError::Exchange(error)) if read_only => {
+                    Failure::Retry(format!("{endpoint}: {error}"))
+                }
+                // Sent, then lost: etcd may have applied it. Never sent twice.
+                Err(PostError::Exchange(error)) => Failure::Final(StoreError::Backend(format!(
+                    "{endpoint}: {error} (the write may or may not have been applied)"
+                ))),
                 Ok(mut exchange) => match exchange.whole_body(deadline) {
                     Ok(text) => {
                         // The gateway may put its gRPC trailer after the JSON: take the first value.
@@ -481,6 +489,23 @@ fn watch_ended(result: &Value, after: Revision) -> Option<StoreError> {
     Some(StoreError::Backend(format!("etcd cancelled the watch: {reason}")))
 }
 
+/// Why a `POST` did not get its answer's head.
+enum PostError {
+    /// No connection: the request was not sent.
+    Connect(std::io::Error),
+    /// Connected, and the request may have been sent.
+    Exchange(std::io::Error),
+}
+
+impl std::fmt::Display for PostError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PostError::Connect(error) => write!(f, "connecting: {error}"),
+            PostError::Exchange(error) => write!(f, "{error}"),
+        }
+    }
+}
+
 /// One HTTP/1.1 `POST` on a connection of its own (`Connection: close`): the gateway's answers
 /// are chunked, and a watch's answer is a stream of newline-separated JSON messages that lasts
 /// as long as the watch. (A general HTTP client stumbled over the gateway's chunk trailers.)
@@ -500,13 +525,32 @@ struct Exchange {
 impl Exchange {
     /// Connects to `endpoint`, sends the request and reads the answer's head. A connection
     /// failure is an error of kind `ConnectionRefused`/`TimedOut` before anything was sent.
-    fn post(endpoint: &str, path: &str, body: &str, connect_timeout: Duration) -> std::io::Result<Exchange> {
+    fn post(
+        endpoint: &str,
+        path: &str,
+        body: &str,
+        connect_timeout: Duration,
+    ) -> Result<Exchange, PostError> {
         let address = endpoint.trim_start_matches("http://");
-        let target = address
-            .to_socket_addrs()?
-            .next()
-            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))?;
-        let mut socket = TcpStream::connect_timeout(&target, connect_timeout)?;
+        let connect = || -> std::io::Result<TcpStream> {
+            let target = address
+                .to_socket_addrs()?
+                .next()
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))?;
+            TcpStream::connect_timeout(&target, connect_timeout)
+        };
+        let socket = connect().map_err(PostError::Connect)?;
+        Exchange::send(socket, address, path, body, connect_timeout).map_err(PostError::Exchange)
+    }
+
+    /// Sends the request on a connected `socket` and reads the answer's head.
+    fn send(
+        mut socket: TcpStream,
+        address: &str,
+        path: &str,
+        body: &str,
+        connect_timeout: Duration,
+    ) -> std::io::Result<Exchange> {
         socket.set_nodelay(true)?;
         socket.set_read_timeout(Some(connect_timeout.max(Duration::from_secs(5))))?;
         // `Grpc-Metadata-hasleader` is etcd's require-leader option: a member that has lost
