@@ -327,15 +327,11 @@ async fn authenticate(
     match from_header.or(from_query) {
         None => ApiError::new(StatusCode::UNAUTHORIZED, "missing token: send Authorization: Bearer TOKEN")
             .into_response(),
-        Some(token) if !constant_time_eq(token.as_bytes(), state.token.as_bytes()) => {
+        Some(token) if !stratus_protocol::constant_time_eq(token.as_bytes(), state.token.as_bytes()) => {
             ApiError::new(StatusCode::UNAUTHORIZED, "wrong token").into_response()
         }
         Some(_) => next.run(request).await,
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// A new random id (hex).
@@ -434,10 +430,7 @@ pub fn allocation(instances: &[Instance]) -> (u64, u32, u32) {
 /// The name of the host `instance` is placed on ("" in records from before hosts were named:
 /// this machine's own host).
 fn placed_on<'a>(state: &'a AppState, instance: &'a Instance) -> &'a str {
-    match instance.status.host.as_str() {
-        "" => state.hosts.local_name().unwrap_or(""),
-        host => host,
-    }
+    state.hosts.resolve(&instance.status.host)
 }
 
 /// The agent of the host `instance` is placed on.

@@ -176,7 +176,7 @@ impl Cluster {
         let Some((stored, revision)) = self.db.get::<JoinToken>(&token_key(id))? else {
             return Err(refused("unknown or already used token"));
         };
-        if !constant_time_eq(stored.secret.as_bytes(), secret.as_bytes()) {
+        if !stratus_protocol::constant_time_eq(stored.secret.as_bytes(), secret.as_bytes()) {
             return Err(refused("unknown or already used token"));
         }
         if stored.host != info.name {
@@ -218,7 +218,9 @@ impl Cluster {
     /// Whether `secret` is host `name`'s credential.
     pub fn authenticate(&self, name: &str, secret: &str) -> Result<(), ClusterError> {
         match self.db.get::<Credential>(&credential_key(name))? {
-            Some((credential, _)) if constant_time_eq(credential.secret.as_bytes(), secret.as_bytes()) => {
+            Some((credential, _))
+                if stratus_protocol::constant_time_eq(credential.secret.as_bytes(), secret.as_bytes()) =>
+            {
                 Ok(())
             }
             _ => Err(ClusterError::Refused(format!("wrong credential for host '{name}'"))),
@@ -330,8 +332,4 @@ fn check_address(address: &str) -> Result<(), ClusterError> {
         Ok(_) => Ok(()),
         Err(_) => Err(ClusterError::Refused(format!("'{}' is not IP:PORT", address.escape_default()))),
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

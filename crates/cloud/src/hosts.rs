@@ -37,10 +37,18 @@ impl Hosts {
         self.agents.write().unwrap_or_else(|p| p.into_inner()).remove(name);
     }
 
-    /// The agent of host `name`; "" (records from before hosts were named) is the local host.
+    /// The host an instance record names: "" (records from before hosts were named) is this
+    /// machine's own host.
+    pub fn resolve<'a>(&'a self, name: &'a str) -> &'a str {
+        match name {
+            "" => self.local.as_deref().unwrap_or(""),
+            name => name,
+        }
+    }
+
+    /// The agent of host `name` (see [`Hosts::resolve`]).
     pub fn get(&self, name: &str) -> Option<Arc<dyn HostAgent>> {
-        let name = if name.is_empty() { self.local.as_deref()? } else { name };
-        self.agents.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+        self.agents.read().unwrap_or_else(|p| p.into_inner()).get(self.resolve(name)).cloned()
     }
 
     /// The name of the host this control plane runs on, if it is one.
@@ -55,7 +63,7 @@ impl Hosts {
 
     /// Whether `name` is this machine's own host.
     pub fn is_local(&self, name: &str) -> bool {
-        self.local.as_deref() == Some(name) || (name.is_empty() && self.local.is_some())
+        self.local.is_some() && self.local.as_deref() == Some(self.resolve(name))
     }
 
     /// Every host with its agent, by name.

@@ -189,10 +189,7 @@ impl Reconciler {
 
     fn start(&self, instance: Instance) {
         let first = instance.status.state == InstanceState::Pending;
-        let host = match instance.status.host.as_str() {
-            "" => self.hosts.local_name().unwrap_or_default().to_owned(),
-            placed => placed.to_owned(),
-        };
+        let host = self.hosts.resolve(&instance.status.host).to_owned();
         let mut wanted = false;
         let Some(instance) = self.update(&instance, |i| {
             // A stop or delete that came after this work was handed out wins.

@@ -357,6 +357,11 @@ pub trait Agent: Send + Sync {
     fn send(&self, id: &str, to: &str) -> Result<MoveReport, AgentError>;
 }
 
+/// Compares two secrets in time that does not depend on where they differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// Checks an instance id from a request: 1-64 hex digits (it names a directory and a tap).
 pub fn check_id(id: &str) -> Result<(), AgentError> {
     if (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_hexdigit()) {

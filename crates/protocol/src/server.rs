@@ -58,10 +58,8 @@ async fn check_caller(
 ) -> Response {
     let token =
         headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    let right = token.is_some_and(|token| {
-        token.len() == state.credential.len()
-            && token.bytes().zip(state.credential.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
-    });
+    let right =
+        token.is_some_and(|token| crate::constant_time_eq(token.as_bytes(), state.credential.as_bytes()));
     if !right {
         let mut response = failure(AgentError::Refused("wrong or missing host credential".into()));
         *response.status_mut() = StatusCode::UNAUTHORIZED;
