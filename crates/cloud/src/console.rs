@@ -43,6 +43,16 @@ pub async fn console(
             ),
         );
     };
+    if !state.hosts.is_local(&instance.status.host) {
+        // Its console socket is on that machine; the agent protocol does not carry it yet.
+        return crate::api::error(
+            axum::http::StatusCode::NOT_IMPLEMENTED,
+            format!(
+                "instance '{name}' runs on host '{}': consoles of other hosts are not proxied yet (exec is: `stratus exec {name} -- ...`)",
+                instance.status.host
+            ),
+        );
+    }
     let path = agent.console_socket(&instance);
     let stream = match stratus_unix::connect(&path)
         .and_then(|s| s.set_nonblocking(true).map(|()| s))

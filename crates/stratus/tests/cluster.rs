@@ -166,6 +166,9 @@ fn a_three_host_lab_launches_moves_and_survives_faults() {
     let list = lab.ok(&["list"]);
     assert!(list.contains("HOST") && list.lines().any(|l| l.contains("a1") && l.contains("h2")), "{list}");
     assert!(lab.ok(&["exec", "a1", "--", "hostname"]).contains("a1"));
+    // The console of another host's instance is refused in one line, pointing at exec.
+    let console = lab.cli(&["console", "a2"]);
+    assert!(console.code != Some(0) && console.stderr.contains("not proxied yet"), "{console:?}");
     let ip1 = a1["status"]["ip"].as_str().unwrap().to_owned();
     let ip2 = a2["status"]["ip"].as_str().unwrap().to_owned();
 
