@@ -420,9 +420,9 @@ async fn get_instance(State(state): State<Shared>, Name(name): Name) -> ApiResul
 }
 
 /// Memory and vCPUs given to instances that are meant to exist.
-pub fn allocation(instances: &[Instance]) -> (u64, u32, u32) {
+pub fn allocation<'a>(instances: impl IntoIterator<Item = &'a Instance>) -> (u64, u32, u32) {
     instances
-        .iter()
+        .into_iter()
         .filter(|i| i.desired == Desired::Running)
         .fold((0, 0, 0), |(m, c, n), i| (m + i.spec.memory_mib, c + i.spec.cpus, n + 1))
 }
@@ -492,9 +492,7 @@ pub fn host_views(state: &AppState) -> ApiResult<Vec<Host>> {
         }
     }
     for host in &mut hosts {
-        let placed: Vec<Instance> =
-            instances.iter().filter(|i| placed_on(state, i) == host.name).cloned().collect();
-        let (memory, cpus, count) = allocation(&placed);
+        let (memory, cpus, count) = allocation(instances.iter().filter(|i| placed_on(state, i) == host.name));
         host.allocated_mib = memory;
         host.allocated_cpus = cpus;
         host.instances = count;
@@ -545,15 +543,15 @@ fn request_running(
     request_change(state, name, kind, change)
 }
 
-/// Chooses the host for a new instance of `memory_mib` (on `only`, if given), with the reasons.
+/// Chooses among `hosts` (from [`host_views`]) the host for a new instance of `memory_mib`
+/// (on `only`, if given), with the reasons.
 fn place(
-    state: &AppState,
+    hosts: &[Host],
     memory_mib: u64,
     policy: Policy,
     only: Option<&str>,
 ) -> ApiResult<scheduler::Decision> {
-    let hosts = host_views(state)?;
-    if let ([host], None) = (hosts.as_slice(), only) {
+    if let ([host], None) = (hosts, only) {
         // One host: the refusal says what is free there, as it always has.
         check_free_memory(host, memory_mib)?;
     }
@@ -606,8 +604,10 @@ async fn launch(
         .db
         .network(DEFAULT_PROJECT, &req.network)?
         .ok_or_else(|| ApiError::unprocessable(format!("network '{}' not found", req.network)))?;
-    let largest = host_views(&state)?.into_iter().max_by_key(|h| h.memory_mib);
-    if let Some(host) = largest.filter(|h| req.memory_mib > h.memory_mib) {
+    // From the check of free memory to the record that claims it, no other claim runs.
+    let _admitted = state.admission.lock().unwrap_or_else(|p| p.into_inner());
+    let hosts = host_views(&state)?;
+    if let Some(host) = hosts.iter().max_by_key(|h| h.memory_mib).filter(|h| req.memory_mib > h.memory_mib) {
         return Err(ApiError::unprocessable(format!(
             "memory of {} MiB is more than host {} has ({} MiB)",
             req.memory_mib, host.name, host.memory_mib
@@ -616,9 +616,7 @@ async fn launch(
     if let Some(host) = &req.host {
         check_name("host", host).map_err(ApiError::bad_request)?;
     }
-    // From the check of free memory to the record that claims it, no other claim runs.
-    let _admitted = state.admission.lock().unwrap_or_else(|p| p.into_inner());
-    let placement = place(&state, req.memory_mib, req.placement, req.host.as_deref())?;
+    let placement = place(&hosts, req.memory_mib, req.placement, req.host.as_deref())?;
     if state.db.instance(DEFAULT_PROJECT, &req.name)?.is_some() {
         return Err(ApiError::conflict(format!("instance '{}' already exists", req.name)));
     }

@@ -172,6 +172,21 @@ impl SimState {
 }
 
 impl SimInstance {
+    /// An instance of `order`, in `phase`, awaiting its migration at `incoming` if given.
+    fn new(order: &InstanceOrder, phase: Phase, incoming: Option<String>) -> SimInstance {
+        SimInstance {
+            incoming,
+            order: order.clone(),
+            phase,
+            message: String::new(),
+            clean: false,
+            pid: 0,
+            ready_at: None,
+            boot: None,
+            events: Vec::new(),
+        }
+    }
+
     fn event(&mut self, seq: u64, level: &str, message: &str) {
         self.events.push(AgentEvent { seq, level: level.to_string(), message: message.to_string() });
     }
@@ -219,17 +234,10 @@ impl Agent for SimAgent {
         } else {
             None
         };
-        let instance = state.instances.entry(order.id.clone()).or_insert_with(|| SimInstance {
-            incoming: None,
-            order: order.clone(),
-            phase: Phase::Absent,
-            message: String::new(),
-            clean: false,
-            pid: 0,
-            ready_at: None,
-            boot: None,
-            events: Vec::new(),
-        });
+        let instance = state
+            .instances
+            .entry(order.id.clone())
+            .or_insert_with(|| SimInstance::new(order, Phase::Absent, None));
         instance.order = order.clone();
         match (order.wanted, instance.phase) {
             (Wanted::Running, Phase::Running) => {}
@@ -292,17 +300,7 @@ impl Agent for SimAgent {
         }
         let seq = state.seq();
         let to = format!("tcp:{}:4000", self.info.name);
-        let mut instance = SimInstance {
-            incoming: Some(format!("{to}/{}", order.id)),
-            order: order.clone(),
-            phase: Phase::Starting,
-            message: String::new(),
-            clean: false,
-            pid: 0,
-            ready_at: None,
-            boot: None,
-            events: Vec::new(),
-        };
+        let mut instance = SimInstance::new(order, Phase::Starting, Some(format!("{to}/{}", order.id)));
         instance.event(seq, "info", "waiting for the migration (simulated)");
         state.instances.insert(order.id.clone(), instance);
         Ok(Incoming { to, pid: 0 })
