@@ -42,6 +42,8 @@ pub struct AppState {
     pub cluster: crate::cluster::Cluster,
     /// The reconciler, woken after each change.
     pub reconciler: Arc<Reconciler>,
+    /// Hands hosts the networks (woken when a host or network comes or goes).
+    pub networks: Arc<crate::netsync::NetworkSync>,
     /// The bearer token.
     pub token: String,
     /// Request counters for /metrics.
@@ -69,6 +71,7 @@ impl AppState {
         AppState {
             data_dir,
             builder: None,
+            networks: crate::netsync::NetworkSync::new(db.clone(), Arc::clone(&hosts)),
             db,
             hosts,
             cluster,
@@ -441,41 +444,6 @@ fn agent_of(state: &AppState, instance: &Instance) -> ApiResult<Arc<dyn HostAgen
             instance.name, instance.status.host
         ))
     })
-}
-
-/// Every network, with the underlay addresses of the hosts its VXLAN joins (all hosts that
-/// have one, when there is more than one): what each host is to build.
-pub fn networks_with_peers(db: &Db) -> Result<Vec<Network>, DbError> {
-    let hosts: Vec<Host> = db.list("/hosts/")?;
-    let mut peers: Vec<String> =
-        hosts.iter().filter(|h| !h.address.is_empty()).map(|h| crate::hostd::listen_ip(&h.address)).collect();
-    peers.sort();
-    peers.dedup();
-    if peers.len() < 2 {
-        peers.clear();
-    }
-    let mut networks: Vec<Network> = db.list("/networks/")?;
-    for network in &mut networks {
-        network.peers = peers.clone();
-    }
-    Ok(networks)
-}
-
-/// Hands every host the networks as they are now (after a host joined or left, or a network
-/// came or went), each failure an event.
-pub fn push_networks(db: &Db, hosts: &Hosts) {
-    let networks = match networks_with_peers(db) {
-        Ok(networks) => networks,
-        Err(e) => {
-            db.event(DEFAULT_PROJECT, "", "error", format!("reading networks: {e}"));
-            return;
-        }
-    };
-    for (name, agent) in hosts.all() {
-        if let Err(e) = agent.prepare_networks(&networks) {
-            db.event(DEFAULT_PROJECT, "", "error", format!("host {name}: setting up its networks: {e}"));
-        }
-    }
 }
 
 /// Every host as the API shows it and the scheduler weighs it: its record, whether it is
@@ -1352,15 +1320,13 @@ async fn create_network(
         peers: Vec::new(),
     };
     state.db.create(&network_key(DEFAULT_PROJECT, &network.name), &network)?;
-    let all = networks_with_peers(&state.db)?;
-    let hosts = state.hosts.all();
-    let prepared = tokio::task::spawn_blocking(move || {
-        hosts.iter().try_for_each(|(name, agent)| {
-            agent.prepare_networks(&all).map_err(|e| format!("on host {name}: {e}"))
-        })
+    let sync = Arc::clone(&state.networks);
+    let prepared = tokio::task::spawn_blocking(move || match sync.pass() {
+        failures if failures.is_empty() => Ok(()),
+        failures => Err(failures.join("; ")),
     })
     .await;
-    if let Err(e) = prepared.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+    if let Err(e) = prepared.map_err(|e| e.to_string()).and_then(|r| r) {
         let _ = state.db.delete(&network_key(DEFAULT_PROJECT, &network.name));
         return Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -1392,7 +1358,7 @@ async fn delete_network(State(state): State<Shared>, Name(name): Name) -> ApiRes
     let network = state.db.network(DEFAULT_PROJECT, &name)?;
     state.db.delete(&network_key(DEFAULT_PROJECT, &name))?;
     if let Some(network) = network {
-        let remaining = networks_with_peers(&state.db)?;
+        let remaining = crate::netsync::networks_with_peers(&state.db)?;
         let hosts = state.hosts.all();
         let removed = tokio::task::spawn_blocking(move || {
             hosts.iter().try_for_each(|(host, agent)| {
@@ -1404,6 +1370,7 @@ async fn delete_network(State(state): State<Shared>, Name(name): Name) -> ApiRes
             state.db.event(DEFAULT_PROJECT, "", "error", format!("network {name}: removing its bridge: {e}"));
         }
     }
+    state.networks.wake();
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1480,7 +1447,8 @@ async fn remove_host(State(state): State<Shared>, Name(name): Name) -> ApiResult
     let name2 = name.clone();
     tokio::task::spawn_blocking(move || {
         cluster_state.cluster.remove(&name2)?;
-        push_networks(&cluster_state.db, &cluster_state.hosts);
+        cluster_state.networks.forget(&name2);
+        cluster_state.networks.wake();
         Ok::<(), crate::cluster::ClusterError>(())
     })
     .await
@@ -1523,8 +1491,8 @@ async fn agent_join(
         ),
     );
     // Its networks, and every other host's VXLANs to it.
-    let (db, hosts) = (state.db.clone(), Arc::clone(&state.hosts));
-    let _ = std::thread::Builder::new().name("networks".into()).spawn(move || push_networks(&db, &hosts));
+    state.networks.forget(&req.host.name);
+    state.networks.wake();
     state.reconciler.wake();
     Ok(Json(JoinAnswer { credential, protocol: stratus_protocol::PROTOCOL_VERSION }))
 }

@@ -82,6 +82,11 @@ pub struct Invitation {
     pub expires_at: u64,
 }
 
+/// Whether host `name`'s liveness key exists in `db` (its lease has not expired).
+pub fn host_online(db: &Db, name: &str) -> bool {
+    matches!(db.store().get(&alive_key(name)), Ok(Some(_)))
+}
+
 /// The membership of the cluster: tokens, credentials, heartbeats.
 pub struct Cluster {
     db: Db,
@@ -282,7 +287,7 @@ impl Cluster {
 
     /// Whether host `name`'s liveness key exists (its lease has not expired).
     pub fn is_online(&self, name: &str) -> bool {
-        matches!(self.db.store().get(&alive_key(name)), Ok(Some(_)))
+        host_online(&self.db, name)
     }
 
     /// Removes host `name` from the cluster: refused while instances are placed there.

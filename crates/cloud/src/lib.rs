@@ -17,6 +17,7 @@ pub mod image;
 pub mod metrics;
 pub mod model;
 pub mod moves;
+pub mod netsync;
 pub mod network;
 pub mod openapi;
 pub mod reconciler;

@@ -101,7 +101,7 @@ fn attempt(
         .image(&instance.project, &instance.spec.image)
         .map_err(|e| Failure::SourceRuns(e.to_string()))?
         .ok_or_else(|| Failure::SourceRuns(format!("image '{}' no longer exists", instance.spec.image)))?;
-    let network = crate::api::networks_with_peers(db)
+    let network = crate::netsync::networks_with_peers(db)
         .map_err(|e| Failure::SourceRuns(e.to_string()))?
         .into_iter()
         .find(|n| n.name == instance.spec.network)

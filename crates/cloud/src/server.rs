@@ -93,7 +93,7 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
     let hosts = Arc::new(Hosts::with_local(&host.name, Arc::clone(&agent)));
     let cluster = Cluster::new(db.clone(), Arc::clone(&hosts));
     cluster.load()?;
-    let networks = crate::api::networks_with_peers(&db)?;
+    let networks = crate::netsync::networks_with_peers(&db)?;
     prepare_networks(agent.as_ref(), &networks)?;
     crate::moves::settle_interrupted(&db, &hosts);
     let reconciler = Reconciler::new(db.clone(), Arc::clone(&hosts));
@@ -103,6 +103,7 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
     state.builder = config.image_builder.take();
     let state = Arc::new(state);
     reconciler.spawn();
+    state.networks.spawn();
     spawn_warming(state.db.clone(), agent);
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

@@ -47,6 +47,7 @@ on_both_stores!(
     join_tokens_are_single_use_expiring_and_for_one_host,
     launches_spread_over_hosts_and_say_why,
     a_silent_host_goes_offline_and_takes_no_launches,
+    every_host_gets_every_peer_and_one_away_gets_them_on_return,
     failures_on_a_host_are_retried_and_crashes_restarted,
     hosts_with_instances_cannot_be_removed,
     moves_change_the_host_only_once_the_destination_runs_it,
@@ -128,6 +129,7 @@ impl SimCloud {
             token.clone(),
         ));
         reconciler.spawn();
+        state.networks.spawn();
         let router = api::router(Arc::clone(&state));
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -321,6 +323,44 @@ fn a_silent_host_goes_offline_and_takes_no_launches(backend: Backend) {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(cloud.sim("h2").running(), 1, "nothing was duplicated meanwhile: {web:?}");
+}
+
+/// The underlay addresses each network on host `name` joins, once every network has them all
+/// from `hosts` (waits up to ten seconds for it).
+fn wait_peers(cloud: &SimCloud, name: &str, hosts: &[&str]) {
+    let records = cloud.hosts();
+    let address = |h: &str| records.iter().find(|r| r.name == h).unwrap().address.clone();
+    let mut wanted: Vec<String> =
+        hosts.iter().map(|h| address(h).split(':').next().unwrap().to_owned()).collect();
+    wanted.sort();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let networks = cloud.sim(name).networks();
+        if !networks.is_empty() && networks.iter().all(|n| n.peers == wanted) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} never got peers {wanted:?}: {networks:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn every_host_gets_every_peer_and_one_away_gets_them_on_return(backend: Backend) {
+    // Three joins back to back: each host's VXLAN must end up with all three.
+    let Some(mut cloud) = SimCloud::new("peers", backend, &[("h1", 4096), ("h2", 4096), ("h3", 4096)]) else {
+        return;
+    };
+    for host in ["h1", "h2", "h3"] {
+        wait_peers(&cloud, host, &["h1", "h2", "h3"]);
+    }
+    // A host away while another joins gets the new peer when it answers again.
+    cloud.sim("h3").set_unreachable(true);
+    cloud.join("h4", 4096);
+    for host in ["h1", "h2", "h4"] {
+        wait_peers(&cloud, host, &["h1", "h2", "h3", "h4"]);
+    }
+    assert_eq!(cloud.sim("h3").networks()[0].peers.len(), 3, "h3 was unreachable");
+    cloud.sim("h3").set_unreachable(false);
+    wait_peers(&cloud, "h3", &["h1", "h2", "h3", "h4"]);
 }
 
 fn failures_on_a_host_are_retried_and_crashes_restarted(backend: Backend) {

@@ -95,6 +95,22 @@ impl Lab {
                 "--- {host} {file}:\n{}\n",
                 tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             ));
+            // Where its VXLAN floods to and what it has learnt: a missing peer shows here.
+            let fdb = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &format!("stratus-lab-{host}"),
+                    "bridge",
+                    "fdb",
+                    "show",
+                    "dev",
+                    "stratus0vx",
+                ])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            text.push_str(&format!("--- {host} bridge fdb of stratus0vx:\n{fdb}"));
         }
         text
     }
