@@ -44,6 +44,8 @@ pub struct AppState {
     pub reconciler: Arc<Reconciler>,
     /// Hands hosts the networks (woken when a host or network comes or goes).
     pub networks: Arc<crate::netsync::NetworkSync>,
+    /// This replica's part in the control plane's election (the sole replica by default).
+    pub leadership: Arc<crate::leader::Leadership>,
     /// The bearer token.
     pub token: String,
     /// Request counters for /metrics.
@@ -72,6 +74,7 @@ impl AppState {
             data_dir,
             builder: None,
             networks: crate::netsync::NetworkSync::new(db.clone(), Arc::clone(&hosts)),
+            leadership: crate::leader::Leadership::sole(""),
             db,
             hosts,
             cluster,
@@ -244,6 +247,7 @@ pub fn router(state: Shared) -> Router {
         .route("/networks/{name}", get(get_network).delete(delete_network))
         .route("/hosts", get(list_hosts).post(add_host))
         .route("/hosts/{name}", get(get_host).delete(remove_host))
+        .route("/control", get(get_control))
         .route("/operations/{id}", get(get_operation))
         .route("/operations/{id}/wait", get(wait_operation))
         .route("/events", get(list_events))
@@ -1372,6 +1376,29 @@ async fn delete_network(State(state): State<Shared>, Name(name): Name) -> ApiRes
     }
     state.networks.wake();
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /v1/control`: which replica answered, and which leads.
+#[derive(Serialize)]
+struct ControlView {
+    /// The replica that answered this request.
+    replica: String,
+    /// The replica that leads (runs the reconcilers), empty while none does.
+    leader: String,
+    /// Whether the replica that answered leads.
+    leading: bool,
+}
+
+async fn get_control(State(state): State<Shared>) -> ApiResult<Json<ControlView>> {
+    let leadership = Arc::clone(&state.leadership);
+    let leader = tokio::task::spawn_blocking(move || leadership.leader())
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(ControlView {
+        replica: state.leadership.name().to_string(),
+        leader: leader.unwrap_or_default(),
+        leading: state.leadership.is_leader(),
+    }))
 }
 
 async fn list_hosts(State(state): State<Shared>) -> ApiResult<Json<Vec<Host>>> {

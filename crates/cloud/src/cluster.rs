@@ -109,14 +109,24 @@ impl Cluster {
         self
     }
 
-    /// Registers the agent of every host that has joined (at start).
-    pub fn load(&self) -> Result<(), ClusterError> {
-        for host in self.db.list::<Host>("/hosts/")? {
-            if self.hosts.is_local(&host.name) || host.address.is_empty() {
+    /// Registers the agent of every host that has joined and is not registered yet, and
+    /// forgets hosts removed from the cluster (at start, and as other replicas change it).
+    pub fn refresh(&self) -> Result<(), ClusterError> {
+        let joined = self.db.list::<Host>("/hosts/")?;
+        for host in &joined {
+            if self.hosts.is_local(&host.name)
+                || host.address.is_empty()
+                || self.hosts.get(&host.name).is_some()
+            {
                 continue;
             }
             if let Some((credential, _)) = self.db.get::<Credential>(&credential_key(&host.name))? {
                 self.connect(&host.name, &host.address, &credential.secret);
+            }
+        }
+        for (name, _) in self.hosts.all() {
+            if !self.hosts.is_local(&name) && !joined.iter().any(|h| h.name == name) {
+                self.hosts.remove(&name);
             }
         }
         Ok(())

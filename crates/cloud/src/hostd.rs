@@ -22,7 +22,7 @@ pub const AGENT_PORT: u16 = 7441;
 
 /// How `stratus agent` runs.
 pub struct AgentConfig {
-    /// The control plane's URL, `http://HOST:PORT`.
+    /// The control plane's URL, `http://HOST:PORT`, or its replicas' URLs separated by commas.
     pub control: String,
     /// The join token from `stratus host add`; not needed once joined.
     pub join_token: Option<String>,
@@ -36,6 +36,9 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     /// The `stratus` binary that runs `stratus vmm`.
     pub vmm_binary: PathBuf,
+    /// `Some(boot)`: a simulated host (no VMM runs; guests are running `boot` after their
+    /// order), for tests and scale runs of the control plane over real processes.
+    pub simulate: Option<Duration>,
 }
 
 /// What the agent keeps of its membership.
@@ -61,11 +64,26 @@ pub fn run_agent(config: AgentConfig) -> Result<()> {
         Some(listen) => listen,
         None => address.parse().with_context(|| format!("--address {address}: give it as IP or IP:PORT"))?,
     };
-    let ip = listen_ip(&address);
-    let driver =
-        Arc::new(LocalAgent::new(data, config.vmm_binary.clone()).named(&config.name).with_address(&ip));
-    let runtime = AgentRuntime::new(driver, &data.join("orders"), &address).map_err(anyhow::Error::msg)?;
-    let agent = Arc::new(RuntimeAgent(runtime));
+    let agent: Arc<dyn Agent> = match config.simulate {
+        None => {
+            let ip = listen_ip(&address);
+            let driver = Arc::new(
+                LocalAgent::new(data, config.vmm_binary.clone()).named(&config.name).with_address(&ip),
+            );
+            let runtime =
+                AgentRuntime::new(driver, &data.join("orders"), &address).map_err(anyhow::Error::msg)?;
+            Arc::new(RuntimeAgent(runtime))
+        }
+        Some(boot) => {
+            let sim = stratus_protocol::SimAgent::new(&config.name, 64, 256 << 10).at(&address);
+            sim.set_boot_delay(boot);
+            eprintln!(
+                "stratus agent: host {} is simulated: no VMM runs, guests \"boot\" in {boot:?}",
+                config.name
+            );
+            Arc::new(sim)
+        }
+    };
     let info = agent.host().map_err(|e| anyhow::anyhow!("{e}"))?;
     let control = config.control.trim_end_matches('/').to_string();
     let credential = membership(data, &control, &config, &info)?;
@@ -89,6 +107,39 @@ pub fn run_agent(config: AgentConfig) -> Result<()> {
         eprintln!("stratus agent: stopped; instances keep running and are adopted at the next start");
         Ok(())
     })
+}
+
+/// The control plane's replicas in `control` (`URL[,URL...]`).
+fn replicas(control: &str) -> Vec<String> {
+    control
+        .split(',')
+        .map(|url| url.trim().trim_end_matches('/').to_string())
+        .filter(|u| !u.is_empty())
+        .collect()
+}
+
+/// POSTs `body` to `path` on the first replica that can be reached (an answer, even a
+/// refusal, ends the search): the index of the replica tried last, and its outcome.
+fn post_to_any(
+    replicas: &[String],
+    path: &str,
+    credential: Option<&str>,
+    timeout: Duration,
+    body: &impl Serialize,
+) -> (usize, Result<ureq::Response, ureq::Error>) {
+    let mut last = (0, Err(ureq::Error::from(std::io::Error::other("no control plane address given"))));
+    for (index, url) in replicas.iter().enumerate() {
+        let mut request = ureq::post(&format!("{url}{path}")).timeout(timeout);
+        if let Some(credential) = credential {
+            request = request.set("authorization", &format!("Bearer {credential}"));
+        }
+        let body = serde_json::to_value(body).unwrap_or_default();
+        match request.send_json(body) {
+            Err(ureq::Error::Transport(e)) => last = (index, Err(ureq::Error::Transport(e))),
+            outcome => return (index, outcome),
+        }
+    }
+    last
 }
 
 /// The IP part of `HOST:PORT`.
@@ -117,8 +168,7 @@ fn membership(data: &Path, control: &str, config: &AgentConfig, info: &HostInfo)
         );
     };
     let body = serde_json::json!({ "token": token, "host": info });
-    let answer =
-        ureq::post(&format!("{control}/agent/v1/join")).timeout(Duration::from_secs(30)).send_json(body);
+    let answer = post_to_any(&replicas(control), "/agent/v1/join", None, Duration::from_secs(30), &body).1;
     let answer: serde_json::Value = match answer {
         Ok(response) => response.into_json().context("reading the control plane's answer")?,
         Err(ureq::Error::Status(_, response)) => {
@@ -145,17 +195,22 @@ fn membership(data: &Path, control: &str, config: &AgentConfig, info: &HostInfo)
 
 /// Sends this host's report to the control plane every [`HEARTBEAT_EVERY`], saying so once
 /// when the control plane stops taking them, and once when it takes them again.
-fn spawn_heartbeats(control: String, credential: String, agent: Arc<RuntimeAgent>) {
+fn spawn_heartbeats(control: String, credential: String, agent: Arc<dyn Agent>) {
     let _ = std::thread::Builder::new().name("heartbeat".into()).spawn(move || {
         let mut failing = false;
+        let mut replicas = replicas(&control);
         loop {
             let sent = agent.host().map_err(|e| e.to_string()).and_then(|info| {
-                ureq::post(&format!("{control}/agent/v1/heartbeat"))
-                    .timeout(HEARTBEAT_EVERY * 2)
-                    .set("authorization", &format!("Bearer {credential}"))
-                    .send_json(&info)
-                    .map(drop)
-                    .map_err(|e| e.to_string())
+                let (answered, result) = post_to_any(
+                    &replicas,
+                    "/agent/v1/heartbeat",
+                    Some(&credential),
+                    HEARTBEAT_EVERY * 2,
+                    &info,
+                );
+                // The replica that answered is asked first next time.
+                replicas.rotate_left(answered);
+                result.map(drop).map_err(|e| e.to_string())
             });
             match sent {
                 Err(e) if !failing => {

@@ -14,6 +14,7 @@ pub mod disk;
 pub mod hostd;
 pub mod hosts;
 pub mod image;
+pub mod leader;
 pub mod metrics;
 pub mod model;
 pub mod moves;

@@ -63,11 +63,17 @@ impl NetworkSync {
         })
     }
 
-    /// Runs passes on a thread of their own: every [`PERIOD`] and at each [`wake`](Self::wake).
-    pub fn spawn(self: &Arc<Self>) {
+    /// Runs passes on a thread of their own, every [`PERIOD`] and at each
+    /// [`wake`](Self::wake), while this replica leads (one replica pushes: sets stay in order).
+    pub fn spawn(self: &Arc<Self>, leadership: Arc<crate::leader::Leadership>) {
         let this = Arc::clone(self);
         let _ = std::thread::Builder::new().name("networks".into()).spawn(move || loop {
-            this.pass();
+            if leadership.is_leader() {
+                this.pass();
+            } else {
+                // A leader elected later gives every host the set again.
+                this.given.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            }
             let (lock, cvar) = &this.wake;
             let mut woken = lock.lock().unwrap_or_else(|p| p.into_inner());
             if !*woken {

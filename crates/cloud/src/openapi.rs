@@ -75,6 +75,9 @@ pub fn document() -> Value {
                 "get": {"summary": "Show a host", "parameters": name, "responses": errors(json!({"200": ok(json!({"$ref": "#/components/schemas/Host"}))}))},
                 "delete": {"summary": "Remove a host from the cluster (refused while instances are placed there)", "parameters": name, "responses": errors(json!({"204": {"description": "removed"}}))}
             },
+            "/v1/control": {"get": {"summary": "Which control replica answered, and which leads (runs the reconcilers)",
+                "responses": errors(json!({"200": ok(json!({"type": "object", "required": ["replica", "leader", "leading"], "properties": {
+                    "replica": {"type": "string"}, "leader": {"type": "string"}, "leading": {"type": "boolean"}}}))}))}},
             "/v1/operations/{id}": {"get": {"summary": "An operation", "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}],
                 "responses": errors(json!({"200": ok(json!({"$ref": "#/components/schemas/Operation"}))}))}},
             "/v1/operations/{id}/wait": {"get": {"summary": "Wait for an operation to finish", "parameters": [

@@ -100,11 +100,13 @@ impl Reconciler {
         })
     }
 
-    /// Runs the loop on its own thread.
-    pub fn spawn(self: &Arc<Self>) {
+    /// Runs the loop on its own thread, passing only while this replica leads.
+    pub fn spawn(self: &Arc<Self>, leadership: Arc<crate::leader::Leadership>) {
         let this = Arc::clone(self);
         let _ = std::thread::Builder::new().name("reconciler".into()).spawn(move || loop {
-            this.pass();
+            if leadership.is_leader() {
+                this.pass();
+            }
             let (lock, cvar) = &this.wake;
             let mut woken = lock.lock().unwrap_or_else(|p| p.into_inner());
             if !*woken {
@@ -131,31 +133,75 @@ impl Reconciler {
             }
         };
         for instance in instances {
-            let Some(step) = next_step(&instance) else { continue };
-            if !self.busy.lock().unwrap_or_else(|p| p.into_inner()).insert(instance.id.clone()) {
-                continue;
-            }
-            let this = Arc::clone(self);
-            let id = instance.id.clone();
-            let id_for_failure = instance.id.clone();
-            let spawned =
-                std::thread::Builder::new().name(format!("instance-{}", instance.name)).spawn(move || {
-                    // A check that found nothing changes nothing: waking the next pass after
-                    // every one made the server check all running instances back to back
-                    // (a core busy with fifty of them). A check that finds a VMM gone wakes it.
-                    let check = matches!(step, Step::Check);
-                    this.work(instance, step);
-                    this.busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-                    if !check {
-                        this.wake();
-                    }
-                });
-            if let Err(e) = spawned {
-                self.count_error();
-                eprintln!("stratus: reconciler: cannot start a worker: {e}");
-                self.busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&id_for_failure);
+            if let Some(step) = next_step(&instance) {
+                self.dispatch(instance, step);
             }
         }
+    }
+
+    /// Hands `step` of `instance` to a worker of its own, unless one works on it already.
+    fn dispatch(self: &Arc<Self>, instance: Instance, step: Step) {
+        if !self.busy.lock().unwrap_or_else(|p| p.into_inner()).insert(instance.id.clone()) {
+            return;
+        }
+        let this = Arc::clone(self);
+        let id = instance.id.clone();
+        let id_for_failure = instance.id.clone();
+        let spawned =
+            std::thread::Builder::new().name(format!("instance-{}", instance.name)).spawn(move || {
+                // A check that found nothing changes nothing: waking the next pass after
+                // every one made the server check all running instances back to back
+                // (a core busy with fifty of them). A check that finds a VMM gone wakes it.
+                let check = matches!(step, Step::Check);
+                this.work(instance, step);
+                this.busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                if !check {
+                    this.wake();
+                }
+            });
+        if let Err(e) = spawned {
+            self.count_error();
+            eprintln!("stratus: reconciler: cannot start a worker: {e}");
+            self.busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&id_for_failure);
+        }
+    }
+
+    /// Watches the instances' records and starts the work a change asks for (a launch, stop,
+    /// or delete taken by any replica) at once, rather than at the next pass; while this
+    /// replica leads. Checks of running instances stay with the periodic pass, and the pass
+    /// catches whatever a broken watch missed.
+    pub fn spawn_watch(self: &Arc<Self>, leadership: Arc<crate::leader::Leadership>) {
+        let this = Arc::clone(self);
+        let _ = std::thread::Builder::new().name("reconciler-watch".into()).spawn(move || {
+            let store = Arc::clone(this.db.store());
+            let mut seen = None;
+            loop {
+                // From the last change seen (or now, the first time and when that history is
+                // gone: the pass covers the gap).
+                let watch = seen
+                    .map(|after| store.watch_from("/instances/", after))
+                    .filter(Result::is_ok)
+                    .unwrap_or_else(|| store.revision().and_then(|now| store.watch_from("/instances/", now)));
+                let Ok(watch) = watch else {
+                    std::thread::sleep(PERIOD);
+                    continue;
+                };
+                // A quiet minute, or an error, and the watch is made again (a stream that
+                // ended looks like a quiet one).
+                while let Some(Ok(event)) = watch.recv_timeout(Duration::from_secs(60)) {
+                    seen = Some(event.revision());
+                    let stratus_store::Event::Put(entry) = event else { continue };
+                    if !leadership.is_leader() {
+                        continue;
+                    }
+                    let Ok(instance) = serde_json::from_slice::<Instance>(&entry.value) else { continue };
+                    match next_step(&instance) {
+                        None | Some(Step::Check) => {}
+                        Some(step) => this.dispatch(instance, step),
+                    }
+                }
+            }
+        });
     }
 
     fn count_error(&self) {

@@ -17,6 +17,7 @@ use crate::api::{self, AppState};
 use crate::cluster::Cluster;
 use crate::db::{host_key, network_key, Db};
 use crate::hosts::Hosts;
+use crate::leader::Leadership;
 use crate::model::{now, Image, Network, DEFAULT_PROJECT};
 use crate::network::Subnet;
 use crate::reconciler::Reconciler;
@@ -46,6 +47,9 @@ pub struct ServeConfig {
     pub on_ready: Option<OnReady>,
     /// Builds images by recipe name for `POST /v1/images/build`.
     pub image_builder: Option<crate::image::ImageBuilder>,
+    /// `Some(name)`: run as control-plane replica `name` with no host of its own (`stratus
+    /// control`), electing a leader with the other replicas on the same store.
+    pub replica: Option<String>,
 }
 
 /// Work to do once the server answers: gets the API's URL and token.
@@ -67,7 +71,12 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
         }
     }
     let db = Db::new(open_store(config.store.as_deref(), data)?);
-    let token = load_or_create_token(&data.join("token"))?;
+    let replica = config.replica.clone();
+    let role = if replica.is_some() { "control" } else { "serve" };
+    let token = match &replica {
+        None => load_or_create_token(&data.join("token"))?,
+        Some(_) => shared_token(&db, &data.join("token"))?,
+    };
     let url = format!("http://{}", config.listen);
     if let Some(path) = &config.client_config {
         write_client_config(path, &url, &token)?;
@@ -77,34 +86,52 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
         let files = crate::image::ImageFiles::of_build(dir)?;
         crate::image::install(&db, data, "default", &files)?;
     }
-    let mut local = LocalAgent::new(data, config.vmm_binary.clone());
-    if let Some(name) = &config.host_name {
-        local = local.named(name);
-    }
-    // Other hosts reach this one where the API listens (unless that is loopback only).
-    let ip = config.listen.ip();
-    if !ip.is_loopback() && !ip.is_unspecified() {
-        local = local.with_address(&ip.to_string());
-    }
-    let agent: Arc<dyn HostAgent> = Arc::new(local);
-    let host = agent.host();
-    db.put(&host_key(&host.name), &host)?;
-    adopt_renamed_host(&db, &host)?;
-    let hosts = Arc::new(Hosts::with_local(&host.name, Arc::clone(&agent)));
+    let (hosts, local) = match &replica {
+        None => {
+            let agent = local_host(&db, &config)?;
+            let name = agent.host().name;
+            (Arc::new(Hosts::with_local(&name, Arc::clone(&agent))), Some((name, agent)))
+        }
+        Some(_) => (Arc::new(Hosts::new()), None),
+    };
     let cluster = Cluster::new(db.clone(), Arc::clone(&hosts));
-    cluster.load()?;
-    let networks = crate::netsync::networks_with_peers(&db)?;
-    prepare_networks(agent.as_ref(), &networks)?;
-    crate::moves::settle_interrupted(&db, &hosts);
+    cluster.refresh()?;
+    if let Some((_, agent)) = &local {
+        let networks = crate::netsync::networks_with_peers(&db)?;
+        prepare_networks(agent.as_ref(), &networks)?;
+    }
     let reconciler = Reconciler::new(db.clone(), Arc::clone(&hosts));
     let on_ready = config.on_ready.take();
     let token_for_ready = token.clone();
     let mut state = AppState::new(data.clone(), db, hosts, cluster, Arc::clone(&reconciler), token);
     state.builder = config.image_builder.take();
+    state.leadership = match &replica {
+        None => Leadership::sole(local.as_ref().map_or("", |(name, _)| name.as_str())),
+        Some(name) => Leadership::elect(name, Arc::clone(state.db.store()), crate::leader::LEADER_TTL),
+    };
     let state = Arc::new(state);
-    reconciler.spawn();
-    state.networks.spawn();
-    spawn_warming(state.db.clone(), agent);
+    let elected = Arc::clone(&state);
+    state.leadership.spawn(move || {
+        // What a leader that died mid-way left: moves half done, hosts it had not met.
+        let _ = elected.cluster.refresh();
+        crate::moves::settle_interrupted(&elected.db, &elected.hosts);
+        elected.reconciler.wake();
+        elected.networks.wake();
+    });
+    reconciler.spawn(Arc::clone(&state.leadership));
+    reconciler.spawn_watch(Arc::clone(&state.leadership));
+    state.networks.spawn(Arc::clone(&state.leadership));
+    if replica.is_some() {
+        // Hosts that joined through another replica, and hosts removed there.
+        let refreshing = Arc::clone(&state);
+        let _ = std::thread::Builder::new().name("membership".into()).spawn(move || loop {
+            std::thread::sleep(crate::cluster::HEARTBEAT_EVERY);
+            let _ = refreshing.cluster.refresh();
+        });
+    }
+    if let Some((_, agent)) = local {
+        spawn_warming(state.db.clone(), agent);
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
@@ -112,7 +139,7 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
         eprintln!(
-            "stratus serve: ready at {url} (data in {}, token in {})",
+            "stratus {role}: ready at {url} (data in {}, token in {})",
             data.display(),
             data.join("token").display()
         );
@@ -120,8 +147,11 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
             let _ =
                 std::thread::Builder::new().name("on-ready".into()).spawn(move || work(url, token_for_ready));
         }
+        let leadership = Arc::clone(&state.leadership);
         axum::serve(listener, api::router(state)).with_graceful_shutdown(stop_signal()).await?;
-        eprintln!("stratus serve: stopped; instances keep running and are adopted at the next start");
+        // Another replica takes over now rather than when the lease runs out.
+        leadership.resign();
+        eprintln!("stratus {role}: stopped; instances keep running and are adopted at the next start");
         Ok(())
     })
 }
@@ -198,6 +228,39 @@ pub(crate) fn lock_data_dir(data: &Path) -> Result<std::fs::File> {
     Ok(file)
 }
 
+/// This machine's host agent, named and addressed as `config` says, recorded in the store
+/// (taking over the instances of its earlier name).
+fn local_host(db: &Db, config: &ServeConfig) -> Result<Arc<dyn HostAgent>> {
+    let mut local = LocalAgent::new(&config.data_dir, config.vmm_binary.clone());
+    if let Some(name) = &config.host_name {
+        local = local.named(name);
+    }
+    // Other hosts reach this one where the API listens (unless that is loopback only).
+    let ip = config.listen.ip();
+    if !ip.is_loopback() && !ip.is_unspecified() {
+        local = local.with_address(&ip.to_string());
+    }
+    let agent: Arc<dyn HostAgent> = Arc::new(local);
+    let host = agent.host();
+    db.put(&host_key(&host.name), &host)?;
+    adopt_renamed_host(db, &host)?;
+    Ok(agent)
+}
+
+/// The API token every replica answers to: made by the first replica, kept in the store (and
+/// copied to `path` for this machine's CLI).
+fn shared_token(db: &Db, path: &Path) -> Result<String> {
+    const KEY: &str = "/control/token";
+    let made = format!("{}{}", api::new_id(), api::new_id());
+    let store = db.store();
+    // Create it unless it exists; whoever created it, read it back.
+    let _ = store.txn(&stratus_store::Txn::new().expect(KEY, None).put(KEY, made.as_bytes()));
+    let entry = store.get(KEY)?.context("the store lost the API token")?;
+    let token = String::from_utf8(entry.value).context("the API token in the store is not text")?;
+    write_private(path, format!("{token}\n").as_bytes())?;
+    Ok(token)
+}
+
 fn load_or_create_token(path: &Path) -> Result<String> {
     if let Ok(text) = std::fs::read_to_string(path) {
         let token = text.trim().to_owned();
@@ -263,7 +326,7 @@ fn ensure_default_network(db: &Db, config: &ServeConfig) -> Result<()> {
         peers: Vec::new(),
     };
     db.put(&network_key(DEFAULT_PROJECT, "default"), &network)?;
-    eprintln!("stratus serve: created network 'default' ({subnet} on bridge {})", network.bridge);
+    eprintln!("stratus: created network 'default' ({subnet} on bridge {})", network.bridge);
     Ok(())
 }
 

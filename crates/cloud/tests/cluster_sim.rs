@@ -128,8 +128,8 @@ impl SimCloud {
             Arc::clone(&reconciler),
             token.clone(),
         ));
-        reconciler.spawn();
-        state.networks.spawn();
+        reconciler.spawn(Arc::clone(&state.leadership));
+        state.networks.spawn(Arc::clone(&state.leadership));
         let router = api::router(Arc::clone(&state));
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());

@@ -65,6 +65,12 @@ impl SimAgent {
         }
     }
 
+    /// The same host, reached at `address` (`IP:PORT`).
+    pub fn at(mut self, address: &str) -> SimAgent {
+        self.info.address = address.to_string();
+        self
+    }
+
     fn state(&self) -> MutexGuard<'_, SimState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }

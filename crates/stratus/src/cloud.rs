@@ -77,6 +77,64 @@ pub struct ServeArgs {
     store: Option<String>,
 }
 
+#[derive(Args)]
+pub struct ControlArgs {
+    /// Where this replica keeps its image files and a copy of the API token.
+    #[arg(long, default_value = "/var/lib/stratus-control")]
+    data_dir: PathBuf,
+    /// Address of the REST API and dashboard.
+    #[arg(long, default_value = "127.0.0.1:7440")]
+    listen: SocketAddr,
+    /// Where the state lives: etcd:http://HOST:2379[,http://HOST:2379...] (shared by every
+    /// replica), or sqlite (DATA/stratus.db: one replica only).
+    #[arg(long, value_name = "STORE")]
+    store: Option<String>,
+    /// This replica's name in the election (default: HOSTNAME-PORT).
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// Subnet of the default network (when the store has none yet).
+    #[arg(long, default_value = "10.210.0.0/24")]
+    network_cidr: String,
+    /// Bridge of the default network on every host (when the store has none yet).
+    #[arg(long, default_value = "stratus0")]
+    bridge: String,
+    /// Do not build or install images: no default image, and no builds through the API.
+    #[arg(long)]
+    no_default_image: bool,
+    /// Where to write the CLI's configuration (address and token).
+    #[arg(long, value_name = "PATH")]
+    client_config: Option<PathBuf>,
+}
+
+/// Runs one replica of the control plane (no host of its own) until Ctrl-C.
+pub fn control(args: ControlArgs) -> Result<i32> {
+    let default_image = if args.no_default_image {
+        None
+    } else {
+        eprintln!("stratus control: checking the default image (the first build takes ~10 minutes)");
+        Some(crate::image::build("default")?.dir)
+    };
+    let name = args.name.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), args.listen.port())
+    });
+    stratus_cloud::server::serve(stratus_cloud::server::ServeConfig {
+        data_dir: args.data_dir,
+        host_name: None,
+        store: args.store,
+        listen: args.listen,
+        vmm_binary: std::env::current_exe().context("finding the stratus binary")?,
+        default_image,
+        default_cidr: args.network_cidr,
+        default_bridge: args.bridge,
+        client_config: args.client_config,
+        on_ready: None,
+        image_builder: None,
+        replica: Some(name),
+    })?;
+    Ok(0)
+}
+
 /// Runs the cloud on this machine until Ctrl-C.
 pub fn serve(args: ServeArgs) -> Result<i32> {
     let default_image = if args.no_default_image {
@@ -107,6 +165,7 @@ pub fn serve(args: ServeArgs) -> Result<i32> {
                 }
             })
         }),
+        replica: None,
     };
     stratus_cloud::server::serve(config)?;
     Ok(0)
@@ -296,7 +355,8 @@ pub enum HostCommand {
 /// `stratus agent`.
 #[derive(Args, Debug)]
 pub struct AgentArgs {
-    /// The control plane's URL, as `stratus serve` or `stratus control` listens.
+    /// The control plane's URL, as `stratus serve` or `stratus control` listens (several
+    /// replicas: their URLs separated by commas).
     #[arg(long, value_name = "URL")]
     control: String,
     /// The token from `stratus host add NAME` (needed once; the credential is kept).
@@ -314,6 +374,10 @@ pub struct AgentArgs {
     /// Where instances, their disks and the host's credential live.
     #[arg(long, default_value = "/var/lib/stratus-agent")]
     data_dir: PathBuf,
+    /// Simulate the host: run no VMM, report guests running this many milliseconds after
+    /// their order (for tests and scale runs of the control plane).
+    #[arg(long, value_name = "BOOT_MS")]
+    simulate: Option<u64>,
 }
 
 /// Runs the host agent until Ctrl-C; instances keep running after it stops.
@@ -326,6 +390,7 @@ pub fn agent(args: AgentArgs) -> Result<i32> {
         listen: args.listen,
         data_dir: args.data_dir,
         vmm_binary: std::env::current_exe().context("finding the stratus binary")?,
+        simulate: args.simulate.map(std::time::Duration::from_millis),
     })?;
     Ok(0)
 }

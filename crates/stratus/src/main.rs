@@ -29,6 +29,12 @@ enum Command {
     /// ~/.config/stratus/config.toml for the CLI), the default network and the default image.
     /// Instances keep running when the server stops and are adopted when it starts again.
     Serve(cloud::ServeArgs),
+    /// Run one replica of the control plane, with no host of its own.
+    ///
+    /// Replicas sharing an etcd store (--store etcd:...) elect a leader through a lease: every
+    /// replica serves the API, the leader alone drives the hosts, and another takes over within
+    /// seconds when it dies. Hosts join with `stratus host add` and `stratus agent`.
+    Control(cloud::ControlArgs),
     /// Run the host agent of one machine of a cluster (join it with `stratus host add`).
     ///
     /// It serves the agent protocol on its address, runs one VMM per instance placed here,
@@ -117,6 +123,7 @@ fn main() {
             stratus_vmm::pvm::warn_about_guest_faults();
             cloud::serve(args)
         }
+        Command::Control(args) => cloud::control(args),
         Command::Agent(args) => cloud::agent(args),
         Command::Lab(command) => lab::run(command),
         Command::Launch(args) => cloud::launch(&cli.connection, args),
