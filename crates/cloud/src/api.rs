@@ -257,6 +257,7 @@ pub fn router(state: Shared) -> Router {
         .nest("/v1", v1)
         .route("/agent/v1/join", post(agent_join))
         .route("/agent/v1/heartbeat", post(agent_heartbeat))
+        .route("/agent/v1/images/{dir}/{file}", get(agent_image_file))
         .route("/openapi.json", get(|| async { Json(crate::openapi::document()) }))
         .route("/metrics", get(crate::metrics::prometheus))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -1530,12 +1531,7 @@ async fn agent_heartbeat(
     headers: HeaderMap,
     Body(info): Body<stratus_protocol::HostInfo>,
 ) -> ApiResult<StatusCode> {
-    let secret = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default()
-        .to_owned();
+    let secret = bearer(&headers);
     let beating = Arc::clone(&state);
     tokio::task::spawn_blocking(move || {
         beating.cluster.authenticate(&info.name, &secret)?;
@@ -1544,6 +1540,106 @@ async fn agent_heartbeat(
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The bearer token of a request ("" without one).
+fn bearer(headers: &HeaderMap) -> String {
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentQuery {
+    host: String,
+}
+
+/// `GET /agent/v1/images/{dir}/{file}?host=NAME`, with host NAME's credential as the bearer
+/// token: a file of an image this control plane keeps, for an agent copying it
+/// (`hostimages`). Only the files of images on record are served.
+async fn agent_image_file(
+    State(state): State<Shared>,
+    Path((dir, file)): Path<(String, String)>,
+    Params(query): Params<AgentQuery>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let secret = bearer(&headers);
+    let (checking, host) = (Arc::clone(&state), query.host.clone());
+    tokio::task::spawn_blocking(move || checking.cluster.authenticate(&host, &secret))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    if !crate::hostimages::valid_dir(&dir) || !crate::hostimages::IMAGE_FILES.contains(&file.as_str()) {
+        return Err(ApiError::bad_request(format!("no image file '{dir}/{file}'")));
+    }
+    let path = state.data_dir.join("images").join(&dir).join(&file);
+    let shown = path.display().to_string();
+    let on_record = state.db.list::<Image>("/images/")?.iter().any(|image| {
+        image.kernel == shown || image.rootfs == shown || image.initrd.as_deref() == Some(shown.as_str())
+    });
+    let opened = if on_record { std::fs::File::open(&path).ok() } else { None };
+    let Some(opened) = opened else {
+        return Err(ApiError::not_found(format!("no image file '{dir}/{file}' here")));
+    };
+    let length =
+        opened.metadata().map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?.len();
+    state.db.event(
+        DEFAULT_PROJECT,
+        "",
+        "info",
+        format!("host {}: copying image file {dir}/{file} ({} MiB)", query.host, length >> 20),
+    );
+    Ok(axum::body::Body::new(FileBody::spawn(opened, length)).into_response())
+}
+
+/// A file's bytes as a response body, read on a blocking thread a MiB at a time.
+struct FileBody {
+    chunks: tokio::sync::mpsc::Receiver<std::io::Result<axum::body::Bytes>>,
+    length: u64,
+}
+
+impl FileBody {
+    fn spawn(mut file: std::fs::File, length: u64) -> FileBody {
+        let (send, chunks) = tokio::sync::mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            loop {
+                let mut buffer = vec![0; 1 << 20];
+                let chunk = match file.read(&mut buffer) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        buffer.truncate(n);
+                        Ok(axum::body::Bytes::from(buffer))
+                    }
+                    Err(e) => Err(e),
+                };
+                let failed = chunk.is_err();
+                if send.blocking_send(chunk).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        FileBody { chunks, length }
+    }
+}
+
+impl http_body::Body for FileBody {
+    type Data = axum::body::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.chunks.poll_recv(cx).map(|chunk| chunk.map(|c| c.map(http_body::Frame::data)))
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.length)
+    }
 }
 
 // ---- operations and events ---------------------------------------------------------

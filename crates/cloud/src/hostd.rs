@@ -13,8 +13,9 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use stratus_protocol::{Agent, HostInfo};
 
-use crate::agent::LocalAgent;
+use crate::agent::{HostAgent, LocalAgent};
 use crate::cluster::HEARTBEAT_EVERY;
+use crate::hostimages::{HostImages, HttpImageSource};
 use crate::runtime::{AgentRuntime, RuntimeAgent};
 
 /// The port an agent listens on unless told otherwise.
@@ -64,14 +65,16 @@ pub fn run_agent(config: AgentConfig) -> Result<()> {
         Some(listen) => listen,
         None => address.parse().with_context(|| format!("--address {address}: give it as IP or IP:PORT"))?,
     };
+    let mut images = None;
     let agent: Arc<dyn Agent> = match config.simulate {
         None => {
             let ip = listen_ip(&address);
-            let driver = Arc::new(
+            let driver: Arc<dyn HostAgent> = Arc::new(
                 LocalAgent::new(data, config.vmm_binary.clone()).named(&config.name).with_address(&ip),
             );
-            let runtime =
-                AgentRuntime::new(driver, &data.join("orders"), &address).map_err(anyhow::Error::msg)?;
+            let runtime = AgentRuntime::new(Arc::clone(&driver), &data.join("orders"), &address)
+                .map_err(anyhow::Error::msg)?;
+            images = Some((Arc::clone(&runtime), driver));
             Arc::new(RuntimeAgent(runtime))
         }
         Some(boot) => {
@@ -87,6 +90,14 @@ pub fn run_agent(config: AgentConfig) -> Result<()> {
     let info = agent.host().map_err(|e| anyhow::anyhow!("{e}"))?;
     let control = config.control.trim_end_matches('/').to_string();
     let credential = membership(data, &control, &config, &info)?;
+    if let Some((runtime, driver)) = images {
+        let source = HttpImageSource {
+            replicas: replicas(&control),
+            host: config.name.clone(),
+            credential: credential.clone(),
+        };
+        runtime.use_images(HostImages::new(&data.join("images"), Arc::new(source), driver));
+    }
     // Bridges recorded before a restart come back (they are gone after a reboot).
     if let Ok(bytes) = std::fs::read(data.join("orders").join("networks.json")) {
         if let Ok(networks) = serde_json::from_slice::<Vec<stratus_protocol::NetworkConfig>>(&bytes) {

@@ -12,6 +12,7 @@ pub mod dashboard;
 pub mod db;
 pub mod disk;
 pub mod hostd;
+pub mod hostimages;
 pub mod hosts;
 pub mod image;
 pub mod leader;

@@ -63,6 +63,9 @@ pub struct AgentRuntime {
     seq: AtomicU64,
     /// Held across a record's snapshot, write and rename: writes never cross.
     writing: Mutex<()>,
+    /// This host's copies of images (`None`: boot from the paths orders give, as `serve`'s
+    /// own host and tests do).
+    images: std::sync::OnceLock<Arc<crate::hostimages::HostImages>>,
 }
 
 impl AgentRuntime {
@@ -83,6 +86,7 @@ impl AgentRuntime {
             networks: Mutex::default(),
             seq: AtomicU64::new(start),
             writing: Mutex::default(),
+            images: std::sync::OnceLock::new(),
         });
         let networks: Vec<NetworkConfig> = std::fs::read(dir.join("networks.json"))
             .ok()
@@ -247,6 +251,11 @@ impl AgentRuntime {
         }
     }
 
+    /// Boots instances from this host's own copies of their images, fetched on first use.
+    pub fn use_images(&self, images: Arc<crate::hostimages::HostImages>) {
+        let _ = self.images.set(images);
+    }
+
     fn start(self: &Arc<Self>, id: &str, record: &Record, instance: &crate::model::Instance) {
         let order = &record.order;
         let generation = order.generation;
@@ -256,7 +265,12 @@ impl AgentRuntime {
         let mut progress = |message: String| self.event(id, "info", message);
         // A newer order (a stop, a delete) calls the boot off.
         let cancelled = || self.slots().get(id).is_none_or(|slot| slot.record.order.generation != generation);
-        let result = self.driver.start(instance, &image, &network, &mut progress, &cancelled);
+        let local = match self.images.get() {
+            Some(images) => images.local(&image, &network, &mut progress).map_err(AgentError::Io),
+            None => Ok(image),
+        };
+        let result =
+            local.and_then(|image| self.driver.start(instance, &image, &network, &mut progress, &cancelled));
         let mut slots = self.slots();
         let Some(slot) = slots.get_mut(id) else { return };
         let record = &mut slot.record;

@@ -13,9 +13,11 @@ use stratus_cloud::api::{self, AppState};
 use stratus_cloud::client::{ApiClient, ClientError};
 use stratus_cloud::cluster::Cluster;
 use stratus_cloud::db::{image_key, network_key, Db};
+use stratus_cloud::hostimages::{HostImages, HttpImageSource, ImageSource};
 use stratus_cloud::hosts::Hosts;
 use stratus_cloud::model::{Host, Image, Instance, Network, DEFAULT_PROJECT};
 use stratus_cloud::reconciler::Reconciler;
+use stratus_cloud::remote::RemoteHost;
 use stratus_protocol::{Agent, HostInfo, SimAgent};
 use stratus_store::etcd_server::{ensure_etcd, EtcdCluster};
 use stratus_store::{SqliteStore, Store};
@@ -48,6 +50,7 @@ on_both_stores!(
     launches_spread_over_hosts_and_say_why,
     a_silent_host_goes_offline_and_takes_no_launches,
     every_host_gets_every_peer_and_one_away_gets_them_on_return,
+    hosts_copy_image_files_from_the_control_plane_once,
     failures_on_a_host_are_retried_and_crashes_restarted,
     hosts_with_instances_cannot_be_removed,
     moves_change_the_host_only_once_the_destination_runs_it,
@@ -59,6 +62,7 @@ const LIVENESS: Duration = Duration::from_secs(2);
 /// A control plane serving its API on a loopback port, with simulated hosts joined.
 struct SimCloud {
     client: ApiClient,
+    url: String,
     hosts: Vec<(String, Arc<SimAgent>)>,
     state: Arc<AppState>,
     _dir: TempDir,
@@ -143,6 +147,7 @@ impl SimCloud {
         });
         let mut cloud = SimCloud {
             client: ApiClient::new(&url, &token),
+            url: url.clone(),
             hosts: Vec::new(),
             state,
             _dir: TempDir(dir),
@@ -361,6 +366,68 @@ fn every_host_gets_every_peer_and_one_away_gets_them_on_return(backend: Backend)
     assert_eq!(cloud.sim("h3").networks()[0].peers.len(), 3, "h3 was unreachable");
     cloud.sim("h3").set_unreachable(false);
     wait_peers(&cloud, "h3", &["h1", "h2", "h3", "h4"]);
+}
+
+fn hosts_copy_image_files_from_the_control_plane_once(backend: Backend) {
+    let Some(cloud) = SimCloud::new("images", backend, &[]) else { return };
+    // An image whose files are where the control plane keeps images.
+    let dir = cloud.state.data_dir.join("images").join("tiny-0123abcd");
+    std::fs::create_dir_all(&dir).unwrap();
+    let kernel: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let rootfs: Vec<u8> = (0..3u32 << 20).map(|i| (i.wrapping_mul(7) % 253) as u8).collect();
+    std::fs::write(dir.join("vmlinux"), &kernel).unwrap();
+    std::fs::write(dir.join("rootfs.ext4"), &rootfs).unwrap();
+    std::fs::write(cloud.state.data_dir.join("token"), "secret\n").unwrap();
+    let image = Image {
+        name: "tiny".into(),
+        project: DEFAULT_PROJECT.into(),
+        kernel: dir.join("vmlinux").display().to_string(),
+        initrd: None,
+        rootfs: dir.join("rootfs.ext4").display().to_string(),
+        cmdline: "console=ttyS0".into(),
+        rootfs_bytes: 3 << 20,
+        source: "test".into(),
+        created_at: 0,
+        warm: None,
+    };
+    cloud.state.db.put(&image_key(DEFAULT_PROJECT, "tiny"), &image).unwrap();
+    let invitation: Value = cloud.client.post("/v1/hosts", &json!({ "name": "h9" })).unwrap();
+    let sim = Arc::new(SimAgent::new("h9", 2, 4096));
+    let credential =
+        cloud.state.cluster.join(invitation["token"].as_str().unwrap(), &sim.host().unwrap()).unwrap();
+    let source = |credential: &str| HttpImageSource {
+        replicas: vec![cloud.url.clone()],
+        host: "h9".into(),
+        credential: credential.into(),
+    };
+    let scratch = cloud.state.data_dir.join("h9");
+    std::fs::create_dir_all(&scratch).unwrap();
+
+    // Refused: a forged credential, a file no image on record has, paths out of the images.
+    let forged = source("forged").fetch("tiny-0123abcd", "vmlinux", &scratch.join("x")).unwrap_err();
+    assert!(forged.contains("wrong credential"), "{forged}");
+    for (dir, file) in
+        [("tiny-0123abcd", "initrd"), ("other-1", "vmlinux"), ("..", "token"), ("tiny-0123abcd", "..")]
+    {
+        let refused = source(&credential).fetch(dir, file, &scratch.join("x"));
+        assert!(refused.is_err(), "{dir}/{file} was served");
+    }
+    assert!(!scratch.join("x").exists() || std::fs::read(scratch.join("x")).unwrap().is_empty());
+
+    // A host's copy: made once, whole, and what it boots from.
+    let agent = Arc::new(RemoteHost::new("h9", sim as Arc<dyn Agent>));
+    let images = HostImages::new(&scratch.join("images"), Arc::new(source(&credential)), agent);
+    let network = cloud.state.db.network(DEFAULT_PROJECT, "default").unwrap().unwrap();
+    let mut said = Vec::new();
+    let local = images.local(&image, &network, &mut |m| said.push(m)).unwrap();
+    assert!(local.rootfs.starts_with(&scratch.display().to_string()), "{local:?}");
+    assert_eq!(std::fs::read(&local.kernel).unwrap(), kernel);
+    assert_eq!(std::fs::read(&local.rootfs).unwrap(), rootfs);
+    assert!(said.iter().any(|m| m.contains("image tiny copied here")), "{said:?}");
+    said.clear();
+    assert_eq!(images.local(&image, &network, &mut |m| said.push(m)).unwrap(), local);
+    assert!(said.is_empty(), "copied twice: {said:?}");
+    assert!(cloud.events("").contains("host h9: copying image file tiny-0123abcd/rootfs.ext4 (3 MiB)"));
 }
 
 fn failures_on_a_host_are_retried_and_crashes_restarted(backend: Backend) {

@@ -176,6 +176,11 @@ fn a_three_host_lab_launches_moves_and_survives_faults() {
     // Launches on named hosts; exec goes through the control plane to each host's agent.
     let out = lab.ok(&["launch", "a1", "--host", "h2"]);
     assert!(out.contains("a1 is running"), "{out}");
+    // h2 boots from its own copy of the image, taken from the control plane on first use.
+    let shown = lab.ok(&["show", "a1"]);
+    assert!(shown.contains("image default copied here"), "{shown}");
+    let copies = std::fs::read_dir(dir.join("h2").join("images")).unwrap().flatten();
+    assert_eq!(copies.filter(|e| e.path().join("rootfs.ext4").exists()).count(), 1);
     lab.ok(&["launch", "a2", "--host", "h3"]);
     let (a1, a2) = (lab.instance("a1"), lab.instance("a2"));
     assert_eq!((a1["status"]["host"].as_str(), a2["status"]["host"].as_str()), (Some("h2"), Some("h3")));
