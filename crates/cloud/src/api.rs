@@ -671,9 +671,16 @@ async fn move_instance(
     State(state): State<Shared>,
     Name(name): Name,
     Body(req): Body<MoveRequest>,
-) -> ApiResult<(StatusCode, Json<Accepted>)> {
+) -> ApiResult<Response> {
     if let Some(to) = &req.to {
         check_name("host", to).map_err(ApiError::bad_request)?;
+    }
+    // A move is driven by the replica that takes it, and a new leader settles the moves it
+    // finds under way (their driver died): only the leader takes them.
+    if !state.leadership.is_leader() {
+        let path = format!("/v1/instances/{name}/move");
+        let body = serde_json::json!({ "to": req.to });
+        return forward_to_leader(&state, path, body).await;
     }
     let _admitted = state.admission.lock().unwrap_or_else(|p| p.into_inner());
     let instance = find_instance(&state, &name)?;
@@ -729,7 +736,42 @@ async fn move_instance(
         .name(format!("move-{name}"))
         .spawn(move || crate::moves::run(&db, &hosts, moving, &to, &op_id))
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    Ok((StatusCode::ACCEPTED, Json(Accepted { operation: op, instance })))
+    Ok((StatusCode::ACCEPTED, Json(Accepted { operation: op, instance })).into_response())
+}
+
+/// Sends a request this replica does not take (it does not lead) to the leading replica,
+/// with this control plane's token, and answers with the leader's answer.
+async fn forward_to_leader(state: &AppState, path: String, body: serde_json::Value) -> ApiResult<Response> {
+    let (leadership, token) = (Arc::clone(&state.leadership), state.token.clone());
+    let answer = tokio::task::spawn_blocking(move || {
+        let (leader, url) = leadership.leader().filter(|(_, url)| !url.is_empty()).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no control plane replica leads right now (one takes over within seconds): try again",
+            )
+        })?;
+        let sent = ureq::post(&format!("{url}{path}"))
+            .timeout(Duration::from_secs(30))
+            .set("authorization", &format!("Bearer {token}"))
+            .send_json(body);
+        let (status, text) = match sent {
+            Ok(response) => (response.status(), response.into_string().unwrap_or_default()),
+            Err(ureq::Error::Status(status, response)) => {
+                (status, response.into_string().unwrap_or_default())
+            }
+            Err(e) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    format!("the leading replica {leader} ({url}) did not answer: {e}"),
+                ))
+            }
+        };
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+        Ok((status, [(axum::http::header::CONTENT_TYPE, "application/json")], text).into_response())
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    answer
 }
 
 /// Records a new desired state for `name` with an operation of `kind` and wakes the reconciler.
@@ -1325,10 +1367,16 @@ async fn create_network(
         peers: Vec::new(),
     };
     state.db.create(&network_key(DEFAULT_PROJECT, &network.name), &network)?;
-    let sync = Arc::clone(&state.networks);
-    let prepared = tokio::task::spawn_blocking(move || match sync.pass() {
-        failures if failures.is_empty() => Ok(()),
-        failures => Err(failures.join("; ")),
+    // The leader hands it to the hosts now, saying what failed; a follower leaves it to the
+    // leader's next pass (two replicas pushing would cross).
+    let (sync, leading) = (Arc::clone(&state.networks), state.leadership.is_leader());
+    let prepared = tokio::task::spawn_blocking(move || {
+        let failures = if leading { sync.pass() } else { Vec::new() };
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(failures.join("; "))
+        }
     })
     .await;
     if let Err(e) = prepared.map_err(|e| e.to_string()).and_then(|r| r) {
@@ -1362,16 +1410,15 @@ async fn delete_network(State(state): State<Shared>, Name(name): Name) -> ApiRes
     }
     let network = state.db.network(DEFAULT_PROJECT, &name)?;
     state.db.delete(&network_key(DEFAULT_PROJECT, &name))?;
-    if let Some(network) = network {
-        let remaining = crate::netsync::networks_with_peers(&state.db)?;
-        let hosts = state.hosts.all();
-        let removed = tokio::task::spawn_blocking(move || {
-            hosts.iter().try_for_each(|(host, agent)| {
-                agent.remove_network(&network, &remaining).map_err(|e| format!("on host {host}: {e}"))
-            })
-        })
-        .await;
-        if let Err(e) = removed.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+    // The leader takes it off the hosts now; a follower leaves that to the leader's next pass
+    // (hosts drop networks missing from the set they are given).
+    if let Some(network) = network.filter(|_| state.leadership.is_leader()) {
+        let sync = Arc::clone(&state.networks);
+        let failures = tokio::task::spawn_blocking(move || sync.remove(&network))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        if !failures.is_empty() {
+            let e = failures.join("; ");
             state.db.event(DEFAULT_PROJECT, "", "error", format!("network {name}: removing its bridge: {e}"));
         }
     }
@@ -1397,7 +1444,7 @@ async fn get_control(State(state): State<Shared>) -> ApiResult<Json<ControlView>
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok(Json(ControlView {
         replica: state.leadership.name().to_string(),
-        leader: leader.unwrap_or_default(),
+        leader: leader.map(|(name, _)| name).unwrap_or_default(),
         leading: state.leadership.is_leader(),
     }))
 }

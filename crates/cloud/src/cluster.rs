@@ -95,12 +95,14 @@ pub struct Cluster {
     liveness: Duration,
     /// The liveness lease of each host whose heartbeats this replica has taken.
     leases: Mutex<HashMap<String, LeaseId>>,
+    /// The address each host's agent was connected at.
+    connected: Mutex<HashMap<String, String>>,
 }
 
 impl Cluster {
     /// Membership over `db`, registering joined hosts' agents in `hosts`.
     pub fn new(db: Db, hosts: Arc<Hosts>) -> Cluster {
-        Cluster { db, hosts, liveness: LIVENESS_TTL, leases: Mutex::default() }
+        Cluster { db, hosts, liveness: LIVENESS_TTL, leases: Mutex::default(), connected: Mutex::default() }
     }
 
     /// The same, with hosts offline `ttl` after their last heartbeat (for tests).
@@ -114,10 +116,15 @@ impl Cluster {
     pub fn refresh(&self) -> Result<(), ClusterError> {
         let joined = self.db.list::<Host>("/hosts/")?;
         for host in &joined {
-            if self.hosts.is_local(&host.name)
-                || host.address.is_empty()
-                || self.hosts.get(&host.name).is_some()
-            {
+            // Registered already, at the address it has now (or attached in process).
+            let current = self.hosts.get(&host.name).is_some()
+                && self
+                    .connected
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&host.name)
+                    .is_none_or(|address| *address == host.address);
+            if self.hosts.is_local(&host.name) || host.address.is_empty() || current {
                 continue;
             }
             if let Some((credential, _)) = self.db.get::<Credential>(&credential_key(&host.name))? {
@@ -138,6 +145,10 @@ impl Cluster {
     }
 
     fn connect(&self, name: &str, address: &str, secret: &str) {
+        self.connected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), address.to_string());
         let agent = Arc::new(HttpAgent::new(address, secret));
         self.hosts.insert(name, Arc::new(RemoteHost::new(name, agent)));
     }

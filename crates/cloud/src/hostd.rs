@@ -165,7 +165,11 @@ fn membership(data: &Path, control: &str, config: &AgentConfig, info: &HostInfo)
     let kept = std::fs::read(&path)
         .ok()
         .and_then(|bytes| serde_json::from_slice::<Membership>(&bytes).ok())
-        .filter(|kept| kept.control == control && kept.name == config.name);
+        // The same cluster: a replica URL in common (replicas may have been added since).
+        .filter(|kept| {
+            kept.name == config.name
+                && replicas(&kept.control).iter().any(|url| replicas(control).contains(url))
+        });
     // A token given wins (the host was removed and invited again); the kept credential is
     // used without one.
     if let (Some(kept), None) = (&kept, &config.join_token) {

@@ -150,6 +150,27 @@ impl NetworkSync {
     }
 }
 
+impl NetworkSync {
+    /// Takes `network` (deleted from the store) off every host now, in turn with the passes;
+    /// the failures, as [`pass`](Self::pass) gives them. Every host is given the set again
+    /// at the next pass.
+    pub fn remove(&self, network: &Network) -> Vec<String> {
+        let _turn = self.turn.lock().unwrap_or_else(|p| p.into_inner());
+        let remaining = match networks_with_peers(&self.db) {
+            Ok(networks) => networks,
+            Err(e) => return vec![format!("reading networks: {e}")],
+        };
+        let mut failures = Vec::new();
+        for (name, agent) in self.hosts.all() {
+            if let Err(e) = agent.remove_network(network, &remaining) {
+                failures.push(format!("on host {name}: {e}"));
+            }
+        }
+        self.given.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        failures
+    }
+}
+
 /// A digest of the set: equal sets, equal digests (within one process).
 fn fingerprint(networks: &[Network]) -> u64 {
     let mut hasher = DefaultHasher::new();

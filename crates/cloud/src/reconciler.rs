@@ -141,6 +141,12 @@ impl Reconciler {
 
     /// Hands `step` of `instance` to a worker of its own, unless one works on it already.
     fn dispatch(self: &Arc<Self>, instance: Instance, step: Step) {
+        // A host that joined through another replica is registered here within a heartbeat;
+        // until then its instances wait rather than fail for want of an agent.
+        let host = self.hosts.resolve(&instance.status.host);
+        if !host.is_empty() && self.hosts.get(host).is_none() {
+            return;
+        }
         if !self.busy.lock().unwrap_or_else(|p| p.into_inner()).insert(instance.id.clone()) {
             return;
         }
@@ -187,18 +193,24 @@ impl Reconciler {
                     continue;
                 };
                 // A quiet minute, or an error, and the watch is made again (a stream that
-                // ended looks like a quiet one).
+                // ended looks like a quiet one); one that ends at once is made again later.
+                let made = std::time::Instant::now();
                 while let Some(Ok(event)) = watch.recv_timeout(Duration::from_secs(60)) {
                     seen = Some(event.revision());
                     let stratus_store::Event::Put(entry) = event else { continue };
                     if !leadership.is_leader() {
                         continue;
                     }
-                    let Ok(instance) = serde_json::from_slice::<Instance>(&entry.value) else { continue };
+                    // The record as it is now, not as the event had it: a worker may have
+                    // moved it on since.
+                    let Ok(Some((instance, _))) = this.db.get::<Instance>(&entry.key) else { continue };
                     match next_step(&instance) {
                         None | Some(Step::Check) => {}
                         Some(step) => this.dispatch(instance, step),
                     }
+                }
+                if made.elapsed() < Duration::from_secs(1) {
+                    std::thread::sleep(PERIOD);
                 }
             }
         });

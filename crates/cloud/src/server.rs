@@ -107,7 +107,7 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
     state.builder = config.image_builder.take();
     state.leadership = match &replica {
         None => Leadership::sole(local.as_ref().map_or("", |(name, _)| name.as_str())),
-        Some(name) => Leadership::elect(name, Arc::clone(state.db.store()), crate::leader::LEADER_TTL),
+        Some(name) => Leadership::elect(name, &url, Arc::clone(state.db.store()), crate::leader::LEADER_TTL),
     };
     let state = Arc::new(state);
     let elected = Arc::clone(&state);

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use stratus_cloud::client::ApiClient;
+use stratus_cloud::client::{ApiClient, ClientError};
 use stratus_cloud::db::{image_key, Db};
 use stratus_cloud::model::{Image, DEFAULT_PROJECT};
 use stratus_store::etcd_server::{ensure_etcd, EtcdCluster};
@@ -176,6 +176,13 @@ fn a_launch_completes_through_the_other_replica_when_the_leader_dies() {
         let instance: Value = client(follow).get("/v1/instances/web").ok()?;
         (instance["status"]["state"] == "starting").then_some(())
     });
+    // A move asked of the follower is the leader's to take: its answer comes back as it is.
+    match client(follow).post::<Value>("/v1/instances/web/move", &json!({})) {
+        Err(ClientError::Api { status: 409, message }) => {
+            assert!(message.contains("only a running instance moves live"), "{message}")
+        }
+        other => panic!("a move of a booting instance: {other:?}"),
+    }
     let killed = Instant::now();
     if let Some(mut proc) = replicas[lead].3.take() {
         let _ = proc.0.kill();
