@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use stratus_guest_agent::{Client, ExecRequest, Identity};
+use stratus_protocol::console::{ConsoleStream, UnixConsole};
 use stratus_vmm::api::http;
 
 use crate::disk::{self, CloneKind};
@@ -161,8 +162,8 @@ pub trait HostAgent: Send + Sync {
         stdin: Vec<u8>,
         limit: Duration,
     ) -> Result<ExecOutput, AgentError>;
-    /// The Unix socket of the instance's serial console.
-    fn console_socket(&self, instance: &Instance) -> PathBuf;
+    /// The instance's serial console, as a byte stream.
+    fn console(&self, instance: &Instance) -> Result<Box<dyn ConsoleStream>, AgentError>;
     /// The instance's usage (`cpu_seconds`, `memory_bytes` of its VMM process) and the VMM's
     /// own metrics document (`vmm`).
     fn metrics(&self, instance: &Instance) -> Result<serde_json::Value, AgentError>;
@@ -922,8 +923,11 @@ impl HostAgent for LocalAgent {
         Ok(ExecOutput { code, stdout: stdout.0, stderr: stderr.0 })
     }
 
-    fn console_socket(&self, instance: &Instance) -> PathBuf {
-        self.instance_dir(&instance.id).join("console.sock")
+    fn console(&self, instance: &Instance) -> Result<Box<dyn ConsoleStream>, AgentError> {
+        let path = self.instance_dir(&instance.id).join("console.sock");
+        let stream = stratus_unix::connect(&path)
+            .map_err(|e| AgentError::Io(format!("cannot reach the console {}: {e}", path.display())))?;
+        Ok(Box::new(UnixConsole::from(stream)))
     }
 
     fn metrics(&self, instance: &Instance) -> Result<serde_json::Value, AgentError> {

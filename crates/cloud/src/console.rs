@@ -1,13 +1,13 @@
 //! An instance's serial console over a WebSocket (`GET /v1/instances/{name}/console`): binary
-//! messages carry the console's bytes both ways, bridged to the VMM's console socket. The CLI's
-//! `stratus console` and the dashboard's terminal both use it.
+//! messages carry the console's bytes both ways, bridged to the VMM's console socket on this
+//! machine, or through the agent of the host the instance runs on. The CLI's `stratus console`
+//! and the dashboard's terminal both use it.
 
 use std::sync::Arc;
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::api::{AppState, Name};
 use crate::model::{InstanceState, DEFAULT_PROJECT};
@@ -43,60 +43,17 @@ pub async fn console(
             ),
         );
     };
-    if !state.hosts.is_local(&instance.status.host) {
-        // Its console socket is on that machine; the agent protocol does not carry it yet.
-        return crate::api::error(
-            axum::http::StatusCode::NOT_IMPLEMENTED,
-            format!(
-                "instance '{name}' runs on host '{}': consoles of other hosts are not proxied yet (exec is: `stratus exec {name} -- ...`)",
-                instance.status.host
-            ),
-        );
-    }
-    let path = agent.console_socket(&instance);
-    let stream = match stratus_unix::connect(&path)
-        .and_then(|s| s.set_nonblocking(true).map(|()| s))
-        .and_then(tokio::net::UnixStream::from_std)
-    {
-        Ok(s) => s,
-        Err(e) => {
+    // This machine's VMM socket, or another host's through its agent.
+    let opened = tokio::task::spawn_blocking(move || agent.console(&instance)).await;
+    let console = match opened {
+        Ok(Ok(console)) => console,
+        Ok(Err(e)) => {
             return crate::api::error(
                 axum::http::StatusCode::BAD_GATEWAY,
-                format!("cannot reach the console: {e}"),
+                format!("cannot reach the console of '{name}': {e}"),
             )
         }
+        Err(e) => return crate::api::error(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
-    upgrade.on_upgrade(move |socket| bridge(socket, stream)).into_response()
-}
-
-async fn bridge(mut socket: WebSocket, stream: tokio::net::UnixStream) {
-    let (mut from_vm, mut to_vm) = stream.into_split();
-    let mut buf = vec![0u8; 16 << 10];
-    loop {
-        tokio::select! {
-            read = from_vm.read(&mut buf) => match read {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if socket.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
-                        break;
-                    }
-                }
-            },
-            message = socket.recv() => match message {
-                Some(Ok(Message::Binary(data))) => {
-                    if to_vm.write_all(&data).await.is_err() {
-                        break;
-                    }
-                }
-                Some(Ok(Message::Text(text))) => {
-                    if to_vm.write_all(text.as_bytes()).await.is_err() {
-                        break;
-                    }
-                }
-                Some(Ok(_)) => {}
-                Some(Err(_)) | None => break,
-            },
-        }
-    }
-    let _ = socket.send(Message::Close(None)).await;
+    upgrade.on_upgrade(move |socket| stratus_protocol::console::bridge(socket, console)).into_response()
 }

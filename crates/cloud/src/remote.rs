@@ -3,7 +3,6 @@
 //! exec, ...) and makes each one an order of a new generation, then follows what the agent
 //! observes until the order is carried out, passing the agent's events on as progress.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -288,12 +287,11 @@ impl HostAgent for RemoteHost {
         Ok(ExecOutput { code: output.code, stdout: output.stdout, stderr: output.stderr })
     }
 
-    fn console_socket(&self, instance: &Instance) -> PathBuf {
-        // Not proxied yet: a path that does not exist makes the console route say so.
-        PathBuf::from(format!(
-            "/nonexistent/stratus/host-{}/instance-{}/console.sock",
-            self.name, instance.id
-        ))
+    fn console(
+        &self,
+        instance: &Instance,
+    ) -> Result<Box<dyn stratus_protocol::console::ConsoleStream>, AgentError> {
+        self.agent.console(&instance.id).map_err(|e| self.error(e))
     }
 
     fn metrics(&self, instance: &Instance) -> Result<serde_json::Value, AgentError> {

@@ -513,6 +513,11 @@ impl Agent for RuntimeAgent {
         Ok(ExecOutput { code: output.code, stdout: output.stdout, stderr: output.stderr })
     }
 
+    fn console(&self, id: &str) -> Result<Box<dyn stratus_protocol::console::ConsoleStream>, WireError> {
+        let instance = self.0.running_instance(id)?;
+        self.0.driver.console(&instance).map_err(wire_error)
+    }
+
     fn metrics(&self, id: &str) -> Result<serde_json::Value, WireError> {
         let instance = self.0.running_instance(id)?;
         self.0.driver.metrics(&instance).map_err(wire_error)

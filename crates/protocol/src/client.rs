@@ -78,6 +78,18 @@ impl HttpAgent {
 }
 
 impl Agent for HttpAgent {
+    fn console(&self, id: &str) -> Result<Box<dyn crate::console::ConsoleStream>, AgentError> {
+        crate::check_id(id)?;
+        let url = format!("{}/instances/{id}/console", self.base.replacen("http://", "ws://", 1));
+        let headers = [
+            ("authorization", format!("Bearer {}", self.credential)),
+            (VERSION_HEADER, PROTOCOL_VERSION.to_string()),
+        ];
+        crate::console::WsConsole::connect(&url, &headers)
+            .map(|console| Box::new(console) as Box<dyn crate::console::ConsoleStream>)
+            .map_err(AgentError::Failed)
+    }
+
     fn host(&self) -> Result<HostInfo, AgentError> {
         self.call("GET", "/host", None::<&()>, CALL_TIMEOUT)
     }

@@ -12,6 +12,7 @@
 //! (in memory, no KVM: for tests and the scheduler benchmark).
 
 pub mod client;
+pub mod console;
 pub mod server;
 pub mod sim;
 
@@ -355,6 +356,10 @@ pub trait Agent: Send + Sync {
     /// Moves running instance `id` live to the VMM waiting at `to`, its disk copied in the same
     /// session; on success the agent forgets it, on failure it runs on here.
     fn send(&self, id: &str, to: &str) -> Result<MoveReport, AgentError>;
+    /// The serial console of running instance `id`, as a byte stream.
+    fn console(&self, id: &str) -> Result<Box<dyn console::ConsoleStream>, AgentError> {
+        Err(AgentError::Refused(format!("instance {id}: this host has no consoles (it is simulated)")))
+    }
 }
 
 /// Compares two secrets in time that does not depend on where they differ.

@@ -33,6 +33,7 @@ pub fn router(agent: Arc<dyn Agent>, credential: String) -> Router {
         .route("/instances/{id}", get(observe).put(ensure))
         .route("/instances/{id}/exec", post(exec))
         .route("/instances/{id}/metrics", get(metrics))
+        .route("/instances/{id}/console", get(console))
         .route("/instances/{id}/receive", post(receive))
         .route("/instances/{id}/send", post(send))
         .fallback(|| async { failure(AgentError::Refused("no such agent route".into())) })
@@ -156,6 +157,24 @@ async fn metrics(State(state): State<Shared>, Path(id): Path<String>) -> Respons
         agent.metrics(&id)
     })
     .await
+}
+
+/// Upgrades to a WebSocket bridged to the instance's console (the control plane proxies it).
+async fn console(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    upgrade: axum::extract::ws::WebSocketUpgrade,
+) -> Response {
+    let opened = tokio::task::spawn_blocking(move || {
+        crate::check_id(&id)?;
+        state.agent.console(&id)
+    })
+    .await;
+    match opened {
+        Ok(Ok(console)) => upgrade.on_upgrade(move |socket| crate::console::bridge(socket, console)),
+        Ok(Err(error)) => failure(error),
+        Err(panic) => failure(AgentError::Failed(format!("the agent's worker failed: {panic}"))),
+    }
 }
 
 async fn receive(State(state): State<Shared>, Path(id): Path<String>, body: axum::body::Bytes) -> Response {

@@ -3,7 +3,8 @@
 //! driven by the CLI as a user would, with real VMMs booting the default Linux image.
 //!
 //! One test, so the cluster and its guests (a Linux boot is some 30 s of emulated kernel on a
-//! PVM host) serve every check: launches on named hosts, exec through the control plane, ping
+//! PVM host) serve every check: launches on named hosts (each host booting from its own copy
+//! of the image), exec and the serial console through the control plane, ping
 //! and a TCP stream between instances on different hosts (one VXLAN segment), a live move that
 //! keeps the stream, the address and a memory pattern, a move whose destination's link goes
 //! down (the guest stays on its source), an agent killed with SIGKILL and restarted (its guest
@@ -187,9 +188,12 @@ fn a_three_host_lab_launches_moves_and_survives_faults() {
     let list = lab.ok(&["list"]);
     assert!(list.contains("HOST") && list.lines().any(|l| l.contains("a1") && l.contains("h2")), "{list}");
     assert!(lab.ok(&["exec", "a1", "--", "hostname"]).contains("a1"));
-    // The console of another host's instance is refused in one line, pointing at exec.
-    let console = lab.cli(&["console", "a2"]);
-    assert!(console.code != Some(0) && console.stderr.contains("not proxied yet"), "{console:?}");
+    // The console of another host's instance, through the control plane and h3's agent: a
+    // command typed from a pipe is answered.
+    let mut all = vec!["--url", lab.url.as_str(), "--token", lab.token.as_str()];
+    all.extend_from_slice(&["console", "a2"]);
+    let console = common::stratus(&all, b"echo console-$((3 + 4))\r", Duration::from_secs(120));
+    assert!(console.code == Some(0) && console.stdout.contains("console-7"), "{console:?}");
     let ip1 = a1["status"]["ip"].as_str().unwrap().to_owned();
     let ip2 = a2["status"]["ip"].as_str().unwrap().to_owned();
 
