@@ -383,6 +383,9 @@ struct LaunchRequest {
     /// How the scheduler ranks hosts: spread (default) or pack.
     #[serde(default)]
     placement: Policy,
+    /// No two instances of this group run on one host.
+    #[serde(default)]
+    anti_affinity: Option<String>,
 }
 
 fn default_image() -> String {
@@ -517,29 +520,53 @@ fn request_running(
 }
 
 /// Chooses among `hosts` (from [`host_views`]) the host for a new instance of `memory_mib`
-/// (on `only`, if given), with the reasons.
+/// in anti-affinity `group` ("" for none; its members in `members`, from [`group_members`]),
+/// on `only` if given, with the reasons.
 fn place(
     hosts: &[Host],
     memory_mib: u64,
     policy: Policy,
     only: Option<&str>,
+    members: &[(String, String)],
 ) -> ApiResult<scheduler::Decision> {
     if let ([host], None) = (hosts, only) {
         // One host: the refusal says what is free there, as it always has.
         check_free_memory(host, memory_mib)?;
     }
-    let candidates: Vec<Candidate> = hosts.iter().map(candidate).collect();
+    let candidates: Vec<Candidate> = hosts.iter().map(|h| candidate(h, members)).collect();
     scheduler::place(&candidates, memory_mib, policy, only).map_err(ApiError::conflict)
 }
 
-/// A host as the scheduler weighs it.
-fn candidate(host: &Host) -> Candidate {
+/// The (host, name) of every instance of anti-affinity `group` but `except` ("" groups none).
+fn group_members(
+    state: &AppState,
+    instances: &[Instance],
+    group: &str,
+    except: &str,
+) -> Vec<(String, String)> {
+    if group.is_empty() {
+        return Vec::new();
+    }
+    instances
+        .iter()
+        .filter(|i| i.spec.anti_affinity == group && i.name != except && i.desired != Desired::Deleted)
+        .map(|i| (placed_on(state, i).to_owned(), i.name.clone()))
+        .collect()
+}
+
+/// A host as the scheduler weighs it, with the `members` of the group being placed.
+fn candidate(host: &Host, members: &[(String, String)]) -> Candidate {
     Candidate {
         name: host.name.clone(),
         online: host.state == "online",
         maintenance: host.maintenance,
         allocatable_mib: host.allocatable_mib,
         allocated_mib: host.allocated_mib,
+        group_members: members
+            .iter()
+            .filter(|(on, _)| *on == host.name)
+            .map(|(_, name)| name.clone())
+            .collect(),
     }
 }
 
@@ -589,7 +616,12 @@ async fn launch(
     if let Some(host) = &req.host {
         check_name("host", host).map_err(ApiError::bad_request)?;
     }
-    let placement = place(&hosts, req.memory_mib, req.placement, req.host.as_deref())?;
+    let group = req.anti_affinity.clone().unwrap_or_default();
+    if !group.is_empty() {
+        check_name("anti-affinity group", &group).map_err(ApiError::bad_request)?;
+    }
+    let members = group_members(&state, &state.db.instances()?, &group, &req.name);
+    let placement = place(&hosts, req.memory_mib, req.placement, req.host.as_deref(), &members)?;
     if state.db.instance(DEFAULT_PROJECT, &req.name)?.is_some() {
         return Err(ApiError::conflict(format!("instance '{}' already exists", req.name)));
     }
@@ -616,6 +648,7 @@ async fn launch(
             disk_mib: req.disk_mib,
             network: req.network,
             restart: req.restart,
+            anti_affinity: group,
         },
         desired: Desired::Running,
         status: InstanceStatus {
@@ -702,7 +735,9 @@ async fn move_instance(
     }
     // The destination must have room, as for a launch; the source is no choice.
     let hosts = host_views(&state)?;
-    let candidates: Vec<Candidate> = hosts.iter().filter(|h| h.name != source).map(candidate).collect();
+    let members = group_members(&state, &state.db.instances()?, &instance.spec.anti_affinity, &name);
+    let candidates: Vec<Candidate> =
+        hosts.iter().filter(|h| h.name != source).map(|h| candidate(h, &members)).collect();
     if candidates.is_empty() {
         return Err(ApiError::conflict("there is no other host to move to (see `stratus host list`)"));
     }

@@ -46,6 +46,9 @@ pub struct InstanceSpec {
     /// What to do when the VMM exits without being asked to.
     #[serde(default)]
     pub restart: RestartPolicy,
+    /// Its anti-affinity group: no two instances of one group run on one host ("" for none).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub anti_affinity: String,
 }
 
 /// When the reconciler starts an instance again after its VMM went away on its own.

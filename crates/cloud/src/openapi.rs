@@ -100,6 +100,7 @@ pub fn document() -> Value {
                     "memory_mib": {"type": "integer", "minimum": 32, "default": 256},
                     "disk_mib": {"type": "integer", "minimum": 1, "default": 1024},
                     "network": {"type": "string", "default": "default"},
+                    "anti_affinity": {"type": "string", "pattern": "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", "description": "No two instances of this group run on one host"},
                     "restart": {"type": "string", "enum": ["always", "on-failure", "never"]},
                     "host": {"type": "string", "nullable": true},
                     "placement": {"type": "string", "enum": ["spread", "pack"], "default": "spread"}}},

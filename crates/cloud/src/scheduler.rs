@@ -1,5 +1,6 @@
 //! Placement: which host an instance runs on. Filters first (the host is online, not being
-//! drained, has the memory the instance needs), then a weigher ranks the hosts left: `spread`
+//! drained, has the memory the instance needs, holds no other instance of its anti-affinity
+//! group), then a weigher ranks the hosts left: `spread`
 //! prefers the host with the largest share of its memory free after the placement, `pack` the
 //! smallest (fewer hosts busy, the others free for large instances or power-off). Every
 //! decision is explained, the refused hosts with their reason, for the instance's events.
@@ -30,6 +31,8 @@ pub struct Candidate {
     pub allocatable_mib: u64,
     /// Memory given to instances meant to run there, MiB.
     pub allocated_mib: u64,
+    /// Instances there of the anti-affinity group of the one being placed: any keeps it out.
+    pub group_members: Vec<String>,
 }
 
 /// Where an instance goes, and why.
@@ -60,6 +63,10 @@ pub fn place(
             refused.push(format!("{} refused: offline", host.name));
         } else if host.maintenance {
             refused.push(format!("{} refused: in maintenance", host.name));
+        } else if !host.group_members.is_empty() {
+            let members = host.group_members.join(", ");
+            refused
+                .push(format!("{} refused: {members} of the same anti-affinity group runs there", host.name));
         } else if free < memory_mib {
             refused.push(format!("{} refused: {} free", host.name, mib(free)));
         } else {
@@ -115,7 +122,14 @@ mod tests {
     use super::*;
 
     fn host(name: &str, allocatable_mib: u64, allocated_mib: u64) -> Candidate {
-        Candidate { name: name.into(), online: true, maintenance: false, allocatable_mib, allocated_mib }
+        Candidate {
+            name: name.into(),
+            online: true,
+            maintenance: false,
+            allocatable_mib,
+            allocated_mib,
+            group_members: Vec::new(),
+        }
     }
 
     #[test]
@@ -155,6 +169,20 @@ mod tests {
         assert!(place(&hosts, 64, Policy::Spread, Some("h9"))
             .unwrap_err()
             .contains("not part of the cluster"));
+    }
+
+    #[test]
+    fn anti_affinity_keeps_group_members_apart_whatever_the_weights() {
+        let mut h2 = host("h2", 8192, 0);
+        h2.group_members = vec!["web1".into()];
+        let hosts = [host("h1", 4096, 2048), h2];
+        let decision = place(&hosts, 256, Policy::Spread, None).unwrap();
+        assert_eq!(decision.host, "h1", "{}", decision.explanation);
+        assert!(decision
+            .explanation
+            .ends_with("h2 refused: web1 of the same anti-affinity group runs there"));
+        let refusal = place(&hosts, 256, Policy::Spread, Some("h2")).unwrap_err();
+        assert!(refusal.contains("web1 of the same anti-affinity group"), "{refusal}");
     }
 
     #[test]

@@ -123,6 +123,7 @@ pub fn instance_record(order: &InstanceOrder, pid: u32, started_at: u64) -> Inst
             disk_mib: order.disk_mib,
             network: order.network.name.clone(),
             restart: RestartPolicy::Never,
+            anti_affinity: String::new(),
         },
         desired: match order.wanted {
             Wanted::Running => Desired::Running,

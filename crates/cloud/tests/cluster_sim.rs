@@ -51,6 +51,7 @@ on_both_stores!(
     a_silent_host_goes_offline_and_takes_no_launches,
     every_host_gets_every_peer_and_one_away_gets_them_on_return,
     hosts_copy_image_files_from_the_control_plane_once,
+    anti_affinity_groups_keep_members_on_different_hosts,
     failures_on_a_host_are_retried_and_crashes_restarted,
     hosts_with_instances_cannot_be_removed,
     moves_change_the_host_only_once_the_destination_runs_it,
@@ -428,6 +429,57 @@ fn hosts_copy_image_files_from_the_control_plane_once(backend: Backend) {
     assert_eq!(images.local(&image, &network, &mut |m| said.push(m)).unwrap(), local);
     assert!(said.is_empty(), "copied twice: {said:?}");
     assert!(cloud.events("").contains("host h9: copying image file tiny-0123abcd/rootfs.ext4 (3 MiB)"));
+}
+
+fn anti_affinity_groups_keep_members_on_different_hosts(backend: Backend) {
+    // h3 has room for everything: without the group, spread would put all three there.
+    let Some(cloud) = SimCloud::new("affinity", backend, &[("h1", 4096), ("h2", 4096), ("h3", 65536)]) else {
+        return;
+    };
+    let mut placed = Vec::new();
+    for name in ["web1", "web2", "web3"] {
+        let instance = cloud.launch(json!({ "name": name, "anti_affinity": "web" })).unwrap();
+        placed.push(instance.status.host.clone());
+        cloud.wait_state(name, "running");
+    }
+    placed.sort();
+    assert_eq!(placed, ["h1", "h2", "h3"], "one member per host");
+    let said = cloud.events("web2");
+    assert!(said.contains("refused: web1 of the same anti-affinity group runs there"), "{said}");
+    // A fourth has nowhere to go, and says why for each host.
+    let refusal =
+        refused(cloud.client.post("/v1/instances", &json!({ "name": "web4", "anti_affinity": "web" })));
+    for host in ["h1", "h2", "h3"] {
+        assert!(refusal.contains(&format!("{host} refused: ")), "{refusal}");
+    }
+    assert!(refusal.contains("of the same anti-affinity group runs there"), "{refusal}");
+    // Other groups and instances without one are not kept out.
+    assert_eq!(cloud.launch(json!({ "name": "db1", "anti_affinity": "db" })).unwrap().status.host, "h3");
+    cloud.launch(json!({ "name": "plain" })).unwrap();
+    // A move onto another member's host is refused; a member deleted frees its host.
+    let web1 = cloud.instance("web1");
+    let other = ["h1", "h2", "h3"].into_iter().find(|h| *h != web1.status.host).unwrap();
+    let moved = refused(cloud.client.post("/v1/instances/web1/move", &json!({ "to": other })));
+    assert!(moved.contains("anti-affinity group"), "{moved}");
+    let freed = cloud.instance("web2").status.host;
+    cloud.client.delete("/v1/instances/web2").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let web4 = loop {
+        match cloud.launch(json!({ "name": "web4", "anti_affinity": "web" })) {
+            Ok(instance) => break instance,
+            Err(e) => assert!(Instant::now() < deadline, "web4 never placed: {e:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(web4.status.host, freed);
+    for bad in ["Bad_Group", ""] {
+        let body = json!({ "name": "web5", "anti_affinity": bad });
+        if bad.is_empty() {
+            cloud.launch(body).unwrap();
+        } else {
+            refused(cloud.client.post("/v1/instances", &body));
+        }
+    }
 }
 
 fn failures_on_a_host_are_retried_and_crashes_restarted(backend: Backend) {

@@ -228,6 +228,10 @@ pub struct LaunchArgs {
     /// How the scheduler picks a host: spread (most memory free) or pack (fill hosts up).
     #[arg(long, default_value = "spread", value_parser = ["spread", "pack"])]
     placement: String,
+    /// Keep it off every host where another instance of this group runs (replicas of one
+    /// service, so one host's failure takes only one of them).
+    #[arg(long, value_name = "GROUP")]
+    anti_affinity: Option<String>,
     /// Return once the request is accepted instead of waiting for the guest.
     #[arg(long)]
     no_wait: bool,
@@ -519,6 +523,7 @@ pub fn launch(conn: &Connection, args: LaunchArgs) -> Result<i32> {
         "restart": args.restart,
         "host": args.host,
         "placement": args.placement,
+        "anti_affinity": args.anti_affinity,
     });
     let since = now_ms().saturating_sub(1);
     let accepted: Accepted = client.post("/v1/instances", &body)?;
