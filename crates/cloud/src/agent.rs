@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use stratus_guest_agent::{Client, ExecRequest, Identity};
 use stratus_protocol::console::{ConsoleStream, UnixConsole};
+use stratus_protocol::DiskLayout;
 use stratus_vmm::api::http;
 
 use crate::disk::{self, CloneKind};
@@ -169,6 +170,13 @@ pub trait HostAgent: Send + Sync {
     fn metrics(&self, instance: &Instance) -> Result<serde_json::Value, AgentError>;
     /// Whether the instance's files and devices are all gone (for delete's no-leftovers check).
     fn leftovers(&self, instance: &Instance) -> Vec<String>;
+    /// The stopped instance's disk: size and data ranges (a cold move's source).
+    fn disk_layout(&self, instance: &Instance) -> Result<DiskLayout, AgentError>;
+    /// `length` bytes of the stopped instance's disk from `offset`.
+    fn read_disk(&self, instance: &Instance, offset: u64, length: u64) -> Result<Vec<u8>, AgentError>;
+    /// Writes `data` at `offset` into the disk of an instance held stopped here (a cold
+    /// move's destination), made `size` bytes first if it has none.
+    fn write_disk(&self, instance: &Instance, size: u64, offset: u64, data: &[u8]) -> Result<(), AgentError>;
     /// Readies this host to receive `instance` by live migration: an empty disk of its size,
     /// its tap, and a VMM waiting for the stream on this host's address.
     fn receive(&self, instance: &Instance, image: &Image, network: &Network) -> Result<Incoming, AgentError>;
@@ -593,6 +601,25 @@ fn api_sock(dir: &Path) -> PathBuf {
 
 /// The VMM serving `dir`: the recorded pid if it still is, else whichever process answers on
 /// the API socket (a start the server died in the middle of left its pid unrecorded).
+/// The largest disk a cold move writes (as launches allow).
+const MAX_DISK_BYTES: u64 = 16 << 40;
+
+impl LocalAgent {
+    /// The disk of `instance`, which must not be running here (a disk in use changes while
+    /// it is read).
+    fn stopped_disk(&self, instance: &Instance) -> Result<PathBuf, AgentError> {
+        let dir = self.instance_dir(&instance.id);
+        if find_vmm(&dir, instance.status.pid).is_some() {
+            return Err(AgentError::Io(format!("instance {} runs: stop it to move it cold", instance.name)));
+        }
+        let path = dir.join("disk.raw");
+        if !path.exists() {
+            return Err(AgentError::Io(format!("instance {} has no disk here", instance.name)));
+        }
+        Ok(path)
+    }
+}
+
 fn find_vmm(dir: &Path, recorded: u32) -> Option<u32> {
     if is_vmm_of(recorded, dir) {
         return Some(recorded);
@@ -1035,6 +1062,32 @@ impl HostAgent for LocalAgent {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    fn disk_layout(&self, instance: &Instance) -> Result<DiskLayout, AgentError> {
+        let path = self.stopped_disk(instance)?;
+        disk::layout(&path).map_err(|e| AgentError::Io(format!("reading {}: {e}", path.display())))
+    }
+
+    fn read_disk(&self, instance: &Instance, offset: u64, length: u64) -> Result<Vec<u8>, AgentError> {
+        let path = self.stopped_disk(instance)?;
+        disk::read_chunk(&path, offset, length.min(stratus_protocol::DISK_CHUNK))
+            .map_err(|e| AgentError::Io(format!("reading {}: {e}", path.display())))
+    }
+
+    fn write_disk(&self, instance: &Instance, size: u64, offset: u64, data: &[u8]) -> Result<(), AgentError> {
+        if size > MAX_DISK_BYTES || size == 0 {
+            return Err(AgentError::Io(format!("a disk of {size} bytes is not taken")));
+        }
+        let dir = self.instance_dir(&instance.id);
+        if find_vmm(&dir, instance.status.pid).is_some() {
+            return Err(AgentError::Io(format!("instance {} runs here: its disk is in use", instance.name)));
+        }
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| AgentError::Io(format!("creating {}: {e}", dir.display())))?;
+        let path = dir.join("disk.raw");
+        disk::write_chunk(&path, size, offset, data)
+            .map_err(|e| AgentError::Io(format!("writing {}: {e}", path.display())))
     }
 
     fn leftovers(&self, instance: &Instance) -> Vec<String> {

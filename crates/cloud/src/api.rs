@@ -717,9 +717,11 @@ async fn move_instance(
     }
     let _admitted = state.admission.lock().unwrap_or_else(|p| p.into_inner());
     let instance = find_instance(&state, &name)?;
-    if instance.status.state != InstanceState::Running || instance.desired != Desired::Running {
+    let live = instance.status.state == InstanceState::Running && instance.desired == Desired::Running;
+    let cold = instance.status.state == InstanceState::Stopped && instance.desired == Desired::Stopped;
+    if !live && !cold {
         return Err(ApiError::conflict(format!(
-            "instance '{name}' is {}: only a running instance moves live",
+            "instance '{name}' is {}: a running instance moves live, a stopped one cold",
             instance.status.state.as_str()
         )));
     }
@@ -759,17 +761,21 @@ async fn move_instance(
         i.status.moving = to.clone();
         true
     })?;
+    let how = if live { "live" } else { "stopped" };
     state.db.event(
         DEFAULT_PROJECT,
         &name,
         "info",
-        format!("moving live from {source} to {to}: {}", decision.explanation),
+        format!("moving {how} from {source} to {to}: {}", decision.explanation),
     );
     let (db, hosts, op_id, moving) =
         (state.db.clone(), Arc::clone(&state.hosts), op.id.clone(), instance.clone());
     std::thread::Builder::new()
         .name(format!("move-{name}"))
-        .spawn(move || crate::moves::run(&db, &hosts, moving, &to, &op_id))
+        .spawn(move || match live {
+            true => crate::moves::run(&db, &hosts, moving, &to, &op_id),
+            false => crate::moves::run_cold(&db, &hosts, moving, &to, &op_id),
+        })
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok((StatusCode::ACCEPTED, Json(Accepted { operation: op, instance })).into_response())
 }

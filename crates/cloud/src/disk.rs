@@ -86,11 +86,27 @@ fn copy_into(source: &File, target: &File, len: u64) -> io::Result<CloneKind> {
 /// Copies only the data extents of `source` (SEEK_DATA/SEEK_HOLE), leaving holes as holes.
 fn sparse_copy(source: &File, target: &File, len: u64) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
-    let fd = source.as_raw_fd();
-    let mut offset: i64 = 0;
     let mut buf = vec![0u8; 1 << 20];
+    for (start, length) in data_extents(source, len)? {
+        let mut at = start;
+        while at < start + length {
+            let n = ((start + length - at) as usize).min(buf.len());
+            source.read_exact_at(&mut buf[..n], at)?;
+            target.write_all_at(&buf[..n], at)?;
+            at += n as u64;
+        }
+    }
+    target.set_len(len)
+}
+
+/// The `(offset, length)` of each range of the first `len` bytes of `file` that holds data
+/// (SEEK_DATA/SEEK_HOLE; a filesystem without holes reports one range).
+pub fn data_extents(file: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
+    let fd = file.as_raw_fd();
+    let mut extents = Vec::new();
+    let mut offset: i64 = 0;
     while (offset as u64) < len {
-        // SAFETY: lseek on a descriptor we own; no memory is passed.
+        // SAFETY: lseek on a descriptor the caller owns; no memory is passed.
         let data = unsafe { libc::lseek(fd, offset, libc::SEEK_DATA) };
         if data < 0 {
             let err = io::Error::last_os_error();
@@ -99,19 +115,50 @@ fn sparse_copy(source: &File, target: &File, len: u64) -> io::Result<()> {
             }
             return Err(err);
         }
+        if data as u64 >= len {
+            break;
+        }
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
         let end = if hole < 0 { len as i64 } else { hole.min(len as i64) };
-        let mut at = data as u64;
-        while at < end as u64 {
-            let n = ((end as u64 - at) as usize).min(buf.len());
-            source.read_exact_at(&mut buf[..n], at)?;
-            target.write_all_at(&buf[..n], at)?;
-            at += n as u64;
-        }
+        extents.push((data as u64, (end - data) as u64));
         offset = end;
     }
-    target.set_len(len)
+    Ok(extents)
+}
+
+/// A stopped instance's disk at `path`: its size and data ranges, for a cold move.
+pub fn layout(path: &Path) -> io::Result<stratus_protocol::DiskLayout> {
+    let file = File::open(path)?;
+    let size = file.metadata()?.len();
+    Ok(stratus_protocol::DiskLayout { size, extents: data_extents(&file, size)? })
+}
+
+/// `length` bytes of the disk at `path` from `offset` (fewer at its end).
+pub fn read_chunk(path: &Path, offset: u64, length: u64) -> io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let file = File::open(path)?;
+    let size = file.metadata()?.len();
+    let mut data = vec![0; length.min(size.saturating_sub(offset)) as usize];
+    file.read_exact_at(&mut data, offset)?;
+    Ok(data)
+}
+
+/// Writes `data` at `offset` into the disk at `path`, made `size` bytes long (sparse) if it
+/// is not; a write past `size` is refused.
+pub fn write_chunk(path: &Path, size: u64, offset: u64, data: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    if offset.checked_add(data.len() as u64).is_none_or(|end| end > size) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("a write past the disk's {size} bytes"),
+        ));
+    }
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
+    if file.metadata()?.len() != size {
+        file.set_len(size)?;
+    }
+    file.write_all_at(data, offset)
 }
 
 fn grow_filesystem(disk: &Path) -> Result<(), DiskError> {

@@ -69,12 +69,99 @@ pub fn run(db: &Db, hosts: &Hosts, instance: Instance, to: &str, op: &str) {
             Some(why)
         }
     };
+    finish(db, op, error);
+}
+
+fn finish(db: &Db, op: &str, error: Option<String>) {
     let _ = db.update(&operation_key(op), |o: &mut Operation| {
         o.state = if error.is_some() { OperationState::Failed } else { OperationState::Succeeded };
         o.error = error.clone().unwrap_or_default();
         o.finished_at = now();
         true
     });
+}
+
+/// Moves stopped `instance` to host `to` (operation `op`): the destination holds it stopped,
+/// the disk's data ranges are copied through the control plane, then the record names the
+/// destination and the source's copy goes. A failure before the record changes removes the
+/// destination's copy; the instance stays where it was.
+pub fn run_cold(db: &Db, hosts: &Hosts, instance: Instance, to: &str, op: &str) {
+    let event = |level: &str, message: String| db.event(&instance.project, &instance.name, level, message);
+    let key = instance_key(&instance.project, &instance.name);
+    let from = instance.status.host.clone();
+    let mut arriving = instance.clone();
+    arriving.status.host = to.to_string();
+    arriving.status.pid = 0;
+    let started = std::time::Instant::now();
+    let copied = (|| -> Result<(u64, u64), String> {
+        let agent =
+            |name: &str| hosts.get(name).ok_or_else(|| format!("host '{name}' is not part of the cluster"));
+        let (source, destination) = (agent(&from)?, agent(to)?);
+        let layout = source.disk_layout(&instance).map_err(|e| format!("{from}: {e}"))?;
+        let data: u64 = layout.extents.iter().map(|(_, length)| length).sum();
+        event(
+            "info",
+            format!("copying the disk to {to}: {} MiB of data in {} MiB", data >> 20, layout.size >> 20),
+        );
+        destination.stop(&arriving).map_err(|e| format!("{to} could not hold it: {e}"))?;
+        let mut sent = 0;
+        let result = (|| {
+            for &(start, length) in &layout.extents {
+                let mut at = start;
+                while at < start + length {
+                    let n = (start + length - at).min(stratus_protocol::DISK_CHUNK);
+                    let chunk = source.read_disk(&instance, at, n).map_err(|e| format!("{from}: {e}"))?;
+                    destination
+                        .write_disk(&arriving, layout.size, at, &chunk)
+                        .map_err(|e| format!("{to}: {e}"))?;
+                    at += n;
+                    sent += n;
+                }
+            }
+            // A disk with no data at all is still made, at its size.
+            if layout.extents.is_empty() {
+                destination.write_disk(&arriving, layout.size, 0, &[]).map_err(|e| format!("{to}: {e}"))?;
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            let _ = destination.remove(&arriving);
+        }
+        result.map(|()| (sent, layout.size))
+    })();
+    let error = match copied {
+        Ok((sent, size)) => {
+            let _ = db.update(&key, |i: &mut Instance| {
+                i.status.host = to.to_string();
+                i.status.moving.clear();
+                true
+            });
+            if let Some(source) = hosts.get(&from) {
+                if let Err(e) = source.remove(&instance) {
+                    event("error", format!("removing the copy left on {from}: {e}"));
+                }
+            }
+            event(
+                "info",
+                format!(
+                    "moved to {to} stopped in {:.1} s ({} MiB of its {} MiB disk copied)",
+                    started.elapsed().as_secs_f64(),
+                    sent >> 20,
+                    size >> 20
+                ),
+            );
+            None
+        }
+        Err(why) => {
+            let _ = db.update(&key, |i: &mut Instance| {
+                i.status.moving.clear();
+                true
+            });
+            event("error", format!("move to {to} failed: {why}; still on {from}"));
+            Some(why)
+        }
+    };
+    finish(db, op, error);
 }
 
 /// How a move failed.

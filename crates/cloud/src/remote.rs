@@ -3,6 +3,7 @@
 //! exec, ...) and makes each one an order of a new generation, then follows what the agent
 //! observes until the order is carried out, passing the agent's events on as progress.
 
+use base64::Engine;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -339,5 +340,24 @@ impl HostAgent for RemoteHost {
             }
             Err(e) => vec![format!("host {}: {e}", self.name)],
         }
+    }
+
+    fn disk_layout(&self, instance: &Instance) -> Result<stratus_protocol::DiskLayout, AgentError> {
+        self.agent.disk_layout(&instance.id).map_err(|e| self.error(e))
+    }
+
+    fn read_disk(&self, instance: &Instance, offset: u64, length: u64) -> Result<Vec<u8>, AgentError> {
+        let chunk = self.agent.read_disk(&instance.id, offset, length).map_err(|e| self.error(e))?;
+        base64::engine::general_purpose::STANDARD
+            .decode(&chunk.data)
+            .map_err(|e| AgentError::Io(format!("host {}: a disk chunk that is not base64: {e}", self.name)))
+    }
+
+    fn write_disk(&self, instance: &Instance, size: u64, offset: u64, data: &[u8]) -> Result<(), AgentError> {
+        let chunk = stratus_protocol::DiskChunk {
+            offset,
+            data: base64::engine::general_purpose::STANDARD.encode(data),
+        };
+        self.agent.write_disk(&instance.id, size, &chunk).map_err(|e| self.error(e))
     }
 }

@@ -7,6 +7,7 @@
 //! and reports the ones that died meanwhile as down. It never starts a second VMM for an
 //! instance: a start finds a VMM left over by an interrupted start and replaces it.
 
+use base64::Engine;
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -381,6 +382,26 @@ impl AgentRuntime {
     }
 
     /// The instance as the driver's calls need it, if it runs.
+    /// Instance `id`, held here stopped (its disk neither in use nor being made).
+    fn stopped_instance(&self, id: &str) -> Result<crate::model::Instance, WireError> {
+        stratus_protocol::check_id(id)?;
+        match self.slots().get(id) {
+            // Absent under a stop order: held here, never started (a cold move's destination).
+            Some(slot)
+                if slot.record.order.wanted == Wanted::Stopped
+                    && matches!(slot.record.phase, Phase::Stopped | Phase::Absent)
+                    && !slot.busy =>
+            {
+                Ok(wire::instance_record(&slot.record.order, 0, slot.record.started_at))
+            }
+            Some(slot) => Err(WireError::Refused(format!(
+                "instance {} is {:?} here, not stopped",
+                slot.record.order.name, slot.record.phase
+            ))),
+            None => Err(WireError::Refused(format!("no instance {id} here"))),
+        }
+    }
+
     fn running_instance(&self, id: &str) -> Result<crate::model::Instance, WireError> {
         match self.slots().get(id) {
             Some(slot) if slot.record.phase == Phase::Running => {
@@ -511,6 +532,39 @@ impl Agent for RuntimeAgent {
             )
             .map_err(wire_error)?;
         Ok(ExecOutput { code: output.code, stdout: output.stdout, stderr: output.stderr })
+    }
+
+    fn disk_layout(&self, id: &str) -> Result<stratus_protocol::DiskLayout, WireError> {
+        let instance = self.0.stopped_instance(id)?;
+        self.0.driver.disk_layout(&instance).map_err(wire_error)
+    }
+
+    fn read_disk(
+        &self,
+        id: &str,
+        offset: u64,
+        length: u64,
+    ) -> Result<stratus_protocol::DiskChunk, WireError> {
+        let instance = self.0.stopped_instance(id)?;
+        let data = self.0.driver.read_disk(&instance, offset, length).map_err(wire_error)?;
+        Ok(stratus_protocol::DiskChunk {
+            offset,
+            data: base64::engine::general_purpose::STANDARD.encode(data),
+        })
+    }
+
+    fn write_disk(&self, id: &str, size: u64, chunk: &stratus_protocol::DiskChunk) -> Result<(), WireError> {
+        let instance = self.0.stopped_instance(id)?;
+        let data = base64::engine::general_purpose::STANDARD
+            .decode(&chunk.data)
+            .map_err(|e| WireError::Refused(format!("a disk chunk that is not base64: {e}")))?;
+        if data.len() as u64 > stratus_protocol::DISK_CHUNK {
+            return Err(WireError::Refused(format!(
+                "at most {} bytes a chunk",
+                stratus_protocol::DISK_CHUNK
+            )));
+        }
+        self.0.driver.write_disk(&instance, size, chunk.offset, &data).map_err(wire_error)
     }
 
     fn console(&self, id: &str) -> Result<Box<dyn stratus_protocol::console::ConsoleStream>, WireError> {

@@ -52,6 +52,7 @@ on_both_stores!(
     every_host_gets_every_peer_and_one_away_gets_them_on_return,
     hosts_copy_image_files_from_the_control_plane_once,
     anti_affinity_groups_keep_members_on_different_hosts,
+    stopped_instances_move_cold_with_their_disk,
     failures_on_a_host_are_retried_and_crashes_restarted,
     hosts_with_instances_cannot_be_removed,
     moves_change_the_host_only_once_the_destination_runs_it,
@@ -480,6 +481,61 @@ fn anti_affinity_groups_keep_members_on_different_hosts(backend: Backend) {
             refused(cloud.client.post("/v1/instances", &body));
         }
     }
+}
+
+fn stopped_instances_move_cold_with_their_disk(backend: Backend) {
+    let Some(cloud) = SimCloud::new("cold", backend, &[("h1", 4096), ("h2", 4096)]) else { return };
+    cloud.launch(json!({ "name": "db", "host": "h1" })).unwrap();
+    cloud.wait_state("db", "running");
+    let _: Value = cloud.client.post("/v1/instances/db/stop", &json!({})).unwrap();
+    let stopped = cloud.wait_state("db", "stopped");
+    let disk = |host: &str| {
+        let sim = cloud.sim(host);
+        let layout = sim.disk_layout(&stopped.id)?;
+        let chunk = sim.read_disk(&stopped.id, 0, 4096)?;
+        Ok::<_, stratus_protocol::AgentError>((layout, chunk.data))
+    };
+    let before = disk("h1").unwrap();
+    let move_to = |to: &str| -> Result<Value, ClientError> {
+        let accepted: Value = cloud.client.post("/v1/instances/db/move", &json!({ "to": to }))?;
+        let op = accepted["operation"]["id"].as_str().unwrap().to_string();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let op: Value = cloud.client.get(&format!("/v1/operations/{op}")).unwrap();
+            if op["state"] != "running" {
+                return Ok(op);
+            }
+            assert!(Instant::now() < deadline, "the move never ended");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    // Stopped, it moves cold: the same disk on h2, none left on h1.
+    let done = move_to("h2").unwrap();
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let moved = cloud.instance("db");
+    assert_eq!((moved.status.host.as_str(), moved.status.state.as_str()), ("h2", "stopped"));
+    assert_eq!(disk("h2").unwrap(), before, "the disk changed on its way");
+    assert_eq!(cloud.sim("h1").observe(&stopped.id, 0).unwrap().phase, stratus_protocol::Phase::Absent);
+    assert!(cloud.events("db").contains("moved to h2 stopped"), "{}", cloud.events("db"));
+    // Started, it runs there.
+    let _: Value = cloud.client.post("/v1/instances/db/start", &json!({})).unwrap();
+    assert_eq!(cloud.wait_state("db", "running").status.host, "h2");
+    assert_eq!(cloud.sim("h2").running(), 1);
+
+    // A source that cannot be reached mid-way leaves it where it was, disk and all, and
+    // nothing half-copied on the destination.
+    let _: Value = cloud.client.post("/v1/instances/db/stop", &json!({})).unwrap();
+    cloud.wait_state("db", "stopped");
+    cloud.sim("h2").set_unreachable(true);
+    let failed = move_to("h1").unwrap();
+    cloud.sim("h2").set_unreachable(false);
+    assert_eq!(failed["state"], "failed", "{failed}");
+    assert!(failed["error"].as_str().unwrap().contains("h2"), "{failed}");
+    let stayed = cloud.instance("db");
+    assert_eq!((stayed.status.host.as_str(), stayed.status.moving.as_str()), ("h2", ""));
+    assert_eq!(disk("h2").unwrap(), before);
+    assert_eq!(cloud.sim("h1").observe(&stopped.id, 0).unwrap().phase, stratus_protocol::Phase::Absent);
 }
 
 fn failures_on_a_host_are_retried_and_crashes_restarted(backend: Backend) {

@@ -125,6 +125,23 @@ impl Agent for HttpAgent {
         self.call("GET", &format!("/instances/{id}/metrics"), None::<&()>, CALL_TIMEOUT)
     }
 
+    fn disk_layout(&self, id: &str) -> Result<crate::DiskLayout, AgentError> {
+        check_id(id)?;
+        self.call("GET", &format!("/instances/{id}/disk"), None::<&()>, CALL_TIMEOUT)
+    }
+
+    fn read_disk(&self, id: &str, offset: u64, length: u64) -> Result<crate::DiskChunk, AgentError> {
+        check_id(id)?;
+        let path = format!("/instances/{id}/disk/chunk?offset={offset}&length={length}");
+        self.call("GET", &path, None::<&()>, CALL_TIMEOUT)
+    }
+
+    fn write_disk(&self, id: &str, size: u64, chunk: &crate::DiskChunk) -> Result<(), AgentError> {
+        check_id(id)?;
+        let path = format!("/instances/{id}/disk/chunk?size={size}");
+        self.call::<serde_json::Value>("PUT", &path, Some(chunk), CALL_TIMEOUT).map(drop)
+    }
+
     fn receive(&self, order: &InstanceOrder) -> Result<Incoming, AgentError> {
         check_id(&order.id)?;
         self.call("POST", &format!("/instances/{}/receive", order.id), Some(order), Duration::from_secs(60))

@@ -296,6 +296,30 @@ pub struct Incoming {
     pub pid: u32,
 }
 
+/// A stopped instance's disk: its size and the ranges that hold data (the rest reads as
+/// zeros), for a cold move to copy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskLayout {
+    /// Bytes.
+    pub size: u64,
+    /// `(offset, length)` of each range holding data, in order.
+    pub extents: Vec<(u64, u64)>,
+}
+
+/// A piece of a disk, at most [`DISK_CHUNK`] bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskChunk {
+    /// Where it starts.
+    pub offset: u64,
+    /// Its bytes, base64.
+    pub data: String,
+}
+
+/// The largest piece of a disk one call carries.
+pub const DISK_CHUNK: u64 = 1 << 20;
+
 /// Where to send an instance by live migration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -356,6 +380,21 @@ pub trait Agent: Send + Sync {
     /// Moves running instance `id` live to the VMM waiting at `to`, its disk copied in the same
     /// session; on success the agent forgets it, on failure it runs on here.
     fn send(&self, id: &str, to: &str) -> Result<MoveReport, AgentError>;
+    /// The layout of stopped instance `id`'s disk (a cold move's source).
+    fn disk_layout(&self, id: &str) -> Result<DiskLayout, AgentError> {
+        Err(AgentError::Refused(format!("instance {id}: this host keeps no disks")))
+    }
+    /// `length` bytes (at most [`DISK_CHUNK`]) of stopped instance `id`'s disk from `offset`.
+    fn read_disk(&self, id: &str, offset: u64, length: u64) -> Result<DiskChunk, AgentError> {
+        let _ = (offset, length);
+        Err(AgentError::Refused(format!("instance {id}: this host keeps no disks")))
+    }
+    /// Writes `chunk` into the disk of instance `id`, held stopped here (a cold move's
+    /// destination), a disk of `size` bytes made first if it has none.
+    fn write_disk(&self, id: &str, size: u64, chunk: &DiskChunk) -> Result<(), AgentError> {
+        let _ = (size, chunk);
+        Err(AgentError::Refused(format!("instance {id}: this host keeps no disks")))
+    }
     /// The serial console of running instance `id`, as a byte stream.
     fn console(&self, id: &str) -> Result<Box<dyn console::ConsoleStream>, AgentError> {
         Err(AgentError::Refused(format!("instance {id}: this host has no consoles (it is simulated)")))

@@ -34,6 +34,8 @@ pub fn router(agent: Arc<dyn Agent>, credential: String) -> Router {
         .route("/instances/{id}/exec", post(exec))
         .route("/instances/{id}/metrics", get(metrics))
         .route("/instances/{id}/console", get(console))
+        .route("/instances/{id}/disk", get(disk_layout))
+        .route("/instances/{id}/disk/chunk", get(read_disk).put(write_disk))
         .route("/instances/{id}/receive", post(receive))
         .route("/instances/{id}/send", post(send))
         .fallback(|| async { failure(AgentError::Refused("no such agent route".into())) })
@@ -157,6 +159,58 @@ async fn metrics(State(state): State<Shared>, Path(id): Path<String>) -> Respons
         agent.metrics(&id)
     })
     .await
+}
+
+async fn disk_layout(State(state): State<Shared>, Path(id): Path<String>) -> Response {
+    blocking(state, move |agent| {
+        crate::check_id(&id)?;
+        agent.disk_layout(&id)
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChunkQuery {
+    #[serde(default)]
+    offset: u64,
+    #[serde(default)]
+    length: u64,
+    #[serde(default)]
+    size: u64,
+}
+
+async fn read_disk(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    Query(query): Query<ChunkQuery>,
+) -> Response {
+    blocking(state, move |agent| {
+        crate::check_id(&id)?;
+        if query.length > crate::DISK_CHUNK {
+            return Err(AgentError::Refused(format!("at most {} bytes a call", crate::DISK_CHUNK)));
+        }
+        agent.read_disk(&id, query.offset, query.length)
+    })
+    .await
+}
+
+async fn write_disk(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    Query(query): Query<ChunkQuery>,
+    body: axum::body::Bytes,
+) -> Response {
+    match serde_json::from_slice::<crate::DiskChunk>(&body) {
+        Ok(chunk) => {
+            blocking(state, move |agent| {
+                crate::check_id(&id)?;
+                agent.write_disk(&id, query.size, &chunk).map(|()| serde_json::json!({}))
+            })
+            .await
+        }
+        Err(e) => failure(AgentError::Refused(format!("bad disk chunk: {e}"))),
+    }
 }
 
 /// Upgrades to a WebSocket bridged to the instance's console (the control plane proxies it).

@@ -4,6 +4,8 @@
 //! an unreachable host, failing starts, a VMM that dies, a guest that powers off.
 
 use std::collections::HashMap;
+
+use base64::Engine;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -37,6 +39,10 @@ static DELIVERED: Mutex<Vec<String>> = Mutex::new(Vec::new());
 struct SimInstance {
     /// For a received instance: where its migration is to arrive.
     incoming: Option<String>,
+    /// Its disk: size, and the pieces written (at their offsets; the rest reads as zeros).
+    disk: (u64, std::collections::BTreeMap<u64, Vec<u8>>),
+    /// A cold move's copy has begun arriving here (it replaced the fresh disk).
+    disk_arriving: bool,
     order: InstanceOrder,
     phase: Phase,
     message: String,
@@ -139,6 +145,17 @@ impl SimAgent {
     }
 }
 
+/// Instance `id`, held stopped on this simulated host.
+fn stopped<'a>(state: &'a SimState, id: &str) -> Result<&'a SimInstance, AgentError> {
+    match state.instances.get(id) {
+        Some(instance) if instance.phase == Phase::Stopped => Ok(instance),
+        Some(instance) => {
+            Err(AgentError::Refused(format!("instance {id} is {:?} here, not stopped", instance.phase)))
+        }
+        None => Err(AgentError::Refused(format!("no instance {id} here"))),
+    }
+}
+
 impl SimState {
     fn seq(&mut self) -> u64 {
         self.next_seq += 1;
@@ -180,8 +197,13 @@ impl SimState {
 impl SimInstance {
     /// An instance of `order`, in `phase`, awaiting its migration at `incoming` if given.
     fn new(order: &InstanceOrder, phase: Phase, incoming: Option<String>) -> SimInstance {
+        // A fresh disk holds one block naming its instance, as a real one holds its image.
+        let mut blocks = std::collections::BTreeMap::new();
+        blocks.insert(0, format!("disk of {} made on its first host", order.name).into_bytes());
         SimInstance {
             incoming,
+            disk: (order.disk_mib << 20, blocks),
+            disk_arriving: false,
             order: order.clone(),
             phase,
             message: String::new(),
@@ -285,6 +307,50 @@ impl Agent for SimAgent {
     fn instances(&self) -> Result<Vec<Observed>, AgentError> {
         let state = self.reachable()?;
         Ok(state.instances.values().map(|i| i.observed(u64::MAX)).collect())
+    }
+
+    fn disk_layout(&self, id: &str) -> Result<crate::DiskLayout, AgentError> {
+        let state = self.reachable()?;
+        let instance = stopped(&state, id)?;
+        let (size, blocks) = &instance.disk;
+        let extents = blocks.iter().map(|(at, data)| (*at, data.len() as u64)).collect();
+        Ok(crate::DiskLayout { size: *size, extents })
+    }
+
+    fn read_disk(&self, id: &str, offset: u64, length: u64) -> Result<crate::DiskChunk, AgentError> {
+        let state = self.reachable()?;
+        let (size, blocks) = &stopped(&state, id)?.disk;
+        let mut data = vec![0; length.min(size.saturating_sub(offset)) as usize];
+        for (at, block) in blocks {
+            for (i, byte) in block.iter().enumerate() {
+                if let Some(slot) = (at + i as u64).checked_sub(offset).and_then(|i| data.get_mut(i as usize))
+                {
+                    *slot = *byte;
+                }
+            }
+        }
+        Ok(crate::DiskChunk { offset, data: base64::engine::general_purpose::STANDARD.encode(data) })
+    }
+
+    fn write_disk(&self, id: &str, size: u64, chunk: &crate::DiskChunk) -> Result<(), AgentError> {
+        let mut state = self.reachable()?;
+        stopped(&state, id)?;
+        let data = base64::engine::general_purpose::STANDARD
+            .decode(&chunk.data)
+            .map_err(|e| AgentError::Refused(format!("a disk chunk that is not base64: {e}")))?;
+        if chunk.offset + data.len() as u64 > size {
+            return Err(AgentError::Refused(format!("a write past the disk's {size} bytes")));
+        }
+        let instance = state.instances.get_mut(id).expect("checked above");
+        if !instance.disk_arriving {
+            // The fresh disk it was given gives way to the one arriving.
+            instance.disk = (size, std::collections::BTreeMap::new());
+            instance.disk_arriving = true;
+        }
+        if !data.is_empty() {
+            instance.disk.1.insert(chunk.offset, data);
+        }
+        Ok(())
     }
 
     fn exec(&self, id: &str, request: &ExecRequest) -> Result<ExecOutput, AgentError> {

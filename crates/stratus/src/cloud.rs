@@ -12,7 +12,7 @@ use base64::Engine;
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 use stratus_cloud::client::{ApiClient, ClientError};
-use stratus_cloud::model::{Event, Host, Image, Instance, Network, Operation, OperationState};
+use stratus_cloud::model::{Event, Host, Image, Instance, InstanceState, Network, Operation, OperationState};
 
 /// Where the API is and who we are.
 #[derive(Args, Clone, Debug)]
@@ -561,12 +561,17 @@ pub fn move_instance(conn: &Connection, args: MoveArgs) -> Result<i32> {
     let since = now_ms().saturating_sub(1);
     let accepted: Accepted =
         client.post(&format!("/v1/instances/{}/move", args.name), &json!({ "to": args.to }))?;
+    let live = accepted.instance.status.state == InstanceState::Running;
     eprintln!(
-        "Moving {} live from {} to {}",
-        args.name, accepted.instance.status.host, accepted.instance.status.moving
+        "Moving {} {} from {} to {}",
+        args.name,
+        if live { "live" } else { "stopped (copying its disk)" },
+        accepted.instance.status.host,
+        accepted.instance.status.moving
     );
-    finish(&client, accepted, since, args.no_wait, |i| {
-        format!("{} runs on {} at {} (same address and disk)", i.name, i.status.host, i.status.ip)
+    finish(&client, accepted, since, args.no_wait, |i| match live {
+        true => format!("{} runs on {} at {} (same address and disk)", i.name, i.status.host, i.status.ip),
+        false => format!("{} is on {}, stopped (same address and disk)", i.name, i.status.host),
     })
 }
 

@@ -67,7 +67,8 @@ enum Command {
     Stop(cloud::NameArg),
     /// Stop and start an instance.
     Restart(cloud::NameArg),
-    /// Move a running instance live to another host: same address, MAC and disk, no reboot.
+    /// Move an instance to another host: a running one live (same address, MAC, disk and
+    /// memory, no reboot), a stopped one cold (its disk copied).
     Move(cloud::MoveArgs),
     /// Delete an instance with its disk, tap and address.
     #[command(alias = "rm")]

@@ -8,7 +8,8 @@
 //! and a TCP stream between instances on different hosts (one VXLAN segment), a live move that
 //! keeps the stream, the address and a memory pattern, a move whose destination's link goes
 //! down (the guest stays on its source), an agent killed with SIGKILL and restarted (its guest
-//! re-adopted, nothing duplicated), a host whose link goes down showing offline, and `lab down`
+//! re-adopted, nothing duplicated), a host whose link goes down showing offline, a stopped
+//! instance moved cold (its disk's contents kept), and `lab down`
 //! leaving nothing behind.
 
 mod common;
@@ -276,6 +277,19 @@ fn a_three_host_lab_launches_moves_and_survives_faults() {
     lab.wait_for("h2 offline", Duration::from_secs(30), || lab.host_state("h2") == "offline");
     lab.link(2, true);
     lab.wait_for("h2 online", Duration::from_secs(30), || lab.host_state("h2") == "online");
+
+    // Stopped, an instance moves cold: its disk is copied, and it boots on the destination
+    // with what it wrote; the source keeps nothing of it.
+    lab.sh("a2", "echo kept-across-the-move > /root/marker && sync");
+    lab.ok(&["stop", "a2"]);
+    let out = lab.ok(&["move", "a2", "--to", "h2"]);
+    assert!(out.contains("a2 is on h2, stopped"), "{out}");
+    assert!(lab.ok(&["events", "a2"]).contains("moved to h2 stopped"));
+    let id = lab.instance("a2")["id"].as_str().unwrap().to_owned();
+    assert!(!dir.join("h3").join("instances").join(&id).exists(), "h3 kept a2's files");
+    lab.ok(&["start", "a2"]);
+    assert_eq!(lab.instance("a2")["status"]["host"].as_str(), Some("h2"));
+    assert_eq!(lab.sh("a2", "cat /root/marker").trim(), "kept-across-the-move");
 
     drop(lab);
     let left = Command::new("ip").args(["netns", "list"]).output().unwrap();
