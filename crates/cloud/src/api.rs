@@ -537,21 +537,19 @@ fn place(
     scheduler::place(&candidates, memory_mib, policy, only).map_err(ApiError::conflict)
 }
 
-/// The (host, name) of every instance of anti-affinity `group` but `except` ("" groups none).
-fn group_members(
-    state: &AppState,
-    instances: &[Instance],
-    group: &str,
-    except: &str,
-) -> Vec<(String, String)> {
+/// The (host, name) of every instance of anti-affinity `group` but `except` ("" groups none,
+/// and reads nothing).
+fn group_members(state: &AppState, group: &str, except: &str) -> ApiResult<Vec<(String, String)>> {
     if group.is_empty() {
-        return Vec::new();
+        return Ok(Vec::new());
     }
-    instances
+    Ok(state
+        .db
+        .instances()?
         .iter()
         .filter(|i| i.spec.anti_affinity == group && i.name != except && i.desired != Desired::Deleted)
         .map(|i| (placed_on(state, i).to_owned(), i.name.clone()))
-        .collect()
+        .collect())
 }
 
 /// A host as the scheduler weighs it, with the `members` of the group being placed.
@@ -620,7 +618,7 @@ async fn launch(
     if !group.is_empty() {
         check_name("anti-affinity group", &group).map_err(ApiError::bad_request)?;
     }
-    let members = group_members(&state, &state.db.instances()?, &group, &req.name);
+    let members = group_members(&state, &group, &req.name)?;
     let placement = place(&hosts, req.memory_mib, req.placement, req.host.as_deref(), &members)?;
     if state.db.instance(DEFAULT_PROJECT, &req.name)?.is_some() {
         return Err(ApiError::conflict(format!("instance '{}' already exists", req.name)));
@@ -737,7 +735,7 @@ async fn move_instance(
     }
     // The destination must have room, as for a launch; the source is no choice.
     let hosts = host_views(&state)?;
-    let members = group_members(&state, &state.db.instances()?, &instance.spec.anti_affinity, &name);
+    let members = group_members(&state, &instance.spec.anti_affinity, &name)?;
     let candidates: Vec<Candidate> =
         hosts.iter().filter(|h| h.name != source).map(|h| candidate(h, &members)).collect();
     if candidates.is_empty() {
