@@ -120,6 +120,10 @@ impl ApiError {
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
         ApiError { status, message: message.into() }
     }
+    /// What the refusal says.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
     fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)
     }
@@ -247,6 +251,8 @@ pub fn router(state: Shared) -> Router {
         .route("/networks/{name}", get(get_network).delete(delete_network))
         .route("/hosts", get(list_hosts).post(add_host))
         .route("/hosts/{name}", get(get_host).delete(remove_host))
+        .route("/hosts/{name}/evacuate", post(evacuate_host))
+        .route("/hosts/{name}/restore", post(restore_host))
         .route("/control", get(get_control))
         .route("/operations/{id}", get(get_operation))
         .route("/operations/{id}/wait", get(wait_operation))
@@ -440,7 +446,7 @@ pub fn allocation<'a>(instances: impl IntoIterator<Item = &'a Instance>) -> (u64
 
 /// The name of the host `instance` is placed on ("" in records from before hosts were named:
 /// this machine's own host).
-fn placed_on<'a>(state: &'a AppState, instance: &'a Instance) -> &'a str {
+pub(crate) fn placed_on<'a>(state: &'a AppState, instance: &'a Instance) -> &'a str {
     state.hosts.resolve(&instance.status.host)
 }
 
@@ -663,6 +669,7 @@ async fn launch(
             boot_ms: 0,
             boot: String::new(),
             moving: String::new(),
+            home: String::new(),
         },
         created_at: now(),
         operation: Some(op.id.clone()),
@@ -713,8 +720,41 @@ async fn move_instance(
         let body = serde_json::json!({ "to": req.to });
         return forward_to_leader(&state, path, body).await;
     }
+    let prepared = prepare_move(&state, &name, req.to.as_deref())?;
+    let (db, hosts) = (state.db.clone(), Arc::clone(&state.hosts));
+    let (operation, instance) = (prepared.op.clone(), prepared.instance.clone());
+    std::thread::Builder::new()
+        .name(format!("move-{name}"))
+        .spawn(move || prepared.drive(&db, &hosts))
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok((StatusCode::ACCEPTED, Json(Accepted { operation, instance })).into_response())
+}
+
+/// A move checked and recorded: its operation, the instance marked `moving`, its destination
+/// and whether it goes live (running) or cold (stopped).
+pub struct PreparedMove {
+    pub op: Operation,
+    pub instance: Instance,
+    pub to: String,
+    pub live: bool,
+}
+
+impl PreparedMove {
+    /// Carries the move out (on the caller's thread), ending its operation.
+    pub fn drive(self, db: &Db, hosts: &Hosts) {
+        match self.live {
+            true => crate::moves::run(db, hosts, self.instance, &self.to, &self.op.id),
+            false => crate::moves::run_cold(db, hosts, self.instance, &self.to, &self.op.id),
+        }
+    }
+}
+
+/// Checks that `name` can move (running: live; stopped: cold) to `to`, or where the scheduler
+/// places it, and records the move (its operation, the instance marked `moving`, an event
+/// with the placement's reasons), under the admission lock.
+pub fn prepare_move(state: &AppState, name: &str, to: Option<&str>) -> ApiResult<PreparedMove> {
     let _admitted = state.admission.lock().unwrap_or_else(|p| p.into_inner());
-    let instance = find_instance(&state, &name)?;
+    let instance = find_instance(state, name)?;
     let live = instance.status.state == InstanceState::Running && instance.desired == Desired::Running;
     let cold = instance.status.state == InstanceState::Stopped && instance.desired == Desired::Stopped;
     if !live && !cold {
@@ -729,24 +769,24 @@ async fn move_instance(
             instance.status.moving
         )));
     }
-    let source = placed_on(&state, &instance).to_owned();
-    if req.to.as_deref() == Some(source.as_str()) {
+    let source = placed_on(state, &instance).to_owned();
+    if to == Some(source.as_str()) {
         return Err(ApiError::conflict(format!("instance '{name}' runs on {source} already")));
     }
     // The destination must have room, as for a launch; the source is no choice.
-    let hosts = host_views(&state)?;
-    let members = group_members(&state, &instance.spec.anti_affinity, &name)?;
+    let hosts = host_views(state)?;
+    let members = group_members(state, &instance.spec.anti_affinity, name)?;
     let candidates: Vec<Candidate> =
         hosts.iter().filter(|h| h.name != source).map(|h| candidate(h, &members)).collect();
     if candidates.is_empty() {
         return Err(ApiError::conflict("there is no other host to move to (see `stratus host list`)"));
     }
-    let decision = scheduler::place(&candidates, instance.spec.memory_mib, Policy::Spread, req.to.as_deref())
+    let decision = scheduler::place(&candidates, instance.spec.memory_mib, Policy::Spread, to)
         .map_err(ApiError::conflict)?;
     let op = Operation {
         id: new_id(),
         kind: "move".into(),
-        instance: name.clone(),
+        instance: name.to_string(),
         project: DEFAULT_PROJECT.into(),
         state: OperationState::Running,
         error: String::new(),
@@ -755,27 +795,18 @@ async fn move_instance(
     };
     state.db.put(&operation_key(&op.id), &op)?;
     let to = decision.host.clone();
-    let instance = state.db.update(&instance_key(DEFAULT_PROJECT, &name), |i: &mut Instance| {
+    let instance = state.db.update(&instance_key(DEFAULT_PROJECT, name), |i: &mut Instance| {
         i.status.moving = to.clone();
         true
     })?;
     let how = if live { "live" } else { "stopped" };
     state.db.event(
         DEFAULT_PROJECT,
-        &name,
+        name,
         "info",
         format!("moving {how} from {source} to {to}: {}", decision.explanation),
     );
-    let (db, hosts, op_id, moving) =
-        (state.db.clone(), Arc::clone(&state.hosts), op.id.clone(), instance.clone());
-    std::thread::Builder::new()
-        .name(format!("move-{name}"))
-        .spawn(move || match live {
-            true => crate::moves::run(&db, &hosts, moving, &to, &op_id),
-            false => crate::moves::run_cold(&db, &hosts, moving, &to, &op_id),
-        })
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    Ok((StatusCode::ACCEPTED, Json(Accepted { operation: op, instance })).into_response())
+    Ok(PreparedMove { op, instance, to, live })
 }
 
 /// Sends a request this replica does not take (it does not lead) to the leading replica,
@@ -1463,6 +1494,73 @@ async fn delete_network(State(state): State<Shared>, Name(name): Name) -> ApiRes
     }
     state.networks.wake();
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct EvacuateRequest {
+    /// Leave stopped instances where they are (they move cold otherwise).
+    #[serde(default)]
+    keep_stopped: bool,
+}
+
+/// `POST /v1/hosts/{name}/evacuate`: maintenance on, every instance moved off (an operation).
+async fn evacuate_host(
+    State(state): State<Shared>,
+    Name(name): Name,
+    Body(req): Body<EvacuateRequest>,
+) -> ApiResult<Response> {
+    if !state.leadership.is_leader() {
+        let body = serde_json::json!({ "keep_stopped": req.keep_stopped });
+        return forward_to_leader(&state, format!("/v1/hosts/{name}/evacuate"), body).await;
+    }
+    let op = maintenance_operation(&state, &name, "evacuate", true)?;
+    let (working, id) = (Arc::clone(&state), op.id.clone());
+    std::thread::Builder::new()
+        .name(format!("evacuate-{name}"))
+        .spawn(move || crate::maintenance::evacuate(&working, &name, req.keep_stopped, &id))
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok((StatusCode::ACCEPTED, Json(op)).into_response())
+}
+
+/// `POST /v1/hosts/{name}/restore`: maintenance off, evacuated instances brought back.
+async fn restore_host(State(state): State<Shared>, Name(name): Name) -> ApiResult<Response> {
+    if !state.leadership.is_leader() {
+        return forward_to_leader(&state, format!("/v1/hosts/{name}/restore"), serde_json::json!({})).await;
+    }
+    let op = maintenance_operation(&state, &name, "restore", false)?;
+    let (working, id) = (Arc::clone(&state), op.id.clone());
+    std::thread::Builder::new()
+        .name(format!("restore-{name}"))
+        .spawn(move || crate::maintenance::restore(&working, &name, &id))
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok((StatusCode::ACCEPTED, Json(op)).into_response())
+}
+
+/// Sets host `name`'s maintenance to `on` and records an operation of `kind` for the moves.
+fn maintenance_operation(state: &AppState, name: &str, kind: &str, on: bool) -> ApiResult<Operation> {
+    if state.db.get::<Host>(&crate::db::host_key(name))?.is_none() {
+        return Err(ApiError::not_found(format!("host '{name}' not found")));
+    }
+    crate::maintenance::set_maintenance(state, name, on)?;
+    let op = Operation {
+        id: new_id(),
+        kind: kind.into(),
+        instance: String::new(),
+        project: DEFAULT_PROJECT.into(),
+        state: OperationState::Running,
+        error: String::new(),
+        created_at: now(),
+        finished_at: 0,
+    };
+    state.db.put(&operation_key(&op.id), &op)?;
+    let what = if on {
+        "in maintenance: no new placements; moving its instances off"
+    } else {
+        "out of maintenance: bringing its instances back"
+    };
+    state.db.event(DEFAULT_PROJECT, "", "info", format!("host {name} {what}"));
+    Ok(op)
 }
 
 /// `GET /v1/control`: which replica answered, and which leads.

@@ -16,6 +16,7 @@ pub mod hostimages;
 pub mod hosts;
 pub mod image;
 pub mod leader;
+pub mod maintenance;
 pub mod metrics;
 pub mod model;
 pub mod moves;

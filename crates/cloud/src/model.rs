@@ -153,6 +153,9 @@ pub struct InstanceStatus {
     /// The host it is being moved to (live); the reconciler leaves it alone meanwhile.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub moving: String,
+    /// The host an evacuation moved it off ("" when none): `host restore` brings it back.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub home: String,
 }
 
 /// An instance: a VM with its disk, address and VMM.

@@ -75,6 +75,11 @@ pub fn document() -> Value {
                 "get": {"summary": "Show a host", "parameters": name, "responses": errors(json!({"200": ok(json!({"$ref": "#/components/schemas/Host"}))}))},
                 "delete": {"summary": "Remove a host from the cluster (refused while instances are placed there)", "parameters": name, "responses": errors(json!({"204": {"description": "removed"}}))}
             },
+            "/v1/hosts/{name}/evacuate": {"post": {"summary": "Maintenance: no new placements on the host, and every instance moved off it (running live, stopped cold unless keep_stopped)", "parameters": name,
+                "requestBody": {"content": {"application/json": {"schema": {"type": "object", "additionalProperties": false, "properties": {"keep_stopped": {"type": "boolean"}}}}}},
+                "responses": errors(json!({"202": ok(json!({"$ref": "#/components/schemas/Operation"}))}))}},
+            "/v1/hosts/{name}/restore": {"post": {"summary": "End the host's maintenance and bring back the instances its evacuation moved off", "parameters": name,
+                "responses": errors(json!({"202": ok(json!({"$ref": "#/components/schemas/Operation"}))}))}},
             "/v1/control": {"get": {"summary": "Which control replica answered, and which leads (runs the reconcilers)",
                 "responses": errors(json!({"200": ok(json!({"type": "object", "required": ["replica", "leader", "leading"], "properties": {
                     "replica": {"type": "string"}, "leader": {"type": "string"}, "leading": {"type": "boolean"}}}))}))}},

@@ -144,6 +144,7 @@ pub fn instance_record(order: &InstanceOrder, pid: u32, started_at: u64) -> Inst
             boot_ms: 0,
             boot: String::new(),
             moving: String::new(),
+            home: String::new(),
         },
         created_at: 0,
         operation: None,

@@ -53,6 +53,7 @@ on_both_stores!(
     hosts_copy_image_files_from_the_control_plane_once,
     anti_affinity_groups_keep_members_on_different_hosts,
     stopped_instances_move_cold_with_their_disk,
+    evacuate_moves_everything_off_and_restore_brings_it_back,
     failures_on_a_host_are_retried_and_crashes_restarted,
     hosts_with_instances_cannot_be_removed,
     moves_change_the_host_only_once_the_destination_runs_it,
@@ -536,6 +537,85 @@ fn stopped_instances_move_cold_with_their_disk(backend: Backend) {
     assert_eq!((stayed.status.host.as_str(), stayed.status.moving.as_str()), ("h2", ""));
     assert_eq!(disk("h2").unwrap(), before);
     assert_eq!(cloud.sim("h1").observe(&stopped.id, 0).unwrap().phase, stratus_protocol::Phase::Absent);
+}
+
+/// Waits for operation `op` to end; the operation.
+fn wait_operation(cloud: &SimCloud, op: &Value) -> Value {
+    let id = op["id"].as_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let op: Value = cloud.client.get(&format!("/v1/operations/{id}")).unwrap();
+        if op["state"] != "running" {
+            return op;
+        }
+        assert!(Instant::now() < deadline, "operation {id} never ended");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn evacuate_moves_everything_off_and_restore_brings_it_back(backend: Backend) {
+    let Some(cloud) = SimCloud::new("evacuate", backend, &[("h1", 4096), ("h2", 4096), ("h3", 4096)]) else {
+        return;
+    };
+    for name in ["a", "b", "c", "d"] {
+        cloud.launch(json!({ "name": name, "host": "h2" })).unwrap();
+    }
+    cloud.launch(json!({ "name": "elsewhere", "host": "h1" })).unwrap();
+    for name in ["a", "b", "c", "d", "elsewhere"] {
+        cloud.wait_state(name, "running");
+    }
+    let _: Value = cloud.client.post("/v1/instances/d/stop", &json!({})).unwrap();
+    cloud.wait_state("d", "stopped");
+
+    // Evacuate: h2 takes no new instances, the running ones leave live, the stopped one cold.
+    let op: Value = cloud.client.post("/v1/hosts/h2/evacuate", &json!({})).unwrap();
+    let done = wait_operation(&cloud, &op);
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let h2 = cloud.hosts().into_iter().find(|h| h.name == "h2").unwrap();
+    assert!(h2.maintenance, "{h2:?}");
+    for name in ["a", "b", "c", "d"] {
+        let instance = cloud.instance(name);
+        assert!(["h1", "h3"].contains(&instance.status.host.as_str()), "{name} on {}", instance.status.host);
+        assert_eq!(instance.status.home, "h2");
+    }
+    assert_eq!(cloud.instance("d").status.state.as_str(), "stopped");
+    assert_eq!(cloud.sim("h2").running(), 0);
+    assert_eq!(cloud.sim("h1").running() + cloud.sim("h3").running(), 4, "a, b, c and elsewhere");
+    assert!(cloud.events("").contains("host h2 evacuated: a on h"), "{}", cloud.events(""));
+    let launched = cloud.launch(json!({ "name": "new" })).unwrap();
+    assert_ne!(launched.status.host, "h2", "a host in maintenance took a launch");
+    // Again: nothing left to move, and it says so.
+    let again: Value = cloud.client.post("/v1/hosts/h2/evacuate", &json!({})).unwrap();
+    assert_eq!(wait_operation(&cloud, &again)["state"], "succeeded");
+    assert!(cloud.events("").contains("host h2 evacuated: nothing to move"));
+
+    // Restore: out of maintenance, everything that left comes back, the rest stays put.
+    let op: Value = cloud.client.post("/v1/hosts/h2/restore", &json!({})).unwrap();
+    let done = wait_operation(&cloud, &op);
+    assert_eq!(done["state"], "succeeded", "{done}");
+    for name in ["a", "b", "c", "d"] {
+        let instance = cloud.instance(name);
+        assert_eq!((instance.status.host.as_str(), instance.status.home.as_str()), ("h2", ""), "{name}");
+    }
+    assert_eq!(cloud.instance("elsewhere").status.host, "h1");
+    assert!(!cloud.hosts().into_iter().find(|h| h.name == "h2").unwrap().maintenance);
+    assert_eq!(cloud.sim("h2").running(), 3);
+
+    // An instance with nowhere to go stays, and the evacuation says which and why.
+    cloud.launch(json!({ "name": "g1", "host": "h1", "anti_affinity": "g" })).unwrap();
+    cloud.launch(json!({ "name": "g3", "host": "h3", "anti_affinity": "g" })).unwrap();
+    cloud.launch(json!({ "name": "g2", "host": "h2", "anti_affinity": "g" })).unwrap();
+    cloud.wait_state("g2", "running");
+    let op: Value = cloud.client.post("/v1/hosts/h2/evacuate", &json!({ "keep_stopped": true })).unwrap();
+    let done = wait_operation(&cloud, &op);
+    assert_eq!(done["state"], "failed", "{done}");
+    let why = done["error"].as_str().unwrap();
+    assert!(why.contains("g2 stayed") && why.contains("anti-affinity"), "{why}");
+    assert!(!why.contains("d stayed"), "the stopped d is kept, not failed: {why}");
+    assert_eq!(cloud.instance("g2").status.host, "h2");
+    assert_eq!(cloud.instance("d").status.host, "h2", "kept: --keep-stopped");
+    let missing: Result<Value, _> = cloud.client.post("/v1/hosts/h9/evacuate", &json!({}));
+    assert!(refused(missing).contains("not found"));
 }
 
 fn failures_on_a_host_are_retried_and_crashes_restarted(backend: Backend) {

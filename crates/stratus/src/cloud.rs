@@ -354,6 +354,27 @@ pub enum HostCommand {
         /// Host name.
         name: String,
     },
+    /// Maintenance: the host takes no new instances, and every instance on it moves to
+    /// another host (running ones live, stopped ones cold), two at a time, each placed by the
+    /// scheduler. Safe to run again; `host restore` undoes it.
+    Evacuate {
+        /// Host name.
+        name: String,
+        /// Leave stopped instances on the host.
+        #[arg(long)]
+        keep_stopped: bool,
+        /// Return once the request is accepted.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// End a host's maintenance and bring back the instances its evacuation moved off.
+    Restore {
+        /// Host name.
+        name: String,
+        /// Return once the request is accepted.
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 /// `stratus agent`.
@@ -898,7 +919,31 @@ pub fn host(conn: &Connection, command: HostCommand) -> Result<i32> {
             client.delete(&format!("/v1/hosts/{name}"))?;
             println!("host {name} removed");
         }
+        HostCommand::Evacuate { name, keep_stopped, no_wait } => {
+            let body = json!({ "keep_stopped": keep_stopped });
+            return maintenance(&client, &format!("/v1/hosts/{name}/evacuate"), &body, no_wait);
+        }
+        HostCommand::Restore { name, no_wait } => {
+            return maintenance(&client, &format!("/v1/hosts/{name}/restore"), &json!({}), no_wait);
+        }
     }
+    Ok(0)
+}
+
+/// Posts an evacuation or restoration and follows it: every move's events as they come, then
+/// the outcome of each instance; the exit code says whether all moved.
+fn maintenance(client: &ApiClient, path: &str, body: &Value, no_wait: bool) -> Result<i32> {
+    let since = now_ms().saturating_sub(1);
+    let op: Operation = client.post(path, body)?;
+    if no_wait {
+        eprintln!("{} accepted (operation {})", op.kind, op.id);
+        return Ok(0);
+    }
+    let done = follow(client, &op, since)?;
+    if done.state == OperationState::Failed {
+        bail!("{}: {}", done.kind, done.error);
+    }
+    println!("{} done", done.kind);
     Ok(0)
 }
 

@@ -9,7 +9,7 @@
 //! keeps the stream, the address and a memory pattern, a move whose destination's link goes
 //! down (the guest stays on its source), an agent killed with SIGKILL and restarted (its guest
 //! re-adopted, nothing duplicated), a host whose link goes down showing offline, a stopped
-//! instance moved cold (its disk's contents kept), and `lab down`
+//! instance moved cold (its disk's contents kept), a host evacuated and restored, and `lab down`
 //! leaving nothing behind.
 
 mod common;
@@ -290,6 +290,18 @@ fn a_three_host_lab_launches_moves_and_survives_faults() {
     lab.ok(&["start", "a2"]);
     assert_eq!(lab.instance("a2")["status"]["host"].as_str(), Some("h2"));
     assert_eq!(lab.sh("a2", "cat /root/marker").trim(), "kept-across-the-move");
+
+    // Maintenance: evacuating h2 moves a2 off it live and keeps new instances away; restoring
+    // brings it back.
+    let out = lab.ok(&["host", "evacuate", "h2"]);
+    assert!(out.contains("evacuate done"), "{out}");
+    let away = lab.instance("a2")["status"]["host"].as_str().unwrap().to_owned();
+    assert_ne!(away, "h2");
+    assert!(lab.ok(&["host", "list"]).lines().any(|l| l.starts_with("h2") && l.contains("maintenance")));
+    assert_eq!(lab.sh("a2", "cat /root/marker").trim(), "kept-across-the-move");
+    lab.ok(&["host", "restore", "h2"]);
+    assert_eq!(lab.instance("a2")["status"]["host"].as_str(), Some("h2"));
+    assert!(!lab.ok(&["host", "list"]).contains("maintenance"));
 
     drop(lab);
     let left = Command::new("ip").args(["netns", "list"]).output().unwrap();

@@ -1,0 +1,151 @@
+//! Host maintenance: `stratus host evacuate NAME` puts the host in maintenance (it takes no new
+//! placements) and moves every instance off it, running ones live and stopped ones cold (or
+//! leaves the stopped ones, when asked), [`PARALLEL`] at a time, each placed by the scheduler
+//! as a launch would be; `stratus host restore NAME` ends the maintenance and brings back the
+//! instances that left. Each instance's outcome (moved where, or stayed and why) is an event
+//! and part of the operation's outcome. Both are safe to run twice: an evacuated host has
+//! nothing left to move, a restored one nothing to bring back. Each move is an ordinary move
+//! (its own operation, settled by a new leader if the control plane stops mid-way).
+
+use std::sync::{Arc, Mutex};
+
+use crate::api::{placed_on, prepare_move, AppState};
+use crate::db::{host_key, instance_key, operation_key};
+use crate::model::{now, Desired, Host, Instance, InstanceState, Operation, OperationState, DEFAULT_PROJECT};
+
+/// Moves under way at once during an evacuation.
+pub const PARALLEL: usize = 2;
+
+/// Puts host `name` in maintenance (or takes it out), as the host record keeps it.
+pub fn set_maintenance(state: &AppState, name: &str, on: bool) -> Result<(), crate::db::DbError> {
+    state.db.update(&host_key(name), |host: &mut Host| {
+        let changed = host.maintenance != on;
+        host.maintenance = on;
+        changed
+    })?;
+    Ok(())
+}
+
+/// Evacuates host `host` (in maintenance already) under operation `op`.
+pub fn evacuate(state: &Arc<AppState>, host: &str, keep_stopped: bool, op: &str) {
+    let on_host = |i: &Instance| placed_on(state, i) == host && i.desired != Desired::Deleted;
+    let instances: Vec<Instance> = match state.db.instances() {
+        Ok(all) => all.into_iter().filter(on_host).collect(),
+        Err(e) => return finish(state, op, Err(format!("reading instances: {e}"))),
+    };
+    let outcomes = each(instances, |instance| {
+        if keep_stopped && instance.status.state == InstanceState::Stopped {
+            return Outcome::Kept;
+        }
+        let outcome = move_one(state, &instance.name, None);
+        if let Outcome::Moved(_) = outcome {
+            // Restore brings it back here.
+            let _ = state.db.update(&instance_key(&instance.project, &instance.name), |i: &mut Instance| {
+                i.status.home = host.to_string();
+                true
+            });
+        }
+        outcome
+    });
+    report(state, op, &format!("host {host} evacuated"), outcomes);
+}
+
+/// Ends host `host`'s maintenance (done already) and brings back, under operation `op`, the
+/// instances an evacuation moved off it.
+pub fn restore(state: &Arc<AppState>, host: &str, op: &str) {
+    let instances: Vec<Instance> = match state.db.instances() {
+        Ok(all) => {
+            all.into_iter().filter(|i| i.status.home == host && i.desired != Desired::Deleted).collect()
+        }
+        Err(e) => return finish(state, op, Err(format!("reading instances: {e}"))),
+    };
+    let outcomes = each(instances, |instance| {
+        let outcome = if placed_on(state, &instance) == host {
+            Outcome::Moved(host.to_string())
+        } else {
+            move_one(state, &instance.name, Some(host))
+        };
+        if let Outcome::Moved(_) = outcome {
+            let _ = state.db.update(&instance_key(&instance.project, &instance.name), |i: &mut Instance| {
+                i.status.home.clear();
+                true
+            });
+        }
+        outcome
+    });
+    report(state, op, &format!("host {host} restored"), outcomes);
+}
+
+/// What became of one instance.
+enum Outcome {
+    /// It is on this host now.
+    Moved(String),
+    /// Stopped, and left where it was as asked.
+    Kept,
+    /// It stayed, for this reason.
+    Stayed(String),
+}
+
+/// Moves `name` (to `to`, or where the scheduler places it) and waits for the move.
+fn move_one(state: &AppState, name: &str, to: Option<&str>) -> Outcome {
+    let prepared = match prepare_move(state, name, to) {
+        Ok(prepared) => prepared,
+        Err(refused) => return Outcome::Stayed(refused.message().to_string()),
+    };
+    let (id, to) = (prepared.op.id.clone(), prepared.to.clone());
+    prepared.drive(&state.db, &state.hosts);
+    match state.db.operation(&id) {
+        Ok(Some(op)) if op.state == OperationState::Succeeded => Outcome::Moved(to),
+        Ok(Some(op)) => Outcome::Stayed(op.error),
+        _ => Outcome::Stayed("its move's outcome is unknown".into()),
+    }
+}
+
+/// Runs `work` on every instance, [`PARALLEL`] at a time; the outcomes by instance name.
+fn each(instances: Vec<Instance>, work: impl Fn(Instance) -> Outcome + Sync) -> Vec<(String, Outcome)> {
+    let queue = Mutex::new(instances.into_iter());
+    let outcomes = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..PARALLEL {
+            scope.spawn(|| loop {
+                let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
+                let Some(instance) = next else { return };
+                let name = instance.name.clone();
+                let outcome = work(instance);
+                outcomes.lock().unwrap_or_else(|p| p.into_inner()).push((name, outcome));
+            });
+        }
+    });
+    let mut outcomes = outcomes.into_inner().unwrap_or_else(|p| p.into_inner());
+    outcomes.sort_by(|a, b| a.0.cmp(&b.0));
+    outcomes
+}
+
+/// Writes the outcomes as one event and ends the operation: failed if any instance stayed.
+fn report(state: &AppState, op: &str, what: &str, outcomes: Vec<(String, Outcome)>) {
+    let mut lines = Vec::new();
+    let mut stayed = Vec::new();
+    for (name, outcome) in &outcomes {
+        match outcome {
+            Outcome::Moved(to) => lines.push(format!("{name} on {to}")),
+            Outcome::Kept => lines.push(format!("{name} kept (stopped)")),
+            Outcome::Stayed(why) => {
+                lines.push(format!("{name} stayed: {why}"));
+                stayed.push(format!("{name} stayed: {why}"));
+            }
+        }
+    }
+    let summary = if lines.is_empty() { "nothing to move".to_string() } else { lines.join("; ") };
+    let level = if stayed.is_empty() { "info" } else { "error" };
+    state.db.event(DEFAULT_PROJECT, "", level, format!("{what}: {summary}"));
+    finish(state, op, if stayed.is_empty() { Ok(()) } else { Err(stayed.join("; ")) });
+}
+
+fn finish(state: &AppState, op: &str, result: Result<(), String>) {
+    let _ = state.db.update(&operation_key(op), |o: &mut Operation| {
+        o.state = if result.is_ok() { OperationState::Succeeded } else { OperationState::Failed };
+        o.error = result.as_ref().err().cloned().unwrap_or_default();
+        o.finished_at = now();
+        true
+    });
+}
