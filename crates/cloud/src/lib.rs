@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod bell;
 pub mod client;
 pub mod cluster;
 pub mod console;

@@ -10,9 +10,10 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::bell::Bell;
 use crate::db::{Db, DbError};
 use crate::hosts::Hosts;
 use crate::model::{Host, Network, DEFAULT_PROJECT};
@@ -48,7 +49,7 @@ pub struct NetworkSync {
     given: Mutex<HashMap<String, u64>>,
     /// Hosts whose last attempt failed (said once in the event log, until one succeeds).
     failing: Mutex<HashSet<String>>,
-    wake: (Mutex<bool>, Condvar),
+    wake: Bell,
 }
 
 impl NetworkSync {
@@ -59,7 +60,7 @@ impl NetworkSync {
             turn: Mutex::default(),
             given: Mutex::default(),
             failing: Mutex::default(),
-            wake: (Mutex::new(false), Condvar::new()),
+            wake: Bell::default(),
         })
     }
 
@@ -74,20 +75,13 @@ impl NetworkSync {
                 // A leader elected later gives every host the set again.
                 this.given.lock().unwrap_or_else(|p| p.into_inner()).clear();
             }
-            let (lock, cvar) = &this.wake;
-            let mut woken = lock.lock().unwrap_or_else(|p| p.into_inner());
-            if !*woken {
-                woken = cvar.wait_timeout(woken, PERIOD).unwrap_or_else(|p| p.into_inner()).0;
-            }
-            *woken = false;
+            this.wake.wait(PERIOD);
         });
     }
 
     /// Asks for a pass now (a host joined or left, a network came or went).
     pub fn wake(&self) {
-        let (lock, cvar) = &self.wake;
-        *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
-        cvar.notify_one();
+        self.wake.ring();
     }
 
     /// Host `name` is to be given the set again, whatever it took before (it joined anew).

@@ -9,6 +9,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use crate::agent::{AgentError, HostAgent, Probe};
+use crate::bell::Bell;
 use crate::db::{instance_key, operation_key, Db};
 use crate::hosts::Hosts;
 use crate::model::{now, Desired, Instance, InstanceState, Operation, OperationState, RestartPolicy};
@@ -74,7 +75,7 @@ pub struct Reconciler {
     /// Instances a worker is busy with.
     busy: Mutex<HashSet<String>>,
     starts: Slots,
-    wake: (Mutex<bool>, Condvar),
+    wake: Bell,
     /// Reconciliation errors since start (for /metrics).
     pub errors: std::sync::atomic::AtomicU64,
 }
@@ -95,7 +96,7 @@ impl Reconciler {
             hosts,
             busy: Mutex::default(),
             starts: Slots { free: Mutex::new(start_slots()), freed: Condvar::new() },
-            wake: (Mutex::new(false), Condvar::new()),
+            wake: Bell::default(),
             errors: Default::default(),
         })
     }
@@ -107,20 +108,13 @@ impl Reconciler {
             if leadership.is_leader() {
                 this.pass();
             }
-            let (lock, cvar) = &this.wake;
-            let mut woken = lock.lock().unwrap_or_else(|p| p.into_inner());
-            if !*woken {
-                woken = cvar.wait_timeout(woken, PERIOD).unwrap_or_else(|p| p.into_inner()).0;
-            }
-            *woken = false;
+            this.wake.wait(PERIOD);
         });
     }
 
     /// Asks for a pass now (after the API changed something).
     pub fn wake(&self) {
-        let (lock, cvar) = &self.wake;
-        *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
-        cvar.notify_one();
+        self.wake.ring();
     }
 
     fn pass(self: &Arc<Self>) {

@@ -97,24 +97,28 @@ fn a_launch_completes_through_the_other_replica_when_the_leader_dies() {
     // Two replicas.
     let mut replicas = Vec::new();
     let mut logs = Vec::new();
-    for name in ["r1", "r2"] {
-        let port = free_port();
-        let data = dir.join(name);
-        let log = dir.join(format!("{name}.log"));
-        let listen = format!("127.0.0.1:{port}");
+    // Replica `name` listening on `listen`, its state in `data`, its output in `log`.
+    let replica = |name: &str, listen: &str, data: &Path, log: &Path| {
+        let data = data.display().to_string();
         let args = [
             "control",
             "--listen",
-            &listen,
+            listen,
             "--store",
             &store,
             "--name",
             name,
             "--data-dir",
-            &data.display().to_string(),
+            &data,
             "--no-default-image",
         ];
-        let proc = spawn(&args, &log);
+        spawn(&args, log)
+    };
+    for name in ["r1", "r2"] {
+        let data = dir.join(name);
+        let log = dir.join(format!("{name}.log"));
+        let listen = format!("127.0.0.1:{}", free_port());
+        let proc = replica(name, &listen, &data, &log);
         replicas.push((name, format!("http://{listen}"), data, Some(proc)));
         logs.push(log);
     }
@@ -210,21 +214,7 @@ fn a_launch_completes_through_the_other_replica_when_the_leader_dies() {
     // The killed replica comes back as a follower: the lead stays where it is.
     let (name, url, data, _) = &replicas[lead];
     let listen = url.trim_start_matches("http://").to_string();
-    let _back = spawn(
-        &[
-            "control",
-            "--listen",
-            &listen,
-            "--store",
-            &store,
-            "--name",
-            name,
-            "--data-dir",
-            &data.display().to_string(),
-            "--no-default-image",
-        ],
-        &dir.join(format!("{name}-again.log")),
-    );
+    let _back = replica(name, &listen, data, &dir.join(format!("{name}-again.log")));
     let view: Value = wait_for("the old leader answering again", Duration::from_secs(30), &logs, || {
         client(lead).get("/v1/control").ok()
     });
