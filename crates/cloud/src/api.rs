@@ -631,16 +631,7 @@ async fn launch(
     }
     let id = new_id();
     let ip = network::lease(&state.db, &net, &id).map_err(|e| ApiError::conflict(e.to_string()))?;
-    let op = Operation {
-        id: new_id(),
-        kind: "launch".into(),
-        instance: req.name.clone(),
-        project: DEFAULT_PROJECT.into(),
-        state: OperationState::Running,
-        error: String::new(),
-        created_at: now(),
-        finished_at: 0,
-    };
+    let op = Operation::started("launch", &req.name);
     let instance = Instance {
         id: id.clone(),
         name: req.name.clone(),
@@ -783,16 +774,7 @@ pub fn prepare_move(state: &AppState, name: &str, to: Option<&str>) -> ApiResult
     }
     let decision = scheduler::place(&candidates, instance.spec.memory_mib, Policy::Spread, to)
         .map_err(ApiError::conflict)?;
-    let op = Operation {
-        id: new_id(),
-        kind: "move".into(),
-        instance: name.to_string(),
-        project: DEFAULT_PROJECT.into(),
-        state: OperationState::Running,
-        error: String::new(),
-        created_at: now(),
-        finished_at: 0,
-    };
+    let op = Operation::started("move", name);
     state.db.put(&operation_key(&op.id), &op)?;
     let to = decision.host.clone();
     let instance = state.db.update(&instance_key(DEFAULT_PROJECT, name), |i: &mut Instance| {
@@ -851,16 +833,7 @@ fn request_change(
     kind: &str,
     change: impl Fn(&mut Instance) -> Result<bool, ApiError>,
 ) -> ApiResult<(StatusCode, Json<Accepted>)> {
-    let op = Operation {
-        id: new_id(),
-        kind: kind.into(),
-        instance: name.into(),
-        project: DEFAULT_PROJECT.into(),
-        state: OperationState::Running,
-        error: String::new(),
-        created_at: now(),
-        finished_at: 0,
-    };
+    let op = Operation::started(kind, name);
     // Stored before the instance names it, so a worker that finishes at once finds it.
     state.db.put(&operation_key(&op.id), &op)?;
     let mut refused = None;
@@ -1221,16 +1194,7 @@ async fn build_image(
             "this server cannot build images (started without its guest sources)",
         ));
     };
-    let op = Operation {
-        id: new_id(),
-        kind: "image-build".into(),
-        instance: String::new(),
-        project: DEFAULT_PROJECT.into(),
-        state: OperationState::Running,
-        error: String::new(),
-        created_at: now(),
-        finished_at: 0,
-    };
+    let op = Operation::started("image-build", "");
     state.db.put(&operation_key(&op.id), &op)?;
     let (db, data, agent, op_id) =
         (state.db.clone(), state.data_dir.clone(), state.hosts.local(), op.id.clone());
@@ -1543,16 +1507,7 @@ fn maintenance_operation(state: &AppState, name: &str, kind: &str, on: bool) -> 
         return Err(ApiError::not_found(format!("host '{name}' not found")));
     }
     crate::maintenance::set_maintenance(state, name, on)?;
-    let op = Operation {
-        id: new_id(),
-        kind: kind.into(),
-        instance: String::new(),
-        project: DEFAULT_PROJECT.into(),
-        state: OperationState::Running,
-        error: String::new(),
-        created_at: now(),
-        finished_at: 0,
-    };
+    let op = Operation::started(kind, "");
     state.db.put(&operation_key(&op.id), &op)?;
     let what = if on {
         "in maintenance: no new placements; moving its instances off"

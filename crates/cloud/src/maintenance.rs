@@ -10,8 +10,8 @@
 use std::sync::{Arc, Mutex};
 
 use crate::api::{placed_on, prepare_move, AppState};
-use crate::db::{host_key, instance_key, operation_key};
-use crate::model::{now, Desired, Host, Instance, InstanceState, Operation, OperationState, DEFAULT_PROJECT};
+use crate::db::{host_key, instance_key};
+use crate::model::{Desired, Host, Instance, InstanceState, OperationState, DEFAULT_PROJECT};
 
 /// Moves under way at once during an evacuation.
 pub const PARALLEL: usize = 2;
@@ -142,10 +142,5 @@ fn report(state: &AppState, op: &str, what: &str, outcomes: Vec<(String, Outcome
 }
 
 fn finish(state: &AppState, op: &str, result: Result<(), String>) {
-    let _ = state.db.update(&operation_key(op), |o: &mut Operation| {
-        o.state = if result.is_ok() { OperationState::Succeeded } else { OperationState::Failed };
-        o.error = result.as_ref().err().cloned().unwrap_or_default();
-        o.finished_at = now();
-        true
-    });
+    crate::moves::finish(&state.db, op, result.err());
 }

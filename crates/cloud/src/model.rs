@@ -339,6 +339,22 @@ pub struct Operation {
     pub finished_at: u64,
 }
 
+impl Operation {
+    /// A new operation of `kind` on `instance` ("" for none), running from now.
+    pub fn started(kind: &str, instance: &str) -> Operation {
+        Operation {
+            id: crate::api::new_id(),
+            kind: kind.into(),
+            instance: instance.into(),
+            project: DEFAULT_PROJECT.into(),
+            state: OperationState::Running,
+            error: String::new(),
+            created_at: now(),
+            finished_at: 0,
+        }
+    }
+}
+
 /// One line of an instance's history.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {

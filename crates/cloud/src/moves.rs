@@ -72,7 +72,8 @@ pub fn run(db: &Db, hosts: &Hosts, instance: Instance, to: &str, op: &str) {
     finish(db, op, error);
 }
 
-fn finish(db: &Db, op: &str, error: Option<String>) {
+/// Ends operation `op`: succeeded, or failed with `error`.
+pub(crate) fn finish(db: &Db, op: &str, error: Option<String>) {
     let _ = db.update(&operation_key(op), |o: &mut Operation| {
         o.state = if error.is_some() { OperationState::Failed } else { OperationState::Succeeded };
         o.error = error.clone().unwrap_or_default();
