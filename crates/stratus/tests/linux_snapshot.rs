@@ -432,7 +432,7 @@ fn migrate_to_another_host(
     // The guest writes its data disk through the move: a numbered line and a sync at a time.
     let pos = source.console.output().len();
     source.console.send(
-        "(j=0; while [ $j -lt 10 ]; do echo $j >> /data/moving; sync; j=$((j+1)); done; touch /tmp/writes-done) &\n",
+        "(j=0; while [ $j -lt 10 ]; do echo $j >> /data/moving || echo write-failed-$j; sync; j=$((j+1)); done; echo writes-ended-at-$j; touch /tmp/writes-done) &\n",
     );
     source.console.expect("\n", pos, STEP);
 
@@ -478,7 +478,13 @@ fn migrate_to_another_host(
     dest.console.expect("\n", at, STEP);
     let lines = dest.console.output()[at..].lines().next().unwrap().to_owned();
     let all: String = (0..10).map(|j| format!("{j},")).collect();
-    assert_eq!(lines.trim(), all, "lines written around the move are missing");
+    // A write that failed, or a loop cut short, says so on the console (a lost write would not).
+    assert_eq!(
+        lines.trim(),
+        all,
+        "lines written around the move are missing; the guest's console on host B ends:\n{}",
+        dest.console.output().chars().rev().take(2000).collect::<String>().chars().rev().collect::<String>()
+    );
     let pos = dest.console.output().len();
     dest.console
         .send(&format!("{SUM_PATTERN}; ping -c 2 {} >/dev/null && echo reached-$((1 + 1))\n", net.host_ip));

@@ -77,6 +77,12 @@ impl Interrupt {
         self.status.load(Ordering::SeqCst)
     }
 
+    /// Raises the interrupt line for the bits already pending (after a restore, whose
+    /// interrupt controller may not hold an interrupt raised just before the save).
+    pub fn raise_again(&self) {
+        let _ = self.irqfd.write(1);
+    }
+
     /// Sets the pending bits, as a snapshot saved them.
     pub fn set_status(&self, bits: u32) {
         self.status.store(bits, Ordering::SeqCst);

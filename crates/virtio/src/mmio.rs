@@ -269,13 +269,31 @@ impl MmioTransport {
         Ok(())
     }
 
-    /// Tells a live device that it now runs in a restored VM (see `VirtioDevice::restored`).
+    /// Tells a live device that it now runs in a restored VM (see `VirtioDevice::restored`),
+    /// then takes what the driver left in its queues and raises a pending interrupt again.
+    ///
+    /// The device thread parks for a snapshot or a migration's last pass after a whole batch
+    /// of notifications: a request the driver made available as it parked (or whose
+    /// notification came after) is in the saved queue, but nothing notifies the restored
+    /// device of it, and the guest would wait for it until it happens to notify that queue
+    /// again (seconds for a journal commit; for ever if that request is the commit). And an
+    /// interrupt raised just before the pause may be missing from the interrupt controller's
+    /// saved state while its status bit was saved: raising it again is harmless (the driver
+    /// reads the status and finds nothing new at worst).
     pub fn restored(&mut self) {
         if self.status & status::DRIVER_OK == 0 || self.status & status::DEVICE_NEEDS_RESET != 0 {
             return;
         }
-        if self.device.restored(&mut self.queues, &self.mem) {
+        let mut used = self.device.restored(&mut self.queues, &self.mem);
+        for index in 0..self.queues.len() {
+            if self.queues[index].ready() {
+                used |= self.device.process_queue(index, &mut self.queues, &self.mem);
+            }
+        }
+        if used {
             self.interrupt.signal_used();
+        } else if self.interrupt.status() != 0 {
+            self.interrupt.raise_again();
         }
     }
 
