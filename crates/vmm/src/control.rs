@@ -68,15 +68,23 @@ impl RunControl {
         self.changed.notify_all();
     }
 
-    /// Whether a pause has been asked for: threads call `checkpoint` when this is true.
-    pub fn pause_requested(&self) -> bool {
-        self.lock().pause
-    }
-
     /// Called by a VM thread at a safe point: parks while the VM is paused.
     pub fn checkpoint(&self) {
+        self.checkpoint_with(|| {});
+    }
+
+    /// [`checkpoint`](Self::checkpoint), running `before_parking` once a pause is seen and
+    /// before the thread counts as parked: whatever the thread must settle before the VM's
+    /// state is read (a vCPU's unfinished port or MMIO access) is settled for every pause,
+    /// including one asked for just after the thread last looked.
+    pub fn checkpoint_with(&self, before_parking: impl FnOnce()) {
+        if !self.lock().pause {
+            return;
+        }
+        before_parking();
         let mut state = self.lock();
         if !state.pause {
+            // Resumed meanwhile: nothing to park for.
             return;
         }
         state.parked += 1;

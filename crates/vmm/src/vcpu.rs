@@ -159,10 +159,10 @@ impl Vcpu {
     pub fn run_thread(vcpu: Arc<Mutex<Vcpu>>, control: Arc<crate::control::RunControl>) {
         let exit = stratus_devices::bus::lock(&vcpu).exit.clone();
         loop {
-            if control.pause_requested() {
-                stratus_devices::bus::lock(&vcpu).complete_pending_io();
-            }
-            control.checkpoint();
+            // The pending access is completed once the pause is seen, inside the checkpoint:
+            // a pause asked for between a check here and the checkpoint would otherwise park
+            // the vCPU with it unfinished (repeated or lost after a restore).
+            control.checkpoint_with(|| stratus_devices::bus::lock(&vcpu).complete_pending_io());
             let outcome = stratus_devices::bus::lock(&vcpu).run_once();
             if let Some(reason) = outcome {
                 exit.raise(reason);
