@@ -367,7 +367,7 @@ pub fn new_id() -> String {
 // ---- instances ------------------------------------------------------------------------
 
 /// `POST /v1/instances`.
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct LaunchRequest {
     name: String,
@@ -574,10 +574,14 @@ fn candidate(host: &Host, members: &[(String, String)]) -> Candidate {
     }
 }
 
-async fn launch(
-    State(state): State<Shared>,
-    Body(req): Body<LaunchRequest>,
-) -> ApiResult<(StatusCode, Json<Accepted>)> {
+async fn launch(State(state): State<Shared>, Body(req): Body<LaunchRequest>) -> ApiResult<Response> {
+    // Placement claims memory under the admission lock, which is one process's: the leader
+    // takes every claim, so two replicas never both give away a host's last memory.
+    if !state.leadership.is_leader() {
+        let body = serde_json::to_value(&req)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        return forward_to_leader(&state, "/v1/instances".into(), body).await;
+    }
     check_name("instance", &req.name).map_err(ApiError::bad_request)?;
     if req.cpus == 0 || req.cpus > MAX_CPUS {
         return Err(ApiError::unprocessable(format!("cpus must be 1 to {MAX_CPUS}, not {}", req.cpus)));
@@ -684,7 +688,7 @@ async fn launch(
     );
     state.db.event(DEFAULT_PROJECT, &instance.name, "info", placement.explanation);
     state.reconciler.wake();
-    Ok((StatusCode::ACCEPTED, Json(Accepted { operation: op, instance })))
+    Ok((StatusCode::ACCEPTED, Json(Accepted { operation: op, instance })).into_response())
 }
 
 /// `POST /v1/instances/{name}/move`.
@@ -901,10 +905,11 @@ fn refuse_deleted(i: &Instance) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn start_instance(
-    State(state): State<Shared>,
-    Name(name): Name,
-) -> ApiResult<(StatusCode, Json<Accepted>)> {
+async fn start_instance(State(state): State<Shared>, Name(name): Name) -> ApiResult<Response> {
+    // A start claims memory too (see `launch`).
+    if !state.leadership.is_leader() {
+        return forward_to_leader(&state, format!("/v1/instances/{name}/start"), serde_json::json!({})).await;
+    }
     request_running(&state, &name, "start", |i| {
         refuse_deleted(i)?;
         if i.desired == Desired::Running && i.status.state == InstanceState::Running {
@@ -915,6 +920,7 @@ async fn start_instance(
         i.status.retry_at = 0;
         Ok(true)
     })
+    .map(IntoResponse::into_response)
 }
 
 async fn stop_instance(
@@ -936,10 +942,11 @@ async fn stop_instance(
     })
 }
 
-async fn restart_instance(
-    State(state): State<Shared>,
-    Name(name): Name,
-) -> ApiResult<(StatusCode, Json<Accepted>)> {
+async fn restart_instance(State(state): State<Shared>, Name(name): Name) -> ApiResult<Response> {
+    if !state.leadership.is_leader() {
+        return forward_to_leader(&state, format!("/v1/instances/{name}/restart"), serde_json::json!({}))
+            .await;
+    }
     request_running(&state, &name, "restart", |i| {
         refuse_deleted(i)?;
         i.desired = Desired::Running;
@@ -948,6 +955,7 @@ async fn restart_instance(
         i.restart_pending = matches!(i.status.state, InstanceState::Running | InstanceState::Starting);
         Ok(true)
     })
+    .map(IntoResponse::into_response)
 }
 
 async fn delete_instance(
