@@ -233,14 +233,16 @@ fn is_resource_name(name: &str) -> bool {
 
 /// The router with every route.
 pub fn router(state: Shared) -> Router {
+    // Routes only the leader takes (a follower passes them on): see `leader_only`.
+    let lead = || axum::middleware::from_fn_with_state(Arc::clone(&state), leader_only);
     let v1 = Router::new()
-        .route("/instances", get(list_instances).post(launch))
+        .route("/instances", get(list_instances).merge(post(launch).route_layer(lead())))
         .route("/instances/{name}", get(get_instance).delete(delete_instance))
-        .route("/instances/{name}/start", post(start_instance))
+        .route("/instances/{name}/start", post(start_instance).route_layer(lead()))
         .route("/instances/{name}/stop", post(stop_instance))
-        .route("/instances/{name}/restart", post(restart_instance))
+        .route("/instances/{name}/restart", post(restart_instance).route_layer(lead()))
         .route("/instances/{name}/exec", post(exec))
-        .route("/instances/{name}/move", post(move_instance))
+        .route("/instances/{name}/move", post(move_instance).route_layer(lead()))
         .route("/instances/{name}/metrics", get(instance_metrics))
         .route("/instances/{name}/console", get(crate::console::console))
         .route("/images", get(list_images).post(import_image))
@@ -251,8 +253,8 @@ pub fn router(state: Shared) -> Router {
         .route("/networks/{name}", get(get_network).delete(delete_network))
         .route("/hosts", get(list_hosts).post(add_host))
         .route("/hosts/{name}", get(get_host).delete(remove_host))
-        .route("/hosts/{name}/evacuate", post(evacuate_host))
-        .route("/hosts/{name}/restore", post(restore_host))
+        .route("/hosts/{name}/evacuate", post(evacuate_host).route_layer(lead()))
+        .route("/hosts/{name}/restore", post(restore_host).route_layer(lead()))
         .route("/control", get(get_control))
         .route("/operations/{id}", get(get_operation))
         .route("/operations/{id}/wait", get(wait_operation))
@@ -367,7 +369,7 @@ pub fn new_id() -> String {
 // ---- instances ------------------------------------------------------------------------
 
 /// `POST /v1/instances`.
-#[derive(Deserialize, Serialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LaunchRequest {
     name: String,
@@ -574,14 +576,10 @@ fn candidate(host: &Host, members: &[(String, String)]) -> Candidate {
     }
 }
 
-async fn launch(State(state): State<Shared>, Body(req): Body<LaunchRequest>) -> ApiResult<Response> {
-    // Placement claims memory under the admission lock, which is one process's: the leader
-    // takes every claim, so two replicas never both give away a host's last memory.
-    if !state.leadership.is_leader() {
-        let body = serde_json::to_value(&req)
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        return forward_to_leader(&state, "/v1/instances".into(), body).await;
-    }
+async fn launch(
+    State(state): State<Shared>,
+    Body(req): Body<LaunchRequest>,
+) -> ApiResult<(StatusCode, Json<Accepted>)> {
     check_name("instance", &req.name).map_err(ApiError::bad_request)?;
     if req.cpus == 0 || req.cpus > MAX_CPUS {
         return Err(ApiError::unprocessable(format!("cpus must be 1 to {MAX_CPUS}, not {}", req.cpus)));
@@ -688,7 +686,7 @@ async fn launch(State(state): State<Shared>, Body(req): Body<LaunchRequest>) -> 
     );
     state.db.event(DEFAULT_PROJECT, &instance.name, "info", placement.explanation);
     state.reconciler.wake();
-    Ok((StatusCode::ACCEPTED, Json(Accepted { operation: op, instance })).into_response())
+    Ok((StatusCode::ACCEPTED, Json(Accepted { operation: op, instance })))
 }
 
 /// `POST /v1/instances/{name}/move`.
@@ -707,13 +705,6 @@ async fn move_instance(
 ) -> ApiResult<Response> {
     if let Some(to) = &req.to {
         check_name("host", to).map_err(ApiError::bad_request)?;
-    }
-    // A move is driven by the replica that takes it, and a new leader settles the moves it
-    // finds under way (their driver died): only the leader takes them.
-    if !state.leadership.is_leader() {
-        let path = format!("/v1/instances/{name}/move");
-        let body = serde_json::json!({ "to": req.to });
-        return forward_to_leader(&state, path, body).await;
     }
     let prepared = prepare_move(&state, &name, req.to.as_deref())?;
     let (db, hosts) = (state.db.clone(), Arc::clone(&state.hosts));
@@ -795,9 +786,26 @@ pub fn prepare_move(state: &AppState, name: &str, to: Option<&str>) -> ApiResult
     Ok(PreparedMove { op, instance, to, live })
 }
 
-/// Sends a request this replica does not take (it does not lead) to the leading replica,
-/// with this control plane's token, and answers with the leader's answer.
-async fn forward_to_leader(state: &AppState, path: String, body: serde_json::Value) -> ApiResult<Response> {
+/// Runs a request only the leader takes: here if this replica leads, else passed to the
+/// leading replica, whose answer is returned. These requests claim a host's memory under the
+/// admission lock, which is one process's (a launch, a start), or drive moves, which a new
+/// leader settles when it finds them under way: two replicas must not both take them.
+async fn leader_only(State(state): State<Shared>, request: Request, next: Next) -> Response {
+    if state.leadership.is_leader() {
+        return next.run(request).await;
+    }
+    // The route is nested under /v1, which the router took off the path.
+    let path = format!("/v1{}", request.uri().path_and_query().map_or("", |p| p.as_str()));
+    let body = match axum::body::to_bytes(request.into_body(), MAX_JSON_BODY).await {
+        Ok(body) => body,
+        Err(e) => return ApiError::bad_request(format!("reading the request: {e}")).into_response(),
+    };
+    forward_to_leader(&state, path, body).await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Sends a request (`path` and its JSON `body`, as the client sent them) to the leading
+/// replica, with this control plane's token; the leader's answer.
+async fn forward_to_leader(state: &AppState, path: String, body: axum::body::Bytes) -> ApiResult<Response> {
     let (leadership, token) = (Arc::clone(&state.leadership), state.token.clone());
     let answer = tokio::task::spawn_blocking(move || {
         let (leader, url) = leadership.leader().filter(|(_, url)| !url.is_empty()).ok_or_else(|| {
@@ -809,7 +817,8 @@ async fn forward_to_leader(state: &AppState, path: String, body: serde_json::Val
         let sent = ureq::post(&format!("{url}{path}"))
             .timeout(Duration::from_secs(30))
             .set("authorization", &format!("Bearer {token}"))
-            .send_json(body);
+            .set("content-type", "application/json")
+            .send_bytes(&body);
         let (status, text) = match sent {
             Ok(response) => (response.status(), response.into_string().unwrap_or_default()),
             Err(ureq::Error::Status(status, response)) => {
@@ -905,11 +914,10 @@ fn refuse_deleted(i: &Instance) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn start_instance(State(state): State<Shared>, Name(name): Name) -> ApiResult<Response> {
-    // A start claims memory too (see `launch`).
-    if !state.leadership.is_leader() {
-        return forward_to_leader(&state, format!("/v1/instances/{name}/start"), serde_json::json!({})).await;
-    }
+async fn start_instance(
+    State(state): State<Shared>,
+    Name(name): Name,
+) -> ApiResult<(StatusCode, Json<Accepted>)> {
     request_running(&state, &name, "start", |i| {
         refuse_deleted(i)?;
         if i.desired == Desired::Running && i.status.state == InstanceState::Running {
@@ -920,7 +928,6 @@ async fn start_instance(State(state): State<Shared>, Name(name): Name) -> ApiRes
         i.status.retry_at = 0;
         Ok(true)
     })
-    .map(IntoResponse::into_response)
 }
 
 async fn stop_instance(
@@ -942,11 +949,10 @@ async fn stop_instance(
     })
 }
 
-async fn restart_instance(State(state): State<Shared>, Name(name): Name) -> ApiResult<Response> {
-    if !state.leadership.is_leader() {
-        return forward_to_leader(&state, format!("/v1/instances/{name}/restart"), serde_json::json!({}))
-            .await;
-    }
+async fn restart_instance(
+    State(state): State<Shared>,
+    Name(name): Name,
+) -> ApiResult<(StatusCode, Json<Accepted>)> {
     request_running(&state, &name, "restart", |i| {
         refuse_deleted(i)?;
         i.desired = Desired::Running;
@@ -955,7 +961,6 @@ async fn restart_instance(State(state): State<Shared>, Name(name): Name) -> ApiR
         i.restart_pending = matches!(i.status.state, InstanceState::Running | InstanceState::Starting);
         Ok(true)
     })
-    .map(IntoResponse::into_response)
 }
 
 async fn delete_instance(
@@ -1482,10 +1487,6 @@ async fn evacuate_host(
     Name(name): Name,
     Body(req): Body<EvacuateRequest>,
 ) -> ApiResult<Response> {
-    if !state.leadership.is_leader() {
-        let body = serde_json::json!({ "keep_stopped": req.keep_stopped });
-        return forward_to_leader(&state, format!("/v1/hosts/{name}/evacuate"), body).await;
-    }
     let op = maintenance_operation(&state, &name, "evacuate", true)?;
     let (working, id) = (Arc::clone(&state), op.id.clone());
     std::thread::Builder::new()
@@ -1497,9 +1498,6 @@ async fn evacuate_host(
 
 /// `POST /v1/hosts/{name}/restore`: maintenance off, evacuated instances brought back.
 async fn restore_host(State(state): State<Shared>, Name(name): Name) -> ApiResult<Response> {
-    if !state.leadership.is_leader() {
-        return forward_to_leader(&state, format!("/v1/hosts/{name}/restore"), serde_json::json!({})).await;
-    }
     let op = maintenance_operation(&state, &name, "restore", false)?;
     let (working, id) = (Arc::clone(&state), op.id.clone());
     std::thread::Builder::new()

@@ -43,12 +43,12 @@ pub fn networks_with_peers(db: &Db) -> Result<Vec<Network>, DbError> {
 pub struct NetworkSync {
     db: Db,
     hosts: Arc<Hosts>,
-    /// Held for a whole pass: passes (and the set each read) reach hosts in order.
-    turn: Mutex<()>,
+    /// Held for a whole pass, so that passes (and the set each read) reach hosts in order;
+    /// it holds the hosts whose last attempt failed (said once in the event log, until one
+    /// succeeds).
+    turn: Mutex<HashSet<String>>,
     /// The fingerprint of the set each host took last.
     given: Mutex<HashMap<String, u64>>,
-    /// Hosts whose last attempt failed (said once in the event log, until one succeeds).
-    failing: Mutex<HashSet<String>>,
     wake: Bell,
 }
 
@@ -59,7 +59,6 @@ impl NetworkSync {
             hosts,
             turn: Mutex::default(),
             given: Mutex::default(),
-            failing: Mutex::default(),
             wake: Bell::default(),
         })
     }
@@ -92,7 +91,7 @@ impl NetworkSync {
     /// Hands the current set to every reachable host that has not taken it; the failures, as
     /// "on host NAME: error" (each also an event, once until the host takes a set again).
     pub fn pass(&self) -> Vec<String> {
-        let _turn = self.turn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut failing = self.turn.lock().unwrap_or_else(|p| p.into_inner());
         let networks = match networks_with_peers(&self.db) {
             Ok(networks) => networks,
             Err(e) => {
@@ -112,7 +111,6 @@ impl NetworkSync {
             if self.given.lock().unwrap_or_else(|p| p.into_inner()).get(&name) == Some(&fingerprint) {
                 continue;
             }
-            let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
             match agent.prepare_networks(&networks) {
                 Ok(()) => {
                     self.given.lock().unwrap_or_else(|p| p.into_inner()).insert(name.clone(), fingerprint);
@@ -142,9 +140,7 @@ impl NetworkSync {
         }
         failures
     }
-}
 
-impl NetworkSync {
     /// Takes `network` (deleted from the store) off every host now, in turn with the passes;
     /// the failures, as [`pass`](Self::pass) gives them. Every host is given the set again
     /// at the next pass.
