@@ -7,7 +7,7 @@
 //! than the one held is ignored. "The agent cannot be reached" is an answer
 //! ([`AgentError::Unreachable`]) the reconcilers handle, not an error string.
 //!
-//! Three implementations of [`Agent`]: the real host agent (in `stratus-cloud`), [`HttpAgent`]
+//! Three implementations of [`Agent`]: the real host agent (`stratus-agent`), [`HttpAgent`]
 //! (this protocol over HTTP/JSON, [`server::router`] on the agent's side) and [`SimAgent`]
 //! (in memory, no KVM: for tests and the scheduler benchmark).
 
@@ -27,6 +27,9 @@ pub const PROTOCOL_VERSION: u32 = 1;
 
 /// The header carrying [`PROTOCOL_VERSION`].
 pub const VERSION_HEADER: &str = "stratus-protocol";
+
+/// How often an agent sends the control plane its heartbeat (its host's report).
+pub const HEARTBEAT_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A host as its agent reports it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -11,8 +11,8 @@ use anyhow::{bail, Context, Result};
 use base64::Engine;
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{json, Value};
-use stratus_cloud::client::{ApiClient, ClientError};
-use stratus_cloud::model::{Event, Host, Image, Instance, InstanceState, Network, Operation, OperationState};
+use stratus_api::client::{ApiClient, ClientError};
+use stratus_api::model::{Event, Host, Image, Instance, InstanceState, Network, Operation, OperationState};
 
 /// Where the API is and who we are.
 #[derive(Args, Clone, Debug)]
@@ -118,7 +118,7 @@ pub fn control(args: ControlArgs) -> Result<i32> {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), args.listen.port())
     });
-    stratus_cloud::server::serve(stratus_cloud::server::ServeConfig {
+    stratus_control::server::serve(stratus_control::server::ServeConfig {
         data_dir: args.data_dir,
         host_name: None,
         store: args.store,
@@ -143,7 +143,7 @@ pub fn serve(args: ServeArgs) -> Result<i32> {
         eprintln!("stratus serve: checking the default image (the first build takes ~10 minutes)");
         Some(crate::image::build("default")?.dir)
     };
-    let config = stratus_cloud::server::ServeConfig {
+    let config = stratus_control::server::ServeConfig {
         data_dir: args.data_dir,
         host_name: args.host_name,
         store: args.store,
@@ -152,13 +152,13 @@ pub fn serve(args: ServeArgs) -> Result<i32> {
         default_image,
         default_cidr: args.network_cidr,
         default_bridge: args.bridge,
-        client_config: Some(args.client_config.unwrap_or_else(stratus_cloud::client::config_path)),
-        image_builder: (!args.no_default_image).then(|| -> stratus_cloud::image::ImageBuilder {
+        client_config: Some(args.client_config.unwrap_or_else(stratus_api::client::config_path)),
+        image_builder: (!args.no_default_image).then(|| -> stratus_control::image::ImageBuilder {
             std::sync::Arc::new(|recipe: &str, progress: &mut dyn FnMut(&str)| {
                 crate::image::build_with_progress(recipe, progress).map(|image| image.dir)
             })
         }),
-        on_ready: args.launch.map(|name| -> stratus_cloud::server::OnReady {
+        on_ready: args.launch.map(|name| -> stratus_control::server::OnReady {
             Box::new(move |url, token| {
                 if let Err(e) = launch_first(&url, &token, &name) {
                     eprintln!("stratus serve: launching {name}: {e:#}");
@@ -167,7 +167,7 @@ pub fn serve(args: ServeArgs) -> Result<i32> {
         }),
         replica: None,
     };
-    stratus_cloud::server::serve(config)?;
+    stratus_control::server::serve(config)?;
     Ok(0)
 }
 
@@ -194,7 +194,7 @@ fn launch_first(url: &str, token: &str, name: &str) -> Result<()> {
     eprintln!(
         "stratus serve: {name} is {} at {ip}. In another terminal:\n    {me} exec {name} -- uname -a\n    ping {ip}\n    {me} console {name}    (Ctrl-A then x leaves)\n    {me} list\nDashboard: {url}/ (the token is in {})",
         instance.status.state.as_str(),
-        stratus_cloud::client::config_path().display()
+        stratus_api::client::config_path().display()
     );
     Ok(())
 }
@@ -407,7 +407,7 @@ pub struct AgentArgs {
 
 /// Runs the host agent until Ctrl-C; instances keep running after it stops.
 pub fn agent(args: AgentArgs) -> Result<i32> {
-    stratus_cloud::hostd::run_agent(stratus_cloud::hostd::AgentConfig {
+    stratus_agent::daemon::run_agent(stratus_agent::daemon::AgentConfig {
         control: args.control,
         join_token: args.join_token,
         name: args.name,
@@ -452,7 +452,7 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
 }
 
 fn age(since: u64) -> String {
-    let secs = stratus_cloud::model::now().saturating_sub(since);
+    let secs = stratus_api::model::now().saturating_sub(since);
     match secs {
         0..=119 => format!("{secs}s"),
         120..=7199 => format!("{}m", secs / 60),
@@ -463,7 +463,7 @@ fn age(since: u64) -> String {
 
 fn state_of(i: &Instance) -> String {
     let state = i.status.state.as_str();
-    if i.status.message.is_empty() || i.status.state != stratus_cloud::model::InstanceState::Error {
+    if i.status.message.is_empty() || i.status.state != stratus_api::model::InstanceState::Error {
         state.to_owned()
     } else {
         format!("{state}: {}", i.status.message)
@@ -909,7 +909,7 @@ pub fn host(conn: &Connection, command: HostCommand) -> Result<i32> {
                 return Ok(0);
             }
             let expires =
-                answer["expires_at"].as_u64().unwrap_or(0).saturating_sub(stratus_cloud::model::now());
+                answer["expires_at"].as_u64().unwrap_or(0).saturating_sub(stratus_api::model::now());
             println!("Join token for host {name} (single use, expires in {} s):", expires);
             println!("    {}", answer["token"].as_str().unwrap_or_default());
             println!("On {name}, run (with the address this control plane reaches it at):");

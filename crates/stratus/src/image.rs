@@ -122,7 +122,7 @@ pub fn build_with_progress(name: &str, progress: &mut dyn FnMut(&str)) -> Result
             "build-debian.sh",
             vec![("STRATUS_KERNEL_IMAGE_DIR", build_with_progress("default", progress)?.dir)],
         ),
-        _ => bail!("unknown image recipe '{name}': known are {}", stratus_cloud::image::RECIPES.join(", ")),
+        _ => bail!("unknown image recipe '{name}': known are {}", stratus_control::image::RECIPES.join(", ")),
     };
     let dir = images_dir().join(name);
     let script = guest_sources().join(script);

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use serde_json::json;
-use stratus_cloud::client::ApiClient;
+use stratus_api::client::ApiClient;
 
 /// The bridge the hosts' veths are on.
 const BRIDGE: &str = "stratuslab0";
@@ -166,7 +166,7 @@ fn up(count: u32, dir: &Path) -> Result<i32> {
     }
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let hosts: Vec<stratus_cloud::model::Host> = client.get("/v1/hosts")?;
+        let hosts: Vec<stratus_api::model::Host> = client.get("/v1/hosts")?;
         let online = hosts.iter().filter(|h| h.state == "online").count();
         if online == count as usize {
             break;

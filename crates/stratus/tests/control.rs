@@ -11,9 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use stratus_cloud::client::{ApiClient, ClientError};
-use stratus_cloud::db::{image_key, Db};
-use stratus_cloud::model::{Image, DEFAULT_PROJECT};
+use stratus_api::client::{ApiClient, ClientError};
+use stratus_api::model::{Image, DEFAULT_PROJECT};
+use stratus_control::db::{image_key, Db};
 use stratus_store::etcd_server::{ensure_etcd, EtcdCluster};
 
 /// A process killed when the test ends, however it ends.

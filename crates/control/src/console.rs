@@ -8,9 +8,9 @@ use std::sync::Arc;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
+use stratus_api::model::{InstanceState, DEFAULT_PROJECT};
 
 use crate::api::{AppState, Name};
-use crate::model::{InstanceState, DEFAULT_PROJECT};
 
 /// Upgrades to a WebSocket attached to the instance's console.
 pub async fn console(

@@ -20,8 +20,8 @@ use stratus_protocol::{
     InstanceOrder, MoveReport, NetworkConfig, Observed, Phase, Wanted,
 };
 
-use crate::agent::{AgentError, HostAgent, Probe};
 use crate::wire;
+use crate::{AgentError, HostAgent, Probe};
 
 /// Events kept per instance for the control plane to collect.
 const EVENTS_KEPT: usize = 200;
@@ -66,7 +66,7 @@ pub struct AgentRuntime {
     writing: Mutex<()>,
     /// This host's copies of images (`None`: boot from the paths orders give, as `serve`'s
     /// own host and tests do).
-    images: std::sync::OnceLock<Arc<crate::hostimages::HostImages>>,
+    images: std::sync::OnceLock<Arc<crate::images::HostImages>>,
 }
 
 impl AgentRuntime {
@@ -253,11 +253,11 @@ impl AgentRuntime {
     }
 
     /// Boots instances from this host's own copies of their images, fetched on first use.
-    pub fn use_images(&self, images: Arc<crate::hostimages::HostImages>) {
+    pub fn use_images(&self, images: Arc<crate::images::HostImages>) {
         let _ = self.images.set(images);
     }
 
-    fn start(self: &Arc<Self>, id: &str, record: &Record, instance: &crate::model::Instance) {
+    fn start(self: &Arc<Self>, id: &str, record: &Record, instance: &stratus_api::model::Instance) {
         let order = &record.order;
         let generation = order.generation;
         self.set_phase(id, generation, Phase::Starting, |_| {});
@@ -279,7 +279,7 @@ impl AgentRuntime {
             Ok(started) => {
                 record.phase = Phase::Running;
                 record.pid = started.pid;
-                record.started_at = crate::model::now();
+                record.started_at = stratus_api::model::now();
                 record.message.clear();
                 record.clean = false;
                 record.boot = Some(BootReport {
@@ -383,7 +383,7 @@ impl AgentRuntime {
 
     /// The instance as the driver's calls need it, if it runs.
     /// Instance `id`, held here stopped (its disk neither in use nor being made).
-    fn stopped_instance(&self, id: &str) -> Result<crate::model::Instance, WireError> {
+    fn stopped_instance(&self, id: &str) -> Result<stratus_api::model::Instance, WireError> {
         stratus_protocol::check_id(id)?;
         match self.slots().get(id) {
             // Absent under a stop order: held here, never started (a cold move's destination).
@@ -402,7 +402,7 @@ impl AgentRuntime {
         }
     }
 
-    fn running_instance(&self, id: &str) -> Result<crate::model::Instance, WireError> {
+    fn running_instance(&self, id: &str) -> Result<stratus_api::model::Instance, WireError> {
         match self.slots().get(id) {
             Some(slot) if slot.record.phase == Phase::Running => {
                 Ok(wire::instance_record(&slot.record.order, slot.record.pid, slot.record.started_at))
@@ -645,7 +645,7 @@ impl Agent for RuntimeAgent {
                     Ok(pid) => {
                         slot.record.phase = Phase::Running;
                         slot.record.pid = *pid;
-                        slot.record.started_at = crate::model::now();
+                        slot.record.started_at = stratus_api::model::now();
                         slot.record.boot =
                             Some(BootReport { ms: 0, kind: "moved".into(), detail: String::new() });
                     }

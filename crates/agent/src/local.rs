@@ -17,13 +17,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use stratus_api::model::{Host, Image, Instance, Network, WarmSnapshot, VMM_VERSION};
 use stratus_guest_agent::{Client, ExecRequest, Identity};
 use stratus_protocol::console::{ConsoleStream, UnixConsole};
 use stratus_protocol::DiskLayout;
 use stratus_vmm::api::http;
 
 use crate::disk::{self, CloneKind};
-use crate::model::{Host, Image, Instance, Network, WarmSnapshot, VMM_VERSION};
 use crate::network::{self, Subnet};
 
 /// The guest agent's answer must come within this after the VMM starts.
@@ -453,7 +453,7 @@ impl LocalAgent {
             disk_mib: WARM_DISK_MIB,
             vmm_version: VMM_VERSION.into(),
             boot_ms,
-            created_at: crate::model::now(),
+            created_at: stratus_api::model::now(),
         })
     }
 
@@ -743,7 +743,7 @@ impl HostAgent for LocalAgent {
             allocated_cpus: 0,
             instances: 0,
             hypervisor: hypervisor.into(),
-            seen_at: crate::model::now(),
+            seen_at: stratus_api::model::now(),
             address: self.address.clone().unwrap_or_default(),
             state: String::new(),
             maintenance: false,
@@ -868,7 +868,7 @@ impl HostAgent for LocalAgent {
         let keep = image
             .warm
             .as_ref()
-            .filter(|_| crate::image::warm_is_current(image))
+            .filter(|_| crate::images::warm_is_current(image))
             .and_then(|w| Path::new(&w.state).parent().map(Path::to_owned));
         for entry in std::fs::read_dir(&image_dir).into_iter().flatten().flatten() {
             let path = entry.path();
@@ -879,7 +879,7 @@ impl HostAgent for LocalAgent {
                 let _ = std::fs::remove_dir_all(&path);
             }
         }
-        let dir = image_dir.join(format!("warm-{}", &crate::api::new_id()[..8]));
+        let dir = image_dir.join(format!("warm-{}", &stratus_api::model::new_id()[..8]));
         let made = self.make_warm(image, network, &dir, progress);
         if made.is_err() {
             let _ = std::fs::remove_dir_all(&dir);

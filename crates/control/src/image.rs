@@ -6,9 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::agent::HostAgent;
+use stratus_agent::HostAgent;
+use stratus_api::model::{now, Image, DEFAULT_PROJECT};
+
 use crate::db::{image_key, Db, DbError};
-use crate::model::{now, Image, DEFAULT_PROJECT, VMM_VERSION};
 
 /// The recipes `stratus` can build: the default busybox image and Debian 12.
 pub const RECIPES: &[&str] = &["default", "debian"];
@@ -32,7 +33,7 @@ pub enum ImageError {
     },
     /// Copying the root filesystem failed.
     #[error(transparent)]
-    Disk(#[from] crate::disk::DiskError),
+    Disk(#[from] stratus_agent::disk::DiskError),
     /// The store failed.
     #[error(transparent)]
     Db(#[from] DbError),
@@ -91,10 +92,10 @@ pub fn install(db: &Db, data: &Path, name: &str, files: &ImageFiles) -> Result<I
         }
     }
     let images = data.join("images");
-    let tag = if files.source == "import" { crate::api::new_id() } else { files.source.clone() };
+    let tag = if files.source == "import" { stratus_api::model::new_id() } else { files.source.clone() };
     let dir = images.join(format!("{name}-{}", &tag[..tag.len().min(12)]));
     // Its own partial directory: two installs of one name at once do not mix their files.
-    let partial = images.join(format!(".{name}-{}.partial", crate::api::new_id()));
+    let partial = images.join(format!(".{name}-{}.partial", stratus_api::model::new_id()));
     let copied = (|| -> Result<u64, ImageError> {
         std::fs::create_dir_all(&partial).map_err(io("creating", &partial))?;
         std::fs::copy(&files.kernel, partial.join("vmlinux")).map_err(io("copying", &files.kernel))?;
@@ -102,7 +103,7 @@ pub fn install(db: &Db, data: &Path, name: &str, files: &ImageFiles) -> Result<I
             std::fs::copy(initrd, partial.join("initrd")).map_err(io("copying", initrd))?;
         }
         let rootfs_bytes = std::fs::metadata(&files.rootfs).map_err(io("reading", &files.rootfs))?.len();
-        crate::disk::clone_image(
+        stratus_agent::disk::clone_image(
             &files.rootfs,
             &partial.join("rootfs.ext4"),
             rootfs_bytes.div_ceil(1 << 20),
@@ -136,13 +137,6 @@ pub fn install(db: &Db, data: &Path, name: &str, files: &ImageFiles) -> Result<I
     }
     db.event(DEFAULT_PROJECT, "", "info", format!("image {name} installed ({})", dir.display()));
     Ok(image)
-}
-
-/// Whether the image's warm snapshot exists and was made by this VMM version.
-pub fn warm_is_current(image: &Image) -> bool {
-    image.warm.as_ref().is_some_and(|w| {
-        w.vmm_version == VMM_VERSION && Path::new(&w.memory).exists() && Path::new(&w.disk).exists()
-    })
 }
 
 /// Makes the image's warm snapshot (booting it once on the default network) and records it;

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use stratus_protocol::{Agent, AgentError as WireError, ExecRequest, HostInfo, Observed, Phase, Wanted};
 
-use crate::agent::{AgentError, ExecOutput, HostAgent, Incoming, Moved, Probe, Started};
-use crate::model::{Host, Image, Instance, Network, WarmSnapshot};
-use crate::wire;
+use stratus_agent::wire;
+use stratus_agent::{AgentError, ExecOutput, HostAgent, Incoming, Moved, Probe, Started};
+use stratus_api::model::{Host, Image, Instance, Network, WarmSnapshot};
 
 /// How often an order's progress is asked for.
 const POLL: Duration = Duration::from_millis(200);
@@ -139,7 +139,7 @@ impl RemoteHost {
 fn placeholder_image(name: &str) -> Image {
     Image {
         name: name.to_string(),
-        project: crate::model::DEFAULT_PROJECT.into(),
+        project: stratus_api::model::DEFAULT_PROJECT.into(),
         kernel: String::new(),
         initrd: None,
         rootfs: String::new(),
@@ -155,7 +155,7 @@ fn placeholder_image(name: &str) -> Image {
 fn placeholder_network(name: &str) -> Network {
     Network {
         name: name.to_string(),
-        project: crate::model::DEFAULT_PROJECT.into(),
+        project: stratus_api::model::DEFAULT_PROJECT.into(),
         bridge: String::new(),
         cidr: String::new(),
         gateway: String::new(),

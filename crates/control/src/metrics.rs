@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::IntoResponse;
+use stratus_api::model::InstanceState;
 
 use crate::api::{host_views, AppState};
-use crate::model::InstanceState;
 
 /// Renders the metrics.
 pub async fn prometheus(State(state): State<Arc<AppState>>) -> impl IntoResponse {
@@ -32,7 +32,7 @@ pub async fn prometheus(State(state): State<Arc<AppState>>) -> impl IntoResponse
         let _ = writeln!(out, "stratus_instances{{state=\"{}\"}} {n}", s.as_str());
     }
     if let Ok(hosts) = host_views(&state) {
-        type Gauge = fn(&crate::model::Host) -> u64;
+        type Gauge = fn(&stratus_api::model::Host) -> u64;
         let gauges: [(&str, &str, Gauge); 5] = [
             ("stratus_host_cpus", "CPU threads of the host.", |h| u64::from(h.cpus)),
             ("stratus_host_memory_bytes", "Physical memory of the host.", |h| h.memory_mib << 20),

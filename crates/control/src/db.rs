@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use stratus_store::{Revision, Store, StoreError};
 
-use crate::model::{Event, Image, Instance, Network, Operation};
+use stratus_api::model::{Event, Image, Instance, Network, Operation};
 
 /// Errors of typed store access.
 #[derive(Debug, thiserror::Error)]

@@ -13,10 +13,11 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use stratus_api::model::{Host, Network, DEFAULT_PROJECT};
+
 use crate::bell::Bell;
 use crate::db::{Db, DbError};
 use crate::hosts::Hosts;
-use crate::model::{Host, Network, DEFAULT_PROJECT};
 
 /// How often hosts are checked for a set they lack (besides each wake).
 const PERIOD: Duration = Duration::from_secs(2);
@@ -25,8 +26,11 @@ const PERIOD: Duration = Duration::from_secs(2);
 /// have one, when there is more than one): what each host is to build.
 pub fn networks_with_peers(db: &Db) -> Result<Vec<Network>, DbError> {
     let hosts: Vec<Host> = db.list("/hosts/")?;
-    let mut peers: Vec<String> =
-        hosts.iter().filter(|h| !h.address.is_empty()).map(|h| crate::hostd::listen_ip(&h.address)).collect();
+    let mut peers: Vec<String> = hosts
+        .iter()
+        .filter(|h| !h.address.is_empty())
+        .map(|h| stratus_agent::daemon::listen_ip(&h.address))
+        .collect();
     peers.sort();
     peers.dedup();
     if peers.len() < 2 {

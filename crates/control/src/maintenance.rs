@@ -9,9 +9,10 @@
 
 use std::sync::{Arc, Mutex};
 
+use stratus_api::model::{Desired, Host, Instance, InstanceState, OperationState, DEFAULT_PROJECT};
+
 use crate::api::{placed_on, prepare_move, AppState};
 use crate::db::{host_key, instance_key};
-use crate::model::{Desired, Host, Instance, InstanceState, OperationState, DEFAULT_PROJECT};
 
 /// Moves under way at once during an evacuation.
 pub const PARALLEL: usize = 2;

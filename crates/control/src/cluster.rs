@@ -10,18 +10,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use stratus_api::model::{now, Desired, Host, Instance};
 use stratus_protocol::{HostInfo, HttpAgent};
 use stratus_store::{LeaseId, StoreError, Txn};
 
 use crate::db::{host_key, Db, DbError};
 use crate::hosts::Hosts;
-use crate::model::{now, Desired, Host, Instance};
 use crate::remote::RemoteHost;
 
 /// How long a host stays online after its last heartbeat.
 pub const LIVENESS_TTL: Duration = Duration::from_secs(10);
-/// How often agents send a heartbeat.
-pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 /// How long a join token is good for unless asked otherwise.
 pub const JOIN_TOKEN_TTL: Duration = Duration::from_secs(3600);
 
@@ -165,8 +163,8 @@ impl Cluster {
                 )));
             }
         }
-        let id = crate::api::new_id();
-        let secret = format!("{}{}", crate::api::new_id(), crate::api::new_id());
+        let id = stratus_api::model::new_id();
+        let secret = format!("{}{}", stratus_api::model::new_id(), stratus_api::model::new_id());
         let expires_at = now() + ttl.as_secs().max(1);
         self.db.put(
             &token_key(&id),
@@ -215,12 +213,12 @@ impl Cluster {
         check_address(&info.address).map_err(|_| refused("the agent's address is not IP:PORT"))?;
         let credential = format!(
             "{}{}{}{}",
-            crate::api::new_id(),
-            crate::api::new_id(),
-            crate::api::new_id(),
-            crate::api::new_id()
+            stratus_api::model::new_id(),
+            stratus_api::model::new_id(),
+            stratus_api::model::new_id(),
+            stratus_api::model::new_id()
         );
-        let mut host = crate::wire::host_record(info);
+        let mut host = stratus_agent::wire::host_record(info);
         host.seen_at = now();
         let host_bytes = serde_json::to_vec(&host).map_err(|e| ClusterError::Conflict(e.to_string()))?;
         let credential_bytes = serde_json::to_vec(&Credential { secret: credential.clone() })
@@ -261,7 +259,7 @@ impl Cluster {
         let before = self.db.get::<Host>(&host_key(&name))?.map(|(host, _)| host.address);
         let updated = self.db.update(&host_key(&name), |host: &mut Host| {
             let maintenance = host.maintenance;
-            *host = crate::wire::host_record(info);
+            *host = stratus_agent::wire::host_record(info);
             host.maintenance = maintenance;
             true
         });

@@ -1,12 +1,12 @@
-//! Networks: address management (IPAM) in the store, and on each host a Linux bridge with the
-//! gateway address, a tap per instance, and NAT to the host's uplink through nftables.
+//! Networks on a host: a Linux bridge per network with the gateway address (joined to the other
+//! hosts by a VXLAN), a tap per instance, and NAT to the host's uplink through nftables.
+//! Addresses are leased centrally, by the control plane (`stratus-control`'s `ipam`).
 
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::Command;
 
-use crate::db::{lease_key, Db, DbError};
-use crate::model::Network;
+use stratus_api::model::Network;
 
 /// Errors of network set-up.
 #[derive(Debug, thiserror::Error)]
@@ -16,9 +16,6 @@ pub enum NetworkError {
         "invalid subnet '{0}': expected a unicast IPv4 prefix such as 10.210.0.0/24, between /16 and /29"
     )]
     BadCidr(String),
-    /// Every address of the subnet is leased.
-    #[error("network '{0}' has no free address left")]
-    Exhausted(String),
     /// A host command failed.
     #[error("`{command}` failed: {cause}")]
     Command {
@@ -27,9 +24,6 @@ pub enum NetworkError {
         /// Its error output or spawn error.
         cause: String,
     },
-    /// The store failed.
-    #[error(transparent)]
-    Db(#[from] DbError),
 }
 
 /// A parsed IPv4 subnet.
@@ -84,43 +78,6 @@ impl std::fmt::Display for Subnet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.base, self.prefix)
     }
-}
-
-/// Leases the lowest free address of `network` to instance `id` (compare-and-swap per
-/// address, so two launches at once never get the same one).
-pub fn lease(db: &Db, network: &Network, id: &str) -> Result<Ipv4Addr, NetworkError> {
-    let subnet = Subnet::parse(&network.cidr)?;
-    let taken: std::collections::HashSet<String> = db
-        .store()
-        .list(&format!("/leases/{}/", network.name))
-        .map_err(DbError::from)?
-        .into_iter()
-        .map(|e| e.key)
-        .collect();
-    for ip in subnet.guest_addresses() {
-        let key = lease_key(&network.name, ip);
-        if taken.contains(&key) {
-            continue;
-        }
-        match db.create(&key, &id) {
-            Ok(_) => return Ok(ip),
-            Err(DbError::Exists(_)) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(NetworkError::Exhausted(network.name.clone()))
-}
-
-/// Gives back the address `ip` of `network` if `id` holds it.
-pub fn release(db: &Db, network: &str, ip: &str, id: &str) -> Result<(), NetworkError> {
-    let Ok(ip) = ip.parse::<Ipv4Addr>() else { return Ok(()) };
-    let key = lease_key(network, ip);
-    if let Some((holder, _)) = db.get::<String>(&key)? {
-        if holder == id {
-            db.delete(&key)?;
-        }
-    }
-    Ok(())
 }
 
 /// A MAC address derived from the instance id: locally administered, stable across restarts.

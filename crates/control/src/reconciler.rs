@@ -8,12 +8,13 @@ use std::collections::HashSet;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use crate::agent::{AgentError, HostAgent, Probe};
+use stratus_agent::{AgentError, HostAgent, Probe};
+use stratus_api::model::{now, Desired, Instance, InstanceState, Operation, OperationState, RestartPolicy};
+
 use crate::bell::Bell;
 use crate::db::{instance_key, operation_key, Db};
 use crate::hosts::Hosts;
-use crate::model::{now, Desired, Instance, InstanceState, Operation, OperationState, RestartPolicy};
-use crate::network;
+use crate::ipam;
 
 /// Starts tried in a row before the reconciler gives up on an instance.
 const MAX_ATTEMPTS: u32 = 3;
@@ -402,8 +403,7 @@ impl Reconciler {
             self.fail_operation(&instance, &e.to_string());
             return;
         }
-        if let Err(e) = network::release(&self.db, &instance.spec.network, &instance.status.ip, &instance.id)
-        {
+        if let Err(e) = ipam::release(&self.db, &instance.spec.network, &instance.status.ip, &instance.id) {
             self.event(&instance, "error", format!("releasing address {}: {e}", instance.status.ip));
         }
         let _ = self.db.delete(&instance_key(&instance.project, &instance.name));

@@ -12,6 +12,22 @@ pub fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// A new random id (hex).
+pub fn new_id() -> String {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer we own.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        // getrandom cannot fail for 8 bytes once the pool is ready; fall back to time and pid.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        bytes = ((t as u64) ^ (u64::from(std::process::id()) << 40)).to_le_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Checks a resource name: 1-63 of `a-z`, `0-9` and `-`, starting with a letter, not ending
 /// with `-` (it becomes a guest hostname and part of device names).
 pub fn check_name(kind: &str, name: &str) -> Result<(), String> {
@@ -343,7 +359,7 @@ impl Operation {
     /// A new operation of `kind` on `instance` ("" for none), running from now.
     pub fn started(kind: &str, instance: &str) -> Operation {
         Operation {
-            id: crate::api::new_id(),
+            id: new_id(),
             kind: kind.into(),
             instance: instance.into(),
             project: DEFAULT_PROJECT.into(),

@@ -11,12 +11,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use stratus_protocol::{Agent, HostInfo};
+use stratus_protocol::{Agent, HostInfo, HEARTBEAT_EVERY};
 
-use crate::agent::{HostAgent, LocalAgent};
-use crate::cluster::HEARTBEAT_EVERY;
-use crate::hostimages::{HostImages, HttpImageSource};
+use crate::images::{HostImages, HttpImageSource};
 use crate::runtime::{AgentRuntime, RuntimeAgent};
+use crate::{HostAgent, LocalAgent};
 
 /// The port an agent listens on unless told otherwise.
 pub const AGENT_PORT: u16 = 7441;
@@ -55,7 +54,7 @@ pub fn run_agent(config: AgentConfig) -> Result<()> {
     let data = &config.data_dir;
     std::fs::create_dir_all(data.join("instances"))
         .with_context(|| format!("creating {}", data.display()))?;
-    let _lock = crate::server::lock_data_dir(data)?;
+    let _lock = crate::process::lock_data_dir(data)?;
     let address = if config.address.contains(':') {
         config.address.clone()
     } else {
@@ -114,7 +113,7 @@ pub fn run_agent(config: AgentConfig) -> Result<()> {
             tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
         eprintln!("stratus agent: host {} serving at {address}, control plane {control}", config.name);
         let router = stratus_protocol::server::router(agent, credential);
-        axum::serve(listener, router).with_graceful_shutdown(crate::server::stop_signal()).await?;
+        axum::serve(listener, router).with_graceful_shutdown(crate::process::stop_signal()).await?;
         eprintln!("stratus agent: stopped; instances keep running and are adopted at the next start");
         Ok(())
     })
@@ -203,7 +202,7 @@ fn membership(data: &Path, control: &str, config: &AgentConfig, info: &HostInfo)
         name: config.name.clone(),
         credential: credential.clone(),
     };
-    crate::server::write_private(&path, &serde_json::to_vec(&kept)?)?;
+    crate::process::write_private(&path, &serde_json::to_vec(&kept)?)?;
     eprintln!("stratus agent: host {} joined {control}", config.name);
     Ok(credential)
 }

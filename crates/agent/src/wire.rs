@@ -1,10 +1,10 @@
-//! Conversions between the control plane's records ([`crate::model`]) and the agent protocol's
+//! Conversions between the control plane's records ([`stratus_api::model`]) and the agent protocol's
 //! wire types ([`stratus_protocol`]): what an order carries of an instance, its image and
 //! network, and the records the host agent rebuilds from an order.
 
 use stratus_protocol::{HostInfo, ImageFiles, InstanceOrder, NetworkConfig, Wanted, WarmFiles};
 
-use crate::model::{
+use stratus_api::model::{
     Desired, Host, Image, Instance, InstanceSpec, InstanceState, InstanceStatus, Network, RestartPolicy,
     WarmSnapshot, DEFAULT_PROJECT,
 };
@@ -176,7 +176,7 @@ pub fn host_record(info: &HostInfo) -> Host {
         allocated_cpus: 0,
         instances: 0,
         hypervisor: info.hypervisor.clone(),
-        seen_at: crate::model::now(),
+        seen_at: stratus_api::model::now(),
         address: info.address.clone(),
         state: String::new(),
         maintenance: false,

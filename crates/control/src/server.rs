@@ -4,22 +4,22 @@
 //! instances whose VMMs still run (they live in their own sessions and outlive the server).
 
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use stratus_agent::network::Subnet;
+use stratus_agent::process::{lock_data_dir, stop_signal, write_private};
+use stratus_agent::{HostAgent, LocalAgent};
+use stratus_api::model::{now, Image, Network, DEFAULT_PROJECT};
 use stratus_store::SqliteStore;
 
-use crate::agent::{HostAgent, LocalAgent};
 use crate::api::{self, AppState};
 use crate::cluster::Cluster;
 use crate::db::{host_key, network_key, Db};
 use crate::hosts::Hosts;
 use crate::leader::Leadership;
-use crate::model::{now, Image, Network, DEFAULT_PROJECT};
-use crate::network::Subnet;
 use crate::reconciler::Reconciler;
 
 /// How `serve` runs.
@@ -125,7 +125,7 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
         // Hosts that joined through another replica, and hosts removed there.
         let refreshing = Arc::clone(&state);
         let _ = std::thread::Builder::new().name("membership".into()).spawn(move || loop {
-            std::thread::sleep(crate::cluster::HEARTBEAT_EVERY);
+            std::thread::sleep(stratus_protocol::HEARTBEAT_EVERY);
             let _ = refreshing.cluster.refresh();
         });
     }
@@ -156,24 +156,11 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
     })
 }
 
-pub(crate) async fn stop_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
-    else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
-    }
-}
-
-/// One server per data directory: a second would run every instance twice.
 /// This machine's host recorded under another name (its hostname changed since): the
 /// instances placed there are this host's, under its name now. A host that joined (it has a
 /// credential) or never did (an invitation) is another machine and stays as it is.
-fn adopt_renamed_host(db: &Db, host: &crate::model::Host) -> Result<()> {
-    for old in db.list::<crate::model::Host>("/hosts/")? {
+fn adopt_renamed_host(db: &Db, host: &stratus_api::model::Host) -> Result<()> {
+    for old in db.list::<stratus_api::model::Host>("/hosts/")? {
         let joined = db.store().get(&format!("/host-credentials/{}", old.name))?.is_some();
         let ours = old.address.is_empty() || old.address == host.address;
         if old.name == host.name || joined || old.seen_at == 0 || !ours {
@@ -182,7 +169,7 @@ fn adopt_renamed_host(db: &Db, host: &crate::model::Host) -> Result<()> {
         for instance in db.instances()?.into_iter().filter(|i| i.status.host == old.name) {
             db.update(
                 &crate::db::instance_key(&instance.project, &instance.name),
-                |i: &mut crate::model::Instance| {
+                |i: &mut stratus_api::model::Instance| {
                     i.status.host = host.name.clone();
                     true
                 },
@@ -216,18 +203,6 @@ pub fn open_store(spec: Option<&str>, data: &Path) -> Result<Arc<dyn stratus_sto
     }
 }
 
-/// Holds `DATA/serve.lock` for as long as the returned file is open: one server or agent per
-/// data directory.
-pub(crate) fn lock_data_dir(data: &Path) -> Result<std::fs::File> {
-    let path = data.join("serve.lock");
-    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        bail!("another `stratus serve` or `stratus agent` is using {}", data.display());
-    }
-    Ok(file)
-}
-
 /// This machine's host agent, named and addressed as `config` says, recorded in the store
 /// (taking over the instances of its earlier name).
 fn local_host(db: &Db, config: &ServeConfig) -> Result<Arc<dyn HostAgent>> {
@@ -251,7 +226,7 @@ fn local_host(db: &Db, config: &ServeConfig) -> Result<Arc<dyn HostAgent>> {
 /// copied to `path` for this machine's CLI).
 fn shared_token(db: &Db, path: &Path) -> Result<String> {
     const KEY: &str = "/control/token";
-    let made = format!("{}{}", api::new_id(), api::new_id());
+    let made = format!("{}{}", stratus_api::model::new_id(), stratus_api::model::new_id());
     let store = db.store();
     // Create it unless it exists; whoever created it, read it back.
     let _ = store.txn(&stratus_store::Txn::new().expect(KEY, None).put(KEY, made.as_bytes()));
@@ -268,27 +243,9 @@ fn load_or_create_token(path: &Path) -> Result<String> {
             return Ok(token);
         }
     }
-    let token = format!("{}{}", api::new_id(), api::new_id());
+    let token = format!("{}{}", stratus_api::model::new_id(), stratus_api::model::new_id());
     write_private(path, format!("{token}\n").as_bytes())?;
     Ok(token)
-}
-
-/// Writes a file only its owner may read (it holds the API token), synced.
-pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    // A file that was there already keeps its mode through open: tighten it too.
-    file.set_permissions(std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("restricting {}", path.display()))?;
-    use std::io::Write;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    Ok(())
 }
 
 /// Writes `url` and `token` for the CLI, keeping the file's other settings.
@@ -358,7 +315,7 @@ fn prepare_networks(agent: &dyn HostAgent, networks: &[Network]) -> Result<()> {
     }
     if let Err(e) = agent.prepare_networks(networks) {
         // Bridges are needed; NAT alone failing leaves guests reachable from this host.
-        if networks.iter().all(|n| crate::network::tap_exists(&n.bridge)) {
+        if networks.iter().all(|n| stratus_agent::network::tap_exists(&n.bridge)) {
             eprintln!("stratus serve: warning: {e}");
         } else {
             return Err(e).context("setting up networks");
@@ -372,7 +329,7 @@ fn prepare_networks(agent: &dyn HostAgent, networks: &[Network]) -> Result<()> {
 fn spawn_warming(db: Db, agent: Arc<dyn HostAgent>) {
     let _ = std::thread::Builder::new().name("warm-images".into()).spawn(move || {
         for image in db.list::<Image>("/images/").unwrap_or_default() {
-            if !crate::image::warm_is_current(&image) {
+            if !stratus_agent::images::warm_is_current(&image) {
                 let _ = crate::image::warm(&db, agent.as_ref(), &image);
             }
         }

@@ -11,11 +11,19 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::agent::HostAgent;
-use crate::model::{Image, Network, WarmSnapshot};
+use stratus_api::model::{Image, Network, WarmSnapshot, VMM_VERSION};
+
+use crate::HostAgent;
 
 /// The files an image directory may hold, the only ones fetched or served.
 pub const IMAGE_FILES: [&str; 3] = ["vmlinux", "initrd", "rootfs.ext4"];
+
+/// Whether the image's warm snapshot exists and was made by this VMM version.
+pub fn warm_is_current(image: &Image) -> bool {
+    image.warm.as_ref().is_some_and(|w| {
+        w.vmm_version == VMM_VERSION && Path::new(&w.memory).exists() && Path::new(&w.disk).exists()
+    })
+}
 
 /// Where an agent gets the files of images it lacks.
 pub trait ImageSource: Send + Sync {
@@ -88,7 +96,7 @@ impl HostImages {
             warm: std::fs::read(dir.join("warm.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()),
             ..image.clone()
         };
-        if !crate::image::warm_is_current(&local) {
+        if !warm_is_current(&local) {
             local.warm = None;
             if image.warm.is_some() {
                 self.make_warm(&local, &dir_name, network);

@@ -12,10 +12,11 @@
 
 use std::time::Duration;
 
-use crate::agent::HostAgent;
+use stratus_agent::HostAgent;
+use stratus_api::model::{now, Instance, InstanceState, Operation, OperationState, DEFAULT_PROJECT};
+
 use crate::db::{instance_key, operation_key, Db};
 use crate::hosts::Hosts;
-use crate::model::{now, Instance, InstanceState, Operation, OperationState, DEFAULT_PROJECT};
 
 /// How long the destination may take to run the guest once the source says it was sent.
 const ARRIVAL_LIMIT: Duration = Duration::from_secs(60);
@@ -178,7 +179,7 @@ fn attempt(
     hosts: &Hosts,
     instance: &Instance,
     to: &str,
-) -> Result<(u32, crate::agent::Moved), Failure> {
+) -> Result<(u32, stratus_agent::Moved), Failure> {
     let agent = |name: &str| -> Result<std::sync::Arc<dyn HostAgent>, Failure> {
         hosts
             .get(name)
@@ -217,7 +218,7 @@ fn attempt(
             if let Ok(pid) = destination.arrived(&arriving, Duration::from_secs(2)) {
                 let note = format!("the source's answer was lost ({e}), but {to} runs the guest");
                 db.event(&instance.project, &instance.name, "info", note);
-                return Ok((pid, crate::agent::Moved { total_ms: 0.0, downtime_ms: 0.0, bytes: 0 }));
+                return Ok((pid, stratus_agent::Moved { total_ms: 0.0, downtime_ms: 0.0, bytes: 0 }));
             }
             // Its half-made copy goes; the guest never left.
             let _ = destination.remove(&arriving);

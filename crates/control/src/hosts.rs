@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
-use crate::agent::HostAgent;
+use stratus_agent::HostAgent;
 
 /// Host name -> the agent that drives it.
 #[derive(Default)]

@@ -16,15 +16,16 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
+use stratus_agent::network::{self, Subnet};
+use stratus_agent::HostAgent;
+use stratus_api::model::{
+    check_name, new_id, now, Desired, Host, Image, Instance, InstanceSpec, InstanceState, InstanceStatus,
+    Network, Operation, OperationState, RestartPolicy, DEFAULT_PROJECT,
+};
 
-use crate::agent::HostAgent;
 use crate::db::{image_key, instance_key, network_key, operation_key, Db, DbError};
 use crate::hosts::Hosts;
-use crate::model::{
-    check_name, now, Desired, Host, Image, Instance, InstanceSpec, InstanceState, InstanceStatus, Network,
-    Operation, OperationState, RestartPolicy, DEFAULT_PROJECT,
-};
-use crate::network::{self, Subnet};
+use crate::ipam;
 use crate::reconciler::Reconciler;
 use crate::scheduler::{self, Candidate, Policy};
 
@@ -350,22 +351,6 @@ async fn authenticate(
     }
 }
 
-/// A new random id (hex).
-pub fn new_id() -> String {
-    let mut bytes = [0u8; 8];
-    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer we own.
-    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    if n != bytes.len() as isize {
-        // getrandom cannot fail for 8 bytes once the pool is ready; fall back to time and pid.
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        bytes = ((t as u64) ^ (u64::from(std::process::id()) << 40)).to_le_bytes();
-    }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 // ---- instances ------------------------------------------------------------------------
 
 /// `POST /v1/instances`.
@@ -632,7 +617,7 @@ async fn launch(
         return Err(ApiError::conflict(format!("instance '{}' already exists", req.name)));
     }
     let id = new_id();
-    let ip = network::lease(&state.db, &net, &id).map_err(|e| ApiError::conflict(e.to_string()))?;
+    let ip = ipam::lease(&state.db, &net, &id).map_err(|e| ApiError::conflict(e.to_string()))?;
     let op = Operation::started("launch", &req.name);
     let instance = Instance {
         id: id.clone(),
@@ -671,7 +656,7 @@ async fn launch(
     state.db.put(&operation_key(&op.id), &op)?;
     if let Err(e) = state.db.create(&instance_key(DEFAULT_PROJECT, &instance.name), &instance) {
         // Lost a race for the name: give the address back.
-        let _ = network::release(&state.db, &net.name, &instance.status.ip, &id);
+        let _ = ipam::release(&state.db, &net.name, &instance.status.ip, &id);
         let _ = state.db.delete(&operation_key(&op.id));
         return Err(match e {
             DbError::Exists(_) => ApiError::conflict(format!("instance '{}' already exists", instance.name)),
@@ -1705,7 +1690,7 @@ struct AgentQuery {
 
 /// `GET /agent/v1/images/{dir}/{file}?host=NAME`, with host NAME's credential as the bearer
 /// token: a file of an image this control plane keeps, for an agent copying it
-/// (`hostimages`). Only the files of images on record are served.
+/// (`stratus_agent::images`). Only the files of images on record are served.
 async fn agent_image_file(
     State(state): State<Shared>,
     Path((dir, file)): Path<(String, String)>,
@@ -1717,7 +1702,8 @@ async fn agent_image_file(
     tokio::task::spawn_blocking(move || checking.cluster.authenticate(&host, &secret))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    if !crate::hostimages::valid_dir(&dir) || !crate::hostimages::IMAGE_FILES.contains(&file.as_str()) {
+    if !stratus_agent::images::valid_dir(&dir) || !stratus_agent::images::IMAGE_FILES.contains(&file.as_str())
+    {
         return Err(ApiError::bad_request(format!("no image file '{dir}/{file}'")));
     }
     let path = state.data_dir.join("images").join(&dir).join(&file);
@@ -1869,7 +1855,7 @@ struct EventsQuery {
 async fn list_events(
     State(state): State<Shared>,
     Params(query): Params<EventsQuery>,
-) -> ApiResult<Json<Vec<crate::model::Event>>> {
+) -> ApiResult<Json<Vec<stratus_api::model::Event>>> {
     let _ = query.token;
     Ok(Json(state.db.events(query.instance.as_deref(), query.after)?))
 }
