@@ -21,7 +21,10 @@ use stratus_api::model::{Host, Image, Instance, Network, WarmSnapshot, VMM_VERSI
 use stratus_guest_agent::{Client, ExecRequest, Identity};
 use stratus_protocol::console::{ConsoleStream, UnixConsole};
 use stratus_protocol::DiskLayout;
-use stratus_vmm::api::http;
+use stratus_vmm_api::{
+    Boot, ConsoleConfig, Drive, Machine, Migrate, Net, Phase, Restore, Rng, Snapshot, VmmClient, VmmError,
+    VsockConfig,
+};
 
 use crate::disk::{self, CloneKind};
 use crate::network::{self, Subnet};
@@ -61,6 +64,12 @@ pub enum AgentError {
     /// Local file work failed.
     #[error("{0}")]
     Io(String),
+}
+
+impl From<VmmError> for AgentError {
+    fn from(e: VmmError) -> Self {
+        AgentError::Vmm(e.to_string())
+    }
 }
 
 /// What a started instance looks like.
@@ -319,22 +328,22 @@ impl LocalAgent {
 
     /// Configures a fresh VMM to boot `image` with the instance's disk, tap, vsock and console.
     fn boot_vmm(&self, dir: &Path, spec: &BootSpec) -> Result<(), AgentError> {
-        let calls = [
-            ("/vm/machine", json!({"vcpus": spec.cpus, "memory_mib": spec.memory_mib})),
-            (
-                "/vm/boot",
-                json!({"kernel": spec.image.kernel, "initrd": spec.image.initrd, "cmdline": spec.cmdline}),
-            ),
-            ("/vm/drives/vda", json!({"path": dir.join("disk.raw")})),
-            ("/vm/nets/eth0", json!({"tap": spec.tap, "mac": spec.mac})),
-            ("/vm/vsock", json!({"cid": spec.cid, "socket": dir.join("vsock.sock")})),
-            ("/vm/rng", json!({"enabled": true})),
-            ("/vm/console", json!({"kind": "socket", "path": dir.join("console.sock")})),
-        ];
-        for (target, body) in calls {
-            vmm_call(dir, "PUT", target, Some(body.to_string()))?;
-        }
-        vmm_call(dir, "POST", "/vm/start", None)?;
+        let vmm = vmm(dir);
+        vmm.set_machine(&Machine { vcpus: spec.cpus, memory_mib: spec.memory_mib })?;
+        vmm.set_boot(&Boot {
+            kernel: spec.image.kernel.clone().into(),
+            initrd: spec.image.initrd.clone().map(Into::into),
+            cmdline: Some(spec.cmdline.clone()),
+        })?;
+        vmm.put_drive("vda", &drive(dir))?;
+        vmm.put_net(
+            "eth0",
+            &Net { tap: spec.tap.clone(), mac: Some(spec.mac.clone()), rate_limit: Default::default() },
+        )?;
+        vmm.set_vsock(&VsockConfig { cid: spec.cid.into(), socket: dir.join("vsock.sock") })?;
+        vmm.set_rng(&Rng { enabled: true })?;
+        vmm.set_console(&ConsoleConfig::Socket { path: dir.join("console.sock") })?;
+        vmm.start()?;
         Ok(())
     }
 
@@ -386,7 +395,7 @@ impl LocalAgent {
             return Probe::Down { cause: format!("{how}; its last words: {}", log_tail(dir)), clean: false };
         }
         match vmm_phase(dir) {
-            Ok((phase, _)) if phase == "running" || phase == "paused" => Probe::Running,
+            Ok((Phase::Running | Phase::Paused, _)) => Probe::Running,
             Ok((_, reason)) => {
                 let reason = reason.unwrap_or_else(|| "stopped".into());
                 Probe::Down { clean: reason == "guest powered off", cause: reason }
@@ -430,12 +439,16 @@ impl LocalAgent {
                 // The agent answers before init has finished (it is started first); a clone
                 // of a busy guest would redo that work. Save it once it idles.
                 wait_until_quiet(pid, Duration::from_secs(120));
-                vmm_call(dir, "POST", "/vm/pause", None)?;
-                let body = json!({"state_file": dir.join("state"), "memory_file": dir.join("memory")});
-                vmm_call(dir, "POST", "/vm/snapshot", Some(body.to_string()))?;
+                let vmm = vmm(dir);
+                vmm.pause()?;
+                vmm.snapshot(&Snapshot {
+                    state_file: dir.join("state"),
+                    memory_file: dir.join("memory"),
+                    diff: false,
+                })?;
                 Ok(boot_ms)
             })();
-            let _ = vmm_call(dir, "POST", "/vm/stop", None);
+            let _ = vmm(dir).stop();
             quit_vmm(dir, pid);
             saved
         });
@@ -469,17 +482,21 @@ impl LocalAgent {
         let t = Instant::now();
         let pid = self.spawn_vmm(&dir)?;
         let restored = (|| {
-            let console = json!({"kind": "socket", "path": dir.join("console.sock")});
-            vmm_call(&dir, "PUT", "/vm/console", Some(console.to_string()))?;
-            let body = json!({
-                "state_file": warm.state,
-                "memory_files": [warm.memory],
-                "drives": [{"path": dir.join("disk.raw")}],
-                "nets": [{"tap": network::tap_name(&instance.id), "mac": instance.status.mac}],
-                "vsock": {"cid": guest_cid(instance), "socket": dir.join("vsock.sock")},
-            });
-            let report = vmm_call(&dir, "POST", "/vm/restore", Some(body.to_string()))?;
-            let restore_ms = report.get("duration_ms").and_then(|d| d.as_f64()).unwrap_or(0.0);
+            let vmm = vmm(&dir);
+            vmm.set_console(&ConsoleConfig::Socket { path: dir.join("console.sock") })?;
+            let report = vmm.restore(&Restore {
+                state_file: warm.state.clone().into(),
+                memory_files: vec![warm.memory.clone().into()],
+                drives: Some(vec![drive(&dir)]),
+                nets: Some(vec![Net {
+                    tap: network::tap_name(&instance.id),
+                    mac: Some(instance.status.mac.clone()),
+                    rate_limit: Default::default(),
+                }]),
+                vsock: Some(VsockConfig { cid: guest_cid(instance).into(), socket: dir.join("vsock.sock") }),
+                ..Default::default()
+            })?;
+            let restore_ms = report.duration_ms;
             let spawned = t.elapsed();
             self.wait_for_guest(&dir, pid, Instant::now(), cancelled)?;
             let answered = t.elapsed();
@@ -506,7 +523,7 @@ impl LocalAgent {
         match restored {
             Ok(detail) => Ok((pid, detail)),
             Err(e) => {
-                let _ = vmm_call(&dir, "POST", "/vm/stop", None);
+                let _ = vmm(&dir).stop();
                 quit_vmm(&dir, pid);
                 Err(e)
             }
@@ -624,8 +641,7 @@ fn find_vmm(dir: &Path, recorded: u32) -> Option<u32> {
     if is_vmm_of(recorded, dir) {
         return Some(recorded);
     }
-    let info = vmm_call(dir, "GET", "/vm", None).ok()?;
-    let pid = info.get("pid")?.as_u64()? as u32;
+    let pid = vmm(dir).info().ok()?.pid;
     is_vmm_of(pid, dir).then_some(pid)
 }
 
@@ -641,26 +657,15 @@ fn is_vmm_of(pid: u32, dir: &Path) -> bool {
     !zombie && cmdline.split(|b| *b == 0).any(|arg| arg == want.as_os_str().as_encoded_bytes())
 }
 
-/// One API call to the VMM in `dir`; its JSON answer, or its error message.
-fn vmm_call(
-    dir: &Path,
-    method: &str,
-    target: &str,
-    body: Option<String>,
-) -> Result<serde_json::Value, AgentError> {
-    // A wedged VMM must not hold a reconciler worker (and with it the instance) forever.
-    let response = http::call_within(&api_sock(dir), method, target, body.as_deref(), VMM_CALL_TIMEOUT)
-        .map_err(|e| AgentError::Vmm(e.to_string()))?;
-    let value: serde_json::Value = if response.body.trim().is_empty() {
-        serde_json::Value::Null
-    } else {
-        serde_json::from_str(&response.body).unwrap_or(serde_json::Value::String(response.body.clone()))
-    };
-    if response.status >= 300 {
-        let message = value.get("error").and_then(|e| e.as_str()).unwrap_or(&response.body).to_owned();
-        return Err(AgentError::Vmm(format!("{method} {target}: {message}")));
-    }
-    Ok(value)
+/// The API of the VMM in `dir`; each call bounded by [`VMM_CALL_TIMEOUT`] (a wedged VMM must
+/// not hold a reconciler worker, and with it the instance, forever).
+fn vmm(dir: &Path) -> VmmClient {
+    VmmClient::new(api_sock(dir)).within(VMM_CALL_TIMEOUT)
+}
+
+/// The instance's disk in `dir`, as the VMM takes it.
+fn drive(dir: &Path) -> Drive {
+    Drive { path: dir.join("disk.raw"), readonly: false, rate_limit: Default::default() }
 }
 
 /// The last line the VMM in `dir` printed, for error messages.
@@ -671,7 +676,7 @@ fn log_tail(dir: &Path) -> String {
 
 /// Asks the VMM in `dir` to exit, and kills it if it does not.
 fn quit_vmm(dir: &Path, pid: u32) {
-    let _ = vmm_call(dir, "POST", "/vmm/quit", None);
+    let _ = vmm(dir).quit();
     let deadline = Instant::now() + Duration::from_secs(5);
     while is_vmm_of(pid, dir) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
@@ -710,11 +715,9 @@ fn process_usage(pid: u32) -> (f64, u64) {
     ((field(14) + field(15)) as f64 / ticks, field(24) * page)
 }
 
-fn vmm_phase(dir: &Path) -> Result<(String, Option<String>), AgentError> {
-    let info = vmm_call(dir, "GET", "/vm", None)?;
-    let phase = info.get("state").and_then(|s| s.as_str()).unwrap_or("unknown").to_owned();
-    let reason = info.get("exit_reason").and_then(|s| s.as_str()).map(str::to_owned);
-    Ok((phase, reason))
+fn vmm_phase(dir: &Path) -> Result<(Phase, Option<String>), AgentError> {
+    let info = vmm(dir).info()?;
+    Ok((info.state, info.exit_reason))
 }
 
 fn kill(pid: u32) {
@@ -777,9 +780,8 @@ impl HostAgent for LocalAgent {
         std::fs::create_dir_all(&dir)
             .map_err(|e| AgentError::Io(format!("creating {}: {e}", dir.display())))?;
         // A VMM left from an interrupted start: begin again from a clean process.
-        if let Ok(info) = vmm_call(&dir, "GET", "/vm", None) {
-            let pid = info.get("pid").and_then(|p| p.as_u64()).unwrap_or(0) as u32;
-            quit_vmm(&dir, pid);
+        if let Ok(info) = vmm(&dir).info() {
+            quit_vmm(&dir, info.pid);
         }
         network::ensure_tap(&network::tap_name(id), &network.bridge)?;
         let disk_path = dir.join("disk.raw");
@@ -892,19 +894,17 @@ impl HostAgent for LocalAgent {
         let dir = self.instance_dir(&instance.id);
         let Some(pid) = find_vmm(&dir, instance.status.pid) else { return Ok(()) };
         if let Ok((phase, _)) = vmm_phase(&dir) {
-            if phase == "running" && vmm_call(&dir, "POST", "/vm/shutdown", None).is_ok() {
+            if phase == Phase::Running && vmm(&dir).shutdown().is_ok() {
                 let deadline = Instant::now() + SHUTDOWN_GRACE;
                 while Instant::now() < deadline {
                     match vmm_phase(&dir) {
-                        Ok((phase, _)) if phase == "running" => {
-                            std::thread::sleep(Duration::from_millis(100))
-                        }
+                        Ok((Phase::Running, _)) => std::thread::sleep(Duration::from_millis(100)),
                         _ => break,
                     }
                 }
             }
         }
-        let _ = vmm_call(&dir, "POST", "/vm/stop", None);
+        let _ = vmm(&dir).stop();
         quit_vmm(&dir, pid);
         Ok(())
     }
@@ -912,7 +912,7 @@ impl HostAgent for LocalAgent {
     fn remove(&self, instance: &Instance) -> Result<(), AgentError> {
         let dir = self.instance_dir(&instance.id);
         if let Some(pid) = find_vmm(&dir, instance.status.pid) {
-            let _ = vmm_call(&dir, "POST", "/vm/stop", None);
+            let _ = vmm(&dir).stop();
             quit_vmm(&dir, pid);
         }
         network::remove_tap(&network::tap_name(&instance.id))?;
@@ -962,7 +962,7 @@ impl HostAgent for LocalAgent {
         if !is_vmm_of(instance.status.pid, &dir) {
             return Err(AgentError::NotRunning);
         }
-        let vmm = vmm_call(&dir, "GET", "/metrics", None)?;
+        let vmm = vmm(&dir).metrics()?;
         let (cpu_seconds, memory_bytes) = process_usage(instance.status.pid);
         Ok(json!({
             "cpu_seconds": cpu_seconds,
@@ -1025,25 +1025,16 @@ impl HostAgent for LocalAgent {
     fn send(&self, instance: &Instance, to: &str) -> Result<Moved, AgentError> {
         let dir = self.instance_dir(&instance.id);
         let Some(pid) = find_vmm(&dir, instance.status.pid) else { return Err(AgentError::NotRunning) };
-        let body = json!({"to": to, "with_disks": true}).to_string();
         // A migration's length is the guest's memory and disk over the link: minutes at worst.
-        let response =
-            http::call_within(&api_sock(&dir), "POST", "/vm/migrate", Some(&body), Duration::from_secs(1800))
-                .map_err(|e| AgentError::Vmm(format!("migrating to {to}: {e}")))?;
-        let report: serde_json::Value = serde_json::from_str(&response.body).unwrap_or_default();
-        if response.status >= 300 {
-            let message = report["error"].as_str().unwrap_or(response.body.trim()).to_owned();
-            return Err(AgentError::Vmm(format!("migrating to {to}: {message}")));
-        }
+        let report = VmmClient::new(api_sock(&dir))
+            .within(Duration::from_secs(1800))
+            .migrate(&Migrate { to: to.to_owned(), with_disks: Some(true), ..Default::default() })
+            .map_err(|e| AgentError::Vmm(format!("migrating to {to}: {e}")))?;
         // The guest runs at the destination: this copy is done with.
         quit_vmm(&dir, pid);
         let _ = network::remove_tap(&network::tap_name(&instance.id));
         let _ = std::fs::remove_dir_all(&dir);
-        Ok(Moved {
-            total_ms: report["total_ms"].as_f64().unwrap_or(0.0),
-            downtime_ms: report["downtime_ms"].as_f64().unwrap_or(0.0),
-            bytes: report["bytes_sent"].as_u64().unwrap_or(0),
-        })
+        Ok(Moved { total_ms: report.total_ms, downtime_ms: report.downtime_ms, bytes: report.bytes_sent })
     }
 
     fn arrived(&self, instance: &Instance, limit: Duration) -> Result<u32, AgentError> {
@@ -1053,7 +1044,7 @@ impl HostAgent for LocalAgent {
             let Some(pid) = find_vmm(&dir, instance.status.pid) else {
                 return Err(AgentError::Vmm(format!("the receiving VMM exited: {}", log_tail(&dir))));
             };
-            if matches!(vmm_phase(&dir), Ok((phase, _)) if phase == "running") {
+            if matches!(vmm_phase(&dir), Ok((Phase::Running, _))) {
                 return Ok(pid);
             }
             if Instant::now() >= deadline {

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Subcommand;
-use stratus_vmm::api::http;
 use stratus_vmm::console::{self, ConsoleConfig, ConsoleEnd, RawTerminal};
 use stratus_vmm::service::{Identity, RestoreRequest, Vmm};
 use stratus_vmm::{BootSource, DiskConfig, GuestExit, NetConfig, RateLimit, VmConfig, VsockConfig};
+use stratus_vmm_api::{Balloon, Drive, MemoryKind, Migrate, Net, Phase, Restore, Snapshot, VmmClient};
 
 /// Exit status when the guest kernel panicked.
 const EXIT_GUEST_PANIC: i32 = 3;
@@ -522,67 +522,37 @@ fn forward_stdin(input: stratus_vmm::console::ConsoleInput) {
     });
 }
 
-/// Calls the VMM's API; a non-2xx answer becomes an error carrying the VMM's message.
-fn call(
-    sock: &ApiSock,
-    method: &str,
-    target: &str,
-    body: Option<serde_json::Value>,
-) -> anyhow::Result<serde_json::Value> {
-    let body = body.map(|b| b.to_string());
-    let response = http::call(&sock.api_sock, method, target, body.as_deref())?;
-    let value: serde_json::Value = if response.body.is_empty() {
-        serde_json::Value::Null
-    } else {
-        serde_json::from_str(&response.body).unwrap_or(serde_json::Value::String(response.body.clone()))
-    };
-    if !(200..300).contains(&response.status) {
-        let message = value.get("error").and_then(|e| e.as_str()).map(str::to_owned).unwrap_or(response.body);
-        anyhow::bail!("{message}");
-    }
-    Ok(value)
+/// The API of the VMM at `sock`.
+fn client(sock: &ApiSock) -> VmmClient {
+    VmmClient::new(&sock.api_sock)
 }
 
-fn print_json(value: &serde_json::Value) {
+fn print_json(value: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
-}
-
-fn state_of(sock: &ApiSock) -> anyhow::Result<String> {
-    let info = call(sock, "GET", "/vm", None)?;
-    Ok(info["state"].as_str().unwrap_or("unknown").to_owned())
 }
 
 /// Dispatches a `stratus vm` subcommand.
 pub fn run(command: VmCommand) -> anyhow::Result<i32> {
     match command {
         VmCommand::Run(args) => return vm_run(args),
-        VmCommand::Info(sock) => print_json(&call(&sock, "GET", "/vm", None)?),
-        VmCommand::Metrics(sock) => print_json(&call(&sock, "GET", "/metrics", None)?),
+        VmCommand::Info(sock) => print_json(&client(&sock).info()?),
+        VmCommand::Metrics(sock) => print_json(&client(&sock).metrics()?),
         VmCommand::Trace(args) => {
-            crate::trace::run(args.interval, args.count, || call(&args.sock, "GET", "/metrics", None))?
+            crate::trace::run(args.interval, args.count, || Ok(client(&args.sock).metrics()?))?
         }
-        VmCommand::Start(sock) => {
-            call(&sock, "POST", "/vm/start", None)?;
-        }
-        VmCommand::Pause(sock) => {
-            call(&sock, "POST", "/vm/pause", None)?;
-        }
-        VmCommand::Resume(sock) => {
-            call(&sock, "POST", "/vm/resume", None)?;
-        }
-        VmCommand::Stop(sock) => {
-            call(&sock, "POST", "/vm/stop", None)?;
-        }
-        VmCommand::Quit(sock) => {
-            call(&sock, "POST", "/vmm/quit", None)?;
-        }
+        VmCommand::Start(sock) => client(&sock).start()?,
+        VmCommand::Pause(sock) => client(&sock).pause()?,
+        VmCommand::Resume(sock) => client(&sock).resume()?,
+        VmCommand::Stop(sock) => client(&sock).stop()?,
+        VmCommand::Quit(sock) => client(&sock).quit()?,
         VmCommand::Shutdown(args) => {
-            call(&args.sock, "POST", "/vm/shutdown", None)?;
+            let vmm = client(&args.sock);
+            vmm.shutdown()?;
             let deadline = Instant::now() + Duration::from_secs(args.timeout);
             loop {
-                let info = call(&args.sock, "GET", "/vm", None)?;
-                if info["state"] == "stopped" {
-                    eprintln!("stratus: {}", info["exit_reason"].as_str().unwrap_or("stopped"));
+                let info = vmm.info()?;
+                if info.state == Phase::Stopped {
+                    eprintln!("stratus: {}", info.exit_reason.as_deref().unwrap_or("stopped"));
                     break;
                 }
                 if Instant::now() > deadline {
@@ -595,14 +565,19 @@ pub fn run(command: VmCommand) -> anyhow::Result<i32> {
             }
         }
         VmCommand::Migrate(args) => {
-            let body = serde_json::json!({
-                "to": args.to, "max_downtime_ms": args.max_downtime_ms, "bandwidth": args.bandwidth,
-                "auto_converge": !args.no_auto_converge, "postcopy": args.postcopy,
-                "with_disks": args.with_disks,
-            });
+            let request = Migrate {
+                to: args.to,
+                max_downtime_ms: Some(args.max_downtime_ms),
+                max_rounds: None,
+                bandwidth: args.bandwidth,
+                auto_converge: Some(!args.no_auto_converge),
+                postcopy: Some(args.postcopy),
+                with_disks: Some(args.with_disks),
+            };
             // The migration call returns when it is over; meanwhile its progress is polled.
-            let sock = ApiSock { api_sock: args.sock.api_sock.clone() };
-            let migration = std::thread::spawn(move || call(&sock, "POST", "/vm/migrate", Some(body)));
+            let vmm = client(&args.sock);
+            let caller = vmm.clone();
+            let migration = std::thread::spawn(move || caller.migrate(&request));
             let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
             let interrupted = on_first_interrupt();
             let mut cancelling = false;
@@ -610,21 +585,21 @@ pub fn run(command: VmCommand) -> anyhow::Result<i32> {
                 std::thread::sleep(Duration::from_millis(250));
                 if !cancelling && interrupted.load(std::sync::atomic::Ordering::SeqCst) {
                     cancelling = true;
-                    match call(&args.sock, "DELETE", "/migration", None) {
+                    match vmm.cancel_migration() {
                         Ok(_) => eprintln!("\nstratus: calling the migration off; the guest stays here"),
                         Err(e) => eprintln!("\nstratus: {e}"),
                     }
                 }
-                if let Ok(p) = call(&args.sock, "GET", "/migration", None) {
+                if let Ok(p) = vmm.migration() {
                     let line = format!(
                         "{:<14} round {:>3}  sent {:>8.1} MiB  left {:>7.1} MiB  {:>7.1} MiB/s  dirtying {:>7.1} MiB/s  throttle {:>2}%",
-                        p["phase"].as_str().unwrap_or("?"),
-                        p["round"],
-                        p["bytes_sent"].as_f64().unwrap_or(0.0) / 1048576.0,
-                        p["remaining_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
-                        p["bandwidth"].as_f64().unwrap_or(0.0) / 1048576.0,
-                        p["dirty_rate"].as_f64().unwrap_or(0.0) / 1048576.0,
-                        p["throttle_percent"]
+                        p.phase,
+                        p.round,
+                        p.bytes_sent as f64 / 1048576.0,
+                        p.remaining_bytes as f64 / 1048576.0,
+                        p.bandwidth / 1048576.0,
+                        p.dirty_rate / 1048576.0,
+                        p.throttle_percent
                     );
                     if tty {
                         eprint!("\r{line}");
@@ -640,73 +615,81 @@ pub fn run(command: VmCommand) -> anyhow::Result<i32> {
             print_json(&report);
         }
         VmCommand::MigrateCancel(sock) => {
-            call(&sock, "DELETE", "/migration", None)?;
+            client(&sock).cancel_migration()?;
             eprintln!("stratus: the migration is being called off; the guest stays here");
         }
         VmCommand::MigratePostcopy(sock) => {
-            call(&sock, "POST", "/migration/postcopy", None)?;
+            client(&sock).start_postcopy()?;
             eprintln!("stratus: the guest moves now; the rest of its memory follows it");
         }
         VmCommand::Balloon(args) => {
+            let vmm = client(&args.sock);
             if let Some(target) = args.target {
-                call(
-                    &args.sock,
-                    "PUT",
-                    "/vm/balloon",
-                    Some(serde_json::json!({ "target_mib": target >> 20 })),
-                )?;
+                vmm.set_balloon(&Balloon { target_mib: target >> 20, deflate_on_oom: None })?;
             }
-            print_json(&call(&args.sock, "GET", "/vm/balloon", None)?);
+            print_json(&vmm.balloon()?);
         }
         VmCommand::Snapshot(args) => {
-            let was_running = state_of(&args.sock)? == "running";
-            call(&args.sock, "POST", "/vm/pause", None)?;
-            let body = serde_json::json!({
-                "state_file": absolute(&args.state)?, "memory_file": absolute(&args.memory)?, "diff": args.diff,
-            });
-            let result = call(&args.sock, "POST", "/vm/snapshot", Some(body));
+            let vmm = client(&args.sock);
+            let was_running = vmm.info()?.state == Phase::Running;
+            vmm.pause()?;
+            let request = Snapshot {
+                state_file: absolute(&args.state)?,
+                memory_file: absolute(&args.memory)?,
+                diff: args.diff,
+            };
+            let result = vmm.snapshot(&request);
             if was_running && !args.leave_paused {
-                call(&args.sock, "POST", "/vm/resume", None)?;
+                vmm.resume()?;
             }
             let report = result?;
             eprintln!(
                 "stratus: {} snapshot: {:.1} MiB of memory, {:.1} KiB of state, in {:.1} ms",
-                report["kind"].as_str().unwrap_or("?").to_lowercase(),
-                report["memory_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
-                report["state_bytes"].as_f64().unwrap_or(0.0) / 1024.0,
-                report["duration_ms"].as_f64().unwrap_or(0.0)
+                match report.kind {
+                    MemoryKind::Full => "full",
+                    MemoryKind::Diff => "diff",
+                },
+                report.memory_bytes as f64 / 1048576.0,
+                report.state_bytes as f64 / 1024.0,
+                report.duration_ms
             );
         }
         VmCommand::Restore(args) => {
             let from = args.from;
             let memory = from.memory.iter().map(|p| absolute(p)).collect::<anyhow::Result<Vec<_>>>()?;
-            let nets: Vec<serde_json::Value> = from
+            let nets: Vec<Net> = from
                 .identity
                 .nets
                 .iter()
-                .map(|n| serde_json::json!({ "tap": n.tap, "mac": n.mac.map(|m| stratus_vmm::format_mac(&m)) }))
+                .map(|n| Net {
+                    tap: n.tap.clone(),
+                    mac: n.mac.map(|m| stratus_vmm::format_mac(&m)),
+                    rate_limit: Default::default(),
+                })
                 .collect();
-            let mut body = serde_json::json!({
-                "state_file": absolute(&from.state)?, "memory_files": memory, "paused": from.paused,
-                "track_dirty_pages": from.track_dirty,
-            });
-            if !nets.is_empty() {
-                body["nets"] = serde_json::Value::Array(nets);
-            }
-            if !from.identity.disks.is_empty() {
-                let drives = from
-                    .identity
-                    .disks
-                    .iter()
-                    .map(|d| Ok(serde_json::json!({ "path": absolute(&d.path)?, "readonly": d.readonly })))
-                    .collect::<anyhow::Result<Vec<_>>>()?;
-                body["drives"] = serde_json::Value::Array(drives);
-            }
-            if let Some(v) = &from.identity.vsock {
-                body["vsock"] = serde_json::json!({ "cid": v.cid, "socket": v.socket });
-            }
-            let report = call(&args.sock, "POST", "/vm/restore", Some(body))?;
-            eprintln!("stratus: restored in {:.2} ms", report["duration_ms"].as_f64().unwrap_or(0.0));
+            let drives = from
+                .identity
+                .disks
+                .iter()
+                .map(|d| {
+                    Ok(Drive {
+                        path: absolute(&d.path)?,
+                        readonly: d.readonly,
+                        rate_limit: Default::default(),
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let request = Restore {
+                state_file: absolute(&from.state)?,
+                memory_files: memory,
+                nets: (!nets.is_empty()).then_some(nets),
+                drives: (!drives.is_empty()).then_some(drives),
+                vsock: from.identity.vsock.clone(),
+                paused: from.paused,
+                track_dirty_pages: from.track_dirty,
+            };
+            let report = client(&args.sock).restore(&request)?;
+            eprintln!("stratus: restored in {:.2} ms", report.duration_ms);
         }
     }
     Ok(0)

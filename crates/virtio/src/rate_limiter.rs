@@ -11,26 +11,8 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub use stratus_vmm_api::RateLimit;
 use vmm_sys_util::timerfd::TimerFd;
-
-/// A device's limits; `None` means unlimited.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RateLimit {
-    /// Bytes per second.
-    #[serde(default)]
-    pub bytes_per_sec: Option<u64>,
-    /// Requests (or frames) per second.
-    #[serde(default)]
-    pub ops_per_sec: Option<u64>,
-}
-
-impl RateLimit {
-    /// Whether anything is limited.
-    pub fn is_limited(&self) -> bool {
-        self.bytes_per_sec.is_some() || self.ops_per_sec.is_some()
-    }
-}
 
 #[derive(Debug)]
 struct Bucket {

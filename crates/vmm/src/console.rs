@@ -11,6 +11,7 @@ use std::sync::Mutex;
 use stratus_devices::bus::lock;
 use stratus_devices::serial::Serial;
 use stratus_devices::{ExitSignal, GuestExit};
+pub use stratus_vmm_api::ConsoleConfig;
 
 /// Ctrl-A: the escape key.
 const ESCAPE: u8 = 0x01;
@@ -154,42 +155,17 @@ impl ConsoleSlot {
     }
 }
 
-/// Where the guest's serial console goes.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum ConsoleConfig {
-    /// The VMM's standard output (input from its standard input).
-    #[default]
-    Stdout,
-    /// Appended to a file; no input.
-    File {
-        /// The file.
-        path: std::path::PathBuf,
-    },
-    /// A Unix socket: one client at a time reads the output and writes input; output while
-    /// nobody is attached is kept (the last 64 KiB) and replayed to the next client.
-    Socket {
-        /// The socket's path.
-        path: std::path::PathBuf,
-    },
-    /// Discarded.
-    None,
-}
-
-impl ConsoleConfig {
-    /// Opens the console's output; for a socket, also starts the thread that accepts clients
-    /// and feeds their input to `serial` (once it exists: the slot is filled after the VM is
-    /// built).
-    pub fn open(&self, input: ConsoleInput) -> std::io::Result<Box<dyn std::io::Write + Send>> {
-        match self {
-            ConsoleConfig::Stdout => Ok(Box::new(std::io::stdout())),
-            ConsoleConfig::File { path } => {
-                let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-                Ok(Box::new(file))
-            }
-            ConsoleConfig::Socket { path } => Ok(Box::new(SocketConsole::listen(path, input)?)),
-            ConsoleConfig::None => Ok(Box::new(std::io::sink())),
+/// Opens the console's output; for a socket, also starts the thread that accepts clients and
+/// feeds their input to `serial` (once it exists: the slot is filled after the VM is built).
+pub fn open(config: &ConsoleConfig, input: ConsoleInput) -> std::io::Result<Box<dyn std::io::Write + Send>> {
+    match config {
+        ConsoleConfig::Stdout => Ok(Box::new(std::io::stdout())),
+        ConsoleConfig::File { path } => {
+            let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+            Ok(Box::new(file))
         }
+        ConsoleConfig::Socket { path } => Ok(Box::new(SocketConsole::listen(path, input)?)),
+        ConsoleConfig::None => Ok(Box::new(std::io::sink())),
     }
 }
 

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use serde::Serialize;
 use stratus_devices::bus::lock;
+pub use stratus_vmm_api::{Phase, RestoreReport, SnapshotReport, VmInfo};
 
 use crate::console::{ConsoleConfig, ConsoleInput};
 use crate::snapshot::{self, MemoryKind};
@@ -51,42 +51,6 @@ impl ApiError {
             ApiError::Failed(_) => 500,
         }
     }
-}
-
-/// The VM's life as the API shows it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Phase {
-    /// Being configured.
-    NotStarted,
-    /// vCPUs running.
-    Running,
-    /// vCPUs and devices stopped at a safe point; can resume or be snapshotted.
-    Paused,
-    /// Over: the guest powered off, rebooted, panicked, or was stopped.
-    Stopped,
-}
-
-/// What a snapshot wrote.
-#[derive(Debug, Serialize)]
-pub struct SnapshotReport {
-    /// Full or diff.
-    pub kind: MemoryKind,
-    /// Bytes of memory data written (zero pages and clean pages are not).
-    pub memory_bytes: u64,
-    /// Size of the state file.
-    pub state_bytes: u64,
-    /// Time spent, in milliseconds.
-    pub duration_ms: f64,
-}
-
-/// What a restore did.
-#[derive(Debug, Serialize)]
-pub struct RestoreReport {
-    /// From the call to the vCPUs running (or parked, when restored paused), in milliseconds.
-    pub duration_ms: f64,
-    /// Whether the VM runs.
-    pub running: bool,
 }
 
 /// A restore request.
@@ -509,8 +473,7 @@ impl Vmm {
     }
 
     fn open_console(&self) -> Result<Box<dyn std::io::Write + Send>, ApiError> {
-        self.console
-            .open(self.console_input.clone())
+        crate::console::open(&self.console, self.console_input.clone())
             .map_err(|e| ApiError::Failed(format!("opening the console ({:?}): {e}", self.console)))
     }
 
@@ -732,14 +695,15 @@ impl Vmm {
     }
 
     /// `GET /vm`: state, exit reason, uptime, configuration.
-    pub fn info(&self) -> serde_json::Value {
-        serde_json::json!({
-            "state": self.phase(),
-            "exit_reason": self.exit_reason(),
-            "uptime_ms": self.vm.as_ref().map(|vm| vm.uptime().as_millis() as u64),
-            "pid": std::process::id(),
-            "config": self.config_view(),
-        })
+    pub fn info(&self) -> VmInfo {
+        VmInfo {
+            state: self.phase(),
+            exit_reason: self.exit_reason(),
+            uptime_ms: self.vm.as_ref().map(|vm| vm.uptime().as_millis() as u64),
+            pid: std::process::id(),
+            config: self.config_view(),
+            migration: None,
+        }
     }
 
     /// `GET /metrics`: counters per vCPU and per device.

@@ -32,6 +32,7 @@ use stratus_virtio::tap::Tap;
 use stratus_virtio::vsock::Vsock;
 use stratus_virtio::GuestRam;
 use stratus_virtio::{Interrupt, VirtioDevice};
+pub use stratus_vmm_api::VsockConfig;
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -89,15 +90,6 @@ pub struct BalloonConfig {
     /// Let the guest take memory back from the balloon when it runs out.
     #[serde(default)]
     pub deflate_on_oom: bool,
-}
-
-/// A virtio-vsock device whose host side is a Unix socket.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct VsockConfig {
-    /// The guest's context id (3 or more).
-    pub cid: u64,
-    /// Host programs connect here; guest connections to host port P go to `<socket>_P`.
-    pub socket: std::path::PathBuf,
 }
 
 /// A network card on a host tap device.

@@ -29,109 +29,21 @@
 //! | GET | /metrics | | counters per vCPU and device |
 //! | POST | /vmm/quit | | the VMM process exits |
 
-pub mod http;
+pub use stratus_vmm_api::http;
 
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 use stratus_devices::bus::lock;
+use stratus_vmm_api::{Balloon, Boot, Drive, Machine, Migrate, Net, RateLimitPatch, Restore, Rng, Snapshot};
 
 use crate::console::ConsoleConfig;
 use crate::service::{ApiError, Device, RestoreRequest, Vmm};
 use crate::vm::{DiskConfig, NetConfig, VsockConfig};
-use crate::{BootSource, RateLimit};
+use crate::BootSource;
 use http::{Request, Response};
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MachineBody {
-    vcpus: u32,
-    memory_mib: u64,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BootBody {
-    kernel: PathBuf,
-    initrd: Option<PathBuf>,
-    cmdline: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DriveBody {
-    path: PathBuf,
-    #[serde(default)]
-    readonly: bool,
-    #[serde(default)]
-    rate_limit: RateLimit,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RateLimitBody {
-    rate_limit: RateLimit,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BalloonBody {
-    target_mib: u64,
-    deflate_on_oom: Option<bool>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NetBody {
-    tap: String,
-    mac: Option<String>,
-    #[serde(default)]
-    rate_limit: RateLimit,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RngBody {
-    enabled: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SnapshotBody {
-    state_file: PathBuf,
-    memory_file: PathBuf,
-    #[serde(default)]
-    diff: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MigrateBody {
-    to: String,
-    max_downtime_ms: Option<u64>,
-    max_rounds: Option<u32>,
-    /// Bytes per second.
-    bandwidth: Option<u64>,
-    auto_converge: Option<bool>,
-    postcopy: Option<bool>,
-    with_disks: Option<bool>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RestoreBody {
-    state_file: PathBuf,
-    memory_files: Vec<PathBuf>,
-    nets: Option<Vec<NetBody>>,
-    drives: Option<Vec<DriveBody>>,
-    vsock: Option<VsockConfig>,
-    #[serde(default)]
-    paused: bool,
-    #[serde(default)]
-    track_dirty_pages: bool,
-}
 
 /// The default command line of a boot source that gives none.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=1";
@@ -143,7 +55,7 @@ fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("bad request body: {e}")))
 }
 
-fn net_config(body: NetBody) -> Result<NetConfig, ApiError> {
+fn net_config(body: Net) -> Result<NetConfig, ApiError> {
     let mac = match body.mac {
         Some(text) => Some(stratus_virtio::net::parse_mac(&text).ok_or_else(|| {
             ApiError::BadRequest(format!("'{text}' is not a MAC address (like 52:54:00:12:34:56)"))
@@ -191,10 +103,9 @@ pub fn handle(vmm: &Mutex<Vmm>, request: &Request) -> (Response, After) {
         ("GET", ["vm", "config"]) => Response::json(200, &v.config_view()),
         ("GET", ["metrics"]) => Response::json(200, &v.metrics()),
         ("PUT", ["vm", "machine"]) => done(
-            parse::<MachineBody>(body)
-                .and_then(|m| v.set_machine(m.vcpus, m.memory_mib.saturating_mul(1 << 20))),
+            parse::<Machine>(body).and_then(|m| v.set_machine(m.vcpus, m.memory_mib.saturating_mul(1 << 20))),
         ),
-        ("PUT", ["vm", "boot"]) => done(parse::<BootBody>(body).and_then(|b| {
+        ("PUT", ["vm", "boot"]) => done(parse::<Boot>(body).and_then(|b| {
             v.set_boot(BootSource {
                 kernel: b.kernel,
                 initrd: b.initrd,
@@ -202,39 +113,39 @@ pub fn handle(vmm: &Mutex<Vmm>, request: &Request) -> (Response, After) {
             })
         })),
         ("PUT", ["vm", "drives", id]) => {
-            done(valid_id(id).and_then(|id| Ok((id, parse::<DriveBody>(body)?))).and_then(|(id, d)| {
+            done(valid_id(id).and_then(|id| Ok((id, parse::<Drive>(body)?))).and_then(|(id, d)| {
                 v.put_drive(id, DiskConfig { path: d.path, readonly: d.readonly, rate_limit: d.rate_limit })
             }))
         }
         ("PUT", ["vm", "nets", id]) => done(
             valid_id(id)
-                .and_then(|id| Ok((id, net_config(parse::<NetBody>(body)?)?)))
+                .and_then(|id| Ok((id, net_config(parse::<Net>(body)?)?)))
                 .and_then(|(id, n)| v.put_net(id, n)),
         ),
-        ("PATCH", ["vm", "drives", id]) => {
-            done(parse::<RateLimitBody>(body).and_then(|r| v.set_rate_limit(Device::Drive, id, r.rate_limit)))
-        }
+        ("PATCH", ["vm", "drives", id]) => done(
+            parse::<RateLimitPatch>(body).and_then(|r| v.set_rate_limit(Device::Drive, id, r.rate_limit)),
+        ),
         ("PATCH", ["vm", "nets", id]) => {
-            done(parse::<RateLimitBody>(body).and_then(|r| v.set_rate_limit(Device::Net, id, r.rate_limit)))
+            done(parse::<RateLimitPatch>(body).and_then(|r| v.set_rate_limit(Device::Net, id, r.rate_limit)))
         }
         ("GET", ["vm", "balloon"]) => json(v.balloon()),
         ("PUT", ["vm", "balloon"]) => {
-            done(parse::<BalloonBody>(body).and_then(|b| v.set_balloon(b.target_mib, b.deflate_on_oom)))
+            done(parse::<Balloon>(body).and_then(|b| v.set_balloon(b.target_mib, b.deflate_on_oom)))
         }
         ("PUT", ["vm", "vsock"]) => done(parse::<VsockConfig>(body).and_then(|c| v.set_vsock(Some(c)))),
         ("DELETE", ["vm", "vsock"]) => done(v.set_vsock(None)),
-        ("PUT", ["vm", "rng"]) => done(parse::<RngBody>(body).and_then(|r| v.set_rng(r.enabled))),
+        ("PUT", ["vm", "rng"]) => done(parse::<Rng>(body).and_then(|r| v.set_rng(r.enabled))),
         ("PUT", ["vm", "console"]) => done(parse::<ConsoleConfig>(body).and_then(|c| v.set_console(c))),
         ("POST", ["vm", "start"]) => done(v.start()),
         ("POST", ["vm", "pause"]) => done(v.pause()),
         ("POST", ["vm", "resume"]) => done(v.resume()),
         ("POST", ["vm", "shutdown"]) => done(v.shutdown()),
         ("POST", ["vm", "stop"]) => done(v.stop()),
-        ("POST", ["vm", "snapshot"]) => json(parse::<SnapshotBody>(body).and_then(|s| {
+        ("POST", ["vm", "snapshot"]) => json(parse::<Snapshot>(body).and_then(|s| {
             let report = v.snapshot(&s.state_file, &s.memory_file, s.diff)?;
             Ok(serde_json::to_value(report).unwrap_or_default())
         })),
-        ("POST", ["vm", "restore"]) => json(parse::<RestoreBody>(body).and_then(|r| {
+        ("POST", ["vm", "restore"]) => json(parse::<Restore>(body).and_then(|r| {
             let nets = match r.nets {
                 Some(nets) => Some(nets.into_iter().map(net_config).collect::<Result<Vec<_>, _>>()?),
                 None => None,
@@ -256,7 +167,7 @@ pub fn handle(vmm: &Mutex<Vmm>, request: &Request) -> (Response, After) {
             })?;
             Ok(serde_json::to_value(report).unwrap_or_default())
         })),
-        ("POST", ["vm", "migrate"]) => json(parse::<MigrateBody>(body).and_then(|m| {
+        ("POST", ["vm", "migrate"]) => json(parse::<Migrate>(body).and_then(|m| {
             let mut options = crate::migration::Options::default();
             if let Some(ms) = m.max_downtime_ms {
                 options.max_downtime = std::time::Duration::from_millis(ms);

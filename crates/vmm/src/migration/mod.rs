@@ -26,6 +26,7 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::time::{Duration, Instant};
 
 use stratus_virtio::GuestRam;
+pub use stratus_vmm_api::{MigrationProgress as ProgressState, MigrationReport as Report};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::snapshot::memory::{is_zero, region_bytes, DirtyPages, PAGE};
@@ -101,48 +102,6 @@ const THROTTLE_STEP: u32 = 10;
 const THROTTLE_MAX: u32 = 99;
 const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
 
-/// What a migration did.
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct Report {
-    /// From the start to the destination's `Running`, in milliseconds.
-    pub total_ms: f64,
-    /// From the source's pause to the destination's `Running`, in milliseconds.
-    pub downtime_ms: f64,
-    /// Dirty rounds after the first full pass.
-    pub rounds: u32,
-    /// Bytes put on the wire.
-    pub bytes_sent: u64,
-    /// Pages sent with their contents.
-    pub pages_sent: u64,
-    /// Pages sent as "now zero".
-    pub zero_pages: u64,
-    /// Pages left for the stop-and-copy phase.
-    pub last_round_pages: u64,
-    /// The highest share of time the vCPUs were held to converge, in percent (0: never).
-    pub throttle_percent: u32,
-    /// Where the downtime went, in milliseconds: stopping the vCPUs,
-    pub pause_ms: f64,
-    /// sending the last dirty pages,
-    pub last_pages_ms: f64,
-    /// saving and encoding the VM's state,
-    pub state_ms: f64,
-    /// and from the end of the stream to the destination's `Running` (transfer, build, run),
-    pub destination_ms: f64,
-    /// of which the destination's own work once it had read the VM's state (decoding it,
-    /// flushing copied disks, restoring the state, starting the vCPUs), as it measured it.
-    pub destination_work_ms: f64,
-    /// Whether the guest moved before all of its memory (post-copy).
-    pub postcopy: bool,
-    /// Pages sent after the guest moved.
-    pub postcopy_pages: u64,
-    /// Of those, pages the guest waited for at the destination (fetched on fault).
-    pub postcopy_faults: u64,
-    /// From the destination's `Running` to its last page, in milliseconds.
-    pub postcopy_ms: f64,
-    /// Bytes of disk data sent (with disks copied; zeros are not counted).
-    pub disk_bytes_sent: u64,
-}
-
 /// What `Hello` says besides the configuration.
 #[derive(Default, serde::Serialize, serde::Deserialize)]
 struct HelloExtra {
@@ -159,36 +118,7 @@ pub struct Progress {
     switch: std::sync::atomic::AtomicBool,
     /// `GET /vm`'s answer as the migration began, and when: the VMM is the migration's until
     /// it ends, so `GET /vm` is answered from this meanwhile.
-    vm_info: std::sync::Mutex<Option<(serde_json::Value, Instant)>>,
-}
-
-/// What `Progress` holds.
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct ProgressState {
-    /// none, connecting, full pass, dirty rounds, stop and copy, completed, failed.
-    pub phase: &'static str,
-    /// The destination.
-    pub to: String,
-    /// Dirty rounds done.
-    pub round: u32,
-    /// Bytes on the wire so far.
-    pub bytes_sent: u64,
-    /// Bytes of dirty pages still to send, as of the last round.
-    pub remaining_bytes: u64,
-    /// Bytes per second the last pass achieved.
-    pub bandwidth: f64,
-    /// Bytes per second the guest dirtied during the last round.
-    pub dirty_rate: f64,
-    /// Seconds the rest would take at the measured bandwidth.
-    pub estimated_remaining_s: f64,
-    /// The vCPU throttle in force, in percent.
-    pub throttle_percent: u32,
-    /// Whether it may switch to post-copy.
-    pub postcopy_allowed: bool,
-    /// The result, once completed.
-    pub report: Option<Report>,
-    /// Why it failed, if it did.
-    pub error: Option<String>,
+    vm_info: std::sync::Mutex<Option<(stratus_vmm_api::VmInfo, Instant)>>,
 }
 
 /// Phases in which the guest still runs only here: a migration may be called off, or switched
@@ -214,16 +144,16 @@ impl Progress {
 
     /// Whether a migration is under way.
     pub fn active(&self) -> bool {
-        !AT_REST.contains(&self.lock().phase)
+        !AT_REST.contains(&self.lock().phase.as_str())
     }
 
     /// A new migration to `to` begins (`postcopy`: it may switch to post-copy) of the VM
     /// that `GET /vm` describes as `vm_info`.
-    pub fn begin(&self, to: &str, postcopy: bool, vm_info: serde_json::Value) {
+    pub fn begin(&self, to: &str, postcopy: bool, vm_info: stratus_vmm_api::VmInfo) {
         *self.vm_info.lock().unwrap_or_else(|p| p.into_inner()) = Some((vm_info, Instant::now()));
         let mut p = self.lock();
         *p = ProgressState {
-            phase: "connecting",
+            phase: "connecting".into(),
             to: to.to_owned(),
             postcopy_allowed: postcopy,
             ..Default::default()
@@ -234,16 +164,16 @@ impl Progress {
 
     /// `GET /vm` while a migration runs: the VM as it began, its uptime brought up to date,
     /// and the migration's progress under `migration`; `None` with no migration under way.
-    pub fn vm_info(&self) -> Option<serde_json::Value> {
+    pub fn vm_info(&self) -> Option<stratus_vmm_api::VmInfo> {
         let progress = self.get();
-        if AT_REST.contains(&progress.phase) {
+        if AT_REST.contains(&progress.phase.as_str()) {
             return None;
         }
         let (mut info, began) = self.vm_info.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
-        if let Some(uptime) = info.get("uptime_ms").and_then(|u| u.as_u64()) {
-            info["uptime_ms"] = (uptime + began.elapsed().as_millis() as u64).into();
+        if let Some(uptime) = &mut info.uptime_ms {
+            *uptime += began.elapsed().as_millis() as u64;
         }
-        info["migration"] = serde_json::to_value(progress).ok()?;
+        info.migration = Some(progress);
         Some(info)
     }
 
@@ -254,7 +184,7 @@ impl Progress {
         moving: impl FnOnce(&str) -> String,
     ) -> Result<std::sync::MutexGuard<'_, ProgressState>, String> {
         let p = self.lock();
-        match p.phase {
+        match p.phase.as_str() {
             phase if BEFORE_THE_MOVE.contains(&phase) => Ok(p),
             phase if AT_REST.contains(&phase) => Err("no migration is under way".to_owned()),
             phase => Err(moving(phase)),
@@ -296,7 +226,7 @@ impl Progress {
         if self.cancelled() {
             return Err(());
         }
-        p.phase = phase;
+        p.phase = phase.into();
         Ok(())
     }
 
@@ -304,13 +234,13 @@ impl Progress {
     pub fn end(&self, result: Result<&Report, String>) {
         self.update(|p| match result {
             Ok(report) => {
-                p.phase = "completed";
+                p.phase = "completed".into();
                 p.report = Some(report.clone());
                 p.remaining_bytes = 0;
                 p.estimated_remaining_s = 0.0;
             }
             Err(e) => {
-                p.phase = "failed";
+                p.phase = "failed".into();
                 p.error = Some(e);
             }
         });
@@ -698,11 +628,11 @@ pub fn send(
 
     // 2. The disks whole, then everything the guest ever touched, while it runs.
     if let Some(disks) = &disk_copy {
-        progress.update(|p| p.phase = "disks");
+        progress.update(|p| p.phase = "disks".into());
         disks.full_pass(&mut sender)?;
         sender.sync(&mut input)?;
     }
-    progress.update(|p| p.phase = "full pass");
+    progress.update(|p| p.phase = "full pass".into());
     vm.start_dirty_tracking().map_err(|e| MigrationError::Vm(e.to_string()))?;
     // Only anonymous memory: a page absent from a restored VM's file mapping holds the
     // file's contents, not zeros.
@@ -742,7 +672,7 @@ pub fn send(
     let mut pass_secs = t.elapsed().as_secs_f64().max(1e-6);
     let mut bandwidth = (sender.report.bytes_sent - before) as f64 / pass_secs;
     progress.update(|p| {
-        p.phase = "dirty rounds";
+        p.phase = "dirty rounds".into();
         p.bytes_sent = sender.report.bytes_sent;
         p.bandwidth = bandwidth;
     });

@@ -241,7 +241,7 @@ impl Source<'_, '_> {
                     self.sender.report.destination_work_ms = ms;
                 }
                 self.sender.report.downtime_ms = ms_since(self.paused_at);
-                self.progress.update(|p| p.phase = "post-copy (running at the destination)");
+                self.progress.update(|p| p.phase = "post-copy (running at the destination)".into());
                 Ok(false)
             }
             Heard::Requests(pages) => {

@@ -10,6 +10,7 @@ use std::path::Path;
 
 use stratus_devices::serial::SerialState;
 use stratus_virtio::mmio::TransportState;
+pub use stratus_vmm_api::MemoryKind;
 
 use crate::vcpu::VcpuState;
 use crate::vm::VmConfig;
@@ -23,16 +24,6 @@ pub struct MachineState {
     pub pit: kvm_bindings::kvm_pit_state2,
     /// kvmclock's time base.
     pub clock: kvm_bindings::kvm_clock_data,
-}
-
-/// How the memory file that goes with a state file was written.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum MemoryKind {
-    /// All of guest RAM (zero pages left as holes).
-    Full,
-    /// Only the pages written since the previous snapshot, at their place; it is laid over
-    /// the full memory file (and the diffs before it) on restore.
-    Diff,
 }
 
 /// Everything of a VM but its memory.
