@@ -386,6 +386,48 @@ pub struct Event {
     pub message: String,
 }
 
+/// One move of a plan.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedMove {
+    /// The instance.
+    pub instance: String,
+    /// The host it leaves.
+    pub from: String,
+    /// The host it goes to.
+    pub to: String,
+    /// Why there: "512 MiB to h2, the fullest host it fits on (1.2 GiB free after)".
+    pub reason: String,
+}
+
+/// A host the plan keeps, with its load once the plan is done.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptHost {
+    /// Host name.
+    pub name: String,
+    /// Memory allocated after the plan, MiB.
+    pub allocated_mib: u64,
+    /// Its allocatable memory, MiB.
+    pub allocatable_mib: u64,
+    /// vCPUs allocated after the plan.
+    pub vcpus: u32,
+    /// Why it is kept ("takes web3, db1", "web2 (3 GiB) fits nowhere else", ...).
+    pub why: String,
+}
+
+/// What consolidation would do (`GET /v1/consolidation`): the moves that pack the instances
+/// onto as few hosts as fit, and the hosts left empty.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsolidationPlan {
+    /// The moves, host by host in the order the hosts are emptied.
+    pub moves: Vec<PlannedMove>,
+    /// The hosts emptied by the moves, which may then be switched off.
+    pub emptied: Vec<String>,
+    /// The hosts that keep running instances.
+    pub kept: Vec<KeptHost>,
+    /// Hosts left out (offline or in maintenance), with the reason.
+    pub skipped: Vec<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

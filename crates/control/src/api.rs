@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 use stratus_agent::network::{self, Subnet};
 use stratus_agent::HostAgent;
 use stratus_api::model::{
-    check_name, new_id, now, Desired, Host, Image, Instance, InstanceSpec, InstanceState, InstanceStatus,
-    Network, Operation, OperationState, RestartPolicy, DEFAULT_PROJECT,
+    check_name, new_id, now, ConsolidationPlan, Desired, Host, Image, Instance, InstanceSpec, InstanceState,
+    InstanceStatus, Network, Operation, OperationState, RestartPolicy, DEFAULT_PROJECT,
 };
 
 use crate::db::{image_key, instance_key, network_key, operation_key, Db, DbError};
@@ -256,6 +256,7 @@ pub fn router(state: Shared) -> Router {
         .route("/hosts/{name}", get(get_host).delete(remove_host))
         .route("/hosts/{name}/evacuate", post(evacuate_host).route_layer(lead()))
         .route("/hosts/{name}/restore", post(restore_host).route_layer(lead()))
+        .route("/consolidation", get(consolidation_plan).merge(post(consolidate_hosts).route_layer(lead())))
         .route("/control", get(get_control))
         .route("/operations/{id}", get(get_operation))
         .route("/operations/{id}/wait", get(wait_operation))
@@ -1490,6 +1491,67 @@ async fn restore_host(State(state): State<Shared>, Name(name): Name) -> ApiResul
         .spawn(move || crate::maintenance::restore(&working, &name, &id))
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok((StatusCode::ACCEPTED, Json(op)).into_response())
+}
+
+/// `GET /v1/consolidation`: the moves that would pack the instances onto as few hosts as fit,
+/// and the hosts that would be left empty.
+async fn consolidation_plan(State(state): State<Shared>) -> ApiResult<Json<ConsolidationPlan>> {
+    Ok(Json(consolidation(&state)?))
+}
+
+/// `POST /v1/consolidation`: carries out the plan of the moment (an operation): the hosts to
+/// empty go into maintenance first, so that nothing new lands on them, and stay in it.
+async fn consolidate_hosts(State(state): State<Shared>) -> ApiResult<Response> {
+    let plan = consolidation(&state)?;
+    for host in &plan.emptied {
+        crate::maintenance::set_maintenance(&state, host, true)?;
+    }
+    let op = Operation::started("consolidate", "");
+    state.db.put(&operation_key(&op.id), &op)?;
+    let summary = if plan.emptied.is_empty() {
+        "nothing to consolidate: no host can be emptied".to_string()
+    } else {
+        format!(
+            "consolidating: emptying {} ({} moves); they stay in maintenance",
+            plan.emptied.join(", "),
+            plan.moves.len()
+        )
+    };
+    state.db.event(DEFAULT_PROJECT, "", "info", summary);
+    let (working, id) = (Arc::clone(&state), op.id.clone());
+    std::thread::Builder::new()
+        .name("consolidate".into())
+        .spawn(move || crate::maintenance::consolidate(&working, &plan, &id))
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok((StatusCode::ACCEPTED, Json(op)).into_response())
+}
+
+/// The consolidation plan of the cluster as it is now.
+fn consolidation(state: &AppState) -> ApiResult<ConsolidationPlan> {
+    let instances = state.db.instances()?;
+    let loads: Vec<crate::consolidate::HostLoad> = host_views(state)?
+        .into_iter()
+        .map(|host| crate::consolidate::HostLoad {
+            usable: host.state == "online" && !host.maintenance,
+            cpus: host.cpus,
+            allocatable_mib: host.allocatable_mib,
+            instances: instances
+                .iter()
+                .filter(|i| placed_on(state, i) == host.name && i.desired != Desired::Deleted)
+                .map(|i| {
+                    let holds = i.desired == Desired::Running;
+                    crate::consolidate::Resident {
+                        name: i.name.clone(),
+                        memory_mib: if holds { i.spec.memory_mib } else { 0 },
+                        cpus: if holds { i.spec.cpus } else { 0 },
+                        group: i.spec.anti_affinity.clone(),
+                    }
+                })
+                .collect(),
+            name: host.name,
+        })
+        .collect();
+    Ok(crate::consolidate::plan(&loads))
 }
 
 /// Sets host `name`'s maintenance to `on` and records an operation of `kind` for the moves.

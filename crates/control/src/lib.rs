@@ -10,6 +10,7 @@ pub mod api;
 pub mod bell;
 pub mod cluster;
 pub mod console;
+pub mod consolidate;
 pub mod dashboard;
 pub mod db;
 pub mod hosts;

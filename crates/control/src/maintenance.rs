@@ -9,7 +9,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use stratus_api::model::{Desired, Host, Instance, InstanceState, OperationState, DEFAULT_PROJECT};
+use stratus_api::model::{
+    ConsolidationPlan, Desired, Host, Instance, InstanceState, OperationState, DEFAULT_PROJECT,
+};
 
 use crate::api::{placed_on, prepare_move, AppState};
 use crate::db::{host_key, instance_key};
@@ -75,6 +77,26 @@ pub fn restore(state: &Arc<AppState>, host: &str, op: &str) {
         outcome
     });
     report(state, op, &format!("host {host} restored"), outcomes);
+}
+
+/// Carries out a consolidation plan under operation `op` (its hosts to empty are in
+/// maintenance already): each instance moved to the host the plan chose for it, two at a
+/// time. A move refused or failed leaves the instance where it was, and its host running.
+pub fn consolidate(state: &Arc<AppState>, plan: &ConsolidationPlan, op: &str) {
+    let by_name: std::collections::HashMap<&str, &str> =
+        plan.moves.iter().map(|m| (m.instance.as_str(), m.to.as_str())).collect();
+    let instances: Vec<Instance> = match state.db.instances() {
+        Ok(all) => all.into_iter().filter(|i| by_name.contains_key(i.name.as_str())).collect(),
+        Err(e) => return finish(state, op, Err(format!("reading instances: {e}"))),
+    };
+    let outcomes =
+        each(instances, |instance| move_one(state, &instance.name, Some(by_name[instance.name.as_str()])));
+    let what = if plan.emptied.is_empty() {
+        "consolidation".to_string()
+    } else {
+        format!("consolidation (emptying {}, which may then be switched off)", plan.emptied.join(", "))
+    };
+    report(state, op, &what, outcomes);
 }
 
 /// What became of one instance.

@@ -80,6 +80,12 @@ pub fn document() -> Value {
                 "responses": errors(json!({"202": ok(json!({"$ref": "#/components/schemas/Operation"}))}))}},
             "/v1/hosts/{name}/restore": {"post": {"summary": "End the host's maintenance and bring back the instances its evacuation moved off", "parameters": name,
                 "responses": errors(json!({"202": ok(json!({"$ref": "#/components/schemas/Operation"}))}))}},
+            "/v1/consolidation": {
+                "get": {"summary": "The consolidation plan: the moves that pack the instances onto as few hosts as fit, the hosts it would empty, and why each other host stays",
+                    "responses": errors(json!({"200": ok(json!({"$ref": "#/components/schemas/ConsolidationPlan"}))}))},
+                "post": {"summary": "Carry out the consolidation plan of the moment: the hosts it empties go into maintenance and stay there",
+                    "responses": errors(json!({"202": ok(json!({"$ref": "#/components/schemas/Operation"}))}))}
+            },
             "/v1/control": {"get": {"summary": "Which control replica answered, and which leads (runs the reconcilers)",
                 "responses": errors(json!({"200": ok(json!({"type": "object", "required": ["replica", "leader", "leading"], "properties": {
                     "replica": {"type": "string"}, "leader": {"type": "string"}, "leading": {"type": "boolean"}}}))}))}},
@@ -135,6 +141,11 @@ pub fn document() -> Value {
                 "Network": {"type": "object", "properties": {"name": {"type": "string"}, "bridge": {"type": "string"}, "cidr": {"type": "string"}, "gateway": {"type": "string"}, "nat": {"type": "boolean"}}},
                 "Host": {"type": "object", "properties": {"name": {"type": "string"}, "address": {"type": "string"}, "state": {"type": "string", "enum": ["online", "offline", "joining"]},
                     "seen_at": {"type": "integer"}, "maintenance": {"type": "boolean"}, "cpus": {"type": "integer"}, "memory_mib": {"type": "integer"}, "allocatable_mib": {"type": "integer"}, "allocated_mib": {"type": "integer"}}},
+                "ConsolidationPlan": {"type": "object", "properties": {
+                    "moves": {"type": "array", "items": {"type": "object", "properties": {"instance": {"type": "string"}, "from": {"type": "string"}, "to": {"type": "string"}, "reason": {"type": "string"}}}},
+                    "emptied": {"type": "array", "items": {"type": "string"}},
+                    "kept": {"type": "array", "items": {"type": "object", "properties": {"name": {"type": "string"}, "allocated_mib": {"type": "integer"}, "allocatable_mib": {"type": "integer"}, "vcpus": {"type": "integer"}, "why": {"type": "string"}}}},
+                    "skipped": {"type": "array", "items": {"type": "string"}}}},
                 "Operation": {"type": "object", "properties": {"id": {"type": "string"}, "kind": {"type": "string"}, "instance": {"type": "string"},
                     "state": {"type": "string", "enum": ["running", "succeeded", "failed"]}, "error": {"type": "string"}}},
                 "Event": {"type": "object", "properties": {"time_ms": {"type": "integer"}, "instance": {"type": "string"}, "level": {"type": "string"}, "message": {"type": "string"}}},

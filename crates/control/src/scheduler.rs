@@ -44,15 +44,20 @@ pub struct Decision {
     pub explanation: String,
 }
 
+/// Hosts an explanation names one by one, ranked or refused; it counts the rest.
+const NAMED: usize = 4;
+
 /// Picks a host for an instance of `memory_mib` among `candidates` (`only`: that host or none).
-/// `Err` explains why no host fits, one reason per host.
+/// `Err` explains why no host fits. An explanation names the first few hosts ranked lower or
+/// refused, each with its reason, and counts the others by reason: a cluster of thousands of
+/// hosts gets a line a person reads, at a cost that does not grow with its size.
 pub fn place(
     candidates: &[Candidate],
     memory_mib: u64,
     policy: Policy,
     only: Option<&str>,
 ) -> Result<Decision, String> {
-    let mut refused = Vec::new();
+    let mut refused = Refusals::default();
     let mut fitting = Vec::new();
     for host in candidates {
         if only.is_some_and(|only| only != host.name) {
@@ -60,15 +65,15 @@ pub fn place(
         }
         let free = host.allocatable_mib.saturating_sub(host.allocated_mib);
         if !host.online {
-            refused.push(format!("{} refused: offline", host.name));
+            refused.add(host, "offline", || "offline".into());
         } else if host.maintenance {
-            refused.push(format!("{} refused: in maintenance", host.name));
+            refused.add(host, "in maintenance", || "in maintenance".into());
         } else if !host.group_members.is_empty() {
-            let members = host.group_members.join(", ");
-            refused
-                .push(format!("{} refused: {members} of the same anti-affinity group runs there", host.name));
+            refused.add(host, "holding its anti-affinity group", || {
+                format!("{} of the same anti-affinity group runs there", host.group_members.join(", "))
+            });
         } else if free < memory_mib {
-            refused.push(format!("{} refused: {} free", host.name, mib(free)));
+            refused.add(host, "short of memory", || format!("{} free", mib(free)));
         } else {
             let left = (free - memory_mib) as f64 / host.allocatable_mib.max(1) as f64;
             let weight = match policy {
@@ -83,10 +88,19 @@ pub fn place(
             return Err(format!("host '{only}' is not part of the cluster (see `stratus host list`)"));
         }
     }
-    // Highest weight first; ties go to the name, so equal hosts fill in a stable order.
-    fitting.sort_by(|a, b| b.2.total_cmp(&a.2).then_with(|| a.0.name.cmp(&b.0.name)));
+    // Highest weight first; ties go to the name, so equal hosts fill in a stable order. Only
+    // the hosts the explanation names are sorted.
+    let order = |a: &(&Candidate, u64, f64), b: &(&Candidate, u64, f64)| {
+        b.2.total_cmp(&a.2).then_with(|| a.0.name.cmp(&b.0.name))
+    };
+    let ranked = fitting.len();
+    if ranked > NAMED {
+        fitting.select_nth_unstable_by(NAMED - 1, order);
+        fitting.truncate(NAMED);
+    }
+    fitting.sort_by(order);
     let Some((chosen, free, weight)) = fitting.first() else {
-        return Err(format!("no host can take {} more: {}", mib(memory_mib), refused.join("; ")));
+        return Err(format!("no host can take {} more: {}", mib(memory_mib), refused.describe()));
     };
     let policy = match policy {
         Policy::Spread => "spread",
@@ -101,11 +115,45 @@ pub fn place(
             mib(*free)
         ));
     }
-    for reason in refused {
+    if ranked > fitting.len() {
+        explanation.push_str(&format!("; {} more ranked lower", ranked - fitting.len()));
+    }
+    if !refused.is_empty() {
         explanation.push_str("; ");
-        explanation.push_str(&reason);
+        explanation.push_str(&refused.describe());
     }
     Ok(Decision { host: chosen.name.clone(), explanation })
+}
+
+/// The hosts refused: the first [`NAMED`] by name with their reason, the others counted.
+#[derive(Default)]
+struct Refusals {
+    named: Vec<String>,
+    counted: std::collections::BTreeMap<&'static str, usize>,
+}
+
+impl Refusals {
+    fn add(&mut self, host: &Candidate, kind: &'static str, reason: impl FnOnce() -> String) {
+        if self.named.len() < NAMED {
+            self.named.push(format!("{} refused: {}", host.name, reason()));
+        } else {
+            *self.counted.entry(kind).or_default() += 1;
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.named.is_empty()
+    }
+
+    fn describe(&self) -> String {
+        let mut text = self.named.join("; ");
+        if !self.counted.is_empty() {
+            let total: usize = self.counted.values().sum();
+            let kinds: Vec<String> = self.counted.iter().map(|(kind, n)| format!("{n} {kind}")).collect();
+            text.push_str(&format!("; {total} more refused ({})", kinds.join(", ")));
+        }
+        text
+    }
 }
 
 /// MiB for people: "120 MiB", "3.1 GiB".
@@ -183,6 +231,38 @@ mod tests {
             .ends_with("h2 refused: web1 of the same anti-affinity group runs there"));
         let refusal = place(&hosts, 256, Policy::Spread, Some("h2")).unwrap_err();
         assert!(refusal.contains("web1 of the same anti-affinity group"), "{refusal}");
+    }
+
+    #[test]
+    fn a_large_cluster_is_explained_in_a_few_names_and_counts() {
+        let mut hosts: Vec<Candidate> = (0..1000).map(|i| host(&format!("h{i:04}"), 4096, 1024)).collect();
+        for h in &mut hosts[..10] {
+            h.online = false;
+        }
+        for h in &mut hosts[10..300] {
+            h.allocated_mib = 4000;
+        }
+        hosts[500].allocated_mib = 0;
+        let decision = place(&hosts, 512, Policy::Spread, None).unwrap();
+        assert_eq!(decision.host, "h0500");
+        assert!(
+            decision.explanation.starts_with(
+                "placed on h0500: 4.0 GiB free, spread weight 0.88; h0300 ranked lower: 3.0 GiB free"
+            ),
+            "{}",
+            decision.explanation
+        );
+        assert!(
+            decision.explanation.contains("; 696 more ranked lower; h0000 refused: offline;"),
+            "{}",
+            decision.explanation
+        );
+        assert!(
+            decision.explanation.ends_with("; 296 more refused (6 offline, 290 short of memory)"),
+            "{}",
+            decision.explanation
+        );
+        assert!(decision.explanation.len() < 600, "{}", decision.explanation);
     }
 
     #[test]

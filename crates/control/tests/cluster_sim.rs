@@ -54,6 +54,7 @@ on_both_stores!(
     anti_affinity_groups_keep_members_on_different_hosts,
     stopped_instances_move_cold_with_their_disk,
     evacuate_moves_everything_off_and_restore_brings_it_back,
+    consolidation_plans_then_empties_the_lightest_hosts,
     failures_on_a_host_are_retried_and_crashes_restarted,
     hosts_with_instances_cannot_be_removed,
     moves_change_the_host_only_once_the_destination_runs_it,
@@ -616,6 +617,62 @@ fn evacuate_moves_everything_off_and_restore_brings_it_back(backend: Backend) {
     assert_eq!(cloud.instance("d").status.host, "h2", "kept: --keep-stopped");
     let missing: Result<Value, _> = cloud.client.post("/v1/hosts/h9/evacuate", &json!({}));
     assert!(refused(missing).contains("not found"));
+}
+
+fn consolidation_plans_then_empties_the_lightest_hosts(backend: Backend) {
+    let Some(cloud) = SimCloud::new("consolidate", backend, &[("h1", 4096), ("h2", 4096), ("h3", 4096)])
+    else {
+        return;
+    };
+    for (name, host) in [("a", "h1"), ("b", "h1"), ("c", "h2"), ("d", "h3")] {
+        cloud.launch(json!({ "name": name, "host": host })).unwrap();
+    }
+    for name in ["a", "b", "c", "d"] {
+        cloud.wait_state(name, "running");
+    }
+    let _: Value = cloud.client.post("/v1/instances/d/stop", &json!({})).unwrap();
+    cloud.wait_state("d", "stopped");
+
+    // The plan: h3 (only a stopped instance) and h2 (one) are the lightest; both fit on h1.
+    let plan: Value = cloud.client.get("/v1/consolidation").unwrap();
+    assert_eq!(plan["emptied"], json!(["h3", "h2"]), "{plan}");
+    let moves: Vec<(String, String)> = plan["moves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["instance"].as_str().unwrap().to_owned(), m["to"].as_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(moves, [("d".to_owned(), "h1".to_owned()), ("c".to_owned(), "h1".to_owned())]);
+    assert_eq!(plan["kept"][0]["why"], "takes d, c", "{plan}");
+    // Showing it changes nothing.
+    assert_eq!(cloud.instance("c").status.host, "h2");
+    assert!(cloud.hosts().iter().all(|h| !h.maintenance));
+
+    // Doing it: the emptied hosts go into maintenance and stay; everything runs on h1.
+    let op: Value = cloud.client.post("/v1/consolidation", &json!({})).unwrap();
+    let done = wait_operation(&cloud, &op);
+    assert_eq!(done["state"], "succeeded", "{done}");
+    for name in ["a", "b", "c", "d"] {
+        assert_eq!(cloud.instance(name).status.host, "h1", "{name}");
+    }
+    assert_eq!(cloud.instance("d").status.state.as_str(), "stopped", "moved cold, not started");
+    assert_eq!((cloud.sim("h1").running(), cloud.sim("h2").running(), cloud.sim("h3").running()), (3, 0, 0));
+    let in_maintenance: Vec<String> =
+        cloud.hosts().into_iter().filter(|h| h.maintenance).map(|h| h.name).collect();
+    assert_eq!(in_maintenance, ["h2", "h3"]);
+    let events = cloud.events("");
+    assert!(
+        events.contains("consolidation (emptying h3, h2, which may then be switched off): c on h1; d on h1"),
+        "{events}"
+    );
+    let launched = cloud.launch(json!({ "name": "new" })).unwrap();
+    assert_eq!(launched.status.host, "h1", "an emptied host took a launch");
+
+    // Again: one usable host left, nothing to do, and the plan says why.
+    let plan: Value = cloud.client.get("/v1/consolidation").unwrap();
+    assert_eq!(plan["emptied"], json!([]), "{plan}");
+    assert_eq!(plan["kept"][0]["why"], "the last host left");
+    assert_eq!(plan["skipped"].as_array().unwrap().len(), 2, "{plan}");
 }
 
 fn failures_on_a_host_are_retried_and_crashes_restarted(backend: Backend) {

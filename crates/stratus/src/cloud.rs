@@ -12,7 +12,9 @@ use base64::Engine;
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 use stratus_api::client::{ApiClient, ClientError};
-use stratus_api::model::{Event, Host, Image, Instance, InstanceState, Network, Operation, OperationState};
+use stratus_api::model::{
+    ConsolidationPlan, Event, Host, Image, Instance, InstanceState, Network, Operation, OperationState,
+};
 
 /// Where the API is and who we are.
 #[derive(Args, Clone, Debug)]
@@ -375,6 +377,29 @@ pub enum HostCommand {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Show what a policy would do, without doing it. `consolidate`: the moves that pack the
+    /// instances onto as few hosts as fit (memory first, at most 4 vCPUs per CPU, groups kept
+    /// apart), the hosts it would empty (to switch off), and why each other host stays.
+    Plan {
+        /// The policy.
+        #[arg(value_enum)]
+        policy: PlanPolicy,
+    },
+    /// Consolidate: carry out `host plan consolidate` as it stands now. The hosts it empties go
+    /// into maintenance first and stay there (`host restore` brings one back); each instance
+    /// moves live (stopped ones cold), two at a time.
+    Consolidate {
+        /// Return once the request is accepted.
+        #[arg(long)]
+        no_wait: bool,
+    },
+}
+
+/// The policies `stratus host plan` shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PlanPolicy {
+    /// Pack the instances onto as few hosts as fit.
+    Consolidate,
 }
 
 /// `stratus agent`.
@@ -926,8 +951,59 @@ pub fn host(conn: &Connection, command: HostCommand) -> Result<i32> {
         HostCommand::Restore { name, no_wait } => {
             return maintenance(&client, &format!("/v1/hosts/{name}/restore"), &json!({}), no_wait);
         }
+        HostCommand::Plan { policy: PlanPolicy::Consolidate } => {
+            let plan: ConsolidationPlan = client.get("/v1/consolidation")?;
+            if conn.output == Output::Json {
+                print_json(&plan)?;
+                return Ok(0);
+            }
+            print_consolidation(&plan);
+        }
+        HostCommand::Consolidate { no_wait } => {
+            return maintenance(&client, "/v1/consolidation", &json!({}), no_wait);
+        }
     }
     Ok(0)
+}
+
+/// A consolidation plan for people: the moves, then every host's part.
+fn print_consolidation(plan: &ConsolidationPlan) {
+    if plan.emptied.is_empty() {
+        println!("No host can be emptied: every host keeps instances that fit nowhere else.");
+    } else {
+        println!(
+            "{} move(s) empty {} host(s), which may then be switched off: {}",
+            plan.moves.len(),
+            plan.emptied.len(),
+            plan.emptied.join(", ")
+        );
+        println!();
+        let rows: Vec<Vec<String>> = plan
+            .moves
+            .iter()
+            .map(|m| vec![m.instance.clone(), m.from.clone(), m.to.clone(), m.reason.clone()])
+            .collect();
+        print_table(&["INSTANCE", "FROM", "TO", "WHY"], &rows);
+    }
+    println!();
+    let rows: Vec<Vec<String>> = plan
+        .kept
+        .iter()
+        .map(|k| {
+            vec![
+                k.name.clone(),
+                format!("{}M/{}M", k.allocated_mib, k.allocatable_mib),
+                k.vcpus.to_string(),
+                format!("kept: {}", k.why),
+            ]
+        })
+        .chain(plan.emptied.iter().map(|h| vec![h.clone(), "0M".into(), "0".into(), "emptied".into()]))
+        .chain(plan.skipped.iter().map(|s| {
+            let (name, why) = s.split_once(": ").unwrap_or((s, ""));
+            vec![name.to_owned(), "-".into(), "-".into(), format!("left out: {why}")]
+        }))
+        .collect();
+    print_table(&["HOST", "MEMORY AFTER", "VCPUS AFTER", "PART"], &rows);
 }
 
 /// Posts an evacuation or restoration and follows it: every move's events as they come, then

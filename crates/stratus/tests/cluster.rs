@@ -9,8 +9,8 @@
 //! keeps the stream, the address and a memory pattern, a move whose destination's link goes
 //! down (the guest stays on its source), an agent killed with SIGKILL and restarted (its guest
 //! re-adopted, nothing duplicated), a host whose link goes down showing offline, a stopped
-//! instance moved cold (its disk's contents kept), a host evacuated and restored, and `lab down`
-//! leaving nothing behind.
+//! instance moved cold (its disk's contents kept), a host evacuated and restored, the three
+//! hosts consolidated onto one, and `lab down` leaving nothing behind.
 
 mod common;
 
@@ -302,6 +302,26 @@ fn a_three_host_lab_launches_moves_and_survives_faults() {
     lab.ok(&["host", "restore", "h2"]);
     assert_eq!(lab.instance("a2")["status"]["host"].as_str(), Some("h2"));
     assert!(!lab.ok(&["host", "list"]).contains("maintenance"));
+
+    // Consolidation: the plan packs a1 and a2 onto one host and names the hosts it empties;
+    // carrying it out moves them live and leaves the emptied hosts in maintenance.
+    let before = sum("a1");
+    let plan = lab.json(&["host", "plan", "consolidate"]);
+    let emptied: Vec<&str> = plan["emptied"].as_array().unwrap().iter().filter_map(|h| h.as_str()).collect();
+    assert_eq!(emptied.len(), 2, "three lightly used hosts pack onto one: {plan}");
+    let keeper = plan["kept"][0]["name"].as_str().unwrap().to_owned();
+    assert!(lab.ok(&["host", "plan", "consolidate"]).contains("which may then be switched off"));
+    let out = lab.ok(&["host", "consolidate"]);
+    assert!(out.contains("consolidate done"), "{out}");
+    for guest in ["a1", "a2"] {
+        assert_eq!(lab.instance(guest)["status"]["host"].as_str(), Some(keeper.as_str()), "{guest}");
+    }
+    assert_eq!(sum("a1"), before, "a1 lost its memory in the consolidation");
+    assert_eq!(lab.sh("a2", "cat /root/marker").trim(), "kept-across-the-move");
+    let hosts = lab.ok(&["host", "list"]);
+    for host in emptied {
+        assert!(hosts.lines().any(|l| l.starts_with(host) && l.contains("maintenance")), "{host}:\n{hosts}");
+    }
 
     drop(lab);
     let left = Command::new("ip").args(["netns", "list"]).output().unwrap();
