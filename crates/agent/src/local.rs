@@ -20,7 +20,7 @@ use serde_json::json;
 use stratus_api::model::{Host, Image, Instance, Network, WarmSnapshot, VMM_VERSION};
 use stratus_guest_agent::{Client, ExecRequest, Identity};
 use stratus_protocol::console::{ConsoleStream, UnixConsole};
-use stratus_protocol::DiskLayout;
+use stratus_protocol::{DiskLayout, InstanceUsage};
 use stratus_vmm_api::{
     Boot, ConsoleConfig, Drive, Machine, Migrate, Net, Phase, Restore, Rng, Snapshot, VmmClient, VmmError,
     VsockConfig,
@@ -177,6 +177,9 @@ pub trait HostAgent: Send + Sync {
     /// The instance's usage (`cpu_seconds`, `memory_bytes` of its VMM process) and the VMM's
     /// own metrics document (`vmm`).
     fn metrics(&self, instance: &Instance) -> Result<serde_json::Value, AgentError>;
+    /// The usage of those of `instances` that run here (the host's own list, for a host that
+    /// keeps one).
+    fn usage(&self, instances: &[Instance]) -> Vec<InstanceUsage>;
     /// Whether the instance's files and devices are all gone (for delete's no-leftovers check).
     fn leftovers(&self, instance: &Instance) -> Vec<String>;
     /// The stopped instance's disk: size and data ranges (a cold move's source).
@@ -955,6 +958,17 @@ impl HostAgent for LocalAgent {
         let stream = stratus_unix::connect(&path)
             .map_err(|e| AgentError::Io(format!("cannot reach the console {}: {e}", path.display())))?;
         Ok(Box::new(UnixConsole::from(stream)))
+    }
+
+    fn usage(&self, instances: &[Instance]) -> Vec<InstanceUsage> {
+        instances
+            .iter()
+            .filter(|i| is_vmm_of(i.status.pid, &self.instance_dir(&i.id)))
+            .map(|i| {
+                let (cpu_seconds, memory_bytes) = process_usage(i.status.pid);
+                InstanceUsage { id: i.id.clone(), cpu_seconds, memory_bytes }
+            })
+            .collect()
     }
 
     fn metrics(&self, instance: &Instance) -> Result<serde_json::Value, AgentError> {

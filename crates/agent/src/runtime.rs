@@ -577,6 +577,17 @@ impl Agent for RuntimeAgent {
         self.0.driver.metrics(&instance).map_err(wire_error)
     }
 
+    fn usage(&self) -> Result<Vec<stratus_protocol::InstanceUsage>, WireError> {
+        let running: Vec<stratus_api::model::Instance> = self
+            .0
+            .slots()
+            .values()
+            .filter(|slot| slot.record.phase == Phase::Running)
+            .map(|slot| wire::instance_record(&slot.record.order, slot.record.pid, slot.record.started_at))
+            .collect();
+        Ok(self.0.driver.usage(&running))
+    }
+
     fn receive(&self, order: &InstanceOrder) -> Result<Incoming, WireError> {
         stratus_protocol::check_id(&order.id)?;
         let runtime = &self.0;

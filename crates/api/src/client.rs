@@ -158,6 +158,11 @@ impl ApiClient {
         Self::decode(self.send("POST", path, Some(body))?)
     }
 
+    /// `PATCH path` with a JSON body.
+    pub fn patch<T: DeserializeOwned>(&self, path: &str, body: &Value) -> Result<T, ClientError> {
+        Self::decode(self.send("PATCH", path, Some(body))?)
+    }
+
     /// `POST path` with a JSON body, waiting up to `limit` for the whole answer (instead of
     /// the usual 330 s between reads).
     pub fn post_within<T: DeserializeOwned>(

@@ -428,9 +428,114 @@ pub struct ConsolidationPlan {
     pub skipped: Vec<String>,
 }
 
+/// The cluster's settings (`stratus config show`, `stratus config set KEY=VALUE`), kept in the
+/// store; every key has a default.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Load balancing by live migration.
+    pub rebalance: RebalanceConfig,
+}
+
+/// How the rebalancer moves instances from busy hosts to idle ones.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RebalanceConfig {
+    /// Whether it runs (it does unless turned off).
+    pub enabled: bool,
+    /// Seconds of measured CPU use a decision looks at: a host must be busy over all of it.
+    pub window_s: u64,
+    /// Points of CPU use between the busiest host and the idlest that start a move.
+    pub threshold_percent: u32,
+    /// Points a move must narrow that gap by; a move that gains less is not worth its cost.
+    pub min_gain_percent: u32,
+    /// Seconds an instance that was moved stays where it went.
+    pub cooldown_s: u64,
+    /// Moves at most per round (each between two hosts no other move of the round touches).
+    pub max_moves: u32,
+}
+
+impl Default for RebalanceConfig {
+    fn default() -> Self {
+        RebalanceConfig {
+            enabled: true,
+            window_s: 300,
+            threshold_percent: 25,
+            min_gain_percent: 10,
+            cooldown_s: 1800,
+            max_moves: 2,
+        }
+    }
+}
+
+/// The keys `ClusterConfig::set` takes, with what each means.
+pub const CONFIG_KEYS: &[(&str, &str)] = &[
+    ("rebalance.enabled", "true or false: move instances from busy hosts to idle ones"),
+    ("rebalance.window_s", "seconds of measured CPU use a decision looks at (2 to 86400)"),
+    (
+        "rebalance.threshold_percent",
+        "points of CPU use between busiest and idlest host that start a move (1 to 100)",
+    ),
+    ("rebalance.min_gain_percent", "points a move must narrow that gap by (1 to 100)"),
+    ("rebalance.cooldown_s", "seconds a moved instance stays put (0 to 604800)"),
+    ("rebalance.max_moves", "moves at most per round (1 to 16)"),
+];
+
+impl ClusterConfig {
+    /// Sets `key` to `value` (as the user wrote it), or says why not.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        fn number<T: std::str::FromStr + PartialOrd + std::fmt::Display>(
+            key: &str,
+            value: &str,
+            low: T,
+            high: T,
+        ) -> Result<T, String> {
+            match value.trim().parse::<T>() {
+                Ok(n) if n >= low && n <= high => Ok(n),
+                _ => Err(format!("{key} takes a whole number from {low} to {high}, not '{value}'")),
+            }
+        }
+        let r = &mut self.rebalance;
+        match key {
+            "rebalance.enabled" => {
+                r.enabled = match value.trim() {
+                    "true" | "on" | "yes" => true,
+                    "false" | "off" | "no" => false,
+                    _ => return Err(format!("{key} takes true or false, not '{value}'")),
+                }
+            }
+            "rebalance.window_s" => r.window_s = number(key, value, 2, 86_400)?,
+            "rebalance.threshold_percent" => r.threshold_percent = number(key, value, 1, 100)?,
+            "rebalance.min_gain_percent" => r.min_gain_percent = number(key, value, 1, 100)?,
+            "rebalance.cooldown_s" => r.cooldown_s = number(key, value, 0, 604_800)?,
+            "rebalance.max_moves" => r.max_moves = number(key, value, 1, 16)?,
+            _ => {
+                let known: Vec<&str> = CONFIG_KEYS.iter().map(|(k, _)| *k).collect();
+                return Err(format!("unknown setting '{key}': known are {}", known.join(", ")));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_take_known_keys_and_sane_values_only() {
+        let mut config = ClusterConfig::default();
+        assert!(config.rebalance.enabled, "rebalancing is on by default");
+        config.set("rebalance.enabled", "false").unwrap();
+        config.set("rebalance.window_s", "60").unwrap();
+        assert_eq!((config.rebalance.enabled, config.rebalance.window_s), (false, 60));
+        assert!(config.set("rebalance.window_s", "0").unwrap_err().contains("from 2 to 86400"));
+        assert!(config.set("rebalance.enabled", "maybe").unwrap_err().contains("true or false"));
+        assert!(config.set("rebalance.speed", "9").unwrap_err().contains("known are rebalance.enabled"));
+        assert_eq!(config.rebalance.window_s, 60, "a refused value changes nothing");
+        let stored: ClusterConfig = serde_json::from_str(r#"{"rebalance": {"enabled": false}}"#).unwrap();
+        assert_eq!(stored.rebalance.window_s, 300, "a key left out keeps its default");
+    }
 
     #[test]
     fn names_are_hostname_safe() {

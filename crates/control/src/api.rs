@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 use stratus_agent::network::{self, Subnet};
 use stratus_agent::HostAgent;
 use stratus_api::model::{
-    check_name, new_id, now, ConsolidationPlan, Desired, Host, Image, Instance, InstanceSpec, InstanceState,
-    InstanceStatus, Network, Operation, OperationState, RestartPolicy, DEFAULT_PROJECT,
+    check_name, new_id, now, ClusterConfig, ConsolidationPlan, Desired, Host, Image, Instance, InstanceSpec,
+    InstanceState, InstanceStatus, Network, Operation, OperationState, RestartPolicy, DEFAULT_PROJECT,
 };
 
 use crate::db::{image_key, instance_key, network_key, operation_key, Db, DbError};
@@ -257,6 +257,7 @@ pub fn router(state: Shared) -> Router {
         .route("/hosts/{name}/evacuate", post(evacuate_host).route_layer(lead()))
         .route("/hosts/{name}/restore", post(restore_host).route_layer(lead()))
         .route("/consolidation", get(consolidation_plan).merge(post(consolidate_hosts).route_layer(lead())))
+        .route("/config", get(get_config).patch(set_config))
         .route("/control", get(get_control))
         .route("/operations/{id}", get(get_operation))
         .route("/operations/{id}/wait", get(wait_operation))
@@ -1491,6 +1492,43 @@ async fn restore_host(State(state): State<Shared>, Name(name): Name) -> ApiResul
         .spawn(move || crate::maintenance::restore(&working, &name, &id))
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok((StatusCode::ACCEPTED, Json(op)).into_response())
+}
+
+/// `GET /v1/config`: the cluster's settings, defaults filled in.
+async fn get_config(State(state): State<Shared>) -> Json<ClusterConfig> {
+    Json(crate::rebalance::settings(&state))
+}
+
+/// `PATCH /v1/config` `{"rebalance.enabled": "false", ...}`: sets each key, all or none.
+async fn set_config(
+    State(state): State<Shared>,
+    Body(changes): Body<std::collections::BTreeMap<String, serde_json::Value>>,
+) -> ApiResult<Json<ClusterConfig>> {
+    if changes.is_empty() {
+        return Err(ApiError::bad_request("nothing to set: send {\"KEY\": VALUE, ...}"));
+    }
+    let apply = |config: &mut ClusterConfig| -> Result<(), String> {
+        for (key, value) in &changes {
+            config.set(key, &setting_text(value))?;
+        }
+        Ok(())
+    };
+    // Refused as a whole, before anything is written, whatever is stored.
+    apply(&mut ClusterConfig::default()).map_err(ApiError::bad_request)?;
+    let stored = state.db.upsert(crate::rebalance::CONFIG_KEY, |config: &mut ClusterConfig| {
+        let _ = apply(config);
+    })?;
+    let summary: Vec<String> = changes.iter().map(|(k, v)| format!("{k}={}", setting_text(v))).collect();
+    state.db.event(DEFAULT_PROJECT, "", "info", format!("settings changed: {}", summary.join(", ")));
+    Ok(Json(stored))
+}
+
+/// A setting's value as the user would write it: `false`, `60`, `"false"` all as text.
+fn setting_text(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(text) => text.clone(),
+        other => other.to_string(),
+    }
 }
 
 /// `GET /v1/consolidation`: the moves that would pack the instances onto as few hosts as fit,

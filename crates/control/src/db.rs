@@ -134,6 +134,26 @@ impl Db {
         }
     }
 
+    /// [`Db::update`] of a value that may not exist yet: `change` starts from the default then.
+    pub fn upsert<T, F>(&self, key: &str, mut change: F) -> Result<T, DbError>
+    where
+        T: Serialize + DeserializeOwned + Default,
+        F: FnMut(&mut T),
+    {
+        loop {
+            let (mut value, revision) = match self.get::<T>(key)? {
+                Some((value, revision)) => (value, Some(revision)),
+                None => (T::default(), None),
+            };
+            change(&mut value);
+            match self.store.compare_and_swap(key, revision, Some(&encode(&value))) {
+                Ok(_) => return Ok(value),
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     /// An instance.
     pub fn instance(&self, project: &str, name: &str) -> Result<Option<Instance>, DbError> {
         Ok(self.get(&instance_key(project, name))?.map(|(v, _)| v))

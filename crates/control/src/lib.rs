@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod moves;
 pub mod netsync;
 pub mod openapi;
+pub mod rebalance;
 pub mod reconciler;
 pub mod remote;
 pub mod scheduler;

@@ -100,7 +100,7 @@ pub fn consolidate(state: &Arc<AppState>, plan: &ConsolidationPlan, op: &str) {
 }
 
 /// What became of one instance.
-enum Outcome {
+pub(crate) enum Outcome {
     /// It is on this host now.
     Moved(String),
     /// Stopped, and left where it was as asked.
@@ -110,7 +110,7 @@ enum Outcome {
 }
 
 /// Moves `name` (to `to`, or where the scheduler places it) and waits for the move.
-fn move_one(state: &AppState, name: &str, to: Option<&str>) -> Outcome {
+pub(crate) fn move_one(state: &AppState, name: &str, to: Option<&str>) -> Outcome {
     let prepared = match prepare_move(state, name, to) {
         Ok(prepared) => prepared,
         Err(refused) => return Outcome::Stayed(refused.message().to_string()),

@@ -80,6 +80,12 @@ pub fn document() -> Value {
                 "responses": errors(json!({"202": ok(json!({"$ref": "#/components/schemas/Operation"}))}))}},
             "/v1/hosts/{name}/restore": {"post": {"summary": "End the host's maintenance and bring back the instances its evacuation moved off", "parameters": name,
                 "responses": errors(json!({"202": ok(json!({"$ref": "#/components/schemas/Operation"}))}))}},
+            "/v1/config": {
+                "get": {"summary": "The cluster's settings, defaults filled in", "responses": errors(json!({"200": ok(json!({"$ref": "#/components/schemas/ClusterConfig"}))}))},
+                "patch": {"summary": "Set settings, all or none: {\"rebalance.enabled\": false, \"rebalance.window_s\": 60}",
+                    "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "additionalProperties": true}}}},
+                    "responses": errors(json!({"200": ok(json!({"$ref": "#/components/schemas/ClusterConfig"}))}))}
+            },
             "/v1/consolidation": {
                 "get": {"summary": "The consolidation plan: the moves that pack the instances onto as few hosts as fit, the hosts it would empty, and why each other host stays",
                     "responses": errors(json!({"200": ok(json!({"$ref": "#/components/schemas/ConsolidationPlan"}))}))},
@@ -141,6 +147,9 @@ pub fn document() -> Value {
                 "Network": {"type": "object", "properties": {"name": {"type": "string"}, "bridge": {"type": "string"}, "cidr": {"type": "string"}, "gateway": {"type": "string"}, "nat": {"type": "boolean"}}},
                 "Host": {"type": "object", "properties": {"name": {"type": "string"}, "address": {"type": "string"}, "state": {"type": "string", "enum": ["online", "offline", "joining"]},
                     "seen_at": {"type": "integer"}, "maintenance": {"type": "boolean"}, "cpus": {"type": "integer"}, "memory_mib": {"type": "integer"}, "allocatable_mib": {"type": "integer"}, "allocated_mib": {"type": "integer"}}},
+                "ClusterConfig": {"type": "object", "properties": {"rebalance": {"type": "object", "properties": {
+                    "enabled": {"type": "boolean"}, "window_s": {"type": "integer"}, "threshold_percent": {"type": "integer"},
+                    "min_gain_percent": {"type": "integer"}, "cooldown_s": {"type": "integer"}, "max_moves": {"type": "integer"}}}}},
                 "ConsolidationPlan": {"type": "object", "properties": {
                     "moves": {"type": "array", "items": {"type": "object", "properties": {"instance": {"type": "string"}, "from": {"type": "string"}, "to": {"type": "string"}, "reason": {"type": "string"}}}},
                     "emptied": {"type": "array", "items": {"type": "string"}},

@@ -299,6 +299,11 @@ impl HostAgent for RemoteHost {
         self.agent.metrics(&instance.id).map_err(|e| self.error(e))
     }
 
+    fn usage(&self, _instances: &[Instance]) -> Vec<stratus_protocol::InstanceUsage> {
+        // The agent knows what runs there; a host that does not answer has no usage to give.
+        self.agent.usage().unwrap_or_default()
+    }
+
     fn receive(&self, instance: &Instance, image: &Image, network: &Network) -> Result<Incoming, AgentError> {
         let current = self.agent.observe(&instance.id, u64::MAX).map_err(|e| self.error(e))?;
         let order = wire::order(instance, image, network, Wanted::Running, current.generation + 1);

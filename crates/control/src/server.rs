@@ -121,6 +121,7 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
     reconciler.spawn(Arc::clone(&state.leadership));
     reconciler.spawn_watch(Arc::clone(&state.leadership));
     state.networks.spawn(Arc::clone(&state.leadership));
+    crate::rebalance::spawn(Arc::clone(&state));
     if replica.is_some() {
         // Hosts that joined through another replica, and hosts removed there.
         let refreshing = Arc::clone(&state);

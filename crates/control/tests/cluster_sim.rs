@@ -55,6 +55,7 @@ on_both_stores!(
     stopped_instances_move_cold_with_their_disk,
     evacuate_moves_everything_off_and_restore_brings_it_back,
     consolidation_plans_then_empties_the_lightest_hosts,
+    the_rebalancer_moves_load_from_a_busy_host_once_and_explains_it,
     failures_on_a_host_are_retried_and_crashes_restarted,
     hosts_with_instances_cannot_be_removed,
     moves_change_the_host_only_once_the_destination_runs_it,
@@ -138,6 +139,7 @@ impl SimCloud {
         ));
         reconciler.spawn(Arc::clone(&state.leadership));
         state.networks.spawn(Arc::clone(&state.leadership));
+        stratus_control::rebalance::spawn(Arc::clone(&state));
         let router = api::router(Arc::clone(&state));
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -673,6 +675,53 @@ fn consolidation_plans_then_empties_the_lightest_hosts(backend: Backend) {
     assert_eq!(plan["emptied"], json!([]), "{plan}");
     assert_eq!(plan["kept"][0]["why"], "the last host left");
     assert_eq!(plan["skipped"].as_array().unwrap().len(), 2, "{plan}");
+}
+
+fn the_rebalancer_moves_load_from_a_busy_host_once_and_explains_it(backend: Backend) {
+    let Some(cloud) = SimCloud::new("rebalance", backend, &[("h1", 4096), ("h2", 4096), ("h3", 4096)]) else {
+        return;
+    };
+    // Off while the guests get busy; a short window so the test need not wait five minutes.
+    let settings = json!({ "rebalance.enabled": false, "rebalance.window_s": 2 });
+    let config: Value = cloud.client.patch("/v1/config", &settings).unwrap();
+    assert_eq!(
+        (config["rebalance"]["enabled"].as_bool(), config["rebalance"]["window_s"].as_u64()),
+        (Some(false), Some(2))
+    );
+    let refused: Result<Value, _> = cloud.client.patch("/v1/config", &json!({ "rebalance.window_s": 1 }));
+    assert!(matches!(refused, Err(ClientError::Api { status: 400, .. })), "{refused:?}");
+    for (name, host) in [("a", "h1"), ("b", "h1"), ("c", "h1"), ("d", "h2")] {
+        cloud.launch(json!({ "name": name, "host": host })).unwrap();
+    }
+    // h1 at 95% of its 2 CPUs, h2 at 25%, h3 idle.
+    for (name, cpus) in [("a", 1.0), ("b", 0.8), ("c", 0.1), ("d", 0.5)] {
+        SimAgent::set_cpu_load(&cloud.wait_state(name, "running").id, cpus);
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(cloud.instance("a").status.host, "h1", "the rebalancer moved while turned off");
+
+    let _: Value = cloud.client.patch("/v1/config", &json!({ "rebalance.enabled": "true" })).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cloud.instance("a").status.host != "h3" {
+        assert!(Instant::now() < deadline, "a never moved: {}", cloud.events(""));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let events = cloud.events("a");
+    assert!(
+        events.contains("rebalance: h1 CPU 9")
+            && events.contains("over 2 s, h3 0%: moved a (CPU 100%) to h3"),
+        "{events}"
+    );
+    // Then calm: h1 45%, h2 25%, h3 50% are within the threshold; nothing moves back or on.
+    std::thread::sleep(Duration::from_secs(6));
+    let moved: Vec<(String, String)> =
+        ["a", "b", "c", "d"].iter().map(|n| (n.to_string(), cloud.instance(n).status.host)).collect();
+    assert_eq!(
+        moved,
+        [("a", "h3"), ("b", "h1"), ("c", "h1"), ("d", "h2")].map(|(n, h)| (n.to_string(), h.to_string()))
+    );
+    let all: String = ["a", "b", "c", "d"].iter().map(|n| cloud.events(n)).collect();
+    assert_eq!(all.matches("rebalance:").count(), 1, "{all}");
 }
 
 fn failures_on_a_host_are_retried_and_crashes_restarted(backend: Backend) {

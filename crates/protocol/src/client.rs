@@ -125,6 +125,10 @@ impl Agent for HttpAgent {
         self.call("GET", &format!("/instances/{id}/metrics"), None::<&()>, CALL_TIMEOUT)
     }
 
+    fn usage(&self) -> Result<Vec<crate::InstanceUsage>, AgentError> {
+        self.call("GET", "/usage", None::<&()>, CALL_TIMEOUT)
+    }
+
     fn disk_layout(&self, id: &str) -> Result<crate::DiskLayout, AgentError> {
         check_id(id)?;
         self.call("GET", &format!("/instances/{id}/disk"), None::<&()>, CALL_TIMEOUT)

@@ -331,6 +331,18 @@ pub struct SendRequest {
     pub to: String,
 }
 
+/// An instance's use of its host, as its VMM process shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InstanceUsage {
+    /// The instance.
+    pub id: String,
+    /// CPU time its VMM has used (user and system), in seconds: a counter, which starts again
+    /// from zero when the VMM does.
+    pub cpu_seconds: f64,
+    /// Its VMM's resident memory, in bytes.
+    pub memory_bytes: u64,
+}
+
 /// How a live migration went, as the source measured it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MoveReport {
@@ -377,6 +389,8 @@ pub trait Agent: Send + Sync {
     fn exec(&self, id: &str, request: &ExecRequest) -> Result<ExecOutput, AgentError>;
     /// A running instance's usage (`cpu_seconds`, `memory_bytes`, the VMM's own `vmm` metrics).
     fn metrics(&self, id: &str) -> Result<serde_json::Value, AgentError>;
+    /// The usage of every instance running here.
+    fn usage(&self) -> Result<Vec<InstanceUsage>, AgentError>;
     /// Readies this host to receive the instance of `order` (wanted running) by live
     /// migration; once it has arrived, [`Agent::observe`] shows it running here.
     fn receive(&self, order: &InstanceOrder) -> Result<Incoming, AgentError>;

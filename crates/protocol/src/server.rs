@@ -30,6 +30,7 @@ pub fn router(agent: Arc<dyn Agent>, credential: String) -> Router {
         .route("/host", get(host))
         .route("/networks", put(set_networks))
         .route("/instances", get(instances))
+        .route("/usage", get(usage))
         .route("/instances/{id}", get(observe).put(ensure))
         .route("/instances/{id}/exec", post(exec))
         .route("/instances/{id}/metrics", get(metrics))
@@ -159,6 +160,10 @@ async fn metrics(State(state): State<Shared>, Path(id): Path<String>) -> Respons
         agent.metrics(&id)
     })
     .await
+}
+
+async fn usage(State(state): State<Shared>) -> Response {
+    blocking(state, move |agent| agent.usage()).await
 }
 
 async fn disk_layout(State(state): State<Shared>, Path(id): Path<String>) -> Response {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::{
     Agent, AgentError, AgentEvent, BootReport, ExecOutput, ExecRequest, HostInfo, Incoming, InstanceOrder,
-    MoveReport, NetworkConfig, Observed, Phase, Wanted,
+    InstanceUsage, MoveReport, NetworkConfig, Observed, Phase, Wanted,
 };
 
 /// A simulated host.
@@ -36,7 +36,13 @@ struct SimState {
 /// their `to`): a received instance runs only once its migration was sent.
 static DELIVERED: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
+/// The CPUs each instance's guest keeps busy (by instance id), wherever it runs: a load moves
+/// with its guest.
+static CPU_LOAD: Mutex<Option<HashMap<String, f64>>> = Mutex::new(None);
+
 struct SimInstance {
+    /// CPU seconds used so far here, as of when.
+    cpu: (f64, Instant),
     /// For a received instance: where its migration is to arrive.
     incoming: Option<String>,
     /// Its disk: size, and the pieces written (at their offsets; the rest reads as zeros).
@@ -120,6 +126,15 @@ impl SimAgent {
         }
     }
 
+    /// The guest of instance `id` keeps `cpus` CPUs busy from now on, on whichever host runs it.
+    pub fn set_cpu_load(id: &str, cpus: f64) {
+        CPU_LOAD
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(HashMap::new)
+            .insert(id.to_string(), cpus);
+    }
+
     /// How many instances run here now.
     pub fn running(&self) -> usize {
         let mut state = self.state();
@@ -201,6 +216,7 @@ impl SimInstance {
         let mut blocks = std::collections::BTreeMap::new();
         blocks.insert(0, format!("disk of {} made on its first host", order.name).into_bytes());
         SimInstance {
+            cpu: (0.0, Instant::now()),
             incoming,
             disk: (order.disk_mib << 20, blocks),
             disk_arriving: false,
@@ -390,6 +406,27 @@ impl Agent for SimAgent {
         state.instances.remove(id);
         DELIVERED.lock().unwrap_or_else(|p| p.into_inner()).push(format!("{to}/{id}"));
         Ok(MoveReport { total_ms: 1.0, downtime_ms: 0.1, bytes: 0 })
+    }
+
+    fn usage(&self) -> Result<Vec<InstanceUsage>, AgentError> {
+        let mut state = self.reachable()?;
+        let loads = CPU_LOAD.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_default();
+        let now = Instant::now();
+        Ok(state
+            .instances
+            .iter_mut()
+            .filter(|(_, i)| i.phase == Phase::Running)
+            .map(|(id, instance)| {
+                let (seconds, since) = instance.cpu;
+                let rate = loads.get(id).copied().unwrap_or(0.0);
+                instance.cpu = (seconds + rate * now.duration_since(since).as_secs_f64(), now);
+                InstanceUsage {
+                    id: id.clone(),
+                    cpu_seconds: instance.cpu.0,
+                    memory_bytes: instance.order.memory_mib << 20,
+                }
+            })
+            .collect())
     }
 
     fn metrics(&self, id: &str) -> Result<serde_json::Value, AgentError> {

@@ -13,7 +13,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 use stratus_api::client::{ApiClient, ClientError};
 use stratus_api::model::{
-    ConsolidationPlan, Event, Host, Image, Instance, InstanceState, Network, Operation, OperationState,
+    ClusterConfig, ConsolidationPlan, Event, Host, Image, Instance, InstanceState, Network, Operation,
+    OperationState, CONFIG_KEYS,
 };
 
 /// Where the API is and who we are.
@@ -393,6 +394,57 @@ pub enum HostCommand {
         #[arg(long)]
         no_wait: bool,
     },
+}
+
+/// `stratus config ...`.
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Every setting with its value (defaults included).
+    Show,
+    /// Set one or more settings, all or none: `stratus config set rebalance.enabled=false`.
+    /// Keys: rebalance.enabled (true/false, on by default), rebalance.window_s (seconds of
+    /// measured CPU use a decision looks at, 300), rebalance.threshold_percent (points of CPU
+    /// use between the busiest and the idlest host that start a move, 25),
+    /// rebalance.min_gain_percent (points a move must narrow that gap by, 10),
+    /// rebalance.cooldown_s (seconds a moved instance stays put, 1800), rebalance.max_moves
+    /// (moves per round, 2).
+    Set {
+        /// KEY=VALUE pairs.
+        #[arg(required = true, value_name = "KEY=VALUE")]
+        settings: Vec<String>,
+    },
+}
+
+/// `stratus config ...`.
+pub fn config(conn: &Connection, command: ConfigCommand) -> Result<i32> {
+    let client = conn.client()?;
+    let config: ClusterConfig = match command {
+        ConfigCommand::Show => client.get("/v1/config")?,
+        ConfigCommand::Set { settings } => {
+            let mut changes = serde_json::Map::new();
+            for setting in settings {
+                let Some((key, value)) = setting.split_once('=') else {
+                    bail!("'{setting}' is not KEY=VALUE (e.g. rebalance.enabled=false)");
+                };
+                changes.insert(key.trim().to_owned(), Value::String(value.trim().to_owned()));
+            }
+            client.patch("/v1/config", &Value::Object(changes))?
+        }
+    };
+    if conn.output == Output::Json {
+        print_json(&config)?;
+        return Ok(0);
+    }
+    let value = serde_json::to_value(&config)?;
+    let rows: Vec<Vec<String>> = CONFIG_KEYS
+        .iter()
+        .map(|(key, meaning)| {
+            let (section, field) = key.split_once('.').unwrap_or(("", key));
+            vec![key.to_string(), value[section][field].to_string(), meaning.to_string()]
+        })
+        .collect();
+    print_table(&["KEY", "VALUE", "MEANING"], &rows);
+    Ok(0)
 }
 
 /// The policies `stratus host plan` shows.

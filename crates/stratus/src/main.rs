@@ -79,6 +79,9 @@ enum Command {
     /// Hosts and their capacity.
     #[command(subcommand)]
     Host(cloud::HostCommand),
+    /// The cluster's settings (rebalancing, ...): `config show`, `config set KEY=VALUE ...`.
+    #[command(subcommand)]
+    Config(cloud::ConfigCommand),
     /// The event log, of one instance or all.
     Events {
         /// Instance name.
@@ -139,6 +142,7 @@ fn main() {
         Command::Move(args) => cloud::move_instance(&cli.connection, args),
         Command::Network(command) => cloud::network(&cli.connection, command),
         Command::Host(command) => cloud::host(&cli.connection, command),
+        Command::Config(command) => cloud::config(&cli.connection, command),
         Command::Events { name } => cloud::events(&cli.connection, name),
     };
     let code = result.unwrap_or_else(|e| {

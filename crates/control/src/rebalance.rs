@@ -1,0 +1,357 @@
+//! Load balancing by live migration, on by default. The leader samples every instance's CPU
+//! use from the hosts' agents (their VMMs' CPU time, a counter), and once each host has been
+//! measured over a whole window ([`RebalanceConfig::window_s`]), compares the busiest host with
+//! the idlest: when their CPU use differs by more than the threshold, it moves the instance
+//! that narrows the gap most to the idle host, live.
+//!
+//! What keeps it from thrashing: a decision needs a window of measurements, not one sample; a
+//! move must narrow the gap by at least `min_gain_percent` points (else its cost, a migration,
+//! outweighs it) and may not open a gap the other way wide enough to call for a move back; an
+//! instance moved stays put for `cooldown_s`; the two hosts of a move are measured afresh for a
+//! whole window before either moves anything again; at most `max_moves` a round, each between
+//! hosts no other move of the round touches. Every move is an event that says why ("h1 CPU 94%
+//! over 5 min, h3 31%: moved web4 (CPU 40%) to h3; the gap goes from 63 to 9 points").
+//!
+//! Memory is not measured but allocated: an instance goes only where its memory is free, as
+//! any placement.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use stratus_api::model::{ClusterConfig, Desired, Instance, InstanceState, RebalanceConfig, DEFAULT_PROJECT};
+
+use crate::api::{host_views, placed_on, AppState};
+
+/// Where the settings live in the store.
+pub const CONFIG_KEY: &str = "/config/cluster";
+
+/// A host as the rebalancer sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostUse {
+    /// Host name.
+    pub name: String,
+    /// Its CPUs.
+    pub cpus: u32,
+    /// Online and not in maintenance.
+    pub usable: bool,
+    /// Measured over a whole window, and not part of a move within it.
+    pub settled: bool,
+    /// Memory not allocated to instances, MiB.
+    pub free_mib: u64,
+    /// The running instances there.
+    pub instances: Vec<InstanceUse>,
+}
+
+/// A running instance's measured use.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InstanceUse {
+    /// Instance name.
+    pub name: String,
+    /// CPUs it kept busy, on average over the window.
+    pub cpus_busy: f64,
+    /// Its memory, MiB.
+    pub memory_mib: u64,
+    /// Its anti-affinity group ("" for none).
+    pub group: String,
+    /// Moved within its cooldown: it stays.
+    pub cooling: bool,
+}
+
+/// A move the rebalancer decided on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rebalance {
+    /// The instance.
+    pub instance: String,
+    /// From the busy host.
+    pub from: String,
+    /// To the idle one.
+    pub to: String,
+    /// Why, for the event.
+    pub reason: String,
+}
+
+impl HostUse {
+    /// CPU use, in percent of the host's CPUs.
+    fn load(&self) -> f64 {
+        self.instances.iter().fold(0.0, |sum, i| sum + i.cpus_busy) / f64::from(self.cpus.max(1)) * 100.0
+    }
+}
+
+/// The moves that even out the hosts' CPU use, at most `config.max_moves`.
+pub fn decide(hosts: &[HostUse], config: &RebalanceConfig) -> Vec<Rebalance> {
+    let threshold = f64::from(config.threshold_percent);
+    let min_gain = f64::from(config.min_gain_percent);
+    let mut loads: Vec<(usize, f64)> =
+        hosts.iter().enumerate().filter(|(_, h)| h.usable && h.settled).map(|(i, h)| (i, h.load())).collect();
+    let mut moves = Vec::new();
+    while moves.len() < config.max_moves as usize && loads.len() >= 2 {
+        loads.sort_by(|a, b| b.1.total_cmp(&a.1).then(hosts[a.0].name.cmp(&hosts[b.0].name)));
+        let (hot, hot_load) = loads[0];
+        let (cool, cool_load) = loads[loads.len() - 1];
+        let gap = hot_load - cool_load;
+        if gap <= threshold {
+            break;
+        }
+        let (from, to) = (&hosts[hot], &hosts[cool]);
+        let best = from
+            .instances
+            .iter()
+            .filter(|i| !i.cooling && i.cpus_busy > 0.0 && i.memory_mib <= to.free_mib)
+            .filter(|i| i.group.is_empty() || to.instances.iter().all(|other| other.group != i.group))
+            .filter_map(|i| {
+                let hot_after = hot_load - i.cpus_busy / f64::from(from.cpus.max(1)) * 100.0;
+                let cool_after = cool_load + i.cpus_busy / f64::from(to.cpus.max(1)) * 100.0;
+                let gain = gap - (hot_after - cool_after).abs();
+                // A move that turns the idle host into one busy enough to move back is no move.
+                (gain >= min_gain && cool_after - hot_after <= threshold)
+                    .then_some((i, gain, hot_after, cool_after))
+            })
+            .max_by(|a, b| {
+                a.1.total_cmp(&b.1).then(b.0.memory_mib.cmp(&a.0.memory_mib)).then(b.0.name.cmp(&a.0.name))
+            });
+        let Some((instance, _, hot_after, cool_after)) = best else { break };
+        moves.push(Rebalance {
+            instance: instance.name.clone(),
+            from: from.name.clone(),
+            to: to.name.clone(),
+            reason: format!(
+                "{} CPU {hot_load:.0}% over {}, {} {cool_load:.0}%: moved {} (CPU {:.0}%) to {}; the gap goes from {gap:.0} to {:.0} points",
+                from.name,
+                span(config.window_s),
+                to.name,
+                instance.name,
+                instance.cpus_busy * 100.0,
+                to.name,
+                (hot_after - cool_after).abs()
+            ),
+        });
+        // Each host takes part in one move a round: its next is decided on fresh measurements.
+        loads.retain(|(i, _)| *i != hot && *i != cool);
+    }
+    moves
+}
+
+/// "5 min", "30 s".
+fn span(seconds: u64) -> String {
+    if seconds >= 60 && seconds.is_multiple_of(60) {
+        format!("{} min", seconds / 60)
+    } else {
+        format!("{seconds} s")
+    }
+}
+
+/// Starts the rebalancer: a thread that, while this replica leads and rebalancing is on,
+/// measures and moves.
+pub fn spawn(state: Arc<AppState>) {
+    let _ = std::thread::Builder::new().name("rebalancer".into()).spawn(move || {
+        let mut rebalancer = Rebalancer::default();
+        loop {
+            let config = settings(&state);
+            let window = Duration::from_secs(config.rebalance.window_s);
+            std::thread::sleep((window / 8).clamp(Duration::from_millis(250), Duration::from_secs(15)));
+            if !config.rebalance.enabled || !state.leadership.is_leader() {
+                // Measurements from before a pause (or another leader's time) are stale.
+                rebalancer.samples.clear();
+                continue;
+            }
+            rebalancer.round(&state, &config.rebalance);
+        }
+    });
+}
+
+/// The cluster's settings as stored (the defaults where none are).
+pub fn settings(state: &AppState) -> ClusterConfig {
+    state.db.get::<ClusterConfig>(CONFIG_KEY).ok().flatten().map(|(config, _)| config).unwrap_or_default()
+}
+
+#[derive(Default)]
+struct Rebalancer {
+    /// CPU seconds per instance id, as sampled, oldest first.
+    samples: HashMap<String, VecDeque<(Instant, f64)>>,
+    /// Instances moved, until when they stay put.
+    cooling: HashMap<String, Instant>,
+    /// Hosts of a move, until when they are measured afresh.
+    unsettled: HashMap<String, Instant>,
+}
+
+impl Rebalancer {
+    fn round(&mut self, state: &Arc<AppState>, config: &RebalanceConfig) {
+        let window = Duration::from_secs(config.window_s);
+        let now = Instant::now();
+        let (Ok(hosts), Ok(instances)) = (host_views(state), state.db.instances()) else { return };
+        let running: Vec<&Instance> = instances
+            .iter()
+            .filter(|i| i.desired == Desired::Running && i.status.state == InstanceState::Running)
+            .collect();
+        let mut seen = HashSet::new();
+        let mut uses = Vec::new();
+        for host in &hosts {
+            let here: Vec<Instance> =
+                running.iter().filter(|i| placed_on(state, i) == host.name).map(|i| (*i).clone()).collect();
+            let online = host.state == "online";
+            let usage = match state.hosts.get(&host.name) {
+                Some(agent) if online => agent.usage(&here),
+                _ => Vec::new(),
+            };
+            for u in &usage {
+                seen.insert(u.id.clone());
+                let samples = self.samples.entry(u.id.clone()).or_default();
+                if samples.back().is_some_and(|(_, last)| u.cpu_seconds < *last) {
+                    // A counter that went back: a new VMM. Its history starts again.
+                    samples.clear();
+                }
+                samples.push_back((now, u.cpu_seconds));
+                while samples.len() > 2 && now.duration_since(samples[1].0) >= window {
+                    samples.pop_front();
+                }
+            }
+            let mut settled = online && self.unsettled.get(&host.name).is_none_or(|until| now >= *until);
+            let mut instances = Vec::new();
+            for instance in &here {
+                let busy = self.samples.get(&instance.id).and_then(|s| {
+                    let (first, last) = (s.front()?, s.back()?);
+                    let span = last.0.duration_since(first.0);
+                    (span >= window.mul_f64(0.9)).then(|| (last.1 - first.1) / span.as_secs_f64())
+                });
+                let Some(cpus_busy) = busy else {
+                    // Not measured over a whole window yet: no decision on this host.
+                    settled = false;
+                    continue;
+                };
+                instances.push(InstanceUse {
+                    name: instance.name.clone(),
+                    cpus_busy,
+                    memory_mib: instance.spec.memory_mib,
+                    group: instance.spec.anti_affinity.clone(),
+                    cooling: self.cooling.get(&instance.name).is_some_and(|until| now < *until),
+                });
+            }
+            uses.push(HostUse {
+                name: host.name.clone(),
+                cpus: host.cpus,
+                usable: online && !host.maintenance,
+                settled,
+                free_mib: host.allocatable_mib.saturating_sub(host.allocated_mib),
+                instances,
+            });
+        }
+        self.samples.retain(|id, _| seen.contains(id));
+        for planned in decide(&uses, config) {
+            let moved = crate::maintenance::move_one(state, &planned.instance, Some(&planned.to));
+            let done = Instant::now();
+            self.unsettled.insert(planned.from.clone(), done + window);
+            self.unsettled.insert(planned.to.clone(), done + window);
+            match moved {
+                crate::maintenance::Outcome::Moved(_) => {
+                    self.cooling
+                        .insert(planned.instance.clone(), done + Duration::from_secs(config.cooldown_s));
+                    state.db.event(
+                        DEFAULT_PROJECT,
+                        &planned.instance,
+                        "info",
+                        format!("rebalance: {}", planned.reason),
+                    );
+                }
+                crate::maintenance::Outcome::Stayed(why) => {
+                    state.db.event(
+                        DEFAULT_PROJECT,
+                        &planned.instance,
+                        "error",
+                        format!(
+                            "rebalance: moving {} to {} failed, it stays on {}: {why}",
+                            planned.instance, planned.to, planned.from
+                        ),
+                    );
+                }
+                crate::maintenance::Outcome::Kept => {}
+            }
+        }
+        self.cooling.retain(|_, until| now < *until);
+        self.unsettled.retain(|_, until| now < *until);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(name: &str, cpus_busy: f64) -> InstanceUse {
+        InstanceUse { name: name.into(), cpus_busy, memory_mib: 256, group: String::new(), cooling: false }
+    }
+
+    fn host(name: &str, instances: Vec<InstanceUse>) -> HostUse {
+        HostUse { name: name.into(), cpus: 2, usable: true, settled: true, free_mib: 4096, instances }
+    }
+
+    fn config() -> RebalanceConfig {
+        RebalanceConfig { window_s: 300, ..RebalanceConfig::default() }
+    }
+
+    #[test]
+    fn the_instance_that_evens_the_hosts_out_moves_and_says_why() {
+        // h1 at 95% of 2 CPUs, h3 idle: moving b (0.8 CPU) leaves 55% and 40%; moving a (1.0)
+        // 45% and 50%, the smaller gap.
+        let hosts = [
+            host("h1", vec![instance("a", 1.0), instance("b", 0.8), instance("c", 0.1)]),
+            host("h2", vec![instance("d", 0.5)]),
+            host("h3", vec![]),
+        ];
+        let moves = decide(&hosts, &config());
+        assert_eq!(moves.len(), 1, "{moves:?}");
+        assert_eq!((moves[0].instance.as_str(), moves[0].to.as_str()), ("a", "h3"));
+        assert_eq!(
+            moves[0].reason,
+            "h1 CPU 95% over 5 min, h3 0%: moved a (CPU 100%) to h3; the gap goes from 95 to 5 points"
+        );
+    }
+
+    #[test]
+    fn no_move_below_the_threshold_or_without_enough_gain() {
+        let even = [host("h1", vec![instance("a", 0.5)]), host("h2", vec![instance("b", 0.1)])];
+        assert!(decide(&even, &config()).is_empty(), "a 20-point gap is under the threshold");
+        // One big instance: moving it would only swap the hosts' roles.
+        let lopsided = [host("h1", vec![instance("big", 1.8)]), host("h2", vec![])];
+        assert!(decide(&lopsided, &config()).is_empty(), "a move back would follow");
+        // Many tiny ones: each narrows the gap by under the 10 points a move must gain.
+        let tiny: Vec<InstanceUse> = (0..30).map(|i| instance(&format!("t{i}"), 0.06)).collect();
+        let dust = [host("h1", tiny), host("h2", vec![])];
+        assert!(decide(&dust, &config()).is_empty(), "6-point gains are not worth a migration");
+    }
+
+    #[test]
+    fn cooling_unsettled_unusable_and_full_hosts_are_left_alone() {
+        let busy = || host("h1", vec![instance("a", 1.0), instance("b", 0.9)]);
+        let mut cooling = busy();
+        cooling.instances.iter_mut().for_each(|i| i.cooling = true);
+        assert!(decide(&[cooling, host("h2", vec![])], &config()).is_empty());
+        let mut fresh = host("h2", vec![]);
+        fresh.settled = false;
+        assert!(decide(&[busy(), fresh], &config()).is_empty(), "h2 not measured over a window");
+        let mut drained = host("h2", vec![]);
+        drained.usable = false;
+        assert!(decide(&[busy(), drained], &config()).is_empty());
+        let mut full = host("h2", vec![]);
+        full.free_mib = 128;
+        assert!(decide(&[busy(), full], &config()).is_empty(), "no memory free for a or b");
+        let mut grouped = busy();
+        grouped.instances.iter_mut().for_each(|i| i.group = "g".into());
+        let member = InstanceUse { group: "g".into(), ..instance("g2", 0.0) };
+        assert!(decide(&[grouped, host("h2", vec![member])], &config()).is_empty(), "anti-affinity");
+    }
+
+    #[test]
+    fn one_move_per_host_a_round_up_to_the_cap() {
+        let hosts = [
+            host("h1", vec![instance("a", 1.0), instance("b", 0.9)]),
+            host("h2", vec![instance("c", 1.0), instance("d", 0.9)]),
+            host("h3", vec![]),
+            host("h4", vec![]),
+        ];
+        let moves = decide(&hosts, &config());
+        let pairs: Vec<(&str, &str)> = moves.iter().map(|m| (m.from.as_str(), m.to.as_str())).collect();
+        assert_eq!(pairs, [("h1", "h4"), ("h2", "h3")]);
+        let capped = decide(&hosts, &RebalanceConfig { max_moves: 1, ..config() });
+        assert_eq!(capped.len(), 1);
+    }
+}
