@@ -10,7 +10,8 @@
 //! instance moved stays put for `cooldown_s`; the two hosts of a move are measured afresh for a
 //! whole window before either moves anything again; at most `max_moves` a round, each between
 //! hosts no other move of the round touches. Every move is an event that says why ("h1 CPU 94%
-//! over 5 min, h3 31%: moved web4 (CPU 40%) to h3; the gap goes from 63 to 9 points").
+//! over 5 min, h3 31%: moved web4 (using 80% of a CPU) to h3; the gap goes from 63 to 23
+//! points").
 //!
 //! Memory is not measured but allocated: an instance goes only where its memory is free, as
 //! any placement.
@@ -116,7 +117,7 @@ pub fn decide(hosts: &[HostUse], config: &RebalanceConfig) -> Vec<Rebalance> {
             from: from.name.clone(),
             to: to.name.clone(),
             reason: format!(
-                "{} CPU {hot_load:.0}% over {}, {} {cool_load:.0}%: moved {} (CPU {:.0}%) to {}; the gap goes from {gap:.0} to {:.0} points",
+                "{} CPU {hot_load:.0}% over {}, {} {cool_load:.0}%: moved {} (using {:.0}% of a CPU) to {}; the gap goes from {gap:.0} to {:.0} points",
                 from.name,
                 span(config.window_s),
                 to.name,
@@ -302,7 +303,7 @@ mod tests {
         assert_eq!((moves[0].instance.as_str(), moves[0].to.as_str()), ("a", "h3"));
         assert_eq!(
             moves[0].reason,
-            "h1 CPU 95% over 5 min, h3 0%: moved a (CPU 100%) to h3; the gap goes from 95 to 5 points"
+            "h1 CPU 95% over 5 min, h3 0%: moved a (using 100% of a CPU) to h3; the gap goes from 95 to 5 points"
         );
     }
 

@@ -709,7 +709,7 @@ fn the_rebalancer_moves_load_from_a_busy_host_once_and_explains_it(backend: Back
     let events = cloud.events("a");
     assert!(
         events.contains("rebalance: h1 CPU 9")
-            && events.contains("over 2 s, h3 0%: moved a (CPU 100%) to h3"),
+            && events.contains("over 2 s, h3 0%: moved a (using 100% of a CPU) to h3"),
         "{events}"
     );
     // Then calm: h1 45%, h2 25%, h3 50% are within the threshold; nothing moves back or on.

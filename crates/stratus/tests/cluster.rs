@@ -10,7 +10,8 @@
 //! down (the guest stays on its source), an agent killed with SIGKILL and restarted (its guest
 //! re-adopted, nothing duplicated), a host whose link goes down showing offline, a stopped
 //! instance moved cold (its disk's contents kept), a host evacuated and restored, the three
-//! hosts consolidated onto one, and `lab down` leaving nothing behind.
+//! hosts consolidated onto one, CPU hogs rebalanced over two hosts (once, explained), and `lab
+//! down` leaving nothing behind.
 
 mod common;
 
@@ -319,9 +320,37 @@ fn a_three_host_lab_launches_moves_and_survives_faults() {
     assert_eq!(sum("a1"), before, "a1 lost its memory in the consolidation");
     assert_eq!(lab.sh("a2", "cat /root/marker").trim(), "kept-across-the-move");
     let hosts = lab.ok(&["host", "list"]);
-    for host in emptied {
+    for host in &emptied {
         assert!(hosts.lines().any(|l| l.starts_with(host) && l.contains("maintenance")), "{host}:\n{hosts}");
     }
+
+    // Rebalancing: with one emptied host back, CPU hogs in both guests (user space, so they
+    // run at full speed) make their host busy and the other idle; the rebalancer moves one of
+    // them over, says why, and then leaves them be.
+    let back = emptied[0].to_owned();
+    lab.ok(&["host", "restore", &back]);
+    lab.ok(&["config", "set", "rebalance.window_s=10", "rebalance.cooldown_s=600"]);
+    for guest in ["a1", "a2"] {
+        // In a session of its own: the exec's end takes its process group with it.
+        lab.sh(guest, "setsid sh -c 'while :; do :; done' >/dev/null 2>&1 </dev/null &");
+    }
+    let on = |host: &str| {
+        ["a1", "a2"].iter().filter(|g| lab.instance(g)["status"]["host"].as_str() == Some(host)).count()
+    };
+    lab.wait_for("a hog moved to the idle host", Duration::from_secs(120), || on(&back) == 1);
+    let moved =
+        if lab.instance("a1")["status"]["host"].as_str() == Some(back.as_str()) { "a1" } else { "a2" };
+    let why = lab.ok(&["events", moved]);
+    assert!(
+        why.contains(&format!("rebalance: {keeper} CPU")) && why.contains(&format!("moved {moved}")),
+        "{why}"
+    );
+    std::thread::sleep(Duration::from_secs(25));
+    assert_eq!((on(&keeper), on(&back)), (1, 1), "the hogs did not stay one per host");
+    let rebalances = lab.ok(&["events", "a1"]).matches("rebalance:").count()
+        + lab.ok(&["events", "a2"]).matches("rebalance:").count();
+    assert_eq!(rebalances, 1, "ping-pong");
+    assert_eq!(sum("a1"), before, "a1 lost its memory");
 
     drop(lab);
     let left = Command::new("ip").args(["netns", "list"]).output().unwrap();
