@@ -79,6 +79,8 @@ pub fn run_agent(config: AgentConfig) -> Result<()> {
         Some(boot) => {
             let sim = stratus_protocol::SimAgent::new(&config.name, 64, 256 << 10).at(&address);
             sim.set_boot_delay(boot);
+            // A simulated migration takes a quarter of a boot.
+            sim.set_move_delay(boot / 4);
             eprintln!(
                 "stratus agent: host {} is simulated: no VMM runs, guests \"boot\" in {boot:?}",
                 config.name

@@ -14,6 +14,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use stratus_api::model::{ConsolidationPlan as Plan, KeptHost, PlannedMove};
 
+use crate::scheduler::mib;
+
 /// The vCPUs a host may carry per CPU once consolidated: a guest's vCPU is mostly idle, but a
 /// host packed beyond this leaves its guests no CPU to burst into.
 pub const VCPUS_PER_CPU: u32 = 4;
@@ -227,15 +229,6 @@ pub fn plan(hosts: &[HostLoad]) -> Plan {
         });
     }
     plan
-}
-
-/// MiB for people: "120 MiB", "3.1 GiB".
-fn mib(value: u64) -> String {
-    if value >= 1024 {
-        format!("{:.1} GiB", value as f64 / 1024.0)
-    } else {
-        format!("{value} MiB")
-    }
 }
 
 #[cfg(test)]

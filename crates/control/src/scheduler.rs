@@ -157,7 +157,7 @@ impl Refusals {
 }
 
 /// MiB for people: "120 MiB", "3.1 GiB".
-fn mib(value: u64) -> String {
+pub(crate) fn mib(value: u64) -> String {
     if value >= 1024 {
         format!("{:.1} GiB", value as f64 / 1024.0)
     } else {

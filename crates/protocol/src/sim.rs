@@ -28,12 +28,15 @@ struct SimState {
     /// Starts that fail (with this message) before any succeeds again.
     failing_starts: Vec<String>,
     boot_delay: Duration,
+    /// How long a migration sent from here takes.
+    move_delay: Duration,
     next_seq: u64,
     next_pid: u32,
 }
 
-/// Migrations sent by one simulated host and not yet taken by the one waiting for them (by
-/// their `to`): a received instance runs only once its migration was sent.
+/// Migrations that reached a simulated host waiting for them and are not yet taken up (by
+/// `to/id`): a received instance runs only once its migration has come over the loopback
+/// connection its host listened on, from whichever process sent it.
 static DELIVERED: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
 /// The CPUs each instance's guest keeps busy (by instance id), wherever it runs: a load moves
@@ -90,6 +93,11 @@ impl SimAgent {
     /// Makes every call fail as unreachable (or answer again).
     pub fn set_unreachable(&self, unreachable: bool) {
         self.state().unreachable = unreachable;
+    }
+
+    /// Migrations sent from here take `delay` from now on (before they connect).
+    pub fn set_move_delay(&self, delay: Duration) {
+        self.state().move_delay = delay;
     }
 
     /// Starts from now on take `delay` before the guest answers.
@@ -251,6 +259,48 @@ impl SimInstance {
     }
 }
 
+/// Waits (up to an hour) for the one migration `awaited` names on `listener`, and records it
+/// delivered once it has come, answering the sender.
+fn await_migration(listener: std::net::TcpListener, awaited: &str) {
+    use std::io::{BufRead, Write};
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    while Instant::now() < deadline {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+                let mut line = String::new();
+                let mut reader = std::io::BufReader::new(&stream);
+                if reader.read_line(&mut line).is_ok() && awaited.ends_with(&format!("/{}", line.trim())) {
+                    DELIVERED.lock().unwrap_or_else(|p| p.into_inner()).push(awaited.to_string());
+                    let _ = (&stream).write_all(b"ok\n");
+                    return;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Sends instance `id`'s (simulated) migration to `to` (`tcp:IP:PORT`) and waits for the
+/// destination to take it.
+fn send_migration(to: &str, id: &str) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let address = to.strip_prefix("tcp:").unwrap_or(to);
+    let mut stream = std::net::TcpStream::connect(address)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(format!("{id}\n").as_bytes())?;
+    let mut answer = [0u8; 3];
+    stream.read_exact(&mut answer)?;
+    if &answer != b"ok\n" {
+        return Err(std::io::Error::other("the destination did not take the migration"));
+    }
+    Ok(())
+}
+
 impl Agent for SimAgent {
     fn host(&self) -> Result<HostInfo, AgentError> {
         let _reachable = self.reachable()?;
@@ -387,8 +437,16 @@ impl Agent for SimAgent {
             return Err(AgentError::Failed(format!("instance {} is here already", order.name)));
         }
         let seq = state.seq();
-        let to = format!("tcp:{}:4000", self.info.name);
-        let mut instance = SimInstance::new(order, Phase::Starting, Some(format!("{to}/{}", order.id)));
+        // A real listener, so that a sender in another process reaches it as a VMM's would.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|e| AgentError::Failed(format!("listening for the migration: {e}")))?;
+        let port = listener.local_addr().map_err(|e| AgentError::Failed(e.to_string()))?.port();
+        let to = format!("tcp:127.0.0.1:{port}");
+        let awaited = format!("{to}/{}", order.id);
+        let arriving = awaited.clone();
+        std::thread::spawn(move || await_migration(listener, &arriving));
+        let mut instance = SimInstance::new(order, Phase::Starting, Some(awaited));
         instance.event(seq, "info", "waiting for the migration (simulated)");
         state.instances.insert(order.id.clone(), instance);
         Ok(Incoming { to, pid: 0 })
@@ -403,9 +461,15 @@ impl Agent for SimAgent {
         if let Some(message) = state.failing_starts.pop() {
             return Err(AgentError::Failed(format!("migrating to {to}: {message}")));
         }
-        state.instances.remove(id);
-        DELIVERED.lock().unwrap_or_else(|p| p.into_inner()).push(format!("{to}/{id}"));
-        Ok(MoveReport { total_ms: 1.0, downtime_ms: 0.1, bytes: 0 })
+        let delay = state.move_delay;
+        drop(state);
+        let started = Instant::now();
+        std::thread::sleep(delay);
+        send_migration(to, id).map_err(|e| AgentError::Failed(format!("migrating to {to}: {e}")))?;
+        // Sent: the guest runs there now.
+        self.state().instances.remove(id);
+        let total_ms = started.elapsed().as_secs_f64() * 1e3;
+        Ok(MoveReport { total_ms, downtime_ms: 0.1, bytes: 0 })
     }
 
     fn usage(&self) -> Result<Vec<InstanceUsage>, AgentError> {

@@ -1076,18 +1076,50 @@ fn maintenance(client: &ApiClient, path: &str, body: &Value, no_wait: bool) -> R
 }
 
 /// `stratus events [NAME]`.
-pub fn events(conn: &Connection, instance: Option<String>) -> Result<i32> {
-    let path = match &instance {
-        Some(name) => format!("/v1/events?instance={name}"),
-        None => "/v1/events".to_owned(),
+pub fn events(conn: &Connection, instance: Option<String>, follow: bool) -> Result<i32> {
+    let client = conn.client()?;
+    let path = |after: u64| match &instance {
+        Some(name) => format!("/v1/events?instance={name}&after={after}"),
+        None => format!("/v1/events?after={after}"),
     };
-    let events: Vec<Event> = conn.client()?.get(&path)?;
-    if conn.output == Output::Json {
-        print_json(&events)?;
+    let events: Vec<Event> = client.get(&path(0))?;
+    if !follow {
+        if conn.output == Output::Json {
+            print_json(&events)?;
+        } else {
+            events.iter().for_each(print_event);
+        }
         return Ok(0);
     }
-    for e in events {
-        println!("{:>5} ago  {:10} {:5} {}", age(e.time_ms / 1000), e.instance, e.level, e.message);
+    // Followed, each event is a line as it comes (JSON Lines with `--output json`). Events of
+    // one millisecond can arrive apart: the last millisecond is asked for again, and what was
+    // printed of it is skipped.
+    let mut last_ms = 0;
+    let mut printed: Vec<Event> = Vec::new();
+    let mut batch = events;
+    loop {
+        for e in batch {
+            if e.time_ms == last_ms && printed.contains(&e) {
+                continue;
+            }
+            if e.time_ms > last_ms {
+                last_ms = e.time_ms;
+                printed.clear();
+            }
+            if conn.output == Output::Json {
+                println!("{}", serde_json::to_string(&e)?);
+            } else {
+                print_event(&e);
+            }
+            printed.push(e);
+        }
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        std::thread::sleep(Duration::from_millis(500));
+        batch = client.get(&path(last_ms.saturating_sub(1)))?;
     }
-    Ok(0)
+}
+
+fn print_event(e: &Event) {
+    println!("{:>5} ago  {:10} {:5} {}", age(e.time_ms / 1000), e.instance, e.level, e.message);
 }

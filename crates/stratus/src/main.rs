@@ -86,6 +86,10 @@ enum Command {
     Events {
         /// Instance name.
         name: Option<String>,
+        /// Keep printing events as they happen (what the cluster decides, with the reasons),
+        /// until interrupted.
+        #[arg(short, long)]
+        follow: bool,
     },
     /// Run virtual machines directly, without the cloud, and drive a running VMM.
     #[command(subcommand)]
@@ -143,7 +147,7 @@ fn main() {
         Command::Network(command) => cloud::network(&cli.connection, command),
         Command::Host(command) => cloud::host(&cli.connection, command),
         Command::Config(command) => cloud::config(&cli.connection, command),
-        Command::Events { name } => cloud::events(&cli.connection, name),
+        Command::Events { name, follow } => cloud::events(&cli.connection, name, follow),
     };
     let code = result.unwrap_or_else(|e| {
         eprintln!("stratus: error: {e:#}");
