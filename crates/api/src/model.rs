@@ -353,6 +353,12 @@ pub struct Operation {
     /// Unix seconds, once finished.
     #[serde(default)]
     pub finished_at: u64,
+    /// The hosts it acts on (an evacuation's, a consolidation's hosts to empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    /// How it was asked for ("keep-stopped"), for a leader that carries it on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub options: Vec<String>,
 }
 
 impl Operation {
@@ -367,6 +373,8 @@ impl Operation {
             error: String::new(),
             created_at: now(),
             finished_at: 0,
+            hosts: Vec::new(),
+            options: Vec::new(),
         }
     }
 }

@@ -1474,7 +1474,8 @@ async fn evacuate_host(
     Name(name): Name,
     Body(req): Body<EvacuateRequest>,
 ) -> ApiResult<Response> {
-    let op = maintenance_operation(&state, &name, "evacuate", true)?;
+    let options = if req.keep_stopped { vec!["keep-stopped".to_string()] } else { Vec::new() };
+    let op = maintenance_operation(&state, &name, "evacuate", true, options)?;
     let (working, id) = (Arc::clone(&state), op.id.clone());
     std::thread::Builder::new()
         .name(format!("evacuate-{name}"))
@@ -1485,7 +1486,7 @@ async fn evacuate_host(
 
 /// `POST /v1/hosts/{name}/restore`: maintenance off, evacuated instances brought back.
 async fn restore_host(State(state): State<Shared>, Name(name): Name) -> ApiResult<Response> {
-    let op = maintenance_operation(&state, &name, "restore", false)?;
+    let op = maintenance_operation(&state, &name, "restore", false, Vec::new())?;
     let (working, id) = (Arc::clone(&state), op.id.clone());
     std::thread::Builder::new()
         .name(format!("restore-{name}"))
@@ -1544,7 +1545,8 @@ async fn consolidate_hosts(State(state): State<Shared>) -> ApiResult<Response> {
     for host in &plan.emptied {
         crate::maintenance::set_maintenance(&state, host, true)?;
     }
-    let op = Operation::started("consolidate", "");
+    let mut op = Operation::started("consolidate", "");
+    op.hosts = plan.emptied.clone();
     state.db.put(&operation_key(&op.id), &op)?;
     let summary = if plan.emptied.is_empty() {
         "nothing to consolidate: no host can be emptied".to_string()
@@ -1593,12 +1595,20 @@ fn consolidation(state: &AppState) -> ApiResult<ConsolidationPlan> {
 }
 
 /// Sets host `name`'s maintenance to `on` and records an operation of `kind` for the moves.
-fn maintenance_operation(state: &AppState, name: &str, kind: &str, on: bool) -> ApiResult<Operation> {
+fn maintenance_operation(
+    state: &AppState,
+    name: &str,
+    kind: &str,
+    on: bool,
+    options: Vec<String>,
+) -> ApiResult<Operation> {
     if state.db.get::<Host>(&crate::db::host_key(name))?.is_none() {
         return Err(ApiError::not_found(format!("host '{name}' not found")));
     }
     crate::maintenance::set_maintenance(state, name, on)?;
-    let op = Operation::started(kind, "");
+    let mut op = Operation::started(kind, "");
+    op.hosts = vec![name.to_string()];
+    op.options = options;
     state.db.put(&operation_key(&op.id), &op)?;
     let what = if on {
         "in maintenance: no new placements; moving its instances off"

@@ -6,11 +6,15 @@
 //! and part of the operation's outcome. Both are safe to run twice: an evacuated host has
 //! nothing left to move, a restored one nothing to bring back. Each move is an ordinary move
 //! (its own operation, settled by a new leader if the control plane stops mid-way).
+//!
+//! The work is the leader's: a replica that stops leading takes no further instance, and the
+//! next leader carries on every evacuation, restoration and consolidation it finds unfinished
+//! in the store ([`resume`]), from what is left to move.
 
 use std::sync::{Arc, Mutex};
 
 use stratus_api::model::{
-    ConsolidationPlan, Desired, Host, Instance, InstanceState, OperationState, DEFAULT_PROJECT,
+    ConsolidationPlan, Desired, Host, Instance, InstanceState, Operation, OperationState, DEFAULT_PROJECT,
 };
 
 use crate::api::{placed_on, prepare_move, AppState};
@@ -36,7 +40,7 @@ pub fn evacuate(state: &Arc<AppState>, host: &str, keep_stopped: bool, op: &str)
         Ok(all) => all.into_iter().filter(on_host).collect(),
         Err(e) => return finish(state, op, Err(format!("reading instances: {e}"))),
     };
-    let outcomes = each(instances, |instance| {
+    let Some(outcomes) = each(state, instances, |instance| {
         if keep_stopped && instance.status.state == InstanceState::Stopped {
             return Outcome::Kept;
         }
@@ -49,7 +53,9 @@ pub fn evacuate(state: &Arc<AppState>, host: &str, keep_stopped: bool, op: &str)
             });
         }
         outcome
-    });
+    }) else {
+        return;
+    };
     report(state, op, &format!("host {host} evacuated"), outcomes);
 }
 
@@ -62,7 +68,7 @@ pub fn restore(state: &Arc<AppState>, host: &str, op: &str) {
         }
         Err(e) => return finish(state, op, Err(format!("reading instances: {e}"))),
     };
-    let outcomes = each(instances, |instance| {
+    let Some(outcomes) = each(state, instances, |instance| {
         let outcome = if placed_on(state, &instance) == host {
             Outcome::Moved(host.to_string())
         } else {
@@ -75,7 +81,9 @@ pub fn restore(state: &Arc<AppState>, host: &str, op: &str) {
             });
         }
         outcome
-    });
+    }) else {
+        return;
+    };
     report(state, op, &format!("host {host} restored"), outcomes);
 }
 
@@ -89,8 +97,11 @@ pub fn consolidate(state: &Arc<AppState>, plan: &ConsolidationPlan, op: &str) {
         Ok(all) => all.into_iter().filter(|i| by_name.contains_key(i.name.as_str())).collect(),
         Err(e) => return finish(state, op, Err(format!("reading instances: {e}"))),
     };
-    let outcomes =
-        each(instances, |instance| move_one(state, &instance.name, Some(by_name[instance.name.as_str()])));
+    let Some(outcomes) = each(state, instances, |instance| {
+        move_one(state, &instance.name, Some(by_name[instance.name.as_str()]))
+    }) else {
+        return;
+    };
     let what = if plan.emptied.is_empty() {
         "consolidation".to_string()
     } else {
@@ -125,12 +136,20 @@ pub(crate) fn move_one(state: &AppState, name: &str, to: Option<&str>) -> Outcom
 }
 
 /// Runs `work` on every instance, [`PARALLEL`] at a time; the outcomes by instance name.
-fn each(instances: Vec<Instance>, work: impl Fn(Instance) -> Outcome + Sync) -> Vec<(String, Outcome)> {
+/// `None` if this replica stopped leading meanwhile: the rest is the next leader's.
+fn each(
+    state: &AppState,
+    instances: Vec<Instance>,
+    work: impl Fn(Instance) -> Outcome + Sync,
+) -> Option<Vec<(String, Outcome)>> {
     let queue = Mutex::new(instances.into_iter());
     let outcomes = Mutex::new(Vec::new());
     std::thread::scope(|scope| {
         for _ in 0..PARALLEL {
             scope.spawn(|| loop {
+                if !state.leadership.is_leader() {
+                    return;
+                }
                 let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
                 let Some(instance) = next else { return };
                 let name = instance.name.clone();
@@ -139,9 +158,64 @@ fn each(instances: Vec<Instance>, work: impl Fn(Instance) -> Outcome + Sync) -> 
             });
         }
     });
+    if !state.leadership.is_leader() {
+        return None;
+    }
     let mut outcomes = outcomes.into_inner().unwrap_or_else(|p| p.into_inner());
     outcomes.sort_by(|a, b| a.0.cmp(&b.0));
-    outcomes
+    Some(outcomes)
+}
+
+/// Carries on, each on a thread of its own, the host operations a leader before this one left
+/// unfinished: an evacuation or restoration runs again (both are safe to run twice), and a
+/// consolidation moves what is left on the hosts it was emptying, each placed by the
+/// scheduler.
+pub fn resume(state: &Arc<AppState>) {
+    let Ok(operations) = state.db.list::<Operation>("/operations/") else { return };
+    for op in operations {
+        let host = op.hosts.first().cloned().unwrap_or_default();
+        let kind = op.kind.as_str();
+        if op.state != OperationState::Running || !matches!(kind, "evacuate" | "restore" | "consolidate") {
+            continue;
+        }
+        let what = match kind {
+            "evacuate" => format!("the evacuation of {host}"),
+            "restore" => format!("the restoration of {host}"),
+            _ => format!("the consolidation emptying {}", op.hosts.join(", ")),
+        };
+        state.db.event(
+            DEFAULT_PROJECT,
+            "",
+            "info",
+            format!("carrying on {what}, left unfinished by another leader"),
+        );
+        let working = Arc::clone(state);
+        let _ = std::thread::Builder::new().name(format!("resume-{kind}")).spawn(move || {
+            match op.kind.as_str() {
+                "evacuate" => {
+                    let keep_stopped = op.options.iter().any(|o| o == "keep-stopped");
+                    evacuate(&working, &host, keep_stopped, &op.id)
+                }
+                "restore" => restore(&working, &host, &op.id),
+                _ => finish_consolidation(&working, &op.hosts, &op.id),
+            }
+        });
+    }
+}
+
+/// Moves what is left on `hosts` (in maintenance, being emptied) to where the scheduler
+/// places it, and ends consolidation `op`.
+fn finish_consolidation(state: &Arc<AppState>, hosts: &[String], op: &str) {
+    let left = |i: &Instance| hosts.iter().any(|h| h == placed_on(state, i)) && i.desired != Desired::Deleted;
+    let instances: Vec<Instance> = match state.db.instances() {
+        Ok(all) => all.into_iter().filter(left).collect(),
+        Err(e) => return finish(state, op, Err(format!("reading instances: {e}"))),
+    };
+    let Some(outcomes) = each(state, instances, |instance| move_one(state, &instance.name, None)) else {
+        return;
+    };
+    let what = format!("consolidation (emptying {}, which may then be switched off)", hosts.join(", "));
+    report(state, op, &what, outcomes);
 }
 
 /// Writes the outcomes as one event and ends the operation: failed if any instance stayed.

@@ -115,6 +115,7 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
         // What a leader that died mid-way left: moves half done, hosts it had not met.
         let _ = elected.cluster.refresh();
         crate::moves::settle_interrupted(&elected.db, &elected.hosts);
+        crate::maintenance::resume(&elected);
         elected.reconciler.wake();
         elected.networks.wake();
     });

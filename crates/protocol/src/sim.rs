@@ -39,6 +39,10 @@ struct SimState {
 /// connection its host listened on, from whichever process sent it.
 static DELIVERED: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
+/// Migrations a simulated host waits for (by `to/id`): one whose instance is removed meanwhile
+/// is no longer awaited, and its sender finds nobody listening, as it would a VMM killed.
+static AWAITED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
 /// The CPUs each instance's guest keeps busy (by instance id), wherever it runs: a load moves
 /// with its guest.
 static CPU_LOAD: Mutex<Option<HashMap<String, f64>>> = Mutex::new(None);
@@ -264,14 +268,24 @@ impl SimInstance {
 fn await_migration(listener: std::net::TcpListener, awaited: &str) {
     use std::io::{BufRead, Write};
     let deadline = Instant::now() + Duration::from_secs(3600);
-    while Instant::now() < deadline {
+    let still_awaited = |take: bool| {
+        let mut all = AWAITED.lock().unwrap_or_else(|p| p.into_inner());
+        let at = all.iter().position(|k| k == awaited);
+        if take {
+            at.map(|at| all.remove(at));
+        }
+        at.is_some()
+    };
+    while Instant::now() < deadline && still_awaited(false) {
         match listener.accept() {
             Ok((stream, _)) => {
                 let _ = stream.set_nonblocking(false);
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
                 let mut line = String::new();
                 let mut reader = std::io::BufReader::new(&stream);
-                if reader.read_line(&mut line).is_ok() && awaited.ends_with(&format!("/{}", line.trim())) {
+                let named =
+                    reader.read_line(&mut line).is_ok() && awaited.ends_with(&format!("/{}", line.trim()));
+                if named && still_awaited(true) {
                     DELIVERED.lock().unwrap_or_else(|p| p.into_inner()).push(awaited.to_string());
                     let _ = (&stream).write_all(b"ok\n");
                     return;
@@ -354,7 +368,9 @@ impl Agent for SimAgent {
                 instance.ready_at = None;
             }
             (Wanted::Absent, _) => {
-                state.instances.remove(&order.id);
+                if let Some(key) = state.instances.remove(&order.id).and_then(|gone| gone.incoming) {
+                    AWAITED.lock().unwrap_or_else(|p| p.into_inner()).retain(|k| *k != key);
+                }
                 let mut gone = Observed::absent(&order.id);
                 gone.generation = order.generation;
                 gone.wanted = Some(Wanted::Absent);
@@ -445,6 +461,7 @@ impl Agent for SimAgent {
         let to = format!("tcp:127.0.0.1:{port}");
         let awaited = format!("{to}/{}", order.id);
         let arriving = awaited.clone();
+        AWAITED.lock().unwrap_or_else(|p| p.into_inner()).push(awaited.clone());
         std::thread::spawn(move || await_migration(listener, &arriving));
         let mut instance = SimInstance::new(order, Phase::Starting, Some(awaited));
         instance.event(seq, "info", "waiting for the migration (simulated)");

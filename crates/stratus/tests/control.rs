@@ -2,7 +2,9 @@
 //! joined to both (`stratus agent --simulate`, a real process speaking the agent protocol over
 //! HTTP, whose guests "boot" in a few seconds without a VMM). The leader is killed with SIGKILL
 //! while a launch it drives is booting; the other replica takes the lead and the launch
-//! completes through it, once, with the operation the user waits on answered.
+//! completes through it, once, with the operation the user waits on answered. Then a second
+//! host joins, and the new leader is killed in the middle of an evacuation: the replica that
+//! takes over carries it on to the end.
 //!
 //! No KVM: the hosts are simulated; root only for installing etcd when it is missing.
 
@@ -219,6 +221,82 @@ fn a_launch_completes_through_the_other_replica_when_the_leader_dies() {
         client(lead).get("/v1/control").ok()
     });
     assert_eq!((view["leading"].as_bool(), view["leader"].as_str()), (Some(false), Some(replicas[follow].0)));
+
+    // An evacuation asked of a follower, whose leader is killed while it moves the instances:
+    // the replica that takes over carries it on to the end, once, and says so; a follower of the
+    // event log (`stratus events --follow`) sees it happen.
+    let follow_log = dir.join("events.jsonl");
+    let _events = spawn(
+        &["events", "--follow", "--output", "json", "--url", &urls[lead], "--token", &token],
+        &follow_log,
+    );
+    let invitation: Value = client(lead).post("/v1/hosts", &json!({ "name": "s2" })).unwrap();
+    let s2_log = dir.join("s2.log");
+    logs.push(s2_log.clone());
+    let _s2 = spawn(
+        &[
+            "agent",
+            "--control",
+            &controls,
+            "--join-token",
+            invitation["token"].as_str().unwrap(),
+            "--name",
+            "s2",
+            "--address",
+            &format!("127.0.0.1:{}", free_port()),
+            "--data-dir",
+            &dir.join("s2").display().to_string(),
+            "--simulate",
+            "4000",
+        ],
+        &s2_log,
+    );
+    wait_for("s2 online", Duration::from_secs(20), &logs, || {
+        let hosts: Vec<Value> = client(lead).get("/v1/hosts").ok()?;
+        hosts.iter().any(|h| h["name"] == "s2" && h["state"] == "online").then_some(())
+    });
+    let names: Vec<String> = (0..5).map(|i| format!("e{i}")).chain(["web".to_string()]).collect();
+    for name in &names[..5] {
+        let _: Value = client(lead).post("/v1/instances", &json!({ "name": name, "host": "s1" })).unwrap();
+    }
+    let on = |name: &str| -> Option<String> {
+        let instance: Value = client(lead).get(&format!("/v1/instances/{name}")).ok()?;
+        (instance["status"]["state"] == "running")
+            .then(|| instance["status"]["host"].as_str().unwrap_or("").to_string())
+    };
+    wait_for("six instances running on s1", Duration::from_secs(30), &logs, || {
+        names.iter().all(|n| on(n).as_deref() == Some("s1")).then_some(())
+    });
+    // Each simulated move takes a second, two at a time: three seconds for the six.
+    let evacuation: Value = client(lead).post("/v1/hosts/s1/evacuate", &json!({})).unwrap();
+    let evacuation = evacuation["id"].as_str().expect("an operation").to_string();
+    wait_for("the first move done", Duration::from_secs(20), &logs, || {
+        names.iter().any(|n| on(n).as_deref() == Some("s2")).then_some(())
+    });
+    if let Some(mut proc) = replicas[follow].3.take() {
+        let _ = proc.0.kill();
+        let _ = proc.0.wait();
+    }
+    let done: Value = wait_for("the evacuation finishing", Duration::from_secs(60), &logs, || {
+        let op: Value = client(lead).get(&format!("/v1/operations/{evacuation}")).ok()?;
+        (op["state"] != "running").then_some(op)
+    });
+    assert_eq!(done["state"], "succeeded", "{done}");
+    for name in &names {
+        assert_eq!(on(name).as_deref(), Some("s2"), "{name}");
+    }
+    let hosts: Vec<Value> = client(lead).get("/v1/hosts").unwrap();
+    let count = |host: &str| hosts.iter().find(|h| h["name"] == host).unwrap()["instances"].as_u64();
+    assert_eq!((count("s1"), count("s2")), (Some(0), Some(6)), "{hosts:?}");
+    let seen = wait_for("the events followed", Duration::from_secs(10), &logs, || {
+        let text = std::fs::read_to_string(&follow_log).ok()?;
+        (text.contains("carrying on the evacuation of s1") && text.contains("host s1 evacuated"))
+            .then_some(text)
+    });
+    for line in seen.lines() {
+        let event: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        assert!(event["message"].is_string(), "{line}");
+    }
     drop(etcd);
     let _ = std::fs::remove_dir_all(&dir);
 }
