@@ -17,8 +17,9 @@ use stratus_api::model::{
     ConsolidationPlan, Desired, Host, Instance, InstanceState, Operation, OperationState, DEFAULT_PROJECT,
 };
 
-use crate::api::{placed_on, prepare_move, AppState};
 use crate::db::{host_key, instance_key};
+use crate::moves::prepare_move;
+use crate::state::{placed_on, AppState};
 
 /// Moves under way at once during an evacuation.
 pub const PARALLEL: usize = 2;

@@ -13,10 +13,14 @@
 use std::time::Duration;
 
 use stratus_agent::HostAgent;
-use stratus_api::model::{now, Instance, InstanceState, Operation, OperationState, DEFAULT_PROJECT};
+use stratus_api::model::{now, Desired, Instance, InstanceState, Operation, OperationState, DEFAULT_PROJECT};
 
 use crate::db::{instance_key, operation_key, Db};
 use crate::hosts::Hosts;
+use crate::scheduler::{self, Candidate, Policy};
+use crate::state::{
+    candidate, find_instance, group_members, host_views, placed_on, ApiError, ApiResult, AppState,
+};
 
 /// How long the destination may take to run the guest once the source says it was sent.
 const ARRIVAL_LIMIT: Duration = Duration::from_secs(60);
@@ -261,4 +265,74 @@ pub fn settle_interrupted(db: &Db, hosts: &Hosts) {
             format!("a move cut short by a restart: the instance is on {place}"),
         );
     }
+}
+
+/// A move checked and recorded: its operation, the instance marked `moving`, its destination
+/// and whether it goes live (running) or cold (stopped).
+pub struct PreparedMove {
+    pub op: Operation,
+    pub instance: Instance,
+    pub to: String,
+    pub live: bool,
+}
+
+impl PreparedMove {
+    /// Carries the move out (on the caller's thread), ending its operation.
+    pub fn drive(self, db: &Db, hosts: &Hosts) {
+        match self.live {
+            true => crate::moves::run(db, hosts, self.instance, &self.to, &self.op.id),
+            false => crate::moves::run_cold(db, hosts, self.instance, &self.to, &self.op.id),
+        }
+    }
+}
+
+/// Checks that `name` can move (running: live; stopped: cold) to `to`, or where the scheduler
+/// places it, and records the move (its operation, the instance marked `moving`, an event
+/// with the placement's reasons), under the admission lock.
+pub fn prepare_move(state: &AppState, name: &str, to: Option<&str>) -> ApiResult<PreparedMove> {
+    let _admitted = state.admission.lock().unwrap_or_else(|p| p.into_inner());
+    let instance = find_instance(state, name)?;
+    let live = instance.status.state == InstanceState::Running && instance.desired == Desired::Running;
+    let cold = instance.status.state == InstanceState::Stopped && instance.desired == Desired::Stopped;
+    if !live && !cold {
+        return Err(ApiError::conflict(format!(
+            "instance '{name}' is {}: a running instance moves live, a stopped one cold",
+            instance.status.state.as_str()
+        )));
+    }
+    if !instance.status.moving.is_empty() {
+        return Err(ApiError::conflict(format!(
+            "instance '{name}' is moving to {} already",
+            instance.status.moving
+        )));
+    }
+    let source = placed_on(state, &instance).to_owned();
+    if to == Some(source.as_str()) {
+        return Err(ApiError::conflict(format!("instance '{name}' runs on {source} already")));
+    }
+    // The destination must have room, as for a launch; the source is no choice.
+    let hosts = host_views(state)?;
+    let members = group_members(state, &instance.spec.anti_affinity, name)?;
+    let candidates: Vec<Candidate> =
+        hosts.iter().filter(|h| h.name != source).map(|h| candidate(h, &members)).collect();
+    if candidates.is_empty() {
+        return Err(ApiError::conflict("there is no other host to move to (see `stratus host list`)"));
+    }
+    let decision = scheduler::place(&candidates, instance.spec.memory_mib, Policy::Spread, to)
+        .map_err(ApiError::conflict)?;
+    let op = Operation::started("move", name);
+    state.db.put(&operation_key(&op.id), &op)?;
+    let to = decision.host.clone();
+    let instance = state.db.update(&instance_key(DEFAULT_PROJECT, name), |i: &mut Instance| {
+        i.status.moving = to.clone();
+        true
+    })?;
+    let how = if live { "live" } else { "stopped" };
+    state.db.event(
+        DEFAULT_PROJECT,
+        name,
+        "info",
+        format!("moving {how} from {source} to {to}: {}", decision.explanation),
+    );
+    Ok(PreparedMove { op, instance, to, live })
 }

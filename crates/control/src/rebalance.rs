@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use stratus_api::model::{ClusterConfig, Desired, Instance, InstanceState, RebalanceConfig, DEFAULT_PROJECT};
 
-use crate::api::{host_views, placed_on, AppState};
+use crate::state::{host_views, placed_on, AppState};
 
 /// Where the settings live in the store.
 pub const CONFIG_KEY: &str = "/config/cluster";
