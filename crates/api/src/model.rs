@@ -2,6 +2,7 @@
 //! networks, hosts, operations and events. Every resource belongs to a project (`default` for
 //! now), so that tenants later are a new value, not a new schema.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// The project every resource belongs to until projects can be created.
@@ -46,7 +47,7 @@ pub fn check_name(kind: &str, name: &str) -> Result<(), String> {
 }
 
 /// What a user asks for when launching an instance.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InstanceSpec {
     /// Image name.
@@ -68,7 +69,7 @@ pub struct InstanceSpec {
 }
 
 /// When the reconciler starts an instance again after its VMM went away on its own.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum RestartPolicy {
     /// After a crash or a guest power-off alike.
@@ -81,7 +82,7 @@ pub enum RestartPolicy {
 }
 
 /// The state the user wants an instance in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Desired {
     /// Booted and answering.
@@ -93,7 +94,7 @@ pub enum Desired {
 }
 
 /// The state an instance is observed in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum InstanceState {
     /// Recorded, not yet acted on.
@@ -128,7 +129,7 @@ impl InstanceState {
 }
 
 /// What the control plane has observed of an instance.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct InstanceStatus {
     /// Observed state.
     pub state: InstanceState,
@@ -175,7 +176,7 @@ pub struct InstanceStatus {
 }
 
 /// An instance: a VM with its disk, address and VMM.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Instance {
     /// Stable id (hex), names its directory, tap and VMM.
     pub id: String,
@@ -200,7 +201,7 @@ pub struct Instance {
 }
 
 /// A guest image: what an instance boots.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Image {
     /// Image name.
     pub name: String,
@@ -229,7 +230,7 @@ pub struct Image {
 }
 
 /// A booted image saved for warm launches: VM state, memory and the disk as they were.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct WarmSnapshot {
     /// The VMM state file.
     pub state: String,
@@ -265,7 +266,7 @@ impl WarmSnapshot {
 pub const VMM_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// A network: a Linux bridge with an IPv4 subnet, NATed to the host's uplink.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Network {
     /// Network name.
     pub name: String,
@@ -289,7 +290,7 @@ pub struct Network {
 }
 
 /// A host that runs instances, with its capacity.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Host {
     /// Host name.
     pub name: String,
@@ -321,7 +322,7 @@ pub struct Host {
 }
 
 /// The progress of an asynchronous request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OperationState {
     /// Still working.
@@ -333,7 +334,7 @@ pub enum OperationState {
 }
 
 /// An asynchronous request: launch, start, stop, delete.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Operation {
     /// Operation id.
     pub id: String,
@@ -380,7 +381,7 @@ impl Operation {
 }
 
 /// One line of an instance's history.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Event {
     /// Unix milliseconds.
     pub time_ms: u64,
@@ -395,7 +396,7 @@ pub struct Event {
 }
 
 /// One move of a plan.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct PlannedMove {
     /// The instance.
     pub instance: String,
@@ -408,7 +409,7 @@ pub struct PlannedMove {
 }
 
 /// A host the plan keeps, with its load once the plan is done.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct KeptHost {
     /// Host name.
     pub name: String,
@@ -424,7 +425,7 @@ pub struct KeptHost {
 
 /// What consolidation would do (`GET /v1/consolidation`): the moves that pack the instances
 /// onto as few hosts as fit, and the hosts left empty.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ConsolidationPlan {
     /// The moves, host by host in the order the hosts are emptied.
     pub moves: Vec<PlannedMove>,
@@ -438,7 +439,7 @@ pub struct ConsolidationPlan {
 
 /// The cluster's settings (`stratus config show`, `stratus config set KEY=VALUE`), kept in the
 /// store; every key has a default.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
     /// Load balancing by live migration.
@@ -446,7 +447,7 @@ pub struct ClusterConfig {
 }
 
 /// How the rebalancer moves instances from busy hosts to idle ones.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct RebalanceConfig {
     /// Whether it runs (it does unless turned off).

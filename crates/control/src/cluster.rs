@@ -70,7 +70,7 @@ fn alive_key(host: &str) -> String {
 }
 
 /// A join token handed out: give it to the new host's agent.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Invitation {
     /// The host it is for.
     pub host: String,

@@ -6,6 +6,9 @@
 //! serve` runs on, over the agent protocol ([`remote::RemoteHost`]) for hosts that joined. The
 //! API's public types and client live in `stratus-api`.
 
+// The OpenAPI document is one `json!` literal, deeper than the default limit.
+#![recursion_limit = "256"]
+
 pub mod api;
 pub mod bell;
 pub mod cluster;

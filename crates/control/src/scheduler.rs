@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 /// How the weigher ranks hosts that fit.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Policy {
     /// Most memory free (share of the host's) after the placement first.

@@ -3,7 +3,7 @@
 
 use super::*;
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct EvacuateRequest {
     /// Leave stopped instances where they are (they move cold otherwise).
@@ -163,7 +163,7 @@ pub(super) fn maintenance_operation(
 }
 
 /// `GET /v1/control`: which replica answered, and which leads.
-#[derive(Serialize)]
+#[derive(Serialize, JsonSchema)]
 pub(super) struct ControlView {
     /// The replica that answered this request.
     replica: String,
@@ -198,17 +198,20 @@ pub(super) async fn get_host(State(state): State<Shared>, Name(name): Name) -> A
 }
 
 /// `POST /v1/hosts`: a join token for a new host.
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct AddHostRequest {
+    #[schemars(regex(pattern = r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$"))]
     name: String,
     /// How long the token is good for (default an hour, at most a day).
     #[serde(default)]
+    #[schemars(range(min = 1, max = 86400))]
     ttl_secs: Option<u64>,
 }
 
 /// A join token and how to use it.
-#[derive(Serialize)]
+#[derive(Serialize, JsonSchema)]
+#[schemars(rename = "Invitation")]
 pub(super) struct AddHostAnswer {
     #[serde(flatten)]
     invitation: crate::cluster::Invitation,

@@ -7,7 +7,7 @@ pub(super) async fn list_images(State(state): State<Shared>) -> ApiResult<Json<V
 }
 
 /// `POST /v1/images`: import from files on the server's host.
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ImportRequest {
     name: String,
@@ -108,7 +108,7 @@ pub(super) async fn import_image(
 }
 
 /// `POST /v1/images/build`.
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct BuildRequest {
     recipe: String,

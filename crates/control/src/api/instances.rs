@@ -4,17 +4,21 @@ use super::*;
 use crate::moves::prepare_move;
 
 /// `POST /v1/instances`.
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct LaunchRequest {
+    #[schemars(regex(pattern = r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$"))]
     name: String,
     #[serde(default = "default_image")]
     image: String,
     #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 64))]
     cpus: u32,
     #[serde(default = "default_memory")]
+    #[schemars(range(min = 32))]
     memory_mib: u64,
     #[serde(default = "default_disk")]
+    #[schemars(range(min = 1))]
     disk_mib: u64,
     #[serde(default = "default_network")]
     network: String,
@@ -28,6 +32,7 @@ pub(super) struct LaunchRequest {
     placement: Policy,
     /// No two instances of this group run on one host.
     #[serde(default)]
+    #[schemars(regex(pattern = r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$"))]
     anti_affinity: Option<String>,
 }
 
@@ -58,7 +63,7 @@ pub(super) const MIN_MEMORY_MIB: u64 = 32;
 
 pub(super) const MAX_DISK_MIB: u64 = 16 << 20;
 
-#[derive(Serialize)]
+#[derive(Serialize, JsonSchema)]
 pub(super) struct Accepted {
     operation: Operation,
     instance: Instance,
@@ -226,7 +231,7 @@ pub(super) async fn launch(
 }
 
 /// `POST /v1/instances/{name}/move`.
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct MoveRequest {
     /// The destination; the scheduler picks one when absent.
@@ -391,9 +396,11 @@ pub(super) async fn delete_instance(
 }
 
 /// `POST /v1/instances/{name}/exec`.
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
+#[schemars(rename = "ExecRequest")]
 #[serde(deny_unknown_fields)]
 pub(super) struct ExecBody {
+    #[schemars(length(min = 1))]
     command: Vec<String>,
     /// Standard input, base64.
     #[serde(default)]
@@ -411,7 +418,8 @@ pub(super) fn default_exec_timeout() -> u64 {
 /// The longest `timeout_secs` of an exec: a day.
 pub(super) const MAX_EXEC_SECS: u64 = 86_400;
 
-#[derive(Serialize)]
+#[derive(Serialize, JsonSchema)]
+#[schemars(rename = "ExecResult")]
 pub(super) struct ExecAnswer {
     exit_code: i32,
     /// Whether the command ran past `timeout_secs` and was killed.

@@ -15,7 +15,7 @@ pub(super) async fn get_network(State(state): State<Shared>, Name(name): Name) -
 }
 
 /// `POST /v1/networks`.
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct NetworkRequest {
     name: String,

@@ -1,7 +1,19 @@
-//! The OpenAPI 3 document of the REST API, served at `/openapi.json` (and used by the API fuzz
-//! test). Kept beside the routes in `api.rs`: a route added there belongs here too.
+//! The OpenAPI 3 document of the REST API, served at `/openapi.json`, kept in
+//! `docs/openapi.json`, and used by the API fuzz test. The schemas are generated from the
+//! types the routes take and answer (schemars); the paths are listed here with their summaries,
+//! and a test holds them to the routes `router` declares, both ways.
 
+use schemars::gen::SchemaSettings;
+use schemars::JsonSchema;
 use serde_json::{json, Value};
+use stratus_api::model::{
+    ClusterConfig, ConsolidationPlan, Event, Host, Image, Instance, Network, Operation,
+};
+
+use super::hosts::{AddHostAnswer, AddHostRequest, ControlView, EvacuateRequest};
+use super::images::{BuildRequest, ImportRequest};
+use super::instances::{Accepted, ExecAnswer, ExecBody, LaunchRequest, MoveRequest};
+use super::networks::NetworkRequest;
 
 /// The document.
 pub fn document() -> Value {
@@ -38,6 +50,11 @@ pub fn document() -> Value {
             "/v1/instances/{name}/exec": {"post": {"summary": "Run a command in the guest through its agent", "parameters": name,
                 "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ExecRequest"}}}},
                 "responses": errors(json!({"200": ok(json!({"$ref": "#/components/schemas/ExecResult"})), "502": error}))}},
+            "/v1/instances/{name}/move": {"post": {"summary": "Move an instance to another host: a running one live (same address, MAC, disk and memory), a stopped one cold (its disk copied)", "parameters": name,
+                "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/MoveRequest"}}}},
+                "responses": errors(json!({"202": accepted}))}},
+            "/v1/instances/{name}/console": {"get": {"summary": "The serial console as a WebSocket: binary messages carry its bytes both ways", "parameters": name,
+                "responses": errors(json!({"101": {"description": "switching to the WebSocket protocol"}}))}},
             "/v1/instances/{name}/metrics": {"get": {"summary": "The VMM's metrics", "parameters": name, "responses": errors(json!({"200": ok(json!({"type": "object"}))}))}},
             "/v1/images": {
                 "get": {"summary": "List images", "responses": errors(json!({"200": ok(json!({"type": "array", "items": {"$ref": "#/components/schemas/Image"}}))}))},
@@ -76,7 +93,7 @@ pub fn document() -> Value {
                 "delete": {"summary": "Remove a host from the cluster (refused while instances are placed there)", "parameters": name, "responses": errors(json!({"204": {"description": "removed"}}))}
             },
             "/v1/hosts/{name}/evacuate": {"post": {"summary": "Maintenance: no new placements on the host, and every instance moved off it (running live, stopped cold unless keep_stopped)", "parameters": name,
-                "requestBody": {"content": {"application/json": {"schema": {"type": "object", "additionalProperties": false, "properties": {"keep_stopped": {"type": "boolean"}}}}}},
+                "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/EvacuateRequest"}}}},
                 "responses": errors(json!({"202": ok(json!({"$ref": "#/components/schemas/Operation"}))}))}},
             "/v1/hosts/{name}/restore": {"post": {"summary": "End the host's maintenance and bring back the instances its evacuation moved off", "parameters": name,
                 "responses": errors(json!({"202": ok(json!({"$ref": "#/components/schemas/Operation"}))}))}},
@@ -93,8 +110,7 @@ pub fn document() -> Value {
                     "responses": errors(json!({"202": ok(json!({"$ref": "#/components/schemas/Operation"}))}))}
             },
             "/v1/control": {"get": {"summary": "Which control replica answered, and which leads (runs the reconcilers)",
-                "responses": errors(json!({"200": ok(json!({"type": "object", "required": ["replica", "leader", "leading"], "properties": {
-                    "replica": {"type": "string"}, "leader": {"type": "string"}, "leading": {"type": "boolean"}}}))}))}},
+                "responses": errors(json!({"200": ok(json!({"$ref": "#/components/schemas/ControlView"}))}))}},
             "/v1/operations/{id}": {"get": {"summary": "An operation", "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}],
                 "responses": errors(json!({"200": ok(json!({"$ref": "#/components/schemas/Operation"}))}))}},
             "/v1/operations/{id}/wait": {"get": {"summary": "Wait for an operation to finish", "parameters": [
@@ -108,58 +124,116 @@ pub fn document() -> Value {
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {
-                "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
-                "LaunchRequest": {"type": "object", "required": ["name"], "additionalProperties": false, "properties": {
-                    "name": {"type": "string", "pattern": "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$"},
-                    "image": {"type": "string", "default": "default"},
-                    "cpus": {"type": "integer", "minimum": 1, "maximum": 64, "default": 1},
-                    "memory_mib": {"type": "integer", "minimum": 32, "default": 256},
-                    "disk_mib": {"type": "integer", "minimum": 1, "default": 1024},
-                    "network": {"type": "string", "default": "default"},
-                    "anti_affinity": {"type": "string", "pattern": "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", "description": "No two instances of this group run on one host"},
-                    "restart": {"type": "string", "enum": ["always", "on-failure", "never"]},
-                    "host": {"type": "string", "nullable": true},
-                    "placement": {"type": "string", "enum": ["spread", "pack"], "default": "spread"}}},
-                "AddHostRequest": {"type": "object", "required": ["name"], "additionalProperties": false, "properties": {
-                    "name": {"type": "string", "pattern": "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$"},
-                    "ttl_secs": {"type": "integer", "minimum": 1, "maximum": 86400, "nullable": true}}},
-                "Invitation": {"type": "object", "properties": {"host": {"type": "string"}, "token": {"type": "string"}, "expires_at": {"type": "integer"}, "command": {"type": "string"}}},
-                "ImportRequest": {"type": "object", "required": ["name"], "additionalProperties": false, "properties": {
-                    "name": {"type": "string"}, "kernel": {"type": "string", "nullable": true}, "rootfs": {"type": "string", "nullable": true},
-                    "tarball": {"type": "string", "nullable": true},
-                    "initrd": {"type": "string", "nullable": true}, "cmdline": {"type": "string", "nullable": true}}},
-                "BuildRequest": {"type": "object", "required": ["recipe"], "additionalProperties": false, "properties": {
-                    "recipe": {"type": "string", "enum": ["default", "debian"]}, "name": {"type": "string", "nullable": true}}},
-                "NetworkRequest": {"type": "object", "required": ["name", "cidr"], "additionalProperties": false, "properties": {
-                    "name": {"type": "string"}, "cidr": {"type": "string"}, "nat": {"type": "boolean", "default": true}}},
-                "ExecRequest": {"type": "object", "required": ["command"], "additionalProperties": false, "properties": {
-                    "command": {"type": "array", "items": {"type": "string"}, "minItems": 1},
-                    "stdin": {"type": "string", "format": "byte"}}},
-                "ExecResult": {"type": "object", "properties": {"exit_code": {"type": "integer"}, "stdout": {"type": "string", "format": "byte"}, "stderr": {"type": "string", "format": "byte"}}},
-                "Instance": {"type": "object", "properties": {
-                    "id": {"type": "string"}, "name": {"type": "string"}, "project": {"type": "string"},
-                    "spec": {"type": "object"}, "desired": {"type": "string", "enum": ["running", "stopped", "deleted"]},
-                    "status": {"type": "object", "properties": {"state": {"type": "string", "enum": ["pending", "starting", "running", "stopping", "stopped", "deleting", "error"]},
-                        "message": {"type": "string"}, "host": {"type": "string"}, "ip": {"type": "string"}, "mac": {"type": "string"}}},
-                    "created_at": {"type": "integer"}, "operation": {"type": "string", "nullable": true}}},
-                "Image": {"type": "object", "properties": {"name": {"type": "string"}, "kernel": {"type": "string"}, "rootfs": {"type": "string"}, "cmdline": {"type": "string"}, "rootfs_bytes": {"type": "integer"}}},
-                "Network": {"type": "object", "properties": {"name": {"type": "string"}, "bridge": {"type": "string"}, "cidr": {"type": "string"}, "gateway": {"type": "string"}, "nat": {"type": "boolean"}}},
-                "Host": {"type": "object", "properties": {"name": {"type": "string"}, "address": {"type": "string"}, "state": {"type": "string", "enum": ["online", "offline", "joining"]},
-                    "seen_at": {"type": "integer"}, "maintenance": {"type": "boolean"}, "cpus": {"type": "integer"}, "memory_mib": {"type": "integer"}, "allocatable_mib": {"type": "integer"}, "allocated_mib": {"type": "integer"}}},
-                "ClusterConfig": {"type": "object", "properties": {"rebalance": {"type": "object", "properties": {
-                    "enabled": {"type": "boolean"}, "window_s": {"type": "integer"}, "threshold_percent": {"type": "integer"},
-                    "min_gain_percent": {"type": "integer"}, "cooldown_s": {"type": "integer"}, "max_moves": {"type": "integer"}}}}},
-                "ConsolidationPlan": {"type": "object", "properties": {
-                    "moves": {"type": "array", "items": {"type": "object", "properties": {"instance": {"type": "string"}, "from": {"type": "string"}, "to": {"type": "string"}, "reason": {"type": "string"}}}},
-                    "emptied": {"type": "array", "items": {"type": "string"}},
-                    "kept": {"type": "array", "items": {"type": "object", "properties": {"name": {"type": "string"}, "allocated_mib": {"type": "integer"}, "allocatable_mib": {"type": "integer"}, "vcpus": {"type": "integer"}, "why": {"type": "string"}}}},
-                    "skipped": {"type": "array", "items": {"type": "string"}}}},
-                "Operation": {"type": "object", "properties": {"id": {"type": "string"}, "kind": {"type": "string"}, "instance": {"type": "string"},
-                    "state": {"type": "string", "enum": ["running", "succeeded", "failed"]}, "error": {"type": "string"}}},
-                "Event": {"type": "object", "properties": {"time_ms": {"type": "integer"}, "instance": {"type": "string"}, "level": {"type": "string"}, "message": {"type": "string"}}},
-                "Accepted": {"type": "object", "properties": {"operation": {"$ref": "#/components/schemas/Operation"}, "instance": {"$ref": "#/components/schemas/Instance"}}}
-            }
+            "schemas": schemas(),
         }
     })
+}
+
+/// `{"error": "..."}`: what every refusal answers.
+#[derive(JsonSchema)]
+#[schemars(rename = "Error")]
+#[allow(dead_code)]
+struct ErrorBody {
+    /// One line for the user.
+    error: String,
+}
+
+/// The schemas of every type a route takes or answers, generated from the types themselves
+/// (their fields, serde's renames and defaults, and the limits the API checks).
+fn schemas() -> Value {
+    let mut generator = SchemaSettings::openapi3().into_generator();
+    generator.subschema_for::<ErrorBody>();
+    generator.subschema_for::<LaunchRequest>();
+    generator.subschema_for::<Accepted>();
+    generator.subschema_for::<MoveRequest>();
+    generator.subschema_for::<ExecBody>();
+    generator.subschema_for::<ExecAnswer>();
+    generator.subschema_for::<ImportRequest>();
+    generator.subschema_for::<BuildRequest>();
+    generator.subschema_for::<NetworkRequest>();
+    generator.subschema_for::<EvacuateRequest>();
+    generator.subschema_for::<AddHostRequest>();
+    generator.subschema_for::<AddHostAnswer>();
+    generator.subschema_for::<ControlView>();
+    generator.subschema_for::<Instance>();
+    generator.subschema_for::<Image>();
+    generator.subschema_for::<Network>();
+    generator.subschema_for::<Host>();
+    generator.subschema_for::<Operation>();
+    generator.subschema_for::<Event>();
+    generator.subschema_for::<ClusterConfig>();
+    generator.subschema_for::<ConsolidationPlan>();
+    serde_json::to_value(generator.definitions()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `$ref` in `value`.
+    fn references(value: &Value, found: &mut Vec<String>) {
+        match value {
+            Value::Object(map) => {
+                if let Some(Value::String(target)) = map.get("$ref") {
+                    found.push(target.clone());
+                }
+                map.values().for_each(|v| references(v, found));
+            }
+            Value::Array(items) => items.iter().for_each(|v| references(v, found)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn every_reference_names_a_generated_schema() {
+        let doc = document();
+        let mut found = Vec::new();
+        references(&doc, &mut found);
+        assert!(found.len() > 20, "{found:?}");
+        for target in found {
+            let name = target.strip_prefix("#/components/schemas/").unwrap_or_else(|| panic!("{target}"));
+            assert!(doc["components"]["schemas"].get(name).is_some(), "{target} is not among the schemas");
+        }
+        let launch = &doc["components"]["schemas"]["LaunchRequest"];
+        assert_eq!(launch["additionalProperties"], false, "{launch}");
+        assert_eq!(launch["properties"]["cpus"]["maximum"], 64.0, "{launch}");
+        assert_eq!(launch["properties"]["image"]["default"], "default", "{launch}");
+    }
+
+    #[test]
+    fn every_route_is_described_and_nothing_else() {
+        // The routes as `router` declares them: `/v1` ones inside its nested router.
+        let source = include_str!("mod.rs");
+        let v1 = &source[source.find("let v1 = Router::new()").unwrap_or(0)
+            ..source.find(".nest(\"/v1\", v1)").unwrap_or(0)];
+        let mut routed: Vec<String> = v1
+            .split(".route(\"")
+            .skip(1)
+            .filter_map(|rest| rest.split('"').next())
+            .map(|path| format!("/v1{path}"))
+            .collect();
+        routed.sort();
+        let doc = document();
+        let mut described: Vec<String> = doc["paths"].as_object().unwrap().keys().cloned().collect();
+        described.sort();
+        assert!(!routed.is_empty());
+        assert_eq!(routed, described);
+    }
+
+    #[test]
+    fn the_committed_document_is_current() {
+        // `docs/openapi.json` is this document, for readers and client generators; regenerate
+        // it with `STRATUS_WRITE_OPENAPI=1 cargo test -p stratus-control openapi`.
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/openapi.json");
+        let doc = document();
+        if std::env::var_os("STRATUS_WRITE_OPENAPI").is_some() {
+            std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap() + "\n").unwrap();
+        }
+        let committed: Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_default()).unwrap_or(Value::Null);
+        assert!(
+            committed == doc,
+            "docs/openapi.json is out of date: STRATUS_WRITE_OPENAPI=1 cargo test -p stratus-control openapi"
+        );
+    }
 }
