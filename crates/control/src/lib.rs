@@ -16,6 +16,7 @@ pub mod consolidate;
 pub mod db;
 pub mod hosts;
 pub mod image;
+pub mod imagesync;
 pub mod ipam;
 pub mod leader;
 pub mod maintenance;

@@ -123,7 +123,8 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
     reconciler.spawn_watch(Arc::clone(&state.leadership));
     state.networks.spawn(Arc::clone(&state.leadership));
     crate::rebalance::spawn(Arc::clone(&state));
-    if replica.is_some() {
+    if let Some(name) = &replica {
+        crate::imagesync::spawn(Arc::clone(&state), name, &url);
         // Hosts that joined through another replica, and hosts removed there.
         let refreshing = Arc::clone(&state);
         let _ = std::thread::Builder::new().name("membership".into()).spawn(move || loop {

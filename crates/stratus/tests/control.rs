@@ -2,7 +2,8 @@
 //! joined to both (`stratus agent --simulate`, a real process speaking the agent protocol over
 //! HTTP, whose guests "boot" in a few seconds without a VMM). The leader is killed with SIGKILL
 //! while a launch it drives is booting; the other replica takes the lead and the launch
-//! completes through it, once, with the operation the user waits on answered. Then a second
+//! completes through it, once, with the operation the user waits on answered. An image
+//! installed on one replica is copied to the other. Then a second
 //! host joins, and the new leader is killed in the middle of an evacuation: the replica that
 //! takes over carries it on to the end.
 //!
@@ -145,6 +146,27 @@ fn a_launch_completes_through_the_other_replica_when_the_leader_dies() {
     assert!(views.iter().all(|v| v["leader"] == leader.as_str()), "{views:?}");
     assert_eq!(views.iter().filter(|v| v["leading"] == true).count(), 1, "{views:?}");
     let (lead, follow) = if leader == "r1" { (0, 1) } else { (1, 0) };
+
+    // An image installed on one replica reaches the other's data directory: hosts can copy
+    // it from either, whichever dies.
+    let made = replicas[0].2.join("images").join("synced");
+    std::fs::create_dir_all(&made).unwrap();
+    let rootfs: Vec<u8> = (0..3u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+    std::fs::write(made.join("rootfs.ext4"), &rootfs).unwrap();
+    std::fs::write(made.join("vmlinux"), b"kernel").unwrap();
+    let synced = Image {
+        name: "synced".into(),
+        kernel: made.join("vmlinux").display().to_string(),
+        rootfs: made.join("rootfs.ext4").display().to_string(),
+        rootfs_bytes: rootfs.len() as u64,
+        ..image.clone()
+    };
+    db.put(&image_key(DEFAULT_PROJECT, "synced"), &synced).unwrap();
+    let copy = replicas[1].2.join("images").join("synced").join("rootfs.ext4");
+    wait_for("the image's files on the other replica", Duration::from_secs(30), &logs, || {
+        (std::fs::read(&copy).ok()? == rootfs).then_some(())
+    });
+    assert_eq!(std::fs::read(replicas[1].2.join("images/synced/vmlinux")).unwrap(), b"kernel");
 
     // A simulated host joins through the follower, told of both replicas.
     let invitation: Value = client(follow).post("/v1/hosts", &json!({ "name": "s1" })).unwrap();

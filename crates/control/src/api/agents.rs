@@ -79,21 +79,7 @@ pub(super) async fn agent_image_file(
     tokio::task::spawn_blocking(move || checking.cluster.authenticate(&host, &secret))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    if !stratus_agent::images::valid_dir(&dir) || !stratus_agent::images::IMAGE_FILES.contains(&file.as_str())
-    {
-        return Err(ApiError::bad_request(format!("no image file '{dir}/{file}'")));
-    }
-    let path = state.data_dir.join("images").join(&dir).join(&file);
-    let shown = path.display().to_string();
-    let on_record = state.db.list::<Image>("/images/")?.iter().any(|image| {
-        image.kernel == shown || image.rootfs == shown || image.initrd.as_deref() == Some(shown.as_str())
-    });
-    let opened = if on_record { std::fs::File::open(&path).ok() } else { None };
-    let Some(opened) = opened else {
-        return Err(ApiError::not_found(format!("no image file '{dir}/{file}' here")));
-    };
-    let length =
-        opened.metadata().map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?.len();
+    let (opened, length) = image_file(&state, &dir, &file)?;
     state.db.event(
         DEFAULT_PROJECT,
         "",
@@ -101,6 +87,33 @@ pub(super) async fn agent_image_file(
         format!("host {}: copying image file {dir}/{file} ({} MiB)", query.host, length >> 20),
     );
     Ok(axum::body::Body::new(FileBody::spawn(opened, length)).into_response())
+}
+
+/// `GET /v1/image-files/{dir}/{file}`, with the API token: a file of an image on record, for
+/// another control plane replica that lacks it (`imagesync`).
+pub(super) async fn replica_image_file(
+    State(state): State<Shared>,
+    Path((dir, file)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let (opened, length) = image_file(&state, &dir, &file)?;
+    Ok(axum::body::Body::new(FileBody::spawn(opened, length)).into_response())
+}
+
+/// Image file `DIR/FILE` here, open, with its length: only the files of images on record.
+fn image_file(state: &AppState, dir: &str, file: &str) -> ApiResult<(std::fs::File, u64)> {
+    if !stratus_agent::images::valid_dir(dir) || !stratus_agent::images::IMAGE_FILES.contains(&file) {
+        return Err(ApiError::bad_request(format!("no image file '{dir}/{file}'")));
+    }
+    let images = state.db.list::<Image>("/images/")?;
+    let path = state.data_dir.join("images").join(dir).join(file);
+    let opened =
+        if crate::imagesync::on_record(&images, dir, file) { std::fs::File::open(&path).ok() } else { None };
+    let Some(opened) = opened else {
+        return Err(ApiError::not_found(format!("no image file '{dir}/{file}' here")));
+    };
+    let length =
+        opened.metadata().map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?.len();
+    Ok((opened, length))
 }
 
 /// A file's bytes as a response body, read on a blocking thread a MiB at a time.

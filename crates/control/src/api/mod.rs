@@ -153,6 +153,7 @@ pub fn router(state: Shared) -> Router {
         .route("/hosts/{name}/evacuate", post(evacuate_host).route_layer(lead()))
         .route("/hosts/{name}/restore", post(restore_host).route_layer(lead()))
         .route("/consolidation", get(consolidation_plan).merge(post(consolidate_hosts).route_layer(lead())))
+        .route("/image-files/{dir}/{file}", get(replica_image_file))
         .route("/config", get(get_config).patch(set_config))
         .route("/control", get(get_control))
         .route("/operations/{id}", get(get_operation))

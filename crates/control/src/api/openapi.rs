@@ -70,6 +70,10 @@ pub fn document() -> Value {
                         "responses": errors(json!({"201": ok(json!({"type": "object", "properties": {"name": {"type": "string"}, "bytes": {"type": "integer"}}})), "413": error}))},
                 "delete": {"summary": "Delete an upload", "parameters": name, "responses": errors(json!({"204": {"description": "deleted"}}))}
             },
+            "/v1/image-files/{dir}/{file}": {"get": {"summary": "A file of an image on record, for another control plane replica that lacks it",
+                "parameters": [{"name": "dir", "in": "path", "required": true, "schema": {"type": "string"}},
+                               {"name": "file", "in": "path", "required": true, "schema": {"type": "string"}}],
+                "responses": errors(json!({"200": {"description": "the file", "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}))}},
             "/v1/images/{name}": {
                 "get": {"summary": "Show an image", "parameters": name, "responses": errors(json!({"200": ok(json!({"$ref": "#/components/schemas/Image"}))}))},
                 "delete": {"summary": "Delete an unused image", "parameters": name, "responses": errors(json!({"204": {"description": "deleted"}}))}
