@@ -169,29 +169,30 @@ fn a_launch_completes_through_the_other_replica_when_the_leader_dies() {
     assert_eq!(std::fs::read(replicas[1].2.join("images/synced/vmlinux")).unwrap(), b"kernel");
 
     // A simulated host joins through the follower, told of both replicas.
-    let invitation: Value = client(follow).post("/v1/hosts", &json!({ "name": "s1" })).unwrap();
-    let agent_port = free_port();
     let controls = format!("{},{}", replicas[0].1, replicas[1].1);
-    let agent_log = dir.join("s1.log");
-    logs.push(agent_log.clone());
-    let _agent = spawn(
-        &[
+    // Simulated host `name` joined with `invitation`, its output in `log`.
+    let sim_host = |name: &str, invitation: &Value, log: &Path| {
+        let args = [
             "agent",
             "--control",
             &controls,
             "--join-token",
             invitation["token"].as_str().unwrap(),
             "--name",
-            "s1",
+            name,
             "--address",
-            &format!("127.0.0.1:{agent_port}"),
+            &format!("127.0.0.1:{}", free_port()),
             "--data-dir",
-            &dir.join("s1").display().to_string(),
+            &dir.join(name).display().to_string(),
             "--simulate",
             "4000",
-        ],
-        &agent_log,
-    );
+        ];
+        spawn(&args, log)
+    };
+    let invitation: Value = client(follow).post("/v1/hosts", &json!({ "name": "s1" })).unwrap();
+    let agent_log = dir.join("s1.log");
+    logs.push(agent_log.clone());
+    let _agent = sim_host("s1", &invitation, &agent_log);
     wait_for("s1 online", Duration::from_secs(20), &logs, || {
         let hosts: Vec<Value> = client(follow).get("/v1/hosts").ok()?;
         hosts.iter().any(|h| h["name"] == "s1" && h["state"] == "online").then_some(())
@@ -255,24 +256,7 @@ fn a_launch_completes_through_the_other_replica_when_the_leader_dies() {
     let invitation: Value = client(lead).post("/v1/hosts", &json!({ "name": "s2" })).unwrap();
     let s2_log = dir.join("s2.log");
     logs.push(s2_log.clone());
-    let _s2 = spawn(
-        &[
-            "agent",
-            "--control",
-            &controls,
-            "--join-token",
-            invitation["token"].as_str().unwrap(),
-            "--name",
-            "s2",
-            "--address",
-            &format!("127.0.0.1:{}", free_port()),
-            "--data-dir",
-            &dir.join("s2").display().to_string(),
-            "--simulate",
-            "4000",
-        ],
-        &s2_log,
-    );
+    let _s2 = sim_host("s2", &invitation, &s2_log);
     wait_for("s2 online", Duration::from_secs(20), &logs, || {
         let hosts: Vec<Value> = client(lead).get("/v1/hosts").ok()?;
         hosts.iter().any(|h| h["name"] == "s2" && h["state"] == "online").then_some(())
