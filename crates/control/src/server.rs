@@ -50,6 +50,8 @@ pub struct ServeConfig {
     /// `Some(name)`: run as control-plane replica `name` with no host of its own (`stratus
     /// control`), electing a leader with the other replicas on the same store.
     pub replica: Option<String>,
+    /// The URL other replicas and agents reach this one at (default `http://LISTEN`).
+    pub advertise: Option<String>,
 }
 
 /// Work to do once the server answers: gets the API's URL and token.
@@ -77,7 +79,23 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
         None => load_or_create_token(&data.join("token"))?,
         Some(_) => shared_token(&db, &data.join("token"))?,
     };
-    let url = format!("http://{}", config.listen);
+    let url = match &config.advertise {
+        Some(url) if url.starts_with("http://") => url.trim_end_matches('/').to_string(),
+        Some(url) => {
+            bail!("--advertise {url}: give the URL others reach this replica at, as http://ADDRESS:PORT")
+        }
+        None => {
+            if replica.is_some() && config.listen.ip().is_unspecified() {
+                eprintln!(
+                    "stratus control: listening on {} and announcing it as is: other replicas cannot reach that; \
+                     give --advertise http://ADDRESS:{}",
+                    config.listen,
+                    config.listen.port()
+                );
+            }
+            format!("http://{}", config.listen)
+        }
+    };
     if let Some(path) = &config.client_config {
         write_client_config(path, &url, &token)?;
     }

@@ -95,6 +95,10 @@ pub struct ControlArgs {
     /// This replica's name in the election (default: HOSTNAME-PORT).
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
+    /// The URL the other replicas reach this one at, for passing requests to the leader and
+    /// copying image files (default: http://LISTEN; needed when listening on 0.0.0.0).
+    #[arg(long, value_name = "URL")]
+    advertise: Option<String>,
     /// Subnet of the default network (when the store has none yet).
     #[arg(long, default_value = "10.210.0.0/24")]
     network_cidr: String,
@@ -134,6 +138,7 @@ pub fn control(args: ControlArgs) -> Result<i32> {
         on_ready: None,
         image_builder: None,
         replica: Some(name),
+        advertise: args.advertise,
     })?;
     Ok(0)
 }
@@ -169,6 +174,7 @@ pub fn serve(args: ServeArgs) -> Result<i32> {
             })
         }),
         replica: None,
+        advertise: None,
     };
     stratus_control::server::serve(config)?;
     Ok(0)
