@@ -753,6 +753,7 @@ impl HostAgent for LocalAgent {
             address: self.address.clone().unwrap_or_default(),
             state: String::new(),
             maintenance: false,
+            cpu_percent: None,
         }
     }
 

@@ -180,5 +180,6 @@ pub fn host_record(info: &HostInfo) -> Host {
         address: info.address.clone(),
         state: String::new(),
         maintenance: false,
+        cpu_percent: None,
     }
 }

@@ -319,6 +319,10 @@ pub struct Host {
     /// Kept free of new instances (drained for maintenance).
     #[serde(default)]
     pub maintenance: bool,
+    /// Its instances' CPU use over the rebalancer's window, in percent of its CPUs (absent
+    /// until measured over a whole window, or with rebalancing off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_percent: Option<f64>,
 }
 
 /// The progress of an asynchronous request.

@@ -183,6 +183,7 @@ impl Cluster {
             address: String::new(),
             state: String::new(),
             maintenance: false,
+            cpu_percent: None,
         };
         self.db.put(&host_key(name), &joining)?;
         Ok(Invitation { host: name.to_string(), token: format!("{id}.{secret}"), expires_at })

@@ -154,6 +154,7 @@ pub fn spawn(state: Arc<AppState>) {
             if !config.rebalance.enabled || !state.leadership.is_leader() {
                 // Measurements from before a pause (or another leader's time) are stale.
                 rebalancer.samples.clear();
+                state.cpu_use.lock().unwrap_or_else(|p| p.into_inner()).clear();
                 continue;
             }
             rebalancer.round(&state, &config.rebalance);
@@ -228,6 +229,16 @@ impl Rebalancer {
                     cooling: self.cooling.get(&instance.name).is_some_and(|until| now < *until),
                 });
             }
+            // What `host list` shows: the use of a host measured over a whole window.
+            let measured = instances.len() == here.len();
+            let mut shown = state.cpu_use.lock().unwrap_or_else(|p| p.into_inner());
+            if online && measured {
+                let busy = instances.iter().fold(0.0, |sum, i| sum + i.cpus_busy);
+                shown.insert(host.name.clone(), busy / f64::from(host.cpus.max(1)) * 100.0);
+            } else {
+                shown.remove(&host.name);
+            }
+            drop(shown);
             uses.push(HostUse {
                 name: host.name.clone(),
                 cpus: host.cpus,

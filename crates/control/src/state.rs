@@ -44,6 +44,8 @@ pub struct AppState {
     /// Held while a request checks the host's free memory and claims some of it, so that two
     /// launches (or starts) at once cannot both take the last of it.
     pub admission: std::sync::Mutex<()>,
+    /// Each host's CPU use over the rebalancer's window, in percent, as it last measured.
+    pub cpu_use: std::sync::Mutex<std::collections::HashMap<String, f64>>,
 }
 
 impl AppState {
@@ -71,6 +73,7 @@ impl AppState {
             execs: Arc::new(tokio::sync::Semaphore::new(MAX_EXECS)),
             waits: Arc::new(tokio::sync::Semaphore::new(MAX_WATCHED_WAITS)),
             admission: std::sync::Mutex::default(),
+            cpu_use: std::sync::Mutex::default(),
         }
     }
 }
@@ -197,6 +200,7 @@ pub fn host_views(state: &AppState) -> ApiResult<Vec<Host>> {
         host.allocated_mib = memory;
         host.allocated_cpus = cpus;
         host.instances = count;
+        host.cpu_percent = state.cpu_use.lock().unwrap_or_else(|p| p.into_inner()).get(&host.name).copied();
         host.state = if state.hosts.is_local(&host.name) || state.cluster.is_online(&host.name) {
             "online".into()
         } else if host.seen_at == 0 {

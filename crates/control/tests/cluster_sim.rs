@@ -722,6 +722,10 @@ fn the_rebalancer_moves_load_from_a_busy_host_once_and_explains_it(backend: Back
     );
     let all: String = ["a", "b", "c", "d"].iter().map(|n| cloud.events(n)).collect();
     assert_eq!(all.matches("rebalance:").count(), 1, "{all}");
+    // The hosts show the use the rebalancer measured: h2 runs d, half a CPU of its two.
+    let h2 = cloud.hosts().into_iter().find(|h| h.name == "h2").unwrap();
+    let shown = h2.cpu_percent.expect("h2's CPU use measured");
+    assert!((20.0..30.0).contains(&shown), "h2 at {shown}%");
 }
 
 fn failures_on_a_host_are_retried_and_crashes_restarted(backend: Backend) {

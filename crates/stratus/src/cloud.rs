@@ -973,12 +973,16 @@ pub fn host(conn: &Connection, command: HostCommand) -> Result<i32> {
                         if h.seen_at == 0 { "never".into() } else { format!("{} ago", age(h.seen_at)) },
                         h.hypervisor.clone(),
                         format!("{}/{}", h.allocated_cpus, h.cpus),
+                        h.cpu_percent.map_or("-".to_string(), |p| format!("{p:.0}%")),
                         format!("{}M/{}M", h.allocated_mib, h.allocatable_mib),
                         h.instances.to_string(),
                     ]
                 })
                 .collect();
-            print_table(&["NAME", "ADDRESS", "STATE", "SEEN", "KVM", "VCPUS", "MEMORY", "INSTANCES"], &rows);
+            print_table(
+                &["NAME", "ADDRESS", "STATE", "SEEN", "KVM", "VCPUS", "CPU USE", "MEMORY", "INSTANCES"],
+                &rows,
+            );
         }
         HostCommand::Show { name } => {
             let host: Host = client.get(&format!("/v1/hosts/{name}"))?;
