@@ -175,11 +175,7 @@ pub struct HttpImageSource {
 impl ImageSource for HttpImageSource {
     fn fetch(&self, dir: &str, file: &str, dest: &Path) -> Result<u64, String> {
         let mut last = format!("no control plane to copy image {dir} from");
-        // No limit on the whole copy (images can be large), only on silences.
-        let http = ureq::AgentBuilder::new()
-            .timeout_connect(Duration::from_secs(5))
-            .timeout_read(Duration::from_secs(60))
-            .build();
+        let http = file_client();
         for url in &self.replicas {
             let response = http
                 .get(&format!("{url}/agent/v1/images/{dir}/{file}"))
@@ -197,17 +193,31 @@ impl ImageSource for HttpImageSource {
                     continue;
                 }
             };
-            let expected: Option<u64> = response.header("content-length").and_then(|v| v.parse().ok());
-            let mut out =
-                std::fs::File::create(dest).map_err(|e| format!("creating {}: {e}", dest.display()))?;
-            let written = std::io::copy(&mut response.into_reader(), &mut out)
-                .map_err(|e| format!("copying {dir}/{file} from {url}: {e}"))?;
-            if expected.is_some_and(|expected| expected != written) {
-                return Err(format!("copying {dir}/{file} from {url}: {written} bytes of {expected:?}"));
-            }
-            out.sync_all().map_err(|e| format!("writing {}: {e}", dest.display()))?;
-            return Ok(written);
+            return save_file(response, &format!("{dir}/{file} from {url}"), dest);
         }
         Err(last)
     }
+}
+
+/// An HTTP client for copying image files: no limit on a whole copy (images can be large),
+/// only on silences.
+pub fn file_client() -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .timeout_connect(Duration::from_secs(5))
+        .timeout_read(Duration::from_secs(60))
+        .build()
+}
+
+/// Writes the body of `response` (image file `what`, for messages) to `dest`, synced; its
+/// length, which must be the response's `Content-Length` when it gives one.
+pub fn save_file(response: ureq::Response, what: &str, dest: &Path) -> Result<u64, String> {
+    let expected: Option<u64> = response.header("content-length").and_then(|v| v.parse().ok());
+    let mut out = std::fs::File::create(dest).map_err(|e| format!("creating {}: {e}", dest.display()))?;
+    let written =
+        std::io::copy(&mut response.into_reader(), &mut out).map_err(|e| format!("copying {what}: {e}"))?;
+    if expected.is_some_and(|expected| expected != written) {
+        return Err(format!("copying {what}: {written} bytes of {expected:?}"));
+    }
+    out.sync_all().map_err(|e| format!("writing {}: {e}", dest.display()))?;
+    Ok(written)
 }

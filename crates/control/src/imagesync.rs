@@ -9,7 +9,6 @@
 //! A file is known by its image directory and name (`DIR/FILE`), not by the absolute path in
 //! the record: replicas may keep their data in different directories.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -86,26 +85,20 @@ fn pass(state: &AppState, me: &str) {
 
 /// Copies `DIR/FILE` from the replica at `url` to `to`; its size.
 fn fetch(url: &str, token: &str, dir: &str, file: &str, to: &Path) -> Result<u64, String> {
-    let response = ureq::AgentBuilder::new()
-        .timeout_connect(Duration::from_secs(5))
-        .timeout_read(Duration::from_secs(60))
-        .build()
+    let response = stratus_agent::images::file_client()
         .get(&format!("{url}/v1/image-files/{dir}/{file}"))
         .set("Authorization", &format!("Bearer {token}"))
         .call()
         .map_err(|e| e.to_string())?;
-    let expected: u64 = response.header("content-length").and_then(|l| l.parse().ok()).ok_or("no length")?;
+    // A replica's answer always says its length: one that does not is not taken.
+    response.header("content-length").ok_or("no length")?;
     let parent = to.parent().ok_or("no directory")?;
     std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
     let partial: PathBuf = parent.join(format!(".{file}.partial"));
-    let mut out = std::fs::File::create(&partial).map_err(|e| e.to_string())?;
-    let copied =
-        std::io::copy(&mut response.into_reader().take(expected), &mut out).map_err(|e| e.to_string())?;
-    if copied != expected {
-        let _ = std::fs::remove_file(&partial);
-        return Err(format!("{copied} of {expected} bytes"));
-    }
-    out.sync_all().map_err(|e| e.to_string())?;
+    let copied = stratus_agent::images::save_file(response, &format!("{dir}/{file} from {url}"), &partial)
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&partial);
+        })?;
     std::fs::rename(&partial, to).map_err(|e| e.to_string())?;
     Ok(copied)
 }
