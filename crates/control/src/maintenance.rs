@@ -36,12 +36,8 @@ pub fn set_maintenance(state: &AppState, name: &str, on: bool) -> Result<(), cra
 
 /// Evacuates host `host` (in maintenance already) under operation `op`.
 pub fn evacuate(state: &Arc<AppState>, host: &str, keep_stopped: bool, op: &str) {
-    let on_host = |i: &Instance| placed_on(state, i) == host && i.desired != Desired::Deleted;
-    let instances: Vec<Instance> = match state.db.instances() {
-        Ok(all) => all.into_iter().filter(on_host).collect(),
-        Err(e) => return finish(state, op, Err(format!("reading instances: {e}"))),
-    };
-    let Some(outcomes) = each(state, instances, |instance| {
+    let on_host = |i: &Instance| placed_on(state, i) == host;
+    run(state, op, &format!("host {host} evacuated"), on_host, |instance| {
         if keep_stopped && instance.status.state == InstanceState::Stopped {
             return Outcome::Kept;
         }
@@ -54,38 +50,33 @@ pub fn evacuate(state: &Arc<AppState>, host: &str, keep_stopped: bool, op: &str)
             });
         }
         outcome
-    }) else {
-        return;
-    };
-    report(state, op, &format!("host {host} evacuated"), outcomes);
+    });
 }
 
 /// Ends host `host`'s maintenance (done already) and brings back, under operation `op`, the
 /// instances an evacuation moved off it.
 pub fn restore(state: &Arc<AppState>, host: &str, op: &str) {
-    let instances: Vec<Instance> = match state.db.instances() {
-        Ok(all) => {
-            all.into_iter().filter(|i| i.status.home == host && i.desired != Desired::Deleted).collect()
-        }
-        Err(e) => return finish(state, op, Err(format!("reading instances: {e}"))),
-    };
-    let Some(outcomes) = each(state, instances, |instance| {
-        let outcome = if placed_on(state, &instance) == host {
-            Outcome::Moved(host.to_string())
-        } else {
-            move_one(state, &instance.name, Some(host))
-        };
-        if let Outcome::Moved(_) = outcome {
-            let _ = state.db.update(&instance_key(&instance.project, &instance.name), |i: &mut Instance| {
-                i.status.home.clear();
-                true
-            });
-        }
-        outcome
-    }) else {
-        return;
-    };
-    report(state, op, &format!("host {host} restored"), outcomes);
+    run(
+        state,
+        op,
+        &format!("host {host} restored"),
+        |i| i.status.home == host,
+        |instance| {
+            let outcome = if placed_on(state, &instance) == host {
+                Outcome::Moved(host.to_string())
+            } else {
+                move_one(state, &instance.name, Some(host))
+            };
+            if let Outcome::Moved(_) = outcome {
+                let _ =
+                    state.db.update(&instance_key(&instance.project, &instance.name), |i: &mut Instance| {
+                        i.status.home.clear();
+                        true
+                    });
+            }
+            outcome
+        },
+    );
 }
 
 /// Carries out a consolidation plan under operation `op` (its hosts to empty are in
@@ -94,21 +85,38 @@ pub fn restore(state: &Arc<AppState>, host: &str, op: &str) {
 pub fn consolidate(state: &Arc<AppState>, plan: &ConsolidationPlan, op: &str) {
     let by_name: std::collections::HashMap<&str, &str> =
         plan.moves.iter().map(|m| (m.instance.as_str(), m.to.as_str())).collect();
-    let instances: Vec<Instance> = match state.db.instances() {
-        Ok(all) => all.into_iter().filter(|i| by_name.contains_key(i.name.as_str())).collect(),
-        Err(e) => return finish(state, op, Err(format!("reading instances: {e}"))),
-    };
-    let Some(outcomes) = each(state, instances, |instance| {
+    let planned = |i: &Instance| by_name.contains_key(i.name.as_str());
+    run(state, op, &consolidation(&plan.emptied), planned, |instance| {
         move_one(state, &instance.name, Some(by_name[instance.name.as_str()]))
-    }) else {
-        return;
-    };
-    let what = if plan.emptied.is_empty() {
+    });
+}
+
+/// What a consolidation emptying `hosts` is called in its report.
+fn consolidation(hosts: &[String]) -> String {
+    if hosts.is_empty() {
         "consolidation".to_string()
     } else {
-        format!("consolidation (emptying {}, which may then be switched off)", plan.emptied.join(", "))
+        format!("consolidation (emptying {}, which may then be switched off)", hosts.join(", "))
+    }
+}
+
+/// Runs `work` on every instance (not being deleted) that `wanted` picks, [`PARALLEL`] at a
+/// time, then reports the outcomes as `what` and ends operation `op` — unless this replica
+/// stopped leading meanwhile, when the rest is the next leader's.
+fn run(
+    state: &AppState,
+    op: &str,
+    what: &str,
+    wanted: impl Fn(&Instance) -> bool,
+    work: impl Fn(Instance) -> Outcome + Sync,
+) {
+    let instances: Vec<Instance> = match state.db.instances() {
+        Ok(all) => all.into_iter().filter(|i| i.desired != Desired::Deleted && wanted(i)).collect(),
+        Err(e) => return finish(state, op, Err(format!("reading instances: {e}"))),
     };
-    report(state, op, &what, outcomes);
+    if let Some(outcomes) = each(state, instances, work) {
+        report(state, op, what, outcomes);
+    }
 }
 
 /// What became of one instance.
@@ -207,16 +215,8 @@ pub fn resume(state: &Arc<AppState>) {
 /// Moves what is left on `hosts` (in maintenance, being emptied) to where the scheduler
 /// places it, and ends consolidation `op`.
 fn finish_consolidation(state: &Arc<AppState>, hosts: &[String], op: &str) {
-    let left = |i: &Instance| hosts.iter().any(|h| h == placed_on(state, i)) && i.desired != Desired::Deleted;
-    let instances: Vec<Instance> = match state.db.instances() {
-        Ok(all) => all.into_iter().filter(left).collect(),
-        Err(e) => return finish(state, op, Err(format!("reading instances: {e}"))),
-    };
-    let Some(outcomes) = each(state, instances, |instance| move_one(state, &instance.name, None)) else {
-        return;
-    };
-    let what = format!("consolidation (emptying {}, which may then be switched off)", hosts.join(", "));
-    report(state, op, &what, outcomes);
+    let left = |i: &Instance| hosts.iter().any(|h| h == placed_on(state, i));
+    run(state, op, &consolidation(hosts), left, |instance| move_one(state, &instance.name, None));
 }
 
 /// Writes the outcomes as one event and ends the operation: failed if any instance stayed.
