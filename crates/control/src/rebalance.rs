@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use stratus_api::model::{ClusterConfig, Desired, Instance, InstanceState, RebalanceConfig, DEFAULT_PROJECT};
 
-use crate::state::{host_views, placed_on, AppState};
+use crate::state::{hosts_of, placed_on, AppState};
 
 /// Where the settings live in the store.
 pub const CONFIG_KEY: &str = "/config/cluster";
@@ -181,7 +181,8 @@ impl Rebalancer {
     fn round(&mut self, state: &Arc<AppState>, config: &RebalanceConfig) {
         let window = Duration::from_secs(config.window_s);
         let now = Instant::now();
-        let (Ok(hosts), Ok(instances)) = (host_views(state), state.db.instances()) else { return };
+        let Ok(instances) = state.db.instances() else { return };
+        let Ok(hosts) = hosts_of(state, &instances) else { return };
         let running: Vec<&Instance> = instances
             .iter()
             .filter(|i| i.desired == Desired::Running && i.status.state == InstanceState::Running)
@@ -229,24 +230,24 @@ impl Rebalancer {
                     cooling: self.cooling.get(&instance.name).is_some_and(|until| now < *until),
                 });
             }
-            // What `host list` shows: the use of a host measured over a whole window.
             let measured = instances.len() == here.len();
-            let mut shown = state.cpu_use.lock().unwrap_or_else(|p| p.into_inner());
-            if online && measured {
-                let busy = instances.iter().fold(0.0, |sum, i| sum + i.cpus_busy);
-                shown.insert(host.name.clone(), busy / f64::from(host.cpus.max(1)) * 100.0);
-            } else {
-                shown.remove(&host.name);
-            }
-            drop(shown);
-            uses.push(HostUse {
+            let view = HostUse {
                 name: host.name.clone(),
                 cpus: host.cpus,
                 usable: online && !host.maintenance,
                 settled,
                 free_mib: host.allocatable_mib.saturating_sub(host.allocated_mib),
                 instances,
-            });
+            };
+            // What `host list` shows: the use of a host measured over a whole window.
+            let mut shown = state.cpu_use.lock().unwrap_or_else(|p| p.into_inner());
+            if online && measured {
+                shown.insert(host.name.clone(), view.load());
+            } else {
+                shown.remove(&host.name);
+            }
+            drop(shown);
+            uses.push(view);
         }
         self.samples.retain(|id, _| seen.contains(id));
         for planned in decide(&uses, config) {

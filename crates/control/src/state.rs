@@ -185,7 +185,11 @@ pub fn agent_of(state: &AppState, instance: &Instance) -> ApiResult<Arc<dyn Host
 /// Every host as the API shows it and the scheduler weighs it: its record, whether it is
 /// online, and the memory and vCPUs of the instances meant to run there.
 pub fn host_views(state: &AppState) -> ApiResult<Vec<Host>> {
-    let instances = state.db.instances()?;
+    hosts_of(state, &state.db.instances()?)
+}
+
+/// [`host_views`], for a caller that has read `instances` already.
+pub fn hosts_of(state: &AppState, instances: &[Instance]) -> ApiResult<Vec<Host>> {
     let mut hosts: Vec<Host> = state.db.list("/hosts/")?;
     if let (Some(name), Some(agent)) = (state.hosts.local_name(), state.hosts.local()) {
         // This machine's host is asked directly: its capacity is always current.

@@ -112,7 +112,7 @@ pub(super) async fn consolidate_hosts(State(state): State<Shared>) -> ApiResult<
 /// The consolidation plan of the cluster as it is now.
 pub(super) fn consolidation(state: &AppState) -> ApiResult<ConsolidationPlan> {
     let instances = state.db.instances()?;
-    let loads: Vec<crate::consolidate::HostLoad> = host_views(state)?
+    let loads: Vec<crate::consolidate::HostLoad> = crate::state::hosts_of(state, &instances)?
         .into_iter()
         .map(|host| crate::consolidate::HostLoad {
             usable: host.state == "online" && !host.maintenance,
