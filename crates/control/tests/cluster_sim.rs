@@ -702,10 +702,12 @@ fn the_rebalancer_moves_load_from_a_busy_host_once_and_explains_it(backend: Back
 
     let _: Value = cloud.client.patch("/v1/config", &json!({ "rebalance.enabled": "true" })).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while cloud.instance("a").status.host != "h3" {
+    // The event follows the move's end, so wait for it rather than for the new host.
+    while !cloud.events("a").contains("rebalance:") {
         assert!(Instant::now() < deadline, "a never moved: {}", cloud.events(""));
         std::thread::sleep(Duration::from_millis(200));
     }
+    assert_eq!(cloud.instance("a").status.host, "h3");
     let events = cloud.events("a");
     assert!(
         events.contains("rebalance: h1 CPU 9")

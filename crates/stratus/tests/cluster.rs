@@ -337,7 +337,9 @@ fn a_three_host_lab_launches_moves_and_survives_faults() {
     let on = |host: &str| {
         ["a1", "a2"].iter().filter(|g| lab.instance(g)["status"]["host"].as_str() == Some(host)).count()
     };
-    lab.wait_for("a hog moved to the idle host", Duration::from_secs(120), || on(&back) == 1);
+    // The rebalancer's event follows the move's end: wait for both.
+    let said = || ["a1", "a2"].iter().any(|g| lab.ok(&["events", g]).contains("rebalance:"));
+    lab.wait_for("a hog moved to the idle host", Duration::from_secs(120), || on(&back) == 1 && said());
     let moved =
         if lab.instance("a1")["status"]["host"].as_str() == Some(back.as_str()) { "a1" } else { "a2" };
     let why = lab.ok(&["events", moved]);
