@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use stratus_protocol::{Agent, HostInfo, HEARTBEAT_EVERY};
+use stratus_protocol::{Agent, HeartbeatAnswer, HostInfo, HEARTBEAT_EVERY};
 
 use crate::images::{HostImages, HttpImageSource};
 use crate::runtime::{AgentRuntime, RuntimeAgent};
@@ -39,6 +39,8 @@ pub struct AgentConfig {
     /// `Some(boot)`: a simulated host (no VMM runs; guests are running `boot` after their
     /// order), for tests and scale runs of the control plane over real processes.
     pub simulate: Option<Duration>,
+    /// The cluster's shared storage pool as this host mounts it (`--ha` instances' disks).
+    pub shared_pool: Option<PathBuf>,
 }
 
 /// What the agent keeps of its membership.
@@ -65,19 +67,31 @@ pub fn run_agent(config: AgentConfig) -> Result<()> {
         None => address.parse().with_context(|| format!("--address {address}: give it as IP or IP:PORT"))?,
     };
     let mut images = None;
+    let fence = data.join("fence");
+    if let Some(pool) = &config.shared_pool {
+        let usable = std::fs::metadata(pool).map(|m| m.is_dir());
+        if !matches!(usable, Ok(true)) {
+            bail!("--shared-pool {}: not a directory this host can reach", pool.display());
+        }
+    }
     let agent: Arc<dyn Agent> = match config.simulate {
         None => {
             let ip = listen_ip(&address);
-            let driver: Arc<dyn HostAgent> = Arc::new(
-                LocalAgent::new(data, config.vmm_binary.clone()).named(&config.name).with_address(&ip),
-            );
+            let mut local = LocalAgent::new(data, config.vmm_binary.clone()).named(&config.name).with_address(&ip);
+            if let Some(pool) = &config.shared_pool {
+                local = local.with_shared_pool(pool, &fence);
+            }
+            let driver: Arc<dyn HostAgent> = Arc::new(local);
             let runtime = AgentRuntime::new(Arc::clone(&driver), &data.join("orders"), &address)
                 .map_err(anyhow::Error::msg)?;
             images = Some((Arc::clone(&runtime), driver));
             Arc::new(RuntimeAgent(runtime))
         }
         Some(boot) => {
-            let sim = stratus_protocol::SimAgent::new(&config.name, 64, 256 << 10).at(&address);
+            let mut sim = stratus_protocol::SimAgent::new(&config.name, 64, 256 << 10).at(&address);
+            if config.shared_pool.is_some() {
+                sim = sim.with_shared_pool();
+            }
             sim.set_boot_delay(boot);
             // A simulated migration takes a quarter of a boot.
             sim.set_move_delay(boot / 4);
@@ -107,7 +121,7 @@ pub fn run_agent(config: AgentConfig) -> Result<()> {
             }
         }
     }
-    spawn_heartbeats(control.clone(), credential.clone(), Arc::clone(&agent));
+    spawn_heartbeats(control.clone(), credential.clone(), Arc::clone(&agent), fence);
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
@@ -210,13 +224,16 @@ fn membership(data: &Path, control: &str, config: &AgentConfig, info: &HostInfo)
 }
 
 /// Sends this host's report to the control plane every [`HEARTBEAT_EVERY`], saying so once
-/// when the control plane stops taking them, and once when it takes them again.
-fn spawn_heartbeats(control: String, credential: String, agent: Arc<dyn Agent>) {
+/// when the control plane stops taking them, and once when it takes them again. Each
+/// heartbeat taken renews the `fence` file's deadline ([`crate::fence`]).
+fn spawn_heartbeats(control: String, credential: String, agent: Arc<dyn Agent>, fence: PathBuf) {
     let _ = std::thread::Builder::new().name("heartbeat".into()).spawn(move || {
         let mut failing = false;
         let mut replicas = replicas(&control);
         loop {
             let sent = agent.host().map_err(|e| e.to_string()).and_then(|info| {
+                // Before the request: the lease the answer grants runs from no earlier.
+                let at = crate::fence::uptime().map_err(|e| format!("reading the clock: {e}"))?;
                 let (answered, result) = post_to_any(
                     &replicas,
                     "/agent/v1/heartbeat",
@@ -226,7 +243,12 @@ fn spawn_heartbeats(control: String, credential: String, agent: Arc<dyn Agent>) 
                 );
                 // The replica that answered is asked first next time.
                 replicas.rotate_left(answered);
-                result.map(drop).map_err(|e| e.to_string())
+                let answer: HeartbeatAnswer = result
+                    .map_err(|e| e.to_string())?
+                    .into_json()
+                    .map_err(|e| format!("the control plane's answer: {e}"))?;
+                crate::fence::renew(&fence, at, Duration::from_millis(answer.lease_ms))
+                    .map_err(|e| format!("writing {}: {e}", fence.display()))
             });
             match sent {
                 Err(e) if !failing => {

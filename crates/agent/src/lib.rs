@@ -8,6 +8,7 @@
 
 pub mod daemon;
 pub mod disk;
+pub mod fence;
 pub mod images;
 mod local;
 pub mod network;

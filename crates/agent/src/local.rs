@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use stratus_api::model::{Host, Image, Instance, Network, WarmSnapshot, VMM_VERSION};
+use stratus_api::model::{Desired, Host, Image, Instance, Network, Pool, WarmSnapshot, VMM_VERSION};
 use stratus_guest_agent::{Client, ExecRequest, Identity};
 use stratus_protocol::console::{ConsoleStream, UnixConsole};
 use stratus_protocol::{DiskLayout, InstanceUsage};
@@ -215,6 +215,16 @@ pub struct LocalAgent {
     exits: Arc<Mutex<HashMap<u32, std::process::ExitStatus>>>,
     /// Image directories whose warm snapshot is being made (one at a time per image).
     warming: Mutex<std::collections::HashSet<PathBuf>>,
+    /// The cluster's shared storage pool as this host mounts it, and the fence file its
+    /// VMMs stop by ([`crate::fence`]).
+    shared: Option<SharedPool>,
+}
+
+/// The shared storage pool of a host.
+#[derive(Clone, Debug)]
+struct SharedPool {
+    dir: PathBuf,
+    fence: PathBuf,
 }
 
 impl LocalAgent {
@@ -231,6 +241,7 @@ impl LocalAgent {
             children: Arc::default(),
             exits: Arc::default(),
             warming: Mutex::default(),
+            shared: None,
         };
         agent.start_reaper();
         agent
@@ -267,6 +278,34 @@ impl LocalAgent {
     pub fn with_address(mut self, address: &str) -> Self {
         self.address = Some(address.to_string());
         self
+    }
+
+    /// The same agent, mounting the cluster's shared storage pool at `dir`: disks of
+    /// shared-pool instances live there as `ID.raw`, and their VMMs run only while `fence`
+    /// holds a deadline to come ([`crate::fence`]).
+    pub fn with_shared_pool(mut self, dir: &Path, fence: &Path) -> Self {
+        self.shared = Some(SharedPool { dir: dir.to_owned(), fence: fence.to_owned() });
+        self
+    }
+
+    /// Where `instance`'s disk is: its directory here, or the shared pool.
+    pub fn disk_path(&self, instance: &Instance) -> Result<PathBuf, AgentError> {
+        match (instance.spec.pool, &self.shared) {
+            (Pool::Local, _) => Ok(self.instance_dir(&instance.id).join("disk.raw")),
+            (Pool::Shared, Some(shared)) => Ok(shared.dir.join(format!("{}.raw", instance.id))),
+            (Pool::Shared, None) => Err(AgentError::Io(format!(
+                "host {} has no shared storage pool (stratus agent --shared-pool DIR), which instance {}'s disk is on",
+                self.hostname, instance.name
+            ))),
+        }
+    }
+
+    /// What `stratus vmm` is given for `instance`: the fence file when its disk is shared.
+    fn fence_args(&self, instance: &Instance) -> Vec<String> {
+        match (&self.shared, instance.spec.pool) {
+            (Some(shared), Pool::Shared) => vec!["--fence".into(), shared.fence.display().to_string()],
+            _ => Vec::new(),
+        }
     }
 
     /// The directory of instance `id`.
@@ -338,7 +377,7 @@ impl LocalAgent {
             initrd: spec.image.initrd.clone().map(Into::into),
             cmdline: Some(spec.cmdline.clone()),
         })?;
-        vmm.put_drive("vda", &drive(dir))?;
+        vmm.put_drive("vda", &drive(&spec.disk))?;
         vmm.put_net(
             "eth0",
             &Net { tap: spec.tap.clone(), mac: Some(spec.mac.clone()), rate_limit: Default::default() },
@@ -425,6 +464,7 @@ impl LocalAgent {
         network::ensure_tap(&tap, &network.bridge)?;
         let spec = BootSpec {
             image,
+            disk: dir.join("disk.raw"),
             cpus: WARM_CPUS,
             memory_mib: WARM_MEMORY_MIB,
             cmdline: format!("{} root=/dev/vda rw", image.cmdline),
@@ -482,15 +522,16 @@ impl LocalAgent {
         cancelled: &dyn Fn() -> bool,
     ) -> Result<(u32, String), AgentError> {
         let dir = self.instance_dir(&instance.id);
+        let disk = self.disk_path(instance)?;
         let t = Instant::now();
-        let pid = self.spawn_vmm(&dir)?;
+        let pid = self.spawn_vmm_with(&dir, &self.fence_args(instance))?;
         let restored = (|| {
             let vmm = vmm(&dir);
             vmm.set_console(&ConsoleConfig::Socket { path: dir.join("console.sock") })?;
             let report = vmm.restore(&Restore {
                 state_file: warm.state.clone().into(),
                 memory_files: vec![warm.memory.clone().into()],
-                drives: Some(vec![drive(&dir)]),
+                drives: Some(vec![drive(&disk)]),
                 nets: Some(vec![Net {
                     tap: network::tap_name(&instance.id),
                     mac: Some(instance.status.mac.clone()),
@@ -582,6 +623,7 @@ impl std::io::Write for Capped {
 /// What a cold boot needs.
 struct BootSpec<'a> {
     image: &'a Image,
+    disk: PathBuf,
     cpus: u32,
     memory_mib: u64,
     cmdline: String,
@@ -632,7 +674,7 @@ impl LocalAgent {
         if find_vmm(&dir, instance.status.pid).is_some() {
             return Err(AgentError::Io(format!("instance {} runs: stop it to move it cold", instance.name)));
         }
-        let path = dir.join("disk.raw");
+        let path = self.disk_path(instance)?;
         if !path.exists() {
             return Err(AgentError::Io(format!("instance {} has no disk here", instance.name)));
         }
@@ -666,9 +708,9 @@ fn vmm(dir: &Path) -> VmmClient {
     VmmClient::new(api_sock(dir)).within(VMM_CALL_TIMEOUT)
 }
 
-/// The instance's disk in `dir`, as the VMM takes it.
-fn drive(dir: &Path) -> Drive {
-    Drive { path: dir.join("disk.raw"), readonly: false, rate_limit: Default::default() }
+/// The disk at `path`, as the VMM takes it.
+fn drive(path: &Path) -> Drive {
+    Drive { path: path.to_owned(), readonly: false, rate_limit: Default::default() }
 }
 
 /// The last line the VMM in `dir` printed, for error messages.
@@ -754,6 +796,7 @@ impl HostAgent for LocalAgent {
             state: String::new(),
             maintenance: false,
             cpu_percent: None,
+            shared_pool: self.shared.is_some(),
         }
     }
 
@@ -788,7 +831,7 @@ impl HostAgent for LocalAgent {
             quit_vmm(&dir, info.pid);
         }
         network::ensure_tap(&network::tap_name(id), &network.bridge)?;
-        let disk_path = dir.join("disk.raw");
+        let disk_path = self.disk_path(instance)?;
         // The disk of an instance that never ran holds nothing of its user's: a first start cut
         // short (the server killed mid-launch, a failed boot) begins again from a fresh clone,
         // so it can still restore the warm snapshot.
@@ -831,6 +874,7 @@ impl HostAgent for LocalAgent {
         let subnet = Subnet::parse(&network.cidr)?;
         let spec = BootSpec {
             image,
+            disk: disk_path.clone(),
             cpus: instance.spec.cpus,
             memory_mib: instance.spec.memory_mib,
             cmdline: format!(
@@ -842,7 +886,7 @@ impl HostAgent for LocalAgent {
             cid: guest_cid(instance),
         };
         let started = Instant::now();
-        let pid = self.spawn_vmm(&dir)?;
+        let pid = self.spawn_vmm_with(&dir, &self.fence_args(instance))?;
         if let Err(e) = self.boot_vmm(&dir, &spec) {
             quit_vmm(&dir, pid);
             return Err(e);
@@ -920,6 +964,16 @@ impl HostAgent for LocalAgent {
             quit_vmm(&dir, pid);
         }
         network::remove_tap(&network::tap_name(&instance.id))?;
+        // A shared disk goes only with the instance: a host that forgets an instance which
+        // moved on, or was restarted elsewhere, leaves it to the host running it.
+        if instance.spec.pool == Pool::Shared && instance.desired == Desired::Deleted {
+            let disk = self.disk_path(instance)?;
+            match std::fs::remove_file(&disk) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(AgentError::Io(format!("removing {}: {e}", disk.display()))),
+            }
+        }
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -1008,12 +1062,23 @@ impl HostAgent for LocalAgent {
         }
         std::fs::create_dir_all(&dir)
             .map_err(|e| AgentError::Io(format!("creating {}: {e}", dir.display())))?;
-        // The source copies its disk into a file of the same size (holes stay holes).
-        let disk = dir.join("disk.raw");
-        let file = std::fs::File::create(&disk)
-            .map_err(|e| AgentError::Io(format!("creating {}: {e}", disk.display())))?;
-        file.set_len(instance.spec.disk_mib << 20)
-            .map_err(|e| AgentError::Io(format!("sizing {}: {e}", disk.display())))?;
+        let disk = self.disk_path(instance)?;
+        if instance.spec.pool == Pool::Shared {
+            // The disk stays where it is, in use by the source until the guest pauses there.
+            if !disk.exists() {
+                return Err(AgentError::Io(format!(
+                    "instance {}'s disk {} is not on this host's shared pool: do the hosts mount the same one?",
+                    instance.name,
+                    disk.display()
+                )));
+            }
+        } else {
+            // The source copies its disk into a file of the same size (holes stay holes).
+            let file = std::fs::File::create(&disk)
+                .map_err(|e| AgentError::Io(format!("creating {}: {e}", disk.display())))?;
+            file.set_len(instance.spec.disk_mib << 20)
+                .map_err(|e| AgentError::Io(format!("sizing {}: {e}", disk.display())))?;
+        }
         let tap = network::tap_name(&instance.id);
         network::ensure_tap(&tap, &network.bridge)?;
         let port = std::net::TcpListener::bind((address.as_str(), 0))
@@ -1021,7 +1086,7 @@ impl HostAgent for LocalAgent {
             .map_err(|e| AgentError::Io(format!("finding a port on {address}: {e}")))?
             .port();
         let to = format!("tcp:{address}:{port}");
-        let args = [
+        let mut args = vec![
             "--incoming".to_string(),
             to.clone(),
             "--console".into(),
@@ -1033,6 +1098,7 @@ impl HostAgent for LocalAgent {
             "--vsock".into(),
             format!("cid={},socket={}", guest_cid(instance), dir.join("vsock.sock").display()),
         ];
+        args.extend(self.fence_args(instance));
         let pid = self.spawn_vmm_with(&dir, &args)?;
         Ok(Incoming { to, pid })
     }
@@ -1043,7 +1109,12 @@ impl HostAgent for LocalAgent {
         // A migration's length is the guest's memory and disk over the link: minutes at worst.
         let report = VmmClient::new(api_sock(&dir))
             .within(Duration::from_secs(1800))
-            .migrate(&Migrate { to: to.to_owned(), with_disks: Some(true), ..Default::default() })
+            .migrate(&Migrate {
+                to: to.to_owned(),
+                // A shared disk is the destination's already.
+                with_disks: Some(instance.spec.pool == Pool::Local),
+                ..Default::default()
+            })
             .map_err(|e| AgentError::Vmm(format!("migrating to {to}: {e}")))?;
         // The guest runs at the destination: this copy is done with.
         quit_vmm(&dir, pid);
@@ -1091,7 +1162,7 @@ impl HostAgent for LocalAgent {
         }
         std::fs::create_dir_all(&dir)
             .map_err(|e| AgentError::Io(format!("creating {}: {e}", dir.display())))?;
-        let path = dir.join("disk.raw");
+        let path = self.disk_path(instance)?;
         disk::write_chunk(&path, size, offset, data)
             .map_err(|e| AgentError::Io(format!("writing {}: {e}", path.display())))
     }

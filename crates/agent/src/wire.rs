@@ -5,7 +5,7 @@
 use stratus_protocol::{HostInfo, ImageFiles, InstanceOrder, NetworkConfig, Wanted, WarmFiles};
 
 use stratus_api::model::{
-    Desired, Host, Image, Instance, InstanceSpec, InstanceState, InstanceStatus, Network, RestartPolicy,
+    Desired, Host, Image, Instance, InstanceSpec, InstanceState, InstanceStatus, Network, Pool, RestartPolicy,
     WarmSnapshot, DEFAULT_PROJECT,
 };
 
@@ -106,6 +106,8 @@ pub fn order(
         mac: instance.status.mac.clone(),
         cid: instance.status.cid,
         first_start: instance.status.started_at == 0,
+        shared: instance.spec.pool == Pool::Shared,
+        purge: wanted == Wanted::Absent && instance.desired == Desired::Deleted,
     }
 }
 
@@ -124,11 +126,15 @@ pub fn instance_record(order: &InstanceOrder, pid: u32, started_at: u64) -> Inst
             network: order.network.name.clone(),
             restart: RestartPolicy::Never,
             anti_affinity: String::new(),
+            pool: if order.shared { Pool::Shared } else { Pool::Local },
+            ha: false,
         },
         desired: match order.wanted {
             Wanted::Running => Desired::Running,
             Wanted::Stopped => Desired::Stopped,
-            Wanted::Absent => Desired::Deleted,
+            Wanted::Absent if order.purge => Desired::Deleted,
+            // Removed from this host, not deleted: it lives on elsewhere.
+            Wanted::Absent => Desired::Stopped,
         },
         status: InstanceStatus {
             state: InstanceState::Pending,
@@ -162,6 +168,7 @@ pub fn host_info(host: &Host, address: &str) -> HostInfo {
         allocatable_mib: host.allocatable_mib,
         hypervisor: host.hypervisor.clone(),
         version: env!("CARGO_PKG_VERSION").to_string(),
+        shared_pool: host.shared_pool,
     }
 }
 
@@ -181,5 +188,6 @@ pub fn host_record(info: &HostInfo) -> Host {
         state: String::new(),
         maintenance: false,
         cpu_percent: None,
+        shared_pool: info.shared_pool,
     }
 }

@@ -66,6 +66,24 @@ pub struct InstanceSpec {
     /// Its anti-affinity group: no two instances of one group run on one host ("" for none).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub anti_affinity: String,
+    /// Where its disk lives.
+    #[serde(default)]
+    pub pool: Pool,
+    /// Restarted on another host when its host fails (its disk on the shared pool).
+    #[serde(default)]
+    pub ha: bool,
+}
+
+/// Where an instance's disk lives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Pool {
+    /// On its host's own storage: moves copy it.
+    #[default]
+    Local,
+    /// On the storage every host of the cluster mounts (NFS, say): it stays where it is when
+    /// the instance moves, and another host can start the instance when its host fails.
+    Shared,
 }
 
 /// When the reconciler starts an instance again after its VMM went away on its own.
@@ -111,6 +129,9 @@ pub enum InstanceState {
     Deleting,
     /// Failed; `message` says why.
     Error,
+    /// Its host failed and it cannot be started elsewhere (not `ha`): nothing is known of
+    /// it until the host is back.
+    Lost,
 }
 
 impl InstanceState {
@@ -124,6 +145,7 @@ impl InstanceState {
             InstanceState::Stopped => "stopped",
             InstanceState::Deleting => "deleting",
             InstanceState::Error => "error",
+            InstanceState::Lost => "lost",
         }
     }
 }
@@ -323,6 +345,9 @@ pub struct Host {
     /// until measured over a whole window, or with rebalancing off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_percent: Option<f64>,
+    /// It mounts the cluster's shared storage pool.
+    #[serde(default)]
+    pub shared_pool: bool,
 }
 
 /// The progress of an asynchronous request.

@@ -60,6 +60,7 @@ fn run(instances: usize) -> Row {
             allocatable_mib: 128 << 10,
             allocated_mib: 0,
             group_members: Vec::new(),
+            lacks: None,
         })
         .collect();
     let index: HashMap<String, usize> =

@@ -103,6 +103,11 @@ impl Cluster {
         Cluster { db, hosts, liveness: LIVENESS_TTL, leases: Mutex::default(), connected: Mutex::default() }
     }
 
+    /// How long a host stays online after its last heartbeat.
+    pub fn liveness(&self) -> Duration {
+        self.liveness
+    }
+
     /// The same, with hosts offline `ttl` after their last heartbeat (for tests).
     pub fn with_liveness(mut self, ttl: Duration) -> Cluster {
         self.liveness = ttl;
@@ -184,6 +189,7 @@ impl Cluster {
             state: String::new(),
             maintenance: false,
             cpu_percent: None,
+            shared_pool: false,
         };
         self.db.put(&host_key(name), &joining)?;
         Ok(Invitation { host: name.to_string(), token: format!("{id}.{secret}"), expires_at })

@@ -14,6 +14,7 @@ pub mod bell;
 pub mod cluster;
 pub mod consolidate;
 pub mod db;
+pub mod ha;
 pub mod hosts;
 pub mod image;
 pub mod imagesync;

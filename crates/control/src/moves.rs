@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use stratus_agent::HostAgent;
-use stratus_api::model::{now, Desired, Instance, InstanceState, Operation, OperationState, DEFAULT_PROJECT};
+use stratus_api::model::{now, Desired, Instance, InstanceState, Operation, OperationState, Pool, DEFAULT_PROJECT};
 
 use crate::db::{instance_key, operation_key, Db};
 use crate::hosts::Hosts;
@@ -103,6 +103,11 @@ pub fn run_cold(db: &Db, hosts: &Hosts, instance: Instance, to: &str, op: &str) 
         let agent =
             |name: &str| hosts.get(name).ok_or_else(|| format!("host '{name}' is not part of the cluster"));
         let (source, destination) = (agent(&from)?, agent(to)?);
+        if instance.spec.pool == Pool::Shared {
+            // Nothing to copy: the destination takes the disk where it is.
+            destination.stop(&arriving).map_err(|e| format!("{to} could not hold it: {e}"))?;
+            return Ok((0, 0));
+        }
         let layout = source.disk_layout(&instance).map_err(|e| format!("{from}: {e}"))?;
         let data: u64 = layout.extents.iter().map(|(_, length)| length).sum();
         event(
@@ -147,15 +152,12 @@ pub fn run_cold(db: &Db, hosts: &Hosts, instance: Instance, to: &str, op: &str) 
                     event("error", format!("removing the copy left on {from}: {e}"));
                 }
             }
-            event(
-                "info",
-                format!(
-                    "moved to {to} stopped in {:.1} s ({} MiB of its {} MiB disk copied)",
-                    started.elapsed().as_secs_f64(),
-                    sent >> 20,
-                    size >> 20
-                ),
-            );
+            let disk = if instance.spec.pool == Pool::Shared {
+                "its disk stays on the shared pool".to_string()
+            } else {
+                format!("{} MiB of its {} MiB disk copied", sent >> 20, size >> 20)
+            };
+            event("info", format!("moved to {to} stopped in {:.1} s ({disk})", started.elapsed().as_secs_f64()));
             None
         }
         Err(why) => {
@@ -314,7 +316,7 @@ pub fn prepare_move(state: &AppState, name: &str, to: Option<&str>) -> ApiResult
     let hosts = host_views(state)?;
     let members = group_members(state, &instance.spec.anti_affinity, name)?;
     let candidates: Vec<Candidate> =
-        hosts.iter().filter(|h| h.name != source).map(|h| candidate(h, &members)).collect();
+        hosts.iter().filter(|h| h.name != source).map(|h| candidate(h, &members, instance.spec.pool)).collect();
     if candidates.is_empty() {
         return Err(ApiError::conflict("there is no other host to move to (see `stratus host list`)"));
     }

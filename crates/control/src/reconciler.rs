@@ -415,7 +415,28 @@ impl Reconciler {
 
     fn check(&self, instance: Instance) {
         let Ok(agent) = self.agent(&instance) else { return };
-        let Probe::Down { cause, clean } = agent.probe(&instance) else { return };
+        let probe = agent.probe(&instance);
+        if instance.status.state == InstanceState::Lost {
+            // Its host failed: only the host, back, can say how it is.
+            if !crate::cluster::host_online(&self.db, &instance.status.host) {
+                return;
+            }
+            if let Probe::Running = probe {
+                let back = self.update(&instance, |i| {
+                    let lost = i.status.state == InstanceState::Lost;
+                    if lost {
+                        i.status.state = InstanceState::Running;
+                        i.status.message.clear();
+                    }
+                    lost
+                });
+                if back.is_some() {
+                    self.event(&instance, "info", format!("host {} is back, and it runs there", instance.status.host));
+                }
+                return;
+            }
+        }
+        let Probe::Down { cause, clean } = probe else { return };
         let policy = instance.spec.restart;
         let restart = match policy {
             RestartPolicy::Always => true,
@@ -513,7 +534,7 @@ fn next_step(instance: &Instance) -> Option<Step> {
                 Some(Step::Start)
             }
             S::Error => None,
-            S::Running => Some(Step::Check),
+            S::Running | S::Lost => Some(Step::Check),
         },
         Desired::Stopped => match state {
             S::Running | S::Starting | S::Stopping => Some(Step::Stop),

@@ -184,6 +184,7 @@ impl HostAgent for RemoteHost {
                         allocatable_mib: 0,
                         hypervisor: String::new(),
                         version: String::new(),
+                        shared_pool: false,
                     })
                 });
                 host.seen_at = 0;

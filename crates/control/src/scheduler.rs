@@ -1,6 +1,6 @@
 //! Placement: which host an instance runs on. Filters first (the host is online, not being
-//! drained, has the memory the instance needs, holds no other instance of its anti-affinity
-//! group), then a weigher ranks the hosts left: `spread`
+//! drained, has what the instance needs (the shared storage pool for a shared-pool disk) and
+//! the memory, holds no other instance of its anti-affinity group), then a weigher ranks the hosts left: `spread`
 //! prefers the host with the largest share of its memory free after the placement, `pack` the
 //! smallest (fewer hosts busy, the others free for large instances or power-off). Every
 //! decision is explained, the refused hosts with their reason, for the instance's events.
@@ -33,6 +33,9 @@ pub struct Candidate {
     pub allocated_mib: u64,
     /// Instances there of the anti-affinity group of the one being placed: any keeps it out.
     pub group_members: Vec<String>,
+    /// What the instance needs that the host lacks, whatever its load ("no shared storage
+    /// pool"): it keeps the instance out.
+    pub lacks: Option<&'static str>,
 }
 
 /// Where an instance goes, and why.
@@ -66,6 +69,8 @@ pub fn place(
         let free = host.allocatable_mib.saturating_sub(host.allocated_mib);
         if !host.online {
             refused.add(host, "offline", || "offline".into());
+        } else if let Some(lacks) = host.lacks {
+            refused.add(host, lacks, || lacks.into());
         } else if host.maintenance {
             refused.add(host, "in maintenance", || "in maintenance".into());
         } else if !host.group_members.is_empty() {
@@ -177,6 +182,7 @@ mod tests {
             allocatable_mib,
             allocated_mib,
             group_members: Vec::new(),
+            lacks: None,
         }
     }
 

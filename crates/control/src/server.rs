@@ -141,6 +141,7 @@ pub fn serve(mut config: ServeConfig) -> Result<()> {
     reconciler.spawn_watch(Arc::clone(&state.leadership));
     state.networks.spawn(Arc::clone(&state.leadership));
     crate::rebalance::spawn(Arc::clone(&state));
+    crate::ha::spawn(Arc::clone(&state));
     if let Some(name) = &replica {
         crate::imagesync::spawn(Arc::clone(&state), name, &url);
         // Hosts that joined through another replica, and hosts removed there.

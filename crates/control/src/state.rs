@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use axum::http::StatusCode;
 use stratus_agent::HostAgent;
-use stratus_api::model::{Desired, Host, Instance, DEFAULT_PROJECT};
+use stratus_api::model::{Desired, Host, Instance, Pool, DEFAULT_PROJECT};
 
 use crate::db::{Db, DbError};
 use crate::hosts::Hosts;
@@ -245,9 +245,11 @@ pub fn group_members(state: &AppState, group: &str, except: &str) -> ApiResult<V
         .collect())
 }
 
-/// A host as the scheduler weighs it, with the `members` of the group being placed.
-pub fn candidate(host: &Host, members: &[(String, String)]) -> Candidate {
+/// A host as the scheduler weighs it for an instance with its disk on `pool`, with the
+/// `members` of the group being placed.
+pub fn candidate(host: &Host, members: &[(String, String)], pool: Pool) -> Candidate {
     Candidate {
+        lacks: (pool == Pool::Shared && !host.shared_pool).then_some("no shared storage pool"),
         name: host.name.clone(),
         online: host.state == "online",
         maintenance: host.maintenance,

@@ -239,6 +239,7 @@ fn join_tokens_are_single_use_expiring_and_for_one_host(backend: Backend) {
         allocatable_mib: 3072,
         hypervisor: "sim".into(),
         version: "test".into(),
+        shared_pool: false,
     };
     let join =
         |token: &str, name: &str| cloud.state.cluster.join(token, &info(name)).map_err(|e| e.to_string());

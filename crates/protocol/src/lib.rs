@@ -49,6 +49,20 @@ pub struct HostInfo {
     pub hypervisor: String,
     /// The agent's build version.
     pub version: String,
+    /// The host mounts the cluster's shared storage pool: instances whose disks live there
+    /// (`--ha`) may run here, and its agent fences them ([`HeartbeatAnswer`]).
+    #[serde(default)]
+    pub shared_pool: bool,
+}
+
+/// The control plane's answer to a heartbeat.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatAnswer {
+    /// How long the host stays online from this heartbeat on, milliseconds: once that has
+    /// passed without another, the control plane may declare the host failed and restart
+    /// its shared-pool instances elsewhere, so the agent stops them before then (it fences
+    /// itself).
+    pub lease_ms: u64,
 }
 
 /// What the control plane wants of an instance.
@@ -160,6 +174,14 @@ pub struct InstanceOrder {
     /// It never ran: its disk holds nothing of its user's, so a start may begin from a fresh
     /// clone (or the warm snapshot).
     pub first_start: bool,
+    /// Its disk lives on the cluster's shared pool (`POOL/ID.raw`), not in the host's own
+    /// directory: a move leaves it where it is, and only a `purge` removes it.
+    #[serde(default)]
+    pub shared: bool,
+    /// With `wanted: absent`: the instance is deleted, its shared-pool disk with it. Without
+    /// it the host only forgets the instance (it moved, or was restarted elsewhere).
+    #[serde(default)]
+    pub purge: bool,
 }
 
 /// Where an instance is, as the agent sees it.

@@ -79,6 +79,7 @@ impl SimAgent {
                 allocatable_mib: memory_mib.saturating_sub(1024),
                 hypervisor: "sim".to_string(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
+                shared_pool: false,
             },
             state: Mutex::new(SimState { next_pid: 1000, ..SimState::default() }),
         }
@@ -87,6 +88,12 @@ impl SimAgent {
     /// The same host, reached at `address` (`IP:PORT`).
     pub fn at(mut self, address: &str) -> SimAgent {
         self.info.address = address.to_string();
+        self
+    }
+
+    /// The same host, mounting the cluster's shared storage pool.
+    pub fn with_shared_pool(mut self) -> SimAgent {
+        self.info.shared_pool = true;
         self
     }
 
@@ -558,6 +565,8 @@ pub(crate) mod tests {
             mac: "52:54:00:00:00:02".into(),
             cid: 3,
             first_start: true,
+            shared: false,
+            purge: false,
         }
     }
 

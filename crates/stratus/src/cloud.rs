@@ -486,9 +486,17 @@ pub struct AgentArgs {
     /// their order (for tests and scale runs of the control plane).
     #[arg(long, value_name = "BOOT_MS")]
     simulate: Option<u64>,
+    /// The cluster's shared storage pool, as this host mounts it (an NFS mount, say: every
+    /// host's path to the same directory). `--ha` instances keep their disks there and may
+    /// run only on hosts that have it. Their VMMs stop on their own when this agent's
+    /// heartbeats have not gone through for 70% of the lease (10 s): the control plane then
+    /// restarts them on another host, and two copies never write one disk.
+    #[arg(long, value_name = "DIR")]
+    shared_pool: Option<PathBuf>,
 }
 
-/// Runs the host agent until Ctrl-C; instances keep running after it stops.
+/// Runs the host agent until Ctrl-C; instances keep running after it stops (those on the
+/// shared pool until their fence runs out: a few seconds).
 pub fn agent(args: AgentArgs) -> Result<i32> {
     stratus_agent::daemon::run_agent(stratus_agent::daemon::AgentConfig {
         control: args.control,
@@ -499,6 +507,7 @@ pub fn agent(args: AgentArgs) -> Result<i32> {
         data_dir: args.data_dir,
         vmm_binary: std::env::current_exe().context("finding the stratus binary")?,
         simulate: args.simulate.map(std::time::Duration::from_millis),
+        shared_pool: args.shared_pool,
     })?;
     Ok(0)
 }

@@ -226,6 +226,12 @@ pub struct VmmArgs {
     /// With --restore: track written pages from the restore on, for a later diff snapshot.
     #[arg(long, requires = "restore")]
     track_dirty: bool,
+    /// Run only while FILE holds a deadline (boot-clock milliseconds) still to come, and exit
+    /// at once after it: the host agent renews it while the control plane counts the host
+    /// alive, so a host cut off from it stops its shared-disk guests before another host
+    /// starts them.
+    #[arg(long, value_name = "FILE")]
+    fence: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -415,6 +421,12 @@ fn restore_request(from: RestoreFrom) -> RestoreRequest {
 
 /// `stratus vmm`: serves the API until a quit request (or a signal).
 pub fn vmm(mut args: VmmArgs) -> anyhow::Result<i32> {
+    if let Some(fence) = args.fence.take() {
+        if stratus_agent::fence::remaining(&fence).is_zero() {
+            anyhow::bail!("fenced: {} holds no deadline to come (the host agent has not renewed it)", fence.display());
+        }
+        stratus_agent::fence::watch(fence).context("watching the fence file")?;
+    }
     // Listening for the migration before the API answers: a caller that sees the API up may
     // start the migration at once.
     let incoming = match &args.incoming {

@@ -47,7 +47,7 @@ pub(super) async fn agent_heartbeat(
     State(state): State<Shared>,
     headers: HeaderMap,
     Body(info): Body<stratus_protocol::HostInfo>,
-) -> ApiResult<StatusCode> {
+) -> ApiResult<Json<stratus_protocol::HeartbeatAnswer>> {
     let secret = bearer(&headers);
     let beating = Arc::clone(&state);
     tokio::task::spawn_blocking(move || {
@@ -56,7 +56,8 @@ pub(super) async fn agent_heartbeat(
     })
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    Ok(StatusCode::NO_CONTENT)
+    let lease_ms = state.cluster.liveness().as_millis().try_into().unwrap_or(u64::MAX);
+    Ok(Json(stratus_protocol::HeartbeatAnswer { lease_ms }))
 }
 
 #[derive(Deserialize)]

@@ -34,6 +34,12 @@ pub(super) struct LaunchRequest {
     #[serde(default)]
     #[schemars(regex(pattern = r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$"))]
     anti_affinity: Option<String>,
+    /// Restart it on another host when its host fails (its disk on the shared pool).
+    #[serde(default)]
+    ha: bool,
+    /// Where its disk lives: `local` (the default) or `shared` (the default with `ha`).
+    #[serde(default)]
+    pool: Option<Pool>,
 }
 
 pub(super) fn default_image() -> String {
@@ -108,12 +114,13 @@ pub(super) fn place(
     policy: Policy,
     only: Option<&str>,
     members: &[(String, String)],
+    pool: Pool,
 ) -> ApiResult<scheduler::Decision> {
     if let ([host], None) = (hosts, only) {
         // One host: the refusal says what is free there, as it always has.
         check_free_memory(host, memory_mib)?;
     }
-    let candidates: Vec<Candidate> = hosts.iter().map(|h| candidate(h, members)).collect();
+    let candidates: Vec<Candidate> = hosts.iter().map(|h| candidate(h, members, pool)).collect();
     scheduler::place(&candidates, memory_mib, policy, only).map_err(ApiError::conflict)
 }
 
@@ -167,8 +174,17 @@ pub(super) async fn launch(
     if !group.is_empty() {
         check_name("anti-affinity group", &group).map_err(ApiError::bad_request)?;
     }
+    let pool = match (req.pool, req.ha) {
+        (Some(Pool::Local), true) => {
+            return Err(ApiError::unprocessable(
+                "ha needs the disk on the shared pool (another host starts the instance from it): leave pool out or make it shared",
+            ))
+        }
+        (Some(pool), _) => pool,
+        (None, ha) => if ha { Pool::Shared } else { Pool::Local },
+    };
     let members = group_members(&state, &group, &req.name)?;
-    let placement = place(&hosts, req.memory_mib, req.placement, req.host.as_deref(), &members)?;
+    let placement = place(&hosts, req.memory_mib, req.placement, req.host.as_deref(), &members, pool)?;
     if state.db.instance(DEFAULT_PROJECT, &req.name)?.is_some() {
         return Err(ApiError::conflict(format!("instance '{}' already exists", req.name)));
     }
@@ -187,6 +203,8 @@ pub(super) async fn launch(
             network: req.network,
             restart: req.restart,
             anti_affinity: group,
+            pool,
+            ha: req.ha,
         },
         desired: Desired::Running,
         status: InstanceStatus {

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use stratus_agent::network::{self, Subnet};
 use stratus_api::model::{
     check_name, new_id, now, ClusterConfig, ConsolidationPlan, Desired, Host, Image, Instance, InstanceSpec,
-    InstanceState, InstanceStatus, Network, Operation, OperationState, RestartPolicy, DEFAULT_PROJECT,
+    InstanceState, InstanceStatus, Network, Operation, OperationState, Pool, RestartPolicy, DEFAULT_PROJECT,
 };
 
 use crate::db::{image_key, instance_key, network_key, operation_key, DbError};
