@@ -77,7 +77,8 @@ pub fn run_agent(config: AgentConfig) -> Result<()> {
     let agent: Arc<dyn Agent> = match config.simulate {
         None => {
             let ip = listen_ip(&address);
-            let mut local = LocalAgent::new(data, config.vmm_binary.clone()).named(&config.name).with_address(&ip);
+            let mut local =
+                LocalAgent::new(data, config.vmm_binary.clone()).named(&config.name).with_address(&ip);
             if let Some(pool) = &config.shared_pool {
                 local = local.with_shared_pool(pool, &fence);
             }

@@ -5,8 +5,8 @@
 use stratus_protocol::{HostInfo, ImageFiles, InstanceOrder, NetworkConfig, Wanted, WarmFiles};
 
 use stratus_api::model::{
-    Desired, Host, Image, Instance, InstanceSpec, InstanceState, InstanceStatus, Network, Pool, RestartPolicy,
-    WarmSnapshot, DEFAULT_PROJECT,
+    Desired, Host, Image, Instance, InstanceSpec, InstanceState, InstanceStatus, Network, Pool,
+    RestartPolicy, WarmSnapshot, DEFAULT_PROJECT,
 };
 
 /// A network as hosts build it.

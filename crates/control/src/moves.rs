@@ -13,7 +13,9 @@
 use std::time::Duration;
 
 use stratus_agent::HostAgent;
-use stratus_api::model::{now, Desired, Instance, InstanceState, Operation, OperationState, Pool, DEFAULT_PROJECT};
+use stratus_api::model::{
+    now, Desired, Instance, InstanceState, Operation, OperationState, Pool, DEFAULT_PROJECT,
+};
 
 use crate::db::{instance_key, operation_key, Db};
 use crate::hosts::Hosts;
@@ -157,7 +159,10 @@ pub fn run_cold(db: &Db, hosts: &Hosts, instance: Instance, to: &str, op: &str) 
             } else {
                 format!("{} MiB of its {} MiB disk copied", sent >> 20, size >> 20)
             };
-            event("info", format!("moved to {to} stopped in {:.1} s ({disk})", started.elapsed().as_secs_f64()));
+            event(
+                "info",
+                format!("moved to {to} stopped in {:.1} s ({disk})", started.elapsed().as_secs_f64()),
+            );
             None
         }
         Err(why) => {
@@ -315,8 +320,11 @@ pub fn prepare_move(state: &AppState, name: &str, to: Option<&str>) -> ApiResult
     // The destination must have room, as for a launch; the source is no choice.
     let hosts = host_views(state)?;
     let members = group_members(state, &instance.spec.anti_affinity, name)?;
-    let candidates: Vec<Candidate> =
-        hosts.iter().filter(|h| h.name != source).map(|h| candidate(h, &members, instance.spec.pool)).collect();
+    let candidates: Vec<Candidate> = hosts
+        .iter()
+        .filter(|h| h.name != source)
+        .map(|h| candidate(h, &members, instance.spec.pool))
+        .collect();
     if candidates.is_empty() {
         return Err(ApiError::conflict("there is no other host to move to (see `stratus host list`)"));
     }

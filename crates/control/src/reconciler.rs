@@ -431,7 +431,11 @@ impl Reconciler {
                     lost
                 });
                 if back.is_some() {
-                    self.event(&instance, "info", format!("host {} is back, and it runs there", instance.status.host));
+                    self.event(
+                        &instance,
+                        "info",
+                        format!("host {} is back, and it runs there", instance.status.host),
+                    );
                 }
                 return;
             }

@@ -59,6 +59,7 @@ on_both_stores!(
     failures_on_a_host_are_retried_and_crashes_restarted,
     hosts_with_instances_cannot_be_removed,
     moves_change_the_host_only_once_the_destination_runs_it,
+    ha_instances_restart_on_another_host_when_theirs_fails,
 );
 
 /// How fast a silent host goes offline here.
@@ -140,6 +141,7 @@ impl SimCloud {
         reconciler.spawn(Arc::clone(&state.leadership));
         state.networks.spawn(Arc::clone(&state.leadership));
         stratus_control::rebalance::spawn(Arc::clone(&state));
+        stratus_control::ha::spawn(Arc::clone(&state));
         let router = api::router(Arc::clone(&state));
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -167,7 +169,14 @@ impl SimCloud {
 
     /// Invites and joins simulated host `name`, then keeps its heartbeats going.
     fn join(&mut self, name: &str, memory_mib: u64) {
-        let sim = Arc::new(SimAgent::new(name, 2, memory_mib));
+        self.join_host(SimAgent::new(name, 2, memory_mib));
+    }
+
+    /// [`SimCloud::join`] of a host made already (one with the shared pool, say).
+    fn join_host(&mut self, sim: SimAgent) {
+        let name = sim.host().unwrap().name;
+        let name = name.as_str();
+        let sim = Arc::new(sim);
         let invitation: Value = self.client.post("/v1/hosts", &json!({ "name": name })).unwrap();
         let info = sim.host().unwrap();
         self.state.cluster.join(invitation["token"].as_str().unwrap(), &info).unwrap();
@@ -833,4 +842,66 @@ fn moves_change_the_host_only_once_the_destination_runs_it(backend: Backend) {
     let accepted: Value = cloud.client.post("/v1/instances/web/move", &json!({})).unwrap();
     assert_eq!(wait_op(&accepted)["state"], "succeeded");
     assert_ne!(cloud.instance("web").status.host, "h2");
+}
+
+fn ha_instances_restart_on_another_host_when_theirs_fails(backend: Backend) {
+    let Some(mut cloud) = SimCloud::new("ha", backend, &[]) else { return };
+    cloud.join_host(SimAgent::new("s1", 2, 4096).with_shared_pool());
+    cloud.join_host(SimAgent::new("s2", 2, 4096).with_shared_pool());
+    // The emptiest host, but without the pool: spread would pick it for anything else.
+    cloud.join_host(SimAgent::new("l3", 2, 16384));
+    let refused_pool = cloud.launch(json!({ "name": "x", "ha": true, "pool": "local" })).unwrap_err();
+    assert!(
+        matches!(&refused_pool, ClientError::Api { status: 422, message } if message.contains("shared pool")),
+        "{refused_pool:?}"
+    );
+    let refused_host = cloud.launch(json!({ "name": "x", "ha": true, "host": "l3" })).unwrap_err();
+    assert!(refused_host.to_string().contains("l3 refused: no shared storage pool"), "{refused_host}");
+
+    cloud.launch(json!({ "name": "db", "ha": true, "host": "s1" })).unwrap();
+    cloud.launch(json!({ "name": "web", "host": "s1" })).unwrap();
+    cloud.launch(json!({ "name": "spare", "ha": true })).unwrap();
+    for name in ["db", "web", "spare"] {
+        cloud.wait_state(name, "running");
+    }
+    let db = cloud.instance("db");
+    assert_eq!((db.spec.pool, db.spec.ha), (stratus_api::model::Pool::Shared, true));
+    assert_eq!(cloud.instance("spare").status.host, "s2", "an ha instance went to a host without the pool");
+
+    // s1 stops answering: once its lease and the margin have passed, db starts on s2 (l3 has
+    // no pool), and web, whose disk is on s1, is lost with the cause.
+    cloud.sim("s1").set_unreachable(true);
+    let failed = Instant::now();
+    let deadline = failed + Duration::from_secs(20);
+    while cloud.instance("db").status.host != "s2" {
+        assert!(Instant::now() < deadline, "db never left s1: {}", cloud.events("db"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Never before the lease (2 s here) and the margin.
+    assert!(failed.elapsed() >= LIVENESS + stratus_control::ha::MARGIN, "{:?}", failed.elapsed());
+    cloud.wait_state("db", "running");
+    let events = cloud.events("db");
+    assert!(
+        events.contains("host s1 failed (no heartbeat for")
+            && events.contains("restarting it on s2 from its disk on the shared pool"),
+        "{events}"
+    );
+    let web = cloud.wait_state("web", "lost");
+    assert!(web.status.message.contains("not ha"), "{web:?}");
+    assert_eq!(cloud.instance("spare").status.host, "s2");
+
+    // s1 is back: web is found running there, and s1 forgets its copy of db.
+    cloud.sim("s1").set_unreachable(false);
+    cloud.wait_state("web", "running");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cloud.sim("s1").running() != 1 {
+        assert!(Instant::now() < deadline, "s1 kept db: {}", cloud.events("db"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(cloud
+        .events("db")
+        .contains("host s1 is back and has forgotten its copy (it was restarted on s2)"));
+    assert!(cloud.events("web").contains("host s1 is back, and it runs there"));
+    assert_eq!(cloud.instance("db").status.host, "s2");
+    assert_eq!(cloud.sim("s2").running(), 2);
 }

@@ -241,6 +241,14 @@ pub struct LaunchArgs {
     /// service, so one host's failure takes only one of them).
     #[arg(long, value_name = "GROUP")]
     anti_affinity: Option<String>,
+    /// Restart it on another host if its host fails: its disk goes on the shared pool
+    /// (hosts whose agents run with --shared-pool), and it runs only on such hosts.
+    #[arg(long)]
+    ha: bool,
+    /// Where its disk lives: local (the host's own storage) or shared (the pool every host
+    /// mounts: live moves copy no disk). The default is shared with --ha, else local.
+    #[arg(long, value_parser = ["local", "shared"])]
+    pool: Option<String>,
     /// Return once the request is accepted instead of waiting for the guest.
     #[arg(long)]
     no_wait: bool,
@@ -555,7 +563,8 @@ fn age(since: u64) -> String {
 
 fn state_of(i: &Instance) -> String {
     let state = i.status.state.as_str();
-    if i.status.message.is_empty() || i.status.state != stratus_api::model::InstanceState::Error {
+    use stratus_api::model::InstanceState;
+    if i.status.message.is_empty() || !matches!(i.status.state, InstanceState::Error | InstanceState::Lost) {
         state.to_owned()
     } else {
         format!("{state}: {}", i.status.message)
@@ -637,6 +646,8 @@ pub fn launch(conn: &Connection, args: LaunchArgs) -> Result<i32> {
         "host": args.host,
         "placement": args.placement,
         "anti_affinity": args.anti_affinity,
+        "ha": args.ha,
+        "pool": args.pool,
     });
     let since = now_ms().saturating_sub(1);
     let accepted: Accepted = client.post("/v1/instances", &body)?;
@@ -744,6 +755,14 @@ pub fn show(conn: &Connection, name: &str) -> Result<i32> {
     println!(
         "size:     {} vCPU, {} MiB memory, {} MiB disk",
         instance.spec.cpus, instance.spec.memory_mib, instance.spec.disk_mib
+    );
+    let pool = match instance.spec.pool {
+        stratus_api::model::Pool::Local => "local (on its host)",
+        stratus_api::model::Pool::Shared => "shared (every host with the pool reaches it)",
+    };
+    println!(
+        "disk:     {pool}{}",
+        if instance.spec.ha { "; ha: restarted elsewhere if its host fails" } else { "" }
     );
     if s.boot_ms > 0 {
         println!("boot:     {} in {:.1} s", s.boot, s.boot_ms as f64 / 1e3);
@@ -985,11 +1004,23 @@ pub fn host(conn: &Connection, command: HostCommand) -> Result<i32> {
                         h.cpu_percent.map_or("-".to_string(), |p| format!("{p:.0}%")),
                         format!("{}M/{}M", h.allocated_mib, h.allocatable_mib),
                         h.instances.to_string(),
+                        if h.shared_pool { "shared" } else { "-" }.into(),
                     ]
                 })
                 .collect();
             print_table(
-                &["NAME", "ADDRESS", "STATE", "SEEN", "KVM", "VCPUS", "CPU USE", "MEMORY", "INSTANCES"],
+                &[
+                    "NAME",
+                    "ADDRESS",
+                    "STATE",
+                    "SEEN",
+                    "KVM",
+                    "VCPUS",
+                    "CPU USE",
+                    "MEMORY",
+                    "INSTANCES",
+                    "POOL",
+                ],
                 &rows,
             );
         }

@@ -1,7 +1,8 @@
 //! `stratus lab`: a cluster of N hosts on this one machine, each host a network namespace
 //! (`stratus-lab-hN`, address 10.220.0.N on a veth to the bridge `stratuslab0`, where this
 //! machine is 10.220.0.254). Host h1 runs `stratus serve` (the control plane and a host), the
-//! others `stratus agent`, joined with tokens as real machines would be. For trying a cluster
+//! others `stratus agent`, joined with tokens as real machines would be, sharing the storage
+//! pool `DIR/shared` (what an NFS mount is to real hosts). For trying a cluster
 //! on a laptop, and for the multi-host tests, which use the same code.
 //!
 //! Everything lives in one directory (`/var/lib/stratus-lab` by default, marked as the lab's)
@@ -139,6 +140,9 @@ fn up(count: u32, dir: &Path) -> Result<i32> {
     )?;
     let token = wait_for_token(&h1, &url, &h1.join("serve.log"))?;
     let client = ApiClient::new(&url, &token);
+    // The hosts' shared storage pool: one directory, as an NFS export would be.
+    let shared = dir.join("shared");
+    std::fs::create_dir_all(&shared)?;
     for n in 2..=count {
         let name = format!("h{n}");
         let invitation: serde_json::Value = client.post("/v1/hosts", &json!({ "name": name }))?;
@@ -160,6 +164,8 @@ fn up(count: u32, dir: &Path) -> Result<i32> {
                 &host_address(n),
                 "--data-dir",
                 &data.display().to_string(),
+                "--shared-pool",
+                &shared.display().to_string(),
             ],
             &data.join("agent.log"),
         )?;

@@ -423,7 +423,10 @@ fn restore_request(from: RestoreFrom) -> RestoreRequest {
 pub fn vmm(mut args: VmmArgs) -> anyhow::Result<i32> {
     if let Some(fence) = args.fence.take() {
         if stratus_agent::fence::remaining(&fence).is_zero() {
-            anyhow::bail!("fenced: {} holds no deadline to come (the host agent has not renewed it)", fence.display());
+            anyhow::bail!(
+                "fenced: {} holds no deadline to come (the host agent has not renewed it)",
+                fence.display()
+            );
         }
         stratus_agent::fence::watch(fence).context("watching the fence file")?;
     }
