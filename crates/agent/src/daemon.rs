@@ -122,6 +122,8 @@ pub fn run_agent(config: AgentConfig) -> Result<()> {
             }
         }
     }
+    // Only a host with the shared pool runs fenced VMMs.
+    let fence = config.shared_pool.is_some().then_some(fence);
     spawn_heartbeats(control.clone(), credential.clone(), Arc::clone(&agent), fence);
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -226,8 +228,8 @@ fn membership(data: &Path, control: &str, config: &AgentConfig, info: &HostInfo)
 
 /// Sends this host's report to the control plane every [`HEARTBEAT_EVERY`], saying so once
 /// when the control plane stops taking them, and once when it takes them again. Each
-/// heartbeat taken renews the `fence` file's deadline ([`crate::fence`]).
-fn spawn_heartbeats(control: String, credential: String, agent: Arc<dyn Agent>, fence: PathBuf) {
+/// heartbeat taken renews the `fence` file's deadline, if there is one ([`crate::fence`]).
+fn spawn_heartbeats(control: String, credential: String, agent: Arc<dyn Agent>, fence: Option<PathBuf>) {
     let _ = std::thread::Builder::new().name("heartbeat".into()).spawn(move || {
         let mut failing = false;
         let mut replicas = replicas(&control);
@@ -248,7 +250,8 @@ fn spawn_heartbeats(control: String, credential: String, agent: Arc<dyn Agent>, 
                     .map_err(|e| e.to_string())?
                     .into_json()
                     .map_err(|e| format!("the control plane's answer: {e}"))?;
-                crate::fence::renew(&fence, at, Duration::from_millis(answer.lease_ms))
+                let Some(fence) = &fence else { return Ok(()) };
+                crate::fence::renew(fence, at, Duration::from_millis(answer.lease_ms))
                     .map_err(|e| format!("writing {}: {e}", fence.display()))
             });
             match sent {

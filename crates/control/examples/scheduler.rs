@@ -90,7 +90,7 @@ fn run(instances: usize) -> Row {
         if !group.is_empty() {
             groups.entry(group.clone()).or_default().push((host, name.clone()));
         }
-        residents[host].push(Resident { name, memory_mib, cpus: 2, group });
+        residents[host].push(Resident { name, memory_mib, cpus: 2, group, shared: false });
     }
     let placing = started.elapsed().as_secs_f64();
     times.sort_by(f64::total_cmp);
@@ -102,6 +102,7 @@ fn run(instances: usize) -> Row {
             usable: true,
             cpus: 64,
             allocatable_mib: c.allocatable_mib,
+            shared_pool: false,
             instances,
         })
         .collect();

@@ -31,6 +31,8 @@ pub struct HostLoad {
     pub cpus: u32,
     /// Memory instances may use, MiB.
     pub allocatable_mib: u64,
+    /// It mounts the shared storage pool (it may take shared-pool instances).
+    pub shared_pool: bool,
     /// The instances placed there.
     pub instances: Vec<Resident>,
 }
@@ -46,6 +48,8 @@ pub struct Resident {
     pub cpus: u32,
     /// Its anti-affinity group ("" for none).
     pub group: String,
+    /// Its disk is on the shared pool: only hosts that mount it take it.
+    pub shared: bool,
 }
 
 /// A host's load while planning.
@@ -56,6 +60,7 @@ struct Load {
     cpus: u32,
     vcpus: u32,
     groups: BTreeMap<String, u32>,
+    shared_pool: bool,
     /// It takes instances in this plan: it is not emptied.
     receives: Vec<String>,
     /// Why it could not be emptied, if that was tried.
@@ -67,9 +72,11 @@ impl Load {
         self.allocatable_mib.saturating_sub(self.allocated_mib)
     }
 
-    /// Whether `r` fits here by CPU headroom and anti-affinity (memory is the index's).
+    /// Whether `r` fits here by storage, CPU headroom and anti-affinity (memory is the
+    /// index's).
     fn admits(&self, r: &Resident) -> bool {
-        self.vcpus + r.cpus <= self.cpus.max(1) * VCPUS_PER_CPU
+        (!r.shared || self.shared_pool)
+            && self.vcpus + r.cpus <= self.cpus.max(1) * VCPUS_PER_CPU
             && (r.group.is_empty() || !self.groups.contains_key(&r.group))
     }
 
@@ -141,6 +148,7 @@ pub fn plan(hosts: &[HostLoad]) -> Plan {
                 cpus: host.cpus,
                 vcpus: 0,
                 groups: BTreeMap::new(),
+                shared_pool: host.shared_pool,
                 receives: Vec::new(),
                 stays: None,
             };
@@ -241,9 +249,16 @@ mod tests {
             usable: true,
             cpus: 2,
             allocatable_mib,
+            shared_pool: false,
             instances: instances
                 .iter()
-                .map(|(n, m)| Resident { name: n.to_string(), memory_mib: *m, cpus: 1, group: String::new() })
+                .map(|(n, m)| Resident {
+                    name: n.to_string(),
+                    memory_mib: *m,
+                    cpus: 1,
+                    group: String::new(),
+                    shared: false,
+                })
                 .collect(),
         }
     }
@@ -289,12 +304,24 @@ mod tests {
         // h2 has room in memory for everything, but only 2 CPUs: 8 vCPUs at most.
         let mut busy = host("h1", 8192, &[]);
         busy.instances = (0..6)
-            .map(|i| Resident { name: format!("w{i}"), memory_mib: 128, cpus: 1, group: String::new() })
+            .map(|i| Resident {
+                name: format!("w{i}"),
+                memory_mib: 128,
+                cpus: 1,
+                group: String::new(),
+                shared: false,
+            })
             .collect();
         let plan_cpu = plan(&[busy.clone(), host("h2", 8192, &[("x", 2048), ("y", 2048)])]);
         // h1 (768 MiB) is the lighter, but 6 + 2 vCPUs fit h2 exactly: emptied.
         assert_eq!(plan_cpu.emptied, ["h1"]);
-        busy.instances.push(Resident { name: "w6".into(), memory_mib: 128, cpus: 1, group: String::new() });
+        busy.instances.push(Resident {
+            name: "w6".into(),
+            memory_mib: 128,
+            cpus: 1,
+            group: String::new(),
+            shared: false,
+        });
         let plan_cpu = plan(&[busy, host("h2", 8192, &[("x", 2048), ("y", 2048)])]);
         assert!(plan_cpu.emptied.is_empty(), "9 vCPUs on 2 CPUs: {plan_cpu:?}");
 
@@ -307,6 +334,25 @@ mod tests {
         assert_eq!(plan.moves[0].to, "h3", "web1 may not join web2 on h2");
         let h2 = plan.kept.iter().find(|k| k.name == "h2").unwrap();
         assert!(h2.why.contains("web2"), "{}", h2.why);
+    }
+
+    #[test]
+    fn shared_pool_disks_go_only_where_the_pool_is() {
+        let mut h1 = host("h1", 4096, &[("db", 256)]);
+        h1.instances[0].shared = true;
+        // The lightest host, but only h2 (the fuller) has the pool: db goes there.
+        let plan1 = plan(&[
+            h1.clone(),
+            HostLoad { shared_pool: true, ..host("h2", 4096, &[("x", 2048)]) },
+            host("h3", 4096, &[("y", 1024)]),
+        ]);
+        assert_eq!(
+            plan1.moves.iter().find(|m| m.instance == "db").map(|m| m.to.as_str()),
+            Some("h2"),
+            "{plan1:?}"
+        );
+        let plan2 = plan(&[h1, host("h2", 4096, &[("x", 2048)])]);
+        assert!(!plan2.emptied.contains(&"h1".to_string()), "db has nowhere to go: {plan2:?}");
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub struct HostUse {
     pub settled: bool,
     /// Memory not allocated to instances, MiB.
     pub free_mib: u64,
+    /// It mounts the shared storage pool (it may take shared-pool instances).
+    pub shared_pool: bool,
     /// The running instances there.
     pub instances: Vec<InstanceUse>,
 }
@@ -57,6 +59,8 @@ pub struct InstanceUse {
     pub group: String,
     /// Moved within its cooldown: it stays.
     pub cooling: bool,
+    /// Its disk is on the shared pool: only hosts that mount it take it.
+    pub shared: bool,
 }
 
 /// A move the rebalancer decided on.
@@ -99,6 +103,7 @@ pub fn decide(hosts: &[HostUse], config: &RebalanceConfig) -> Vec<Rebalance> {
             .instances
             .iter()
             .filter(|i| !i.cooling && i.cpus_busy > 0.0 && i.memory_mib <= to.free_mib)
+            .filter(|i| !i.shared || to.shared_pool)
             .filter(|i| i.group.is_empty() || to.instances.iter().all(|other| other.group != i.group))
             .filter_map(|i| {
                 let hot_after = hot_load - i.cpus_busy / f64::from(from.cpus.max(1)) * 100.0;
@@ -228,6 +233,7 @@ impl Rebalancer {
                     memory_mib: instance.spec.memory_mib,
                     group: instance.spec.anti_affinity.clone(),
                     cooling: self.cooling.get(&instance.name).is_some_and(|until| now < *until),
+                    shared: instance.spec.pool == stratus_api::model::Pool::Shared,
                 });
             }
             let measured = instances.len() == here.len();
@@ -237,6 +243,7 @@ impl Rebalancer {
                 usable: online && !host.maintenance,
                 settled,
                 free_mib: host.allocatable_mib.saturating_sub(host.allocated_mib),
+                shared_pool: host.shared_pool,
                 instances,
             };
             // What `host list` shows: the use of a host measured over a whole window.
@@ -290,11 +297,26 @@ mod tests {
     use super::*;
 
     fn instance(name: &str, cpus_busy: f64) -> InstanceUse {
-        InstanceUse { name: name.into(), cpus_busy, memory_mib: 256, group: String::new(), cooling: false }
+        InstanceUse {
+            name: name.into(),
+            cpus_busy,
+            memory_mib: 256,
+            group: String::new(),
+            cooling: false,
+            shared: false,
+        }
     }
 
     fn host(name: &str, instances: Vec<InstanceUse>) -> HostUse {
-        HostUse { name: name.into(), cpus: 2, usable: true, settled: true, free_mib: 4096, instances }
+        HostUse {
+            name: name.into(),
+            cpus: 2,
+            usable: true,
+            settled: true,
+            free_mib: 4096,
+            shared_pool: false,
+            instances,
+        }
     }
 
     fn config() -> RebalanceConfig {
@@ -351,6 +373,12 @@ mod tests {
         grouped.instances.iter_mut().for_each(|i| i.group = "g".into());
         let member = InstanceUse { group: "g".into(), ..instance("g2", 0.0) };
         assert!(decide(&[grouped, host("h2", vec![member])], &config()).is_empty(), "anti-affinity");
+        // Disks on the shared pool go only where the pool is.
+        let mut shared = busy();
+        shared.instances.iter_mut().for_each(|i| i.shared = true);
+        assert!(decide(&[shared.clone(), host("h2", vec![])], &config()).is_empty(), "h2 lacks the pool");
+        let pooled = HostUse { shared_pool: true, ..host("h2", vec![]) };
+        assert_eq!(decide(&[shared, pooled], &config()).len(), 1);
     }
 
     #[test]

@@ -328,10 +328,12 @@ fn a_silent_host_goes_offline_and_takes_no_launches(backend: Backend) {
         assert!(Instant::now() < deadline, "h2 stayed online: {:?}", cloud.hosts());
         std::thread::sleep(Duration::from_millis(100));
     }
-    // Unreachable is not down: the instance is not restarted anywhere, nor marked failed.
+    // Unreachable is not down: the instance (not ha) is not restarted anywhere, nor marked
+    // failed; it shows lost, with the cause.
     std::thread::sleep(Duration::from_secs(3));
     let instance = cloud.instance("web");
-    assert_eq!((instance.status.state.as_str(), instance.status.host.as_str()), ("running", "h2"));
+    assert_eq!((instance.status.state.as_str(), instance.status.host.as_str()), ("lost", "h2"));
+    assert!(instance.status.message.contains("host h2 failed"), "{instance:?}");
     for n in 0..3 {
         assert_eq!(cloud.launch(json!({ "name": format!("new{n}") })).unwrap().status.host, "h1");
     }
@@ -343,6 +345,8 @@ fn a_silent_host_goes_offline_and_takes_no_launches(backend: Backend) {
         assert!(Instant::now() < deadline, "h2 never came back: {:?}", cloud.hosts());
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Back, it is found running there.
+    cloud.wait_state("web", "running");
     assert_eq!(cloud.sim("h2").running(), 1, "nothing was duplicated meanwhile: {web:?}");
 }
 

@@ -118,6 +118,7 @@ pub(super) fn consolidation(state: &AppState) -> ApiResult<ConsolidationPlan> {
             usable: host.state == "online" && !host.maintenance,
             cpus: host.cpus,
             allocatable_mib: host.allocatable_mib,
+            shared_pool: host.shared_pool,
             instances: instances
                 .iter()
                 .filter(|i| placed_on(state, i) == host.name && i.desired != Desired::Deleted)
@@ -128,6 +129,7 @@ pub(super) fn consolidation(state: &AppState) -> ApiResult<ConsolidationPlan> {
                         memory_mib: if holds { i.spec.memory_mib } else { 0 },
                         cpus: if holds { i.spec.cpus } else { 0 },
                         group: i.spec.anti_affinity.clone(),
+                        shared: i.spec.pool == stratus_api::model::Pool::Shared,
                     }
                 })
                 .collect(),
