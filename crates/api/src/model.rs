@@ -491,6 +491,9 @@ pub struct RebalanceConfig {
     pub cooldown_s: u64,
     /// Moves at most per round (each between two hosts no other move of the round touches).
     pub max_moves: u32,
+    /// Percent of a host's memory for instances that its guests, measured over the window,
+    /// may use before instances move off it (to the host using the least).
+    pub memory_percent: u32,
 }
 
 impl Default for RebalanceConfig {
@@ -502,6 +505,7 @@ impl Default for RebalanceConfig {
             min_gain_percent: 10,
             cooldown_s: 1800,
             max_moves: 2,
+            memory_percent: 90,
         }
     }
 }
@@ -517,6 +521,10 @@ pub const CONFIG_KEYS: &[(&str, &str)] = &[
     ("rebalance.min_gain_percent", "points a move must narrow that gap by (1 to 100)"),
     ("rebalance.cooldown_s", "seconds a moved instance stays put (0 to 604800)"),
     ("rebalance.max_moves", "moves at most per round (1 to 16)"),
+    (
+        "rebalance.memory_percent",
+        "percent of a host's memory its guests may use, measured, before one moves off (50 to 100)",
+    ),
 ];
 
 impl ClusterConfig {
@@ -547,6 +555,7 @@ impl ClusterConfig {
             "rebalance.min_gain_percent" => r.min_gain_percent = number(key, value, 1, 100)?,
             "rebalance.cooldown_s" => r.cooldown_s = number(key, value, 0, 604_800)?,
             "rebalance.max_moves" => r.max_moves = number(key, value, 1, 16)?,
+            "rebalance.memory_percent" => r.memory_percent = number(key, value, 50, 100)?,
             _ => {
                 let known: Vec<&str> = CONFIG_KEYS.iter().map(|(k, _)| *k).collect();
                 return Err(format!("unknown setting '{key}': known are {}", known.join(", ")));

@@ -4,14 +4,18 @@
 //! For each size (instances; hosts are a tenth of them, 128 GiB and 64 CPUs each): places the
 //! instances one after another with every filter and weigher on (online, maintenance, memory,
 //! anti-affinity: one instance in ten is in a group of three, spread weigher), each placement
-//! seeing the allocations of the ones before, then plans the consolidation of the result.
+//! seeing the allocations of the ones before, then plans the consolidation of the result, and
+//! a full rebalancing round of it (one host in five busy: its instances keep 5 CPUs each busy,
+//! the others' 0.2; as many moves as the rebalancer finds, one per host).
 //!
 //! Usage: cargo run --release -p stratus-control --example scheduler -- [INSTANCES ...]
 
 use std::collections::HashMap;
 use std::time::Instant;
 
+use stratus_api::model::RebalanceConfig;
 use stratus_control::consolidate::{self, HostLoad, Resident};
+use stratus_control::rebalance::{self, HostUse, InstanceUse};
 use stratus_control::scheduler::{self, Candidate, Policy};
 
 /// Memory sizes of the instances, in turn (MiB).
@@ -21,13 +25,22 @@ fn main() {
     let sizes: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let sizes = if sizes.is_empty() { vec![1_000, 10_000, 100_000] } else { sizes };
     println!(
-        "{:>9} {:>7}  {:>13} {:>9} {:>9}  {:>12} {:>8} {:>7}",
-        "instances", "hosts", "placements/s", "p50 µs", "p99 µs", "consolidate", "emptied", "moves"
+        "{:>9} {:>7}  {:>13} {:>9} {:>9}  {:>12} {:>8} {:>7}  {:>12} {:>8}",
+        "instances",
+        "hosts",
+        "placements/s",
+        "p50 µs",
+        "p99 µs",
+        "consolidate",
+        "emptied",
+        "moves",
+        "rebalance",
+        "moves"
     );
     for instances in sizes {
         let row = run(instances);
         println!(
-            "{:>9} {:>7}  {:>13.0} {:>9.1} {:>9.1}  {:>9.0} ms {:>8} {:>7}",
+            "{:>9} {:>7}  {:>13.0} {:>9.1} {:>9.1}  {:>9.0} ms {:>8} {:>7}  {:>9.0} ms {:>8}",
             instances,
             row.hosts,
             row.placements_per_s,
@@ -35,7 +48,9 @@ fn main() {
             row.p99_us,
             row.plan_ms,
             row.emptied,
-            row.moves
+            row.moves,
+            row.rebalance_ms,
+            row.rebalance_moves
         );
     }
 }
@@ -48,6 +63,8 @@ struct Row {
     plan_ms: f64,
     emptied: usize,
     moves: usize,
+    rebalance_ms: f64,
+    rebalance_moves: usize,
 }
 
 fn run(instances: usize) -> Row {
@@ -109,6 +126,36 @@ fn run(instances: usize) -> Row {
     let t = Instant::now();
     let plan = consolidate::plan(&loads);
     let plan_ms = t.elapsed().as_secs_f64() * 1e3;
+    let uses: Vec<HostUse> = loads
+        .iter()
+        .enumerate()
+        .map(|(n, load)| HostUse {
+            name: load.name.clone(),
+            cpus: load.cpus,
+            usable: true,
+            settled: true,
+            memory_mib: load.allocatable_mib,
+            free_mib: load.allocatable_mib - load.instances.iter().map(|r| r.memory_mib).sum::<u64>(),
+            shared_pool: false,
+            instances: load
+                .instances
+                .iter()
+                .map(|r| InstanceUse {
+                    name: r.name.clone(),
+                    cpus_busy: if n % 5 == 0 { 5.0 } else { 0.2 },
+                    memory_mib: r.memory_mib,
+                    memory_used_mib: r.memory_mib / 2,
+                    group: r.group.clone(),
+                    cooling: false,
+                    shared: false,
+                })
+                .collect(),
+        })
+        .collect();
+    let config = RebalanceConfig { max_moves: u32::MAX, ..RebalanceConfig::default() };
+    let t = Instant::now();
+    let rebalances = rebalance::decide(&uses, &config);
+    let rebalance_ms = t.elapsed().as_secs_f64() * 1e3;
     Row {
         hosts,
         placements_per_s: instances as f64 / placing,
@@ -117,5 +164,7 @@ fn run(instances: usize) -> Row {
         plan_ms,
         emptied: plan.emptied.len(),
         moves: plan.moves.len(),
+        rebalance_ms,
+        rebalance_moves: rebalances.len(),
     }
 }

@@ -13,8 +13,11 @@
 //! over 5 min, h3 31%: moved web4 (using 80% of a CPU) to h3; the gap goes from 63 to 23
 //! points").
 //!
-//! Memory is not measured but allocated: an instance goes only where its memory is free, as
-//! any placement.
+//! Memory is measured too (each VMM's resident memory, averaged over the window): a host whose
+//! guests use more than `memory_percent` of its memory for instances moves one off first, to
+//! the host using the least, choosing the smallest that brings it back under (else the
+//! largest), where the destination stays under the mark too. An instance goes only where its
+//! memory is allocated free as well, as any placement.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -38,6 +41,8 @@ pub struct HostUse {
     pub usable: bool,
     /// Measured over a whole window, and not part of a move within it.
     pub settled: bool,
+    /// Memory for instances, MiB (the host's allocatable memory).
+    pub memory_mib: u64,
     /// Memory not allocated to instances, MiB.
     pub free_mib: u64,
     /// It mounts the shared storage pool (it may take shared-pool instances).
@@ -55,6 +60,8 @@ pub struct InstanceUse {
     pub cpus_busy: f64,
     /// Its memory, MiB.
     pub memory_mib: u64,
+    /// The memory it used, measured (the VMM's resident memory), on average over the window.
+    pub memory_used_mib: u64,
     /// Its anti-affinity group ("" for none).
     pub group: String,
     /// Moved within its cooldown: it stays.
@@ -81,15 +88,100 @@ impl HostUse {
     fn load(&self) -> f64 {
         self.instances.iter().fold(0.0, |sum, i| sum + i.cpus_busy) / f64::from(self.cpus.max(1)) * 100.0
     }
+
+    /// Memory use, in percent of the host's memory for instances.
+    fn memory_load(&self) -> f64 {
+        let used: u64 = self.instances.iter().map(|i| i.memory_used_mib).sum();
+        used as f64 / self.memory_mib.max(1) as f64 * 100.0
+    }
+
+    /// Whether instance `i` may go to this host at all: its allocation fits, the storage it
+    /// needs is here, and no other member of its anti-affinity group runs here.
+    fn admits(&self, i: &InstanceUse) -> bool {
+        !i.cooling
+            && i.memory_mib <= self.free_mib
+            && (!i.shared || self.shared_pool)
+            && (i.group.is_empty() || self.instances.iter().all(|other| other.group != i.group))
+    }
+}
+
+/// Moves off hosts whose guests use more memory than `config.memory_percent` allows, at most
+/// `config.max_moves`; each host takes part in one, and goes into `taken`.
+fn memory_moves(hosts: &[HostUse], config: &RebalanceConfig, taken: &mut HashSet<usize>) -> Vec<Rebalance> {
+    let limit = f64::from(config.memory_percent);
+    let eligible: Vec<usize> = (0..hosts.len()).filter(|&i| hosts[i].usable && hosts[i].settled).collect();
+    let mut hot: Vec<usize> = eligible.iter().copied().filter(|&i| hosts[i].memory_load() > limit).collect();
+    hot.sort_by(|&a, &b| hosts[b].memory_load().total_cmp(&hosts[a].memory_load()));
+    let mut moves = Vec::new();
+    for from in hot {
+        if moves.len() >= config.max_moves as usize || taken.contains(&from) {
+            continue;
+        }
+        let Some(to) = eligible
+            .iter()
+            .copied()
+            .filter(|&i| i != from && !taken.contains(&i) && hosts[i].memory_load() <= limit)
+            .min_by(|&a, &b| hosts[a].memory_load().total_cmp(&hosts[b].memory_load()))
+        else {
+            break;
+        };
+        let (source, destination) = (&hosts[from], &hosts[to]);
+        let (hot_load, cool_load) = (source.memory_load(), destination.memory_load());
+        let share = |i: &InstanceUse, host: &HostUse| {
+            i.memory_used_mib as f64 / host.memory_mib.max(1) as f64 * 100.0
+        };
+        let fitting: Vec<&InstanceUse> = source
+            .instances
+            .iter()
+            .filter(|i| i.memory_used_mib > 0 && destination.admits(i))
+            // The destination stays under the mark, and below the source: no move back.
+            .filter(|i| {
+                let cool_after = cool_load + share(i, destination);
+                cool_after <= limit && cool_after < hot_load - share(i, source)
+            })
+            .collect();
+        let enough = fitting
+            .iter()
+            .filter(|i| hot_load - share(i, source) <= limit)
+            .min_by_key(|i| (i.memory_used_mib, i.name.clone()));
+        let Some(instance) =
+            enough.or_else(|| fitting.iter().max_by_key(|i| (i.memory_used_mib, i.name.clone())))
+        else {
+            continue;
+        };
+        moves.push(Rebalance {
+            instance: instance.name.clone(),
+            from: source.name.clone(),
+            to: destination.name.clone(),
+            reason: format!(
+                "{} memory {hot_load:.0}% used over {}, {} {cool_load:.0}%: moved {} (using {}) to {}",
+                source.name,
+                span(config.window_s),
+                destination.name,
+                instance.name,
+                crate::scheduler::mib(instance.memory_used_mib),
+                destination.name
+            ),
+        });
+        taken.insert(from);
+        taken.insert(to);
+    }
+    moves
 }
 
 /// The moves that even out the hosts' CPU use, at most `config.max_moves`.
 pub fn decide(hosts: &[HostUse], config: &RebalanceConfig) -> Vec<Rebalance> {
     let threshold = f64::from(config.threshold_percent);
     let min_gain = f64::from(config.min_gain_percent);
-    let mut loads: Vec<(usize, f64)> =
-        hosts.iter().enumerate().filter(|(_, h)| h.usable && h.settled).map(|(i, h)| (i, h.load())).collect();
-    let mut moves = Vec::new();
+    // Memory short first: a host out of memory is worse off than a busy one.
+    let mut taken = HashSet::new();
+    let mut moves = memory_moves(hosts, config, &mut taken);
+    let mut loads: Vec<(usize, f64)> = hosts
+        .iter()
+        .enumerate()
+        .filter(|(i, h)| h.usable && h.settled && !taken.contains(i))
+        .map(|(i, h)| (i, h.load()))
+        .collect();
     while moves.len() < config.max_moves as usize && loads.len() >= 2 {
         loads.sort_by(|a, b| b.1.total_cmp(&a.1).then(hosts[a.0].name.cmp(&hosts[b.0].name)));
         let (hot, hot_load) = loads[0];
@@ -102,9 +194,7 @@ pub fn decide(hosts: &[HostUse], config: &RebalanceConfig) -> Vec<Rebalance> {
         let best = from
             .instances
             .iter()
-            .filter(|i| !i.cooling && i.cpus_busy > 0.0 && i.memory_mib <= to.free_mib)
-            .filter(|i| !i.shared || to.shared_pool)
-            .filter(|i| i.group.is_empty() || to.instances.iter().all(|other| other.group != i.group))
+            .filter(|i| i.cpus_busy > 0.0 && to.admits(i))
             .filter_map(|i| {
                 let hot_after = hot_load - i.cpus_busy / f64::from(from.cpus.max(1)) * 100.0;
                 let cool_after = cool_load + i.cpus_busy / f64::from(to.cpus.max(1)) * 100.0;
@@ -174,8 +264,8 @@ pub fn settings(state: &AppState) -> ClusterConfig {
 
 #[derive(Default)]
 struct Rebalancer {
-    /// CPU seconds per instance id, as sampled, oldest first.
-    samples: HashMap<String, VecDeque<(Instant, f64)>>,
+    /// CPU seconds and resident memory (MiB) per instance id, as sampled, oldest first.
+    samples: HashMap<String, VecDeque<(Instant, f64, u64)>>,
     /// Instances moved, until when they stay put.
     cooling: HashMap<String, Instant>,
     /// Hosts of a move, until when they are measured afresh.
@@ -205,11 +295,11 @@ impl Rebalancer {
             for u in &usage {
                 seen.insert(u.id.clone());
                 let samples = self.samples.entry(u.id.clone()).or_default();
-                if samples.back().is_some_and(|(_, last)| u.cpu_seconds < *last) {
+                if samples.back().is_some_and(|(_, last, _)| u.cpu_seconds < *last) {
                     // A counter that went back: a new VMM. Its history starts again.
                     samples.clear();
                 }
-                samples.push_back((now, u.cpu_seconds));
+                samples.push_back((now, u.cpu_seconds, u.memory_bytes >> 20));
                 while samples.len() > 2 && now.duration_since(samples[1].0) >= window {
                     samples.pop_front();
                 }
@@ -217,12 +307,13 @@ impl Rebalancer {
             let mut settled = online && self.unsettled.get(&host.name).is_none_or(|until| now >= *until);
             let mut instances = Vec::new();
             for instance in &here {
-                let busy = self.samples.get(&instance.id).and_then(|s| {
+                let measured = self.samples.get(&instance.id).and_then(|s| {
                     let (first, last) = (s.front()?, s.back()?);
                     let span = last.0.duration_since(first.0);
-                    (span >= window.mul_f64(0.9)).then(|| (last.1 - first.1) / span.as_secs_f64())
+                    let memory = s.iter().map(|sample| sample.2).sum::<u64>() / s.len() as u64;
+                    (span >= window.mul_f64(0.9)).then(|| ((last.1 - first.1) / span.as_secs_f64(), memory))
                 });
-                let Some(cpus_busy) = busy else {
+                let Some((cpus_busy, memory_used_mib)) = measured else {
                     // Not measured over a whole window yet: no decision on this host.
                     settled = false;
                     continue;
@@ -231,6 +322,7 @@ impl Rebalancer {
                     name: instance.name.clone(),
                     cpus_busy,
                     memory_mib: instance.spec.memory_mib,
+                    memory_used_mib,
                     group: instance.spec.anti_affinity.clone(),
                     cooling: self.cooling.get(&instance.name).is_some_and(|until| now < *until),
                     shared: instance.spec.pool == stratus_api::model::Pool::Shared,
@@ -242,6 +334,7 @@ impl Rebalancer {
                 cpus: host.cpus,
                 usable: online && !host.maintenance,
                 settled,
+                memory_mib: host.allocatable_mib,
                 free_mib: host.allocatable_mib.saturating_sub(host.allocated_mib),
                 shared_pool: host.shared_pool,
                 instances,
@@ -301,6 +394,7 @@ mod tests {
             name: name.into(),
             cpus_busy,
             memory_mib: 256,
+            memory_used_mib: 64,
             group: String::new(),
             cooling: false,
             shared: false,
@@ -313,6 +407,7 @@ mod tests {
             cpus: 2,
             usable: true,
             settled: true,
+            memory_mib: 4096,
             free_mib: 4096,
             shared_pool: false,
             instances,
@@ -379,6 +474,28 @@ mod tests {
         assert!(decide(&[shared.clone(), host("h2", vec![])], &config()).is_empty(), "h2 lacks the pool");
         let pooled = HostUse { shared_pool: true, ..host("h2", vec![]) };
         assert_eq!(decide(&[shared, pooled], &config()).len(), 1);
+    }
+
+    #[test]
+    fn a_host_short_of_memory_gives_the_smallest_instance_that_relieves_it() {
+        let using = |name: &str, mib: u64| InstanceUse { memory_used_mib: mib, ..instance(name, 0.0) };
+        let hosts = [
+            host("h1", vec![using("m1", 2000), using("m2", 1000), using("m3", 800)]),
+            host("h2", vec![using("x", 500)]),
+            host("h3", vec![using("y", 1000)]),
+        ];
+        let moves = decide(&hosts, &config());
+        assert_eq!(moves.len(), 1, "{moves:?}");
+        assert_eq!(moves[0].reason, "h1 memory 93% used over 5 min, h2 12%: moved m3 (using 800 MiB) to h2");
+        // Nowhere under the mark to go: it stays.
+        let full = [
+            host("h1", vec![using("m1", 2000), using("m2", 1000), using("m3", 800)]),
+            host("h2", vec![using("x", 3700)]),
+        ];
+        assert!(decide(&full, &config()).is_empty());
+        // Under the mark, memory moves nothing.
+        let calm = [host("h1", vec![using("m1", 3000)]), host("h2", vec![])];
+        assert!(decide(&calm, &config()).is_empty());
     }
 
     #[test]

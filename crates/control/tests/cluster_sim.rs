@@ -60,6 +60,7 @@ on_both_stores!(
     hosts_with_instances_cannot_be_removed,
     moves_change_the_host_only_once_the_destination_runs_it,
     ha_instances_restart_on_another_host_when_theirs_fails,
+    the_rebalancer_relieves_a_host_whose_guests_use_its_memory,
 );
 
 /// How fast a silent host goes offline here.
@@ -908,4 +909,33 @@ fn ha_instances_restart_on_another_host_when_theirs_fails(backend: Backend) {
     assert!(cloud.events("web").contains("host s1 is back, and it runs there"));
     assert_eq!(cloud.instance("db").status.host, "s2");
     assert_eq!(cloud.sim("s2").running(), 2);
+}
+
+fn the_rebalancer_relieves_a_host_whose_guests_use_its_memory(backend: Backend) {
+    let Some(cloud) = SimCloud::new("memory", backend, &[("h1", 4096), ("h2", 4096)]) else { return };
+    let _: Value = cloud
+        .client
+        .patch("/v1/config", &json!({ "rebalance.enabled": false, "rebalance.window_s": 2 }))
+        .unwrap();
+    // Three guests using all of h1's 3 GiB for instances (a simulated guest uses what it has).
+    for name in ["a", "b", "c"] {
+        cloud.launch(json!({ "name": name, "host": "h1", "memory_mib": 1024 })).unwrap();
+    }
+    for name in ["a", "b", "c"] {
+        cloud.wait_state(name, "running");
+    }
+    let _: Value = cloud.client.patch("/v1/config", &json!({ "rebalance.enabled": true })).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let said = |cloud: &SimCloud| ["a", "b", "c"].iter().map(|n| cloud.events(n)).collect::<String>();
+    while !said(&cloud).contains("rebalance:") {
+        assert!(Instant::now() < deadline, "nothing moved: {}", said(&cloud));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let events = said(&cloud);
+    assert!(events.contains("rebalance: h1 memory 100% used over 2 s, h2 0%: moved"), "{events}");
+    let on_h2 = ["a", "b", "c"].iter().filter(|n| cloud.instance(n).status.host == "h2").count();
+    assert_eq!(on_h2, 1);
+    // h1 at 67% is under the mark, and h2 at 33% is not worth another move: calm.
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(said(&cloud).matches("rebalance:").count(), 1, "{}", said(&cloud));
 }

@@ -421,7 +421,8 @@ pub enum ConfigCommand {
     /// use between the busiest and the idlest host that start a move, 25),
     /// rebalance.min_gain_percent (points a move must narrow that gap by, 10),
     /// rebalance.cooldown_s (seconds a moved instance stays put, 1800), rebalance.max_moves
-    /// (moves per round, 2).
+    /// (moves per round, 2), rebalance.memory_percent (percent of a host's memory its guests
+    /// may use, measured, before one moves off, 90).
     Set {
         /// KEY=VALUE pairs.
         #[arg(required = true, value_name = "KEY=VALUE")]

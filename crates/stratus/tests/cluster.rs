@@ -9,9 +9,11 @@
 //! keeps the stream, the address and a memory pattern, a move whose destination's link goes
 //! down (the guest stays on its source), an agent killed with SIGKILL and restarted (its guest
 //! re-adopted, nothing duplicated), a host whose link goes down showing offline, a stopped
-//! instance moved cold (its disk's contents kept), a host evacuated and restored, the three
-//! hosts consolidated onto one, CPU hogs rebalanced over two hosts (once, explained), and `lab
-//! down` leaving nothing behind.
+//! instance moved cold (its disk's contents kept), a host running three guests under load
+//! evacuated and restored (their TCP streams and memory intact), the three hosts consolidated
+//! onto one, CPU hogs rebalanced over two hosts (once, explained), an `--ha` guest restarted
+//! elsewhere with its synced writes when its host loses power and when its host is cut off
+//! (which fences itself first), and `lab down` leaving nothing behind.
 
 mod common;
 
@@ -325,17 +327,67 @@ fn a_three_host_lab_launches_moves_and_survives_faults() {
     assert_eq!(lab.instance("a2")["status"]["host"].as_str(), Some("h2"));
     assert_eq!(lab.sh("a2", "cat /root/marker").trim(), "kept-across-the-move");
 
-    // Maintenance: evacuating h2 moves a2 off it live and keeps new instances away; restoring
-    // brings it back.
+    // Maintenance under load: three guests on h2 (a2 and two more, those two busy with a CPU
+    // hog), each streaming lines over TCP to a1 on h1 and holding a memory pattern. Evacuating
+    // h2 moves them off live and keeps new instances away; restoring brings them back; the
+    // streams and patterns go on intact throughout.
+    for guest in ["b1", "b2"] {
+        lab.ok(&["launch", guest, "--host", "h2"]);
+    }
+    let guests = ["a2", "b1", "b2"];
+    for (n, guest) in guests.iter().enumerate() {
+        let port = 6000 + n;
+        lab.sh(
+            "a1",
+            &format!("nc -l -p {port} -e sh -c 'cat > /tmp/from-{guest}' > /dev/null 2>&1 < /dev/null &"),
+        );
+        lab.sh(
+            guest,
+            &format!(
+                "(i=0; while :; do echo line-$i; i=$((i + 1)); sleep 0.2; done | nc {ip1} {port}) > /dev/null 2>&1 < /dev/null & head -c 1048576 /dev/urandom > /tmp/pattern"
+            ),
+        );
+    }
+    for guest in ["b1", "b2"] {
+        lab.sh(guest, "setsid sh -c 'while :; do :; done' >/dev/null 2>&1 </dev/null &");
+    }
+    let patterns: Vec<String> = guests.iter().map(|g| sum(g)).collect();
+    let received =
+        |guest: &str| lab.sh("a1", &format!("wc -l < /tmp/from-{guest}")).trim().parse::<u64>().unwrap_or(0);
+    lab.wait_for("the three streams flowing", Duration::from_secs(60), || {
+        guests.iter().all(|g| received(g) > 5)
+    });
     let out = lab.ok(&["host", "evacuate", "h2"]);
     assert!(out.contains("evacuate done"), "{out}");
-    let away = lab.instance("a2")["status"]["host"].as_str().unwrap().to_owned();
-    assert_ne!(away, "h2");
+    for (guest, pattern) in guests.iter().zip(&patterns) {
+        assert_ne!(lab.instance(guest)["status"]["host"].as_str(), Some("h2"), "{guest} stayed");
+        assert_eq!(&sum(guest), pattern, "{guest} lost its memory in the evacuation");
+    }
     assert!(lab.ok(&["host", "list"]).lines().any(|l| l.starts_with("h2") && l.contains("maintenance")));
     assert_eq!(lab.sh("a2", "cat /root/marker").trim(), "kept-across-the-move");
+    let at_evacuation: Vec<u64> = guests.iter().map(|g| received(g)).collect();
+    lab.wait_for("the streams going on after the evacuation", Duration::from_secs(60), || {
+        guests.iter().zip(&at_evacuation).all(|(g, at)| received(g) > at + 5)
+    });
     lab.ok(&["host", "restore", "h2"]);
-    assert_eq!(lab.instance("a2")["status"]["host"].as_str(), Some("h2"));
+    for (guest, pattern) in guests.iter().zip(&patterns) {
+        assert_eq!(lab.instance(guest)["status"]["host"].as_str(), Some("h2"), "{guest} not back");
+        assert_eq!(&sum(guest), pattern, "{guest} lost its memory coming back");
+    }
     assert!(!lab.ok(&["host", "list"]).contains("maintenance"));
+    let at_restore: Vec<u64> = guests.iter().map(|g| received(g)).collect();
+    lab.wait_for("the streams going on after the restore", Duration::from_secs(60), || {
+        guests.iter().zip(&at_restore).all(|(g, at)| received(g) > at + 5)
+    });
+    for guest in guests {
+        let stream = lab.sh("a1", &format!("cat /tmp/from-{guest}"));
+        for (n, line) in stream.lines().enumerate() {
+            assert_eq!(line, format!("line-{n}"), "{guest}'s stream lost or repeated data across the moves");
+        }
+    }
+    for guest in ["b1", "b2"] {
+        lab.ok(&["delete", guest]);
+    }
 
     // Consolidation: the plan packs a1 and a2 onto one host and names the hosts it empties;
     // carrying it out moves them live and leaves the emptied hosts in maintenance.
@@ -439,22 +491,6 @@ fn high_availability(lab: &Lab, dir: &Path) {
     assert_eq!(db["spec"]["pool"], "shared");
     assert!(dir.join("shared").join(format!("{id}.raw")).exists(), "db's disk is not on the shared pool");
 
-    // Watching the VMM processes all along: two hosts at once is the failure HA must never have.
-    let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let watcher = {
-        let (dir, id, watching) = (dir.to_owned(), id.clone(), std::sync::Arc::clone(&watching));
-        std::thread::spawn(move || {
-            let mut samples = 0u64;
-            while watching.load(std::sync::atomic::Ordering::Relaxed) {
-                let hosts = vmm_hosts(&dir, &id);
-                assert!(hosts.len() <= 1, "db ran on {hosts:?} at once");
-                samples += 1;
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            samples
-        })
-    };
-
     // A counter the guest writes, syncs and renames into place over and over; what it had
     // acknowledged before each failure must be there after.
     lab.sh(
@@ -471,6 +507,22 @@ fn high_availability(lab: &Lab, dir: &Path) {
     assert!(first != second && second != "h1", "{out}");
     let at_move = acked(lab);
     lab.wait_for("the counter going on after the move", Duration::from_secs(60), || acked(lab) > at_move);
+    // From here on, watching the VMM processes (a live move has two for a moment, the one
+    // waiting and the one sending): two hosts at once is the failure HA must never have.
+    let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let watcher = {
+        let (dir, id, watching) = (dir.to_owned(), id.clone(), std::sync::Arc::clone(&watching));
+        std::thread::spawn(move || {
+            let mut samples = 0u64;
+            while watching.load(std::sync::atomic::Ordering::Relaxed) {
+                let hosts = vmm_hosts(&dir, &id);
+                assert!(hosts.len() <= 1, "db ran on {hosts:?} at once");
+                samples += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            samples
+        })
+    };
 
     for failure in ["power", "link"] {
         let from = lab.instance("db")["status"]["host"].as_str().unwrap().to_owned();
@@ -506,12 +558,14 @@ fn high_availability(lab: &Lab, dir: &Path) {
             lab.start_agent(n);
         }
         // Back, the host forgets its copy.
+        // (The event follows the removal: both are waited for.)
         lab.wait_for("the failed host back and its copy forgotten", Duration::from_secs(60), || {
-            lab.host_state(&from) == "online" && !dir.join(&from).join("instances").join(&id).exists()
+            lab.host_state(&from) == "online"
+                && !dir.join(&from).join("instances").join(&id).exists()
+                && lab
+                    .ok(&["events", "db"])
+                    .contains(&format!("host {from} is back and has forgotten its copy"))
         });
-        assert!(lab
-            .ok(&["events", "db"])
-            .contains(&format!("host {from} is back and has forgotten its copy")));
         // The writer runs again in the restarted guest (the next failure checks it).
         lab.sh(
             "db",
