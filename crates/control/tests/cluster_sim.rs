@@ -61,6 +61,7 @@ on_both_stores!(
     moves_change_the_host_only_once_the_destination_runs_it,
     ha_instances_restart_on_another_host_when_theirs_fails,
     the_rebalancer_relieves_a_host_whose_guests_use_its_memory,
+    an_image_is_replaced_only_when_asked_and_never_under_its_instances,
 );
 
 /// How fast a silent host goes offline here.
@@ -938,4 +939,18 @@ fn the_rebalancer_relieves_a_host_whose_guests_use_its_memory(backend: Backend) 
     // h1 at 67% is under the mark, and h2 at 33% is not worth another move: calm.
     std::thread::sleep(Duration::from_secs(6));
     assert_eq!(said(&cloud).matches("rebalance:").count(), 1, "{}", said(&cloud));
+}
+
+fn an_image_is_replaced_only_when_asked_and_never_under_its_instances(backend: Backend) {
+    let Some(cloud) = SimCloud::new("replace", backend, &[("h1", 4096)]) else { return };
+    let import = |replace: bool| {
+        refused(
+            cloud
+                .client
+                .post("/v1/images", &json!({ "name": "default", "rootfs": "up", "replace": replace })),
+        )
+    };
+    assert!(import(false).contains("image 'default' exists"), "{}", import(false));
+    cloud.launch(json!({ "name": "web" })).unwrap();
+    assert!(import(true).contains("image 'default' is used by web"), "{}", import(true));
 }

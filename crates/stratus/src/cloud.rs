@@ -320,6 +320,9 @@ pub enum ImageApi {
         /// Kernel command line (launches add root=, address and hostname).
         #[arg(long)]
         cmdline: Option<String>,
+        /// Replace an image of that name (refused while instances use it).
+        #[arg(long)]
+        replace: bool,
     },
 }
 
@@ -921,7 +924,11 @@ pub fn image(conn: &Connection, command: ImageApi) -> Result<i32> {
             }
             println!("image {name} ready");
         }
-        ImageApi::Import { name, kernel, rootfs, tarball, initrd, cmdline } => {
+        ImageApi::Import { name, kernel, rootfs, tarball, initrd, cmdline, replace } => {
+            // Refused before anything is uploaded, if it will be.
+            if !replace && client.get::<Image>(&format!("/v1/images/{name}")).is_ok() {
+                bail!("image '{name}' exists: import under another name, or give --replace");
+            }
             // Each file goes up first; the import names the uploads.
             let mut uploaded = serde_json::Map::new();
             for (what, path) in
@@ -938,6 +945,7 @@ pub fn image(conn: &Connection, command: ImageApi) -> Result<i32> {
             }
             uploaded.insert("name".into(), Value::String(name.clone()));
             uploaded.insert("cmdline".into(), cmdline.map_or(Value::Null, Value::String));
+            uploaded.insert("replace".into(), Value::Bool(replace));
             let image: Image = client.post("/v1/images", &Value::Object(uploaded))?;
             println!("image {} imported ({} MiB root filesystem)", image.name, image.rootfs_bytes >> 20);
         }

@@ -710,6 +710,9 @@ fn debian_image_through_the_api() {
     assert!(packed.success());
     let out = cloud.ok(&["image", "import", "tiny", "--tarball", tarball.to_str().unwrap()]);
     assert!(out.contains("image tiny imported"), "{out}");
+    // The same name again is refused (nothing is uploaded) unless asked for.
+    let (code, _, err) = cloud.cli(&["image", "import", "tiny", "--tarball", tarball.to_str().unwrap()]);
+    assert!(code != 0 && err.contains("image 'tiny' exists") && err.contains("--replace"), "{err}");
     // An image's file, by the path the server keeps it at.
     let image_file = |name: &str, file: &str| {
         let images: Value = serde_json::from_str(&cloud.ok(&["image", "list", "-o", "json"])).unwrap();

@@ -25,6 +25,9 @@ pub(super) struct ImportRequest {
     initrd: Option<String>,
     #[serde(default)]
     cmdline: Option<String>,
+    /// Replace an image of that name (refused while instances use it).
+    #[serde(default)]
+    replace: bool,
 }
 
 /// Names that are routes under /v1/images.
@@ -45,6 +48,28 @@ pub(super) async fn import_image(
     check_image_name(&req.name)?;
     if req.rootfs.is_some() == req.tarball.is_some() {
         return Err(ApiError::unprocessable("give either rootfs (a raw ext4 image) or tarball"));
+    }
+    if state.db.image(DEFAULT_PROJECT, &req.name)?.is_some() {
+        if !req.replace {
+            return Err(ApiError::conflict(format!(
+                "image '{}' exists: import under another name, or ask to replace it (replace: true; --replace)",
+                req.name
+            )));
+        }
+        let users: Vec<String> = state
+            .db
+            .instances()?
+            .into_iter()
+            .filter(|i| i.spec.image == req.name && i.desired != Desired::Deleted)
+            .map(|i| i.name)
+            .collect();
+        if !users.is_empty() {
+            return Err(ApiError::conflict(format!(
+                "image '{}' is used by {}: it cannot be replaced under them",
+                req.name,
+                users.join(", ")
+            )));
+        }
     }
     let file =
         |what: &str, name: &Option<String>| name.as_deref().map(|n| uploaded(&state, what, n)).transpose();
