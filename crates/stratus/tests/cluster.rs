@@ -494,10 +494,9 @@ fn high_availability(lab: &Lab, dir: &Path) {
     // acknowledged before each failure must be there after.
     lab.sh(
         "db",
-        "(i=0; while :; do i=$((i + 1)); echo $i > /root/counter.new && sync && mv /root/counter.new /root/counter && sync && echo $i > /tmp/acked; done) > /dev/null 2>&1 < /dev/null &",
+        "(i=0; while :; do i=$((i + 1)); echo $i > /root/counter.new && sync && mv /root/counter.new /root/counter && sync && echo $i > /tmp/acked.new && mv /tmp/acked.new /tmp/acked; done) > /dev/null 2>&1 < /dev/null &",
     );
-    let acked =
-        |lab: &Lab| lab.sh("db", "cat /tmp/acked 2>/dev/null || echo 0").trim().parse::<u64>().unwrap();
+    let acked = |lab: &Lab| lab.sh("db", "cat /tmp/acked 2>/dev/null").trim().parse::<u64>().unwrap_or(0);
     lab.wait_for("the counter going", Duration::from_secs(60), || acked(lab) > 2);
     // A live move of it sends its memory only: the disk stays on the pool, in use throughout.
     let first = lab.instance("db")["status"]["host"].as_str().unwrap().to_owned();
@@ -568,7 +567,7 @@ fn high_availability(lab: &Lab, dir: &Path) {
         // The writer runs again in the restarted guest (the next failure checks it).
         lab.sh(
             "db",
-            "(i=$(cat /root/counter); while :; do i=$((i + 1)); echo $i > /root/counter.new && sync && mv /root/counter.new /root/counter && sync && echo $i > /tmp/acked; done) > /dev/null 2>&1 < /dev/null &",
+            "(i=$(cat /root/counter); while :; do i=$((i + 1)); echo $i > /root/counter.new && sync && mv /root/counter.new /root/counter && sync && echo $i > /tmp/acked.new && mv /tmp/acked.new /tmp/acked; done) > /dev/null 2>&1 < /dev/null &",
         );
         lab.wait_for("the counter going again", Duration::from_secs(60), || acked(lab) > counter);
     }
