@@ -117,6 +117,8 @@ pub struct Incoming {
     pub to: String,
     /// The waiting VMM's pid.
     pub pid: u32,
+    /// The secret it takes the migration with, made for this migration alone.
+    pub secret: String,
 }
 
 /// How a live migration went, as the source VMM measured it.
@@ -195,7 +197,7 @@ pub trait HostAgent: Send + Sync {
     /// Moves the running `instance` live to the VMM waiting at `to`, its disk copied in the same
     /// session. On success its VMM here has stopped and its tap and files are gone; on failure
     /// it runs on here.
-    fn send(&self, instance: &Instance, to: &str) -> Result<Moved, AgentError>;
+    fn send(&self, instance: &Instance, to: &str, secret: &str) -> Result<Moved, AgentError>;
     /// Waits (up to `limit`) until a received instance runs here; its VMM's pid.
     /// [`AgentError::NotRunning`] when it has not arrived (yet) and the VMM still waits.
     fn arrived(&self, instance: &Instance, limit: Duration) -> Result<u32, AgentError>;
@@ -1099,11 +1101,18 @@ impl HostAgent for LocalAgent {
             format!("cid={},socket={}", guest_cid(instance), dir.join("vsock.sock").display()),
         ];
         args.extend(self.fence_args(instance));
+        // Only the source this migration is for may send it: anyone else reaching the port
+        // is refused, and the VMM waits on.
+        let secret = format!("{}{}", stratus_api::model::new_id(), stratus_api::model::new_id());
+        let secret_file = dir.join("migration.secret");
+        crate::process::write_private(&secret_file, secret.as_bytes())
+            .map_err(|e| AgentError::Io(format!("writing {}: {e}", secret_file.display())))?;
+        args.extend(["--migration-secret-file".into(), secret_file.display().to_string()]);
         let pid = self.spawn_vmm_with(&dir, &args)?;
-        Ok(Incoming { to, pid })
+        Ok(Incoming { to, pid, secret })
     }
 
-    fn send(&self, instance: &Instance, to: &str) -> Result<Moved, AgentError> {
+    fn send(&self, instance: &Instance, to: &str, secret: &str) -> Result<Moved, AgentError> {
         let dir = self.instance_dir(&instance.id);
         let Some(pid) = find_vmm(&dir, instance.status.pid) else { return Err(AgentError::NotRunning) };
         // A migration's length is the guest's memory and disk over the link: minutes at worst.
@@ -1113,6 +1122,7 @@ impl HostAgent for LocalAgent {
                 to: to.to_owned(),
                 // A shared disk is the destination's already.
                 with_disks: Some(instance.spec.pool == Pool::Local),
+                secret: (!secret.is_empty()).then(|| secret.to_owned()),
                 ..Default::default()
             })
             .map_err(|e| AgentError::Vmm(format!("migrating to {to}: {e}")))?;

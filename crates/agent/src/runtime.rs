@@ -674,10 +674,10 @@ impl Agent for RuntimeAgent {
             // Orders that came while it was busy are carried out now.
             waiting.kick(&id);
         });
-        Ok(Incoming { to: incoming.to, pid: incoming.pid })
+        Ok(Incoming { to: incoming.to, pid: incoming.pid, secret: incoming.secret })
     }
 
-    fn send(&self, id: &str, to: &str) -> Result<MoveReport, WireError> {
+    fn send(&self, id: &str, to: &str, secret: &str) -> Result<MoveReport, WireError> {
         let runtime = &self.0;
         let instance = {
             let mut slots = runtime.slots();
@@ -690,7 +690,7 @@ impl Agent for RuntimeAgent {
                 None => return Err(WireError::NotRunning),
             }
         };
-        let moved = runtime.driver.send(&instance, to);
+        let moved = runtime.driver.send(&instance, to, secret);
         match moved {
             Ok(moved) => {
                 // It runs at the destination now: this host holds nothing of it.

@@ -221,7 +221,7 @@ fn attempt(
         format!("{to} waits for the migration on {}", incoming.to),
     );
     arriving.status.pid = incoming.pid;
-    let moved = match source.send(instance, &incoming.to) {
+    let moved = match source.send(instance, &incoming.to, &incoming.secret) {
         Ok(moved) => moved,
         Err(e) => {
             // The answer may be what was lost (a dropped connection to the source's agent)

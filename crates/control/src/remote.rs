@@ -309,11 +309,11 @@ impl HostAgent for RemoteHost {
         let current = self.agent.observe(&instance.id, u64::MAX).map_err(|e| self.error(e))?;
         let order = wire::order(instance, image, network, Wanted::Running, current.generation + 1);
         let incoming = self.agent.receive(&order).map_err(|e| self.error(e))?;
-        Ok(Incoming { to: incoming.to, pid: incoming.pid })
+        Ok(Incoming { to: incoming.to, pid: incoming.pid, secret: incoming.secret })
     }
 
-    fn send(&self, instance: &Instance, to: &str) -> Result<Moved, AgentError> {
-        let report = self.agent.send(&instance.id, to).map_err(|e| self.error(e))?;
+    fn send(&self, instance: &Instance, to: &str, secret: &str) -> Result<Moved, AgentError> {
+        let report = self.agent.send(&instance.id, to, secret).map_err(|e| self.error(e))?;
         Ok(Moved { total_ms: report.total_ms, downtime_ms: report.downtime_ms, bytes: report.bytes })
     }
 

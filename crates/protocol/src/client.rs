@@ -151,9 +151,9 @@ impl Agent for HttpAgent {
         self.call("POST", &format!("/instances/{}/receive", order.id), Some(order), Duration::from_secs(60))
     }
 
-    fn send(&self, id: &str, to: &str) -> Result<MoveReport, AgentError> {
+    fn send(&self, id: &str, to: &str, secret: &str) -> Result<MoveReport, AgentError> {
         check_id(id)?;
-        let request = SendRequest { to: to.to_string() };
+        let request = SendRequest { to: to.to_string(), secret: secret.to_string() };
         // As long as the guest's memory and disk take over the link.
         self.call("POST", &format!("/instances/{id}/send"), Some(&request), Duration::from_secs(1800))
     }

@@ -319,6 +319,9 @@ pub struct Incoming {
     pub to: String,
     /// The waiting VMM's pid.
     pub pid: u32,
+    /// The secret the waiting VMM takes the migration with (the source's VMM sends it).
+    #[serde(default)]
+    pub secret: String,
 }
 
 /// A stopped instance's disk: its size and the ranges that hold data (the rest reads as
@@ -351,6 +354,9 @@ pub const DISK_CHUNK: u64 = 1 << 20;
 pub struct SendRequest {
     /// `tcp:IP:PORT` of the waiting VMM ([`Incoming::to`]).
     pub to: String,
+    /// Its secret ([`Incoming::secret`]).
+    #[serde(default)]
+    pub secret: String,
 }
 
 /// An instance's use of its host, as its VMM process shows it.
@@ -418,7 +424,7 @@ pub trait Agent: Send + Sync {
     fn receive(&self, order: &InstanceOrder) -> Result<Incoming, AgentError>;
     /// Moves running instance `id` live to the VMM waiting at `to`, its disk copied in the same
     /// session; on success the agent forgets it, on failure it runs on here.
-    fn send(&self, id: &str, to: &str) -> Result<MoveReport, AgentError>;
+    fn send(&self, id: &str, to: &str, secret: &str) -> Result<MoveReport, AgentError>;
     /// The layout of stopped instance `id`'s disk (a cold move's source).
     fn disk_layout(&self, id: &str) -> Result<DiskLayout, AgentError> {
         Err(AgentError::Refused(format!("instance {id}: this host keeps no disks")))

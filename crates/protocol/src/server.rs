@@ -248,7 +248,7 @@ async fn send(State(state): State<Shared>, Path(id): Path<String>, body: axum::b
         Ok(request) if request.to.starts_with("tcp:") => {
             blocking(state, move |agent| {
                 crate::check_id(&id)?;
-                agent.send(&id, &request.to)
+                agent.send(&id, &request.to, &request.secret)
             })
             .await
         }

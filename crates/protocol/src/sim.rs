@@ -473,10 +473,10 @@ impl Agent for SimAgent {
         let mut instance = SimInstance::new(order, Phase::Starting, Some(awaited));
         instance.event(seq, "info", "waiting for the migration (simulated)");
         state.instances.insert(order.id.clone(), instance);
-        Ok(Incoming { to, pid: 0 })
+        Ok(Incoming { to, pid: 0, secret: String::new() })
     }
 
-    fn send(&self, id: &str, to: &str) -> Result<MoveReport, AgentError> {
+    fn send(&self, id: &str, to: &str, _secret: &str) -> Result<MoveReport, AgentError> {
         let mut state = self.reachable()?;
         match state.instances.get(id) {
             Some(instance) if instance.phase == Phase::Running => {}

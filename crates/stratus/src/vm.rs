@@ -1,7 +1,7 @@
 //! `stratus vm ...` and `stratus vmm`: run a VM in the foreground, run a VMM that serves its
 //! API, and the commands that drive a running VMM through that API.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -112,6 +112,9 @@ pub struct MigrateArgs {
     /// the same size), instead of handing them over on shared storage.
     #[arg(long)]
     with_disks: bool,
+    /// The file holding the destination's migration secret (its --migration-secret-file).
+    #[arg(long, value_name = "FILE")]
+    secret_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -226,6 +229,11 @@ pub struct VmmArgs {
     /// With --restore: track written pages from the restore on, for a later diff snapshot.
     #[arg(long, requires = "restore")]
     track_dirty: bool,
+    /// With --incoming: take a migration only from a source that sends the secret this file
+    /// holds (`stratus vm migrate --secret-file`); other connections are refused, and the VMM
+    /// waits on for the real one.
+    #[arg(long, value_name = "FILE", requires = "incoming")]
+    migration_secret_file: Option<PathBuf>,
     /// Run only while FILE holds a deadline (boot-clock milliseconds) still to come, and exit
     /// at once after it: the host agent renews it while the control plane counts the host
     /// alive, so a host cut off from it stops its shared-disk guests before another host
@@ -470,25 +478,40 @@ pub fn vmm(mut args: VmmArgs) -> anyhow::Result<i32> {
     let api = std::thread::Builder::new()
         .name("api".into())
         .spawn(move || stratus_vmm::api::serve(listener, &api_sock, api_vmm))?;
-    let conn = incoming
-        .context("no migration listener")?
-        .accept()
-        .with_context(|| format!("waiting for a migration on {on}"))?;
+    let incoming = incoming.context("no migration listener")?;
+    let secret = match &args.migration_secret_file {
+        Some(path) => Some(read_secret(path)?),
+        None => None,
+    };
     let identity = args.identity.into_identity();
     let mut built_ms = 0.0;
-    let arrival = stratus_vmm::migration::receive(conn, |config, memory, copied_disks| {
-        let t = Instant::now();
-        let prepared = vmm.lock().unwrap_or_else(|p| p.into_inner()).prepare_incoming(
-            config,
-            memory,
-            identity,
-            copied_disks,
-        );
-        built_ms = t.elapsed().as_secs_f64() * 1e3;
-        let prepared = prepared.map_err(|e| e.to_string())?;
-        let disks = prepared.0.disks.iter().map(|d| d.path.clone()).collect();
-        Ok((prepared, disks))
-    })?;
+    let arrival = loop {
+        let conn = incoming.accept().with_context(|| format!("waiting for a migration on {on}"))?;
+        let identity = identity.clone();
+        let received =
+            stratus_vmm::migration::receive(conn, secret.as_deref(), |config, memory, copied_disks| {
+                let t = Instant::now();
+                let prepared = vmm.lock().unwrap_or_else(|p| p.into_inner()).prepare_incoming(
+                    config,
+                    memory,
+                    identity,
+                    copied_disks,
+                );
+                built_ms = t.elapsed().as_secs_f64() * 1e3;
+                let prepared = prepared.map_err(|e| e.to_string())?;
+                let disks = prepared.0.disks.iter().map(|d| d.path.clone()).collect();
+                Ok((prepared, disks))
+            });
+        match received {
+            Err(stratus_vmm::migration::MigrationError::Unauthorized(why)) => {
+                eprintln!(
+                    "stratus: refused a migration connection ({why}); waiting on for the one with the secret"
+                );
+            }
+            other => break other?,
+        }
+    };
+    incoming.close();
     let t = Instant::now();
     let postcopy = vmm.lock().unwrap_or_else(|p| p.into_inner()).adopt_incoming(arrival)?;
     eprintln!(
@@ -510,6 +533,16 @@ pub fn vmm(mut args: VmmArgs) -> anyhow::Result<i32> {
     }
     let _ = api.join();
     Ok(0)
+}
+
+/// The migration secret in the file at `path` (its first line, at least 16 characters).
+fn read_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let secret = text.lines().next().unwrap_or("").trim();
+    if secret.len() < 16 {
+        anyhow::bail!("{}: a migration secret is at least 16 characters", path.display());
+    }
+    Ok(secret.as_bytes().to_vec())
 }
 
 /// Feeds standard input to the guest's UART (once a VM exists) until it closes.
@@ -588,6 +621,12 @@ pub fn run(command: VmCommand) -> anyhow::Result<i32> {
                 auto_converge: Some(!args.no_auto_converge),
                 postcopy: Some(args.postcopy),
                 with_disks: Some(args.with_disks),
+                secret: match &args.secret_file {
+                    Some(path) => {
+                        Some(String::from_utf8(read_secret(path)?).context("the secret is not text")?)
+                    }
+                    None => None,
+                },
             };
             // The migration call returns when it is over; meanwhile its progress is polled.
             let vmm = client(&args.sock);

@@ -496,7 +496,8 @@ fn high_availability(lab: &Lab, dir: &Path) {
         "db",
         "(i=0; while :; do i=$((i + 1)); echo $i > /root/counter.new && sync && mv /root/counter.new /root/counter && sync && echo $i > /tmp/acked.new && mv /tmp/acked.new /tmp/acked; done) > /dev/null 2>&1 < /dev/null &",
     );
-    let acked = |lab: &Lab| lab.sh("db", "cat /tmp/acked 2>/dev/null; true").trim().parse::<u64>().unwrap_or(0);
+    let acked =
+        |lab: &Lab| lab.sh("db", "cat /tmp/acked 2>/dev/null; true").trim().parse::<u64>().unwrap_or(0);
     lab.wait_for("the counter going", Duration::from_secs(60), || acked(lab) > 2);
     // A live move of it sends its memory only: the disk stays on the pool, in use throughout.
     let first = lab.instance("db")["status"]["host"].as_str().unwrap().to_owned();

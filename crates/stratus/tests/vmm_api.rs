@@ -410,6 +410,62 @@ fn network_rate_limits_hold_and_change_while_the_guest_runs() {
     vmm.quit();
 }
 
+#[test]
+fn a_destination_with_a_secret_takes_only_the_migration_that_has_it() {
+    if !kvm_available("a_destination_with_a_secret_takes_only_the_migration_that_has_it") {
+        return;
+    }
+    let mut src = VmmProcess::start("secret", &[]);
+    src.configure_tiny("test=dirty rate_mib=1 dirty_mib=16 exit=poweroff", 128);
+    src.ok("POST", "/vm/start", None);
+    src.console.expect("tick 1", 0, Duration::from_secs(30));
+    let dir = src.dir.clone();
+    let secret_file = dir.join("migration.secret");
+    std::fs::write(&secret_file, "0123456789abcdef-the-secret\n").unwrap();
+    let to = format!("tcp:127.0.0.1:{}", free_port());
+    let mut dst = VmmProcess::start_in(
+        &dir,
+        &["--incoming", &to, "--migration-secret-file", secret_file.to_str().unwrap()],
+    );
+
+    // Anyone reaching the port: a stranger writing garbage, a source without the secret, one
+    // with another. Each is refused, the guest stays at its source, and the destination waits on.
+    {
+        use std::io::Write;
+        let mut stranger = std::net::TcpStream::connect(to.strip_prefix("tcp:").unwrap()).unwrap();
+        let _ = stranger.write_all(b"GET / HTTP/1.1\r\n\r\n");
+    }
+    let e = src.fails("POST", "/vm/migrate", Some(json!({"to": to})), 500);
+    assert!(e.contains("only with its secret (none given)") && e.contains("runs here still"), "{e}");
+    let e =
+        src.fails("POST", "/vm/migrate", Some(json!({"to": to, "secret": "0123456789abcdef-a-guess"})), 500);
+    assert!(e.contains("only with its secret (a wrong one)"), "{e}");
+    assert_eq!(src.state(), "running");
+    assert_eq!(dst.state(), "not_started");
+
+    // The source that has it, from the command line.
+    let out = common::stratus(
+        &[
+            "vm",
+            "migrate",
+            "--api-sock",
+            src.sock.to_str().unwrap(),
+            "--to",
+            &to,
+            "--secret-file",
+            secret_file.to_str().unwrap(),
+        ],
+        b"",
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(dst.state(), "running");
+    dst.console.send("c");
+    dst.console.expect("check ok", 0, Duration::from_secs(30));
+    src.quit();
+    dst.quit();
+}
+
 /// A free TCP port on loopback.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

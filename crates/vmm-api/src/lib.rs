@@ -239,6 +239,10 @@ pub struct Migrate {
     /// Copy the disks in the same session.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub with_disks: Option<bool>,
+    /// The secret the destination was started with (`--migration-secret-file`): a destination
+    /// that has one refuses a migration without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
 }
 
 /// What a migration did.

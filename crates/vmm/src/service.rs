@@ -76,7 +76,7 @@ pub struct RestoreRequest {
 
 /// The host-side identity a restored or arriving VM takes instead of the saved one: its own
 /// taps and MACs, disks, vsock CID and socket.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Identity {
     /// Network cards, one per saved card.
     pub nets: Option<Vec<NetConfig>>,
@@ -605,12 +605,14 @@ impl Vmm {
         Ok(RestoreReport { duration_ms: t.elapsed().as_secs_f64() * 1e3, running: !request.paused })
     }
 
-    /// Migrates the running VM to the VMM waiting at `to` (`tcp:HOST:PORT` or a Unix socket).
-    /// On success this VMM's copy is stopped; on failure the guest runs on here.
+    /// Migrates the running VM to the VMM waiting at `to` (`tcp:HOST:PORT` or a Unix socket),
+    /// with the destination's `secret` if it has one. On success this VMM's copy is stopped;
+    /// on failure the guest runs on here.
     pub fn migrate(
         &mut self,
         to: &str,
         options: crate::migration::Options,
+        secret: &[u8],
     ) -> Result<crate::migration::Report, ApiError> {
         self.memory_complete("migrate")?;
         let phase = self.phase();
@@ -623,7 +625,7 @@ impl Vmm {
         self.has_base_snapshot = false;
         let result = crate::migration::connect(to)
             .map_err(|e| crate::migration::MigrationError::Vm(format!("connecting to {to}: {e}")))
-            .and_then(|conn| crate::migration::send(vm, conn, options, &self.migration));
+            .and_then(|conn| crate::migration::send(vm, conn, options, secret, &self.migration));
         self.migration.end(result.as_ref().map_err(ToString::to_string));
         let report = result.map_err(|e| match e {
             crate::migration::MigrationError::Stranded(why) => {

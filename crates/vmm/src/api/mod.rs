@@ -184,7 +184,8 @@ pub fn handle(vmm: &Mutex<Vmm>, request: &Request) -> (Response, After) {
             }
             options.postcopy = m.postcopy.unwrap_or(false);
             options.with_disks = m.with_disks.unwrap_or(false);
-            let report = v.migrate(&m.to, options)?;
+            let secret = m.secret.unwrap_or_default();
+            let report = v.migrate(&m.to, options, secret.as_bytes())?;
             Ok(serde_json::to_value(report).unwrap_or_default())
         })),
         ("POST", ["vmm", "quit"]) => return (Response::no_content(), After::Quit),

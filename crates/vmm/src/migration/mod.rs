@@ -35,7 +35,7 @@ use crate::vm::{Vm, VmConfig};
 use stream::{read_frame, write_frame, Kind, StreamError};
 
 /// The stream's first bytes: the protocol's name and version (the last byte).
-const MAGIC: &[u8; 16] = b"STRATUS-MIGRATE4";
+const MAGIC: &[u8; 16] = b"STRATUS-MIGRATE5";
 /// Pages per `Pages` frame.
 const BATCH: usize = 256;
 
@@ -61,6 +61,10 @@ pub enum MigrationError {
     /// Called off before the guest paused (`DELETE /migration`, or the source said so).
     #[error("{0}")]
     Cancelled(String),
+    /// A connection to a destination that has a secret came without it, or with another: it
+    /// was refused before anything of it was looked at, and the destination waits on.
+    #[error("a migration without the destination's secret: {0}")]
+    Unauthorized(String),
 }
 
 /// How to migrate.
@@ -107,6 +111,8 @@ const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
 struct HelloExtra {
     /// The disks are copied, and these are their sizes (`None`: a read-only disk, not copied).
     disk_sizes: Option<Vec<Option<u64>>>,
+    /// The destination's secret, as the source was given it (empty: none).
+    secret: Vec<u8>,
 }
 
 /// A migration's progress, readable while it runs (`GET /migration`), and the two requests
@@ -315,8 +321,8 @@ pub fn listen(on: &str) -> std::io::Result<Incoming> {
 }
 
 impl Incoming {
-    /// Waits for the source.
-    pub fn accept(self) -> std::io::Result<Box<dyn Connection>> {
+    /// Waits for the source (again after a connection that was refused).
+    pub fn accept(&self) -> std::io::Result<Box<dyn Connection>> {
         match self {
             Incoming::Tcp(listener) => {
                 let (stream, _) = listener.accept()?;
@@ -325,15 +331,68 @@ impl Incoming {
                 stream.set_write_timeout(Some(TIMEOUT))?;
                 Ok(Box::new(stream))
             }
-            Incoming::Unix(listener, path) => {
+            Incoming::Unix(listener, _) => {
                 let (stream, _) = listener.accept()?;
                 stream.set_read_timeout(Some(TIMEOUT))?;
                 stream.set_write_timeout(Some(TIMEOUT))?;
-                let _ = std::fs::remove_file(path);
                 Ok(Box::new(stream))
             }
         }
     }
+
+    /// Stops listening (a Unix socket's path goes).
+    pub fn close(self) {
+        if let Incoming::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Reads and checks the source's `Hello` (its magic, versions, extras and the VM's
+/// configuration), refusing what does not do.
+fn read_hello(
+    conn: &mut dyn Connection,
+    input: &mut impl Read,
+    payload: &mut Vec<u8>,
+) -> Result<(HelloExtra, VmConfig), MigrationError> {
+    if read_frame(input, payload)? != Kind::Hello {
+        return Err(refuse(conn, "the stream does not start with Hello".into()));
+    }
+    if payload.len() < 20 || payload[..15] != MAGIC[..15] {
+        return Err(refuse(conn, "not a Stratus migration stream".into()));
+    }
+    if payload[15] != MAGIC[15] {
+        return Err(refuse(
+            conn,
+            format!(
+                "migration protocol version {}: this VMM speaks version {}",
+                payload[15] as char, MAGIC[15] as char
+            ),
+        ));
+    }
+    let version = u32::from_le_bytes(payload[16..20].try_into().unwrap_or_default());
+    if !(format::OLDEST_READABLE..=format::CURRENT).contains(&version) {
+        return Err(refuse(
+            conn,
+            format!(
+                "state format version {version}: this VMM reads {} to {}",
+                format::OLDEST_READABLE,
+                format::CURRENT
+            ),
+        ));
+    }
+    let decoded = (|| {
+        let len = u32::from_le_bytes(payload.get(20..24)?.try_into().ok()?) as usize;
+        let extra: HelloExtra = postcard::from_bytes(payload.get(24..24usize.checked_add(len)?)?).ok()?;
+        let config: VmConfig = postcard::from_bytes(payload.get(24 + len..)?).ok()?;
+        Some((extra, config))
+    })();
+    decoded.ok_or_else(|| refuse(conn, "the VM configuration does not decode".into()))
+}
+
+/// Whether `given` is `secret`, in a time that does not depend on where they differ.
+fn same_secret(given: &[u8], secret: &[u8]) -> bool {
+    given.len() == secret.len() && given.iter().zip(secret).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
 
 /// Guest RAM regions with the index of their first page.
@@ -591,6 +650,7 @@ pub fn send(
     vm: &mut Vm,
     conn: Box<dyn Connection>,
     options: Options,
+    secret: &[u8],
     progress: &Progress,
 ) -> Result<Report, MigrationError> {
     let started = Instant::now();
@@ -609,7 +669,7 @@ pub fn send(
     // 1. Hello: versions and configuration are checked before any page moves.
     let disk_copy = if options.with_disks { Some(disks::SourceDisks::open(vm)?) } else { None };
     let mut disk_dirty = disk_copy.as_ref().map(|d| d.no_blocks()).unwrap_or_default();
-    let extra = HelloExtra { disk_sizes: disk_copy.as_ref().map(|d| d.sizes()) };
+    let extra = HelloExtra { disk_sizes: disk_copy.as_ref().map(|d| d.sizes()), secret: secret.to_vec() };
     let encoding = |e: postcard::Error| MigrationError::Vm(e.to_string());
     let extra = postcard::to_stdvec(&extra).map_err(encoding)?;
     let mut hello = MAGIC.to_vec();
@@ -983,45 +1043,28 @@ fn refuse(conn: &mut dyn Connection, reason: String) -> MigrationError {
 /// page is taken.
 pub fn receive<P>(
     mut conn: Box<dyn Connection>,
+    secret: Option<&[u8]>,
     prepare: impl FnOnce(&VmConfig, GuestRam, bool) -> Result<(P, Vec<std::path::PathBuf>), String>,
 ) -> Result<Arrival<P>, MigrationError> {
     let mut input = BufReader::with_capacity(1 << 20, conn.duplicate().map_err(StreamError::Io)?);
     let mut payload = Vec::new();
-    if read_frame(&mut input, &mut payload)? != Kind::Hello {
-        return Err(refuse(conn.as_mut(), "the stream does not start with Hello".into()));
-    }
-    if payload.len() < 20 || payload[..15] != MAGIC[..15] {
-        return Err(refuse(conn.as_mut(), "not a Stratus migration stream".into()));
-    }
-    if payload[15] != MAGIC[15] {
-        return Err(refuse(
-            conn.as_mut(),
-            format!(
-                "migration protocol version {}: this VMM speaks version {}",
-                payload[15] as char, MAGIC[15] as char
-            ),
-        ));
-    }
-    let version = u32::from_le_bytes(payload[16..20].try_into().unwrap_or_default());
-    if !(format::OLDEST_READABLE..=format::CURRENT).contains(&version) {
-        return Err(refuse(
-            conn.as_mut(),
-            format!(
-                "state format version {version}: this VMM reads {} to {}",
-                format::OLDEST_READABLE,
-                format::CURRENT
-            ),
-        ));
-    }
-    let decoded = (|| {
-        let len = u32::from_le_bytes(payload.get(20..24)?.try_into().ok()?) as usize;
-        let extra: HelloExtra = postcard::from_bytes(payload.get(24..24usize.checked_add(len)?)?).ok()?;
-        let config: VmConfig = postcard::from_bytes(payload.get(24 + len..)?).ok()?;
-        Some((extra, config))
-    })();
-    let Some((extra, config)) = decoded else {
-        return Err(refuse(conn.as_mut(), "the VM configuration does not decode".into()));
+    let (extra, config) = match read_hello(conn.as_mut(), &mut input, &mut payload) {
+        Ok(hello) => hello,
+        // With a secret, whoever cannot even say Hello is a stranger: refused, and the
+        // destination waits on for its source.
+        Err(e) if secret.is_some() => return Err(MigrationError::Unauthorized(e.to_string())),
+        Err(e) => return Err(e),
     };
+    if let Some(secret) = secret {
+        if !same_secret(&extra.secret, secret) {
+            let why = if extra.secret.is_empty() { "none given" } else { "a wrong one" };
+            let _ = refuse(
+                conn.as_mut(),
+                format!("this destination takes a migration only with its secret ({why})"),
+            );
+            return Err(MigrationError::Unauthorized(why.into()));
+        }
+    }
     let memory = match crate::memory::create(config.memory) {
         Ok(m) => m,
         Err(e) => return Err(refuse(conn.as_mut(), e.to_string())),
