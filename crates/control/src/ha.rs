@@ -76,6 +76,8 @@ impl Watch {
             if host.state == "online" {
                 if self.down_since.remove(&host.name).is_some() {
                     self.told.retain(|(h, _)| *h != host.name);
+                    // Its lost instances are looked at now, not at the next periodic pass.
+                    state.reconciler.wake();
                 }
                 forget_leftovers(state, &host.name, &mut self.told);
                 continue;

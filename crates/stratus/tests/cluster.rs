@@ -297,6 +297,11 @@ fn a_three_host_lab_launches_moves_and_survives_faults() {
         .map(|mut agent| std::thread::spawn(move || agent.wait()))
         .unwrap();
     lab.wait_for("h3 online again", Duration::from_secs(60), || lab.host_state("h3") == "online");
+    // An agent slow to come back (its lease ran out) had its host's instances shown lost
+    // meanwhile: they are found running again.
+    lab.wait_for("a2 found running", Duration::from_secs(30), || {
+        lab.instance("a2")["status"]["state"] == "running"
+    });
     assert!(lab.ok(&["exec", "a2", "--", "hostname"]).contains("a2"), "a2 answers after its agent's restart");
     let vmms = Command::new("ip").args(["netns", "pids", "stratus-lab-h3"]).output().unwrap();
     let vmms = String::from_utf8_lossy(&vmms.stdout)

@@ -415,10 +415,7 @@ fn a_destination_with_a_secret_takes_only_the_migration_that_has_it() {
     if !kvm_available("a_destination_with_a_secret_takes_only_the_migration_that_has_it") {
         return;
     }
-    let mut src = VmmProcess::start("secret", &[]);
-    src.configure_tiny("test=dirty rate_mib=1 dirty_mib=16 exit=poweroff", 128);
-    src.ok("POST", "/vm/start", None);
-    src.console.expect("tick 1", 0, Duration::from_secs(30));
+    let src = running_source("secret", "test=dirty rate_mib=1 dirty_mib=16 exit=poweroff");
     let dir = src.dir.clone();
     let secret_file = dir.join("migration.secret");
     std::fs::write(&secret_file, "0123456789abcdef-the-secret\n").unwrap();
@@ -474,13 +471,19 @@ fn free_port() -> u16 {
 /// A source VMM running the tiny guest (128 MiB) with `cmdline`, and a destination waiting
 /// for it at the address returned.
 fn running_pair(name: &str, cmdline: &str) -> (VmmProcess, VmmProcess, String) {
+    let src = running_source(name, cmdline);
+    let to = format!("tcp:127.0.0.1:{}", free_port());
+    let dst = VmmProcess::start_in(&src.dir.clone(), &["--incoming", &to]);
+    (src, dst, to)
+}
+
+/// A VMM running the tiny guest (128 MiB) with `cmdline`, once it ticks.
+fn running_source(name: &str, cmdline: &str) -> VmmProcess {
     let mut src = VmmProcess::start(name, &[]);
     src.configure_tiny(cmdline, 128);
     src.ok("POST", "/vm/start", None);
     src.console.expect("tick 1", 0, Duration::from_secs(30));
-    let to = format!("tcp:127.0.0.1:{}", free_port());
-    let dst = VmmProcess::start_in(&src.dir.clone(), &["--incoming", &to]);
-    (src, dst, to)
+    src
 }
 
 /// A destination that takes the Hello, answers with `answer`, reads `then_read` bytes and
