@@ -833,6 +833,7 @@ impl HostAgent for LocalAgent {
             quit_vmm(&dir, info.pid);
         }
         network::ensure_tap(&network::tap_name(id), &network.bridge)?;
+        network::guard_tap(&network::tap_name(id), &instance.status.mac, &instance.status.ip)?;
         let disk_path = self.disk_path(instance)?;
         // The disk of an instance that never ran holds nothing of its user's: a first start cut
         // short (the server killed mid-launch, a failed boot) begins again from a fresh clone,
@@ -1083,6 +1084,7 @@ impl HostAgent for LocalAgent {
         }
         let tap = network::tap_name(&instance.id);
         network::ensure_tap(&tap, &network.bridge)?;
+        network::guard_tap(&tap, &instance.status.mac, &instance.status.ip)?;
         let port = std::net::TcpListener::bind((address.as_str(), 0))
             .and_then(|l| l.local_addr())
             .map_err(|e| AgentError::Io(format!("finding a port on {address}: {e}")))?

@@ -16,6 +16,9 @@ pub enum NetworkError {
         "invalid subnet '{0}': expected a unicast IPv4 prefix such as 10.210.0.0/24, between /16 and /29"
     )]
     BadCidr(String),
+    /// A guest's MAC, address or tap name that cannot go into a rule.
+    #[error("invalid {0}")]
+    Invalid(String),
     /// A host command failed.
     #[error("`{command}` failed: {cause}")]
     Command {
@@ -171,17 +174,8 @@ pub fn ensure_bridge_on(network: &Network, local: Option<&str>) -> Result<(), Ne
     })
 }
 
-/// Writes the `stratus` nftables table: masquerade for every NAT network's traffic leaving
-/// its subnet. Replaces the whole table, so removed networks lose their rules.
-pub fn apply_nat(networks: &[Network]) -> Result<(), NetworkError> {
-    let mut rules = String::new();
-    for network in networks.iter().filter(|n| n.nat) {
-        let subnet = Subnet::parse(&network.cidr)?;
-        rules.push_str(&format!("\t\tip saddr {subnet} ip daddr != {subnet} masquerade\n"));
-    }
-    let script = format!(
-        "table ip stratus {{}}\ndelete table ip stratus\ntable ip stratus {{\n\tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n{rules}\t}}\n}}\n"
-    );
+/// Runs an nft script (atomically: all of it or none).
+fn nft(script: &str) -> Result<(), NetworkError> {
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(std::process::Stdio::piped())
@@ -202,6 +196,64 @@ pub fn apply_nat(networks: &[Network]) -> Result<(), NetworkError> {
         });
     }
     Ok(())
+}
+
+/// The nft table (bridge family) that keeps each guest to its own addresses.
+const GUARD: &str = "stratus_guard";
+
+/// Lets tap `tap` (a guest's) send only frames from its own `mac`, and IPv4 and ARP only from
+/// its own `ip`: a guest cannot take another's MAC or address, nor answer ARP for the gateway
+/// or another guest. The rules sit on the bridge's prerouting hook, so frames to other guests,
+/// other hosts (through the VXLAN) and this host alike are checked. IPv6 is not carried (the
+/// networks are IPv4). Made again from scratch each time (a restart, a move back).
+pub fn guard_tap(tap: &str, mac: &str, ip: &str) -> Result<(), NetworkError> {
+    let ip: Ipv4Addr = ip.parse().map_err(|_| NetworkError::Invalid(format!("guest address '{ip}'")))?;
+    let octets: Vec<&str> = mac.split(':').collect();
+    if octets.len() != 6 || !octets.iter().all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit())) {
+        return Err(NetworkError::Invalid(format!("guest MAC '{mac}'")));
+    }
+    if !tap.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(NetworkError::Invalid(format!("tap name '{tap}'")));
+    }
+    let chain = format!("g_{tap}");
+    let script = format!(
+        "table bridge {GUARD} {{\n\tmap taps {{ type ifname : verdict; }}\n}}\n\
+         add chain bridge {GUARD} prerouting {{ type filter hook prerouting priority -200; policy accept; }}\n\
+         flush chain bridge {GUARD} prerouting\n\
+         add rule bridge {GUARD} prerouting iifname vmap @taps\n\
+         add chain bridge {GUARD} {chain}\n\
+         flush chain bridge {GUARD} {chain}\n\
+         add rule bridge {GUARD} {chain} ether saddr != {mac} drop\n\
+         add rule bridge {GUARD} {chain} arp saddr ether != {mac} drop\n\
+         add rule bridge {GUARD} {chain} arp saddr ip != {ip} drop\n\
+         add rule bridge {GUARD} {chain} ether type ip ip saddr != {ip} drop\n\
+         add rule bridge {GUARD} {chain} ether type ip6 drop\n\
+         add element bridge {GUARD} taps {{ \"{tap}\" : jump {chain} }}\n"
+    );
+    nft(&script)
+}
+
+/// Forgets tap `tap`'s guard (nothing to do if it has none).
+fn unguard_tap(tap: &str) {
+    if !tap.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return;
+    }
+    let _ = nft(&format!("delete element bridge {GUARD} taps {{ \"{tap}\" }}\n"));
+    let _ = nft(&format!("delete chain bridge {GUARD} g_{tap}\n"));
+}
+
+/// Writes the `stratus` nftables table: masquerade for every NAT network's traffic leaving
+/// its subnet. Replaces the whole table, so removed networks lose their rules.
+pub fn apply_nat(networks: &[Network]) -> Result<(), NetworkError> {
+    let mut rules = String::new();
+    for network in networks.iter().filter(|n| n.nat) {
+        let subnet = Subnet::parse(&network.cidr)?;
+        rules.push_str(&format!("\t\tip saddr {subnet} ip daddr != {subnet} masquerade\n"));
+    }
+    let script = format!(
+        "table ip stratus {{}}\ndelete table ip stratus\ntable ip stratus {{\n\tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n{rules}\t}}\n}}\n"
+    );
+    nft(&script)
 }
 
 /// The VXLAN of `network` from `local` to `peers`, on its bridge: flooded traffic goes to
@@ -269,8 +321,9 @@ pub fn ensure_tap(name: &str, bridge: &str) -> Result<(), NetworkError> {
     run(&["ip", "link", "set", name, "master", bridge, "up"])
 }
 
-/// Removes the tap `name` if it exists.
+/// Removes the tap `name` if it exists, and its guard.
 pub fn remove_tap(name: &str) -> Result<(), NetworkError> {
+    unguard_tap(name);
     if link_exists(name) {
         run(&["ip", "link", "del", name])?;
     }

@@ -521,6 +521,31 @@ fn cloud_lifecycle_on_one_machine() {
         assert!(addr.contains(&format!("{ip}/24")), "{addr}");
         assert!(cloud.ping(ip), "clone {name} does not answer ping at {ip}");
     }
+    // A guest sends only as itself: from another address, or with another MAC, nothing it
+    // sends gets through the host's bridge; as itself it does (before and after).
+    let ip2 = b["status"]["ip"].as_str().unwrap();
+    let forged_ip = format!("{}.250", ip2.rsplit_once('.').unwrap().0);
+    let mac2 = b["status"]["mac"].as_str().unwrap();
+    let probe = |line: &str| {
+        let gateway = "GW=$(ip route | grep '^default' | cut -d' ' -f3)";
+        cloud.cli(&["exec", "warm2", "--", "sh", "-c", &format!("{gateway}; {line}")])
+    };
+    let reach = "ping -c 1 -W 3 $GW > /dev/null && echo reached";
+    let (_, out, err) = probe(reach);
+    assert!(out.contains("reached"), "warm2 cannot reach its gateway as itself: {out}{err}");
+    let (_, out, err) = probe(&format!(
+        "ip addr add {forged_ip}/24 dev eth0 && echo forged; ping -c 2 -W 2 -I {forged_ip} $GW > /dev/null && echo reached; ip addr del {forged_ip}/24 dev eth0"
+    ));
+    assert!(
+        out.contains("forged") && !out.contains("reached"),
+        "a forged source address got through: {out}{err}"
+    );
+    let (_, out, err) = probe(&format!(
+        "ip link set eth0 down && ip link set eth0 address 52:54:00:de:ad:01 && ip link set eth0 up && grep -q de:ad /sys/class/net/eth0/address && echo forged; ip route add default via $GW 2>/dev/null; ping -c 2 -W 2 $GW > /dev/null && echo reached; ip link set eth0 down; ip link set eth0 address {mac2}; ip link set eth0 up; ip route add default via $GW 2>/dev/null; true"
+    ));
+    assert!(out.contains("forged") && !out.contains("reached"), "a forged MAC got through: {out}{err}");
+    let (_, out, _) = probe(&format!("sleep 1; {reach}"));
+    assert!(out.contains("reached"), "warm2 lost its network after the forgeries");
     // Their disks are their own.
     cloud.ok(&["exec", "warm1", "--", "sh", "-c", "echo one > /root/mine; sync"]);
     let (code, _, _) = cloud.cli(&["exec", "warm2", "--", "cat", "/root/mine"]);
