@@ -270,14 +270,23 @@ fn load_or_create_token(path: &Path) -> Result<String> {
     Ok(token)
 }
 
-/// Writes `url` and `token` for the CLI, keeping the file's other settings.
-fn write_client_config(path: &Path, url: &str, token: &str) -> Result<()> {
+/// Writes `url` and `token` for the CLI, keeping the file's other settings; a file that
+/// points at another cloud is left alone (a second server, on another data directory or port,
+/// must not take the CLI away from the user's main one): it says so instead. Returns whether
+/// it wrote.
+fn write_client_config(path: &Path, url: &str, token: &str) -> Result<bool> {
     let mut table: toml::Table =
         std::fs::read_to_string(path).ok().and_then(|t| t.parse().ok()).unwrap_or_default();
-    if table.get("url").and_then(|v| v.as_str()) == Some(url)
-        && table.get("token").and_then(|v| v.as_str()) == Some(token)
-    {
-        return Ok(());
+    let current = table.get("url").and_then(|v| v.as_str());
+    if current == Some(url) && table.get("token").and_then(|v| v.as_str()) == Some(token) {
+        return Ok(false);
+    }
+    if let Some(other) = current.filter(|other| *other != url) {
+        eprintln!(
+            "stratus serve: {} points the CLI at {other}; left as it is. For this server: --url {url} --token (its data directory's token file)",
+            path.display()
+        );
+        return Ok(false);
     }
     table.insert("url".into(), url.into());
     table.insert("token".into(), token.into());
@@ -286,7 +295,7 @@ fn write_client_config(path: &Path, url: &str, token: &str) -> Result<()> {
     }
     write_private(path, table.to_string().as_bytes())?;
     eprintln!("stratus serve: wrote the CLI's address and token to {}", path.display());
-    Ok(())
+    Ok(true)
 }
 
 fn ensure_default_network(db: &Db, config: &ServeConfig) -> Result<()> {
@@ -356,4 +365,34 @@ fn spawn_warming(db: Db, agent: Arc<dyn HostAgent>) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cli_config_is_written_for_its_own_cloud_and_never_taken_from_another() {
+        let dir = std::env::temp_dir().join(format!("stratus-client-config-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("config.toml");
+        let read = || std::fs::read_to_string(&path).unwrap().parse::<toml::Table>().unwrap();
+        // First start: written, private.
+        assert!(write_client_config(&path, "http://127.0.0.1:7440", "main").unwrap());
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        // The same cloud with a new token: updated, other settings kept.
+        let mut table = read();
+        table.insert("output".into(), "json".into());
+        std::fs::write(&path, table.to_string()).unwrap();
+        assert!(write_client_config(&path, "http://127.0.0.1:7440", "rotated").unwrap());
+        assert_eq!((read()["token"].as_str(), read()["output"].as_str()), (Some("rotated"), Some("json")));
+        // Another server (another data directory, another port): the user's main cloud stays.
+        assert!(!write_client_config(&path, "http://127.0.0.1:7441", "other").unwrap());
+        assert_eq!(
+            (read()["url"].as_str(), read()["token"].as_str()),
+            (Some("http://127.0.0.1:7440"), Some("rotated"))
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
