@@ -32,6 +32,7 @@ const PERIOD: Duration = Duration::from_millis(500);
 /// A copy of an instance a failed host may still hold, to be forgotten when it is back.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Leftover {
+    /// The instance as it was on the failed host (`status.host` names it).
     instance: Instance,
     /// Where it runs now.
     now_on: String,
@@ -71,6 +72,8 @@ impl Watch {
     fn pass(&mut self, state: &AppState) {
         let Ok(instances) = state.db.instances() else { return };
         let Ok(hosts) = hosts_of(state, &instances) else { return };
+        // Every host's notes in one read, not one read per host and pass.
+        let notes = state.db.list::<Leftover>("/leftovers/").unwrap_or_default();
         let now = Instant::now();
         for host in &hosts {
             if host.state == "online" {
@@ -79,7 +82,11 @@ impl Watch {
                     // Its lost instances are looked at now, not at the next periodic pass.
                     state.reconciler.wake();
                 }
-                forget_leftovers(state, &host.name, &mut self.told);
+                let here: Vec<&Leftover> =
+                    notes.iter().filter(|n| n.instance.status.host == host.name).collect();
+                if !here.is_empty() {
+                    forget_leftovers(state, &host.name, &here, &mut self.told);
+                }
                 continue;
             }
             // A host never heard from, or this machine's own, has nothing to fail over.
@@ -109,8 +116,7 @@ impl Watch {
         let choice = (|| -> Result<scheduler::Decision, String> {
             let instances = state.db.instances().map_err(|e| e.to_string())?;
             let hosts = hosts_of(state, &instances).map_err(|e| e.message().to_owned())?;
-            let members = group_members(state, &instance.spec.anti_affinity, &instance.name)
-                .map_err(|e| e.message().to_owned())?;
+            let members = group_members(state, &instances, &instance.spec.anti_affinity, &instance.name);
             let candidates: Vec<_> = hosts
                 .iter()
                 .filter(|h| h.name != failed)
@@ -209,12 +215,10 @@ fn host_silent_for(seen_at: u64) -> String {
 
 /// Has host `name`, online again, forget the copies of instances restarted elsewhere while
 /// it was down.
-fn forget_leftovers(state: &AppState, name: &str, told: &mut HashSet<(String, String)>) {
-    let Ok(notes) = state.db.list::<Leftover>(&format!("/leftovers/{name}/")) else { return };
+fn forget_leftovers(state: &AppState, name: &str, notes: &[&Leftover], told: &mut HashSet<(String, String)>) {
     let Some(agent) = state.hosts.get(name) else { return };
     for note in notes {
         let mut copy = note.instance.clone();
-        copy.status.host = name.to_owned();
         // Forgotten, not deleted: its disk on the shared pool is the instance's, elsewhere.
         copy.desired = Desired::Stopped;
         match agent.remove(&copy) {

@@ -21,7 +21,7 @@ use crate::db::{instance_key, operation_key, Db};
 use crate::hosts::Hosts;
 use crate::scheduler::{self, Candidate, Policy};
 use crate::state::{
-    candidate, find_instance, group_members, host_views, placed_on, ApiError, ApiResult, AppState,
+    candidate, find_instance, group_members, hosts_of, placed_on, ApiError, ApiResult, AppState,
 };
 
 /// How long the destination may take to run the guest once the source says it was sent.
@@ -318,8 +318,9 @@ pub fn prepare_move(state: &AppState, name: &str, to: Option<&str>) -> ApiResult
         return Err(ApiError::conflict(format!("instance '{name}' runs on {source} already")));
     }
     // The destination must have room, as for a launch; the source is no choice.
-    let hosts = host_views(state)?;
-    let members = group_members(state, &instance.spec.anti_affinity, name)?;
+    let instances = state.db.instances()?;
+    let hosts = hosts_of(state, &instances)?;
+    let members = group_members(state, &instances, &instance.spec.anti_affinity, name);
     let candidates: Vec<Candidate> = hosts
         .iter()
         .filter(|h| h.name != source)

@@ -230,19 +230,22 @@ pub fn check_free_memory(host: &Host, memory_mib: u64) -> ApiResult<()> {
     Ok(())
 }
 
-/// The (host, name) of every instance of anti-affinity `group` but `except` ("" groups none,
-/// and reads nothing).
-pub fn group_members(state: &AppState, group: &str, except: &str) -> ApiResult<Vec<(String, String)>> {
+/// The (host, name) of every instance among `instances` of anti-affinity `group` but
+/// `except` ("" groups none).
+pub fn group_members(
+    state: &AppState,
+    instances: &[Instance],
+    group: &str,
+    except: &str,
+) -> Vec<(String, String)> {
     if group.is_empty() {
-        return Ok(Vec::new());
+        return Vec::new();
     }
-    Ok(state
-        .db
-        .instances()?
+    instances
         .iter()
         .filter(|i| i.spec.anti_affinity == group && i.name != except && i.desired != Desired::Deleted)
         .map(|i| (placed_on(state, i).to_owned(), i.name.clone()))
-        .collect())
+        .collect()
 }
 
 /// A host as the scheduler weighs it for an instance with its disk on `pool`, with the

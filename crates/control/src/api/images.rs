@@ -56,13 +56,7 @@ pub(super) async fn import_image(
                 req.name
             )));
         }
-        let users: Vec<String> = state
-            .db
-            .instances()?
-            .into_iter()
-            .filter(|i| i.spec.image == req.name && i.desired != Desired::Deleted)
-            .map(|i| i.name)
-            .collect();
+        let users = image_users(&state, &req.name)?;
         if !users.is_empty() {
             return Err(ApiError::conflict(format!(
                 "image '{}' is used by {}: it cannot be replaced under them",
@@ -296,13 +290,18 @@ pub(super) fn uploaded(state: &AppState, what: &str, name: &str) -> ApiResult<st
     Ok(path)
 }
 
+/// The instances that use image `name` (those being deleted too: their VMMs may still run
+/// its kernel), by name.
+fn image_users(state: &AppState, name: &str) -> ApiResult<Vec<String>> {
+    Ok(state.db.instances()?.into_iter().filter(|i| i.spec.image == name).map(|i| i.name).collect())
+}
+
 pub(super) async fn delete_image(State(state): State<Shared>, Name(name): Name) -> ApiResult<StatusCode> {
     let image = state
         .db
         .image(DEFAULT_PROJECT, &name)?
         .ok_or_else(|| ApiError::not_found(format!("image '{name}' not found")))?;
-    let users: Vec<String> =
-        state.db.instances()?.into_iter().filter(|i| i.spec.image == name).map(|i| i.name).collect();
+    let users = image_users(&state, &name)?;
     if !users.is_empty() {
         return Err(ApiError::conflict(format!("image '{name}' is used by {}", users.join(", "))));
     }

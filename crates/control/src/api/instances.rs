@@ -97,7 +97,7 @@ pub(super) fn request_running(
         .iter()
         .find(|i| i.project == DEFAULT_PROJECT && i.name == name && i.desired != Desired::Running)
     {
-        let hosts = host_views(state)?;
+        let hosts = hosts_of(state, &instances)?;
         if let Some(host) = hosts.iter().find(|h| h.name == placed_on(state, i)) {
             check_free_memory(host, i.spec.memory_mib)?;
         }
@@ -160,7 +160,8 @@ pub(super) async fn launch(
         .ok_or_else(|| ApiError::unprocessable(format!("network '{}' not found", req.network)))?;
     // From the check of free memory to the record that claims it, no other claim runs.
     let _admitted = state.admission.lock().unwrap_or_else(|p| p.into_inner());
-    let hosts = host_views(&state)?;
+    let instances = state.db.instances()?;
+    let hosts = hosts_of(&state, &instances)?;
     if let Some(host) = hosts.iter().max_by_key(|h| h.memory_mib).filter(|h| req.memory_mib > h.memory_mib) {
         return Err(ApiError::unprocessable(format!(
             "memory of {} MiB is more than host {} has ({} MiB)",
@@ -183,7 +184,7 @@ pub(super) async fn launch(
         (Some(pool), _) => pool,
         (None, ha) => if ha { Pool::Shared } else { Pool::Local },
     };
-    let members = group_members(&state, &group, &req.name)?;
+    let members = group_members(&state, &instances, &group, &req.name);
     let placement = place(&hosts, req.memory_mib, req.placement, req.host.as_deref(), &members, pool)?;
     if state.db.instance(DEFAULT_PROJECT, &req.name)?.is_some() {
         return Err(ApiError::conflict(format!("instance '{}' already exists", req.name)));

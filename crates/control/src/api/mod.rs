@@ -27,7 +27,8 @@ use crate::db::{image_key, instance_key, network_key, operation_key, DbError};
 use crate::ipam;
 use crate::scheduler::{self, Candidate, Policy};
 use crate::state::{
-    agent_of, candidate, check_free_memory, find_instance, group_members, host_views, placed_on, MAX_EXECS,
+    agent_of, candidate, check_free_memory, find_instance, group_members, host_views, hosts_of, placed_on,
+    MAX_EXECS,
 };
 pub use crate::state::{ApiError, ApiResult, AppState};
 
