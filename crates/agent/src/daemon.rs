@@ -67,10 +67,10 @@ pub fn run_agent(config: AgentConfig) -> Result<()> {
         None => address.parse().with_context(|| format!("--address {address}: give it as IP or IP:PORT"))?,
     };
     let mut images = None;
-    let fence = data.join("fence");
-    if let Some(pool) = &config.shared_pool {
-        let usable = std::fs::metadata(pool).map(|m| m.is_dir());
-        if !matches!(usable, Ok(true)) {
+    // The shared pool, and the fence file its VMMs run by (a host without it runs none).
+    let shared = config.shared_pool.as_ref().map(|pool| (pool, data.join("fence")));
+    if let Some((pool, _)) = &shared {
+        if !std::fs::metadata(pool).is_ok_and(|m| m.is_dir()) {
             bail!("--shared-pool {}: not a directory this host can reach", pool.display());
         }
     }
@@ -79,8 +79,8 @@ pub fn run_agent(config: AgentConfig) -> Result<()> {
             let ip = listen_ip(&address);
             let mut local =
                 LocalAgent::new(data, config.vmm_binary.clone()).named(&config.name).with_address(&ip);
-            if let Some(pool) = &config.shared_pool {
-                local = local.with_shared_pool(pool, &fence);
+            if let Some((pool, fence)) = &shared {
+                local = local.with_shared_pool(pool, fence);
             }
             let driver: Arc<dyn HostAgent> = Arc::new(local);
             let runtime = AgentRuntime::new(Arc::clone(&driver), &data.join("orders"), &address)
@@ -90,7 +90,7 @@ pub fn run_agent(config: AgentConfig) -> Result<()> {
         }
         Some(boot) => {
             let mut sim = stratus_protocol::SimAgent::new(&config.name, 64, 256 << 10).at(&address);
-            if config.shared_pool.is_some() {
+            if shared.is_some() {
                 sim = sim.with_shared_pool();
             }
             sim.set_boot_delay(boot);
@@ -122,9 +122,7 @@ pub fn run_agent(config: AgentConfig) -> Result<()> {
             }
         }
     }
-    // Only a host with the shared pool runs fenced VMMs.
-    let fence = config.shared_pool.is_some().then_some(fence);
-    spawn_heartbeats(control.clone(), credential.clone(), Arc::clone(&agent), fence);
+    spawn_heartbeats(control.clone(), credential.clone(), Arc::clone(&agent), shared.map(|(_, fence)| fence));
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {

@@ -710,6 +710,15 @@ fn vmm(dir: &Path) -> VmmClient {
     VmmClient::new(api_sock(dir)).within(VMM_CALL_TIMEOUT)
 }
 
+/// Makes `instance`'s tap on `network`'s bridge, guarded: it sends only as the instance
+/// (`network::guard_tap`). Its name.
+fn guest_tap(instance: &Instance, network: &Network) -> Result<String, AgentError> {
+    let tap = network::tap_name(&instance.id);
+    network::ensure_tap(&tap, &network.bridge)?;
+    network::guard_tap(&tap, &instance.status.mac, &instance.status.ip)?;
+    Ok(tap)
+}
+
 /// The disk at `path`, as the VMM takes it.
 fn drive(path: &Path) -> Drive {
     Drive { path: path.to_owned(), readonly: false, rate_limit: Default::default() }
@@ -832,8 +841,7 @@ impl HostAgent for LocalAgent {
         if let Ok(info) = vmm(&dir).info() {
             quit_vmm(&dir, info.pid);
         }
-        network::ensure_tap(&network::tap_name(id), &network.bridge)?;
-        network::guard_tap(&network::tap_name(id), &instance.status.mac, &instance.status.ip)?;
+        guest_tap(instance, network)?;
         let disk_path = self.disk_path(instance)?;
         // The disk of an instance that never ran holds nothing of its user's: a first start cut
         // short (the server killed mid-launch, a failed boot) begins again from a fresh clone,
@@ -1082,9 +1090,7 @@ impl HostAgent for LocalAgent {
             file.set_len(instance.spec.disk_mib << 20)
                 .map_err(|e| AgentError::Io(format!("sizing {}: {e}", disk.display())))?;
         }
-        let tap = network::tap_name(&instance.id);
-        network::ensure_tap(&tap, &network.bridge)?;
-        network::guard_tap(&tap, &instance.status.mac, &instance.status.ip)?;
+        let tap = guest_tap(instance, network)?;
         let port = std::net::TcpListener::bind((address.as_str(), 0))
             .and_then(|l| l.local_addr())
             .map_err(|e| AgentError::Io(format!("finding a port on {address}: {e}")))?

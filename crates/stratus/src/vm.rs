@@ -480,7 +480,7 @@ pub fn vmm(mut args: VmmArgs) -> anyhow::Result<i32> {
         .spawn(move || stratus_vmm::api::serve(listener, &api_sock, api_vmm))?;
     let incoming = incoming.context("no migration listener")?;
     let secret = match &args.migration_secret_file {
-        Some(path) => Some(read_secret(path)?),
+        Some(path) => Some(read_secret(path)?.into_bytes()),
         None => None,
     };
     let identity = args.identity.into_identity();
@@ -536,13 +536,13 @@ pub fn vmm(mut args: VmmArgs) -> anyhow::Result<i32> {
 }
 
 /// The migration secret in the file at `path` (its first line, at least 16 characters).
-fn read_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
+fn read_secret(path: &Path) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let secret = text.lines().next().unwrap_or("").trim();
     if secret.len() < 16 {
         anyhow::bail!("{}: a migration secret is at least 16 characters", path.display());
     }
-    Ok(secret.as_bytes().to_vec())
+    Ok(secret.to_owned())
 }
 
 /// Feeds standard input to the guest's UART (once a VM exists) until it closes.
@@ -621,12 +621,7 @@ pub fn run(command: VmCommand) -> anyhow::Result<i32> {
                 auto_converge: Some(!args.no_auto_converge),
                 postcopy: Some(args.postcopy),
                 with_disks: Some(args.with_disks),
-                secret: match &args.secret_file {
-                    Some(path) => {
-                        Some(String::from_utf8(read_secret(path)?).context("the secret is not text")?)
-                    }
-                    None => None,
-                },
+                secret: args.secret_file.as_deref().map(read_secret).transpose()?,
             };
             // The migration call returns when it is over; meanwhile its progress is polled.
             let vmm = client(&args.sock);
